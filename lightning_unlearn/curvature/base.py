@@ -1,0 +1,204 @@
+"""The one protocol every curvature backend follows.
+
+    curvature = KFAC(model, objective=CrossEntropyObjective(), reduce=strategy_all_reduce_sum)
+    for batch in curvature_batches:
+        curvature.accumulate(batch)          # statistics from this process's batches (sums + counts)
+    curvature.finalize()                     # sums across processes via `reduce`, then decompositions
+    direction = curvature.apply(grad, damping=1e-3, power=-1.0)   # (C + λI)^p v
+
+Vectors are dicts `parameter name -> tensor of that parameter's shape`, with exactly the parameters the
+backend covers (`curvature.param_names`). Backends keep *unnormalised sums* and the number of positions or
+examples they came from, so statistics from batches and from processes add up (`reduce` sums a tensor
+across processes, in place or not, identity by default; `gather` concatenates along dim 0, for backends
+that keep per-example rows). Every call of `reduce`/`gather` happens in the same order on every process.
+A finalized curvature has a `state_dict()`, so one saved at the end of training serves later requests.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .objective import CrossEntropyObjective, Objective, model_logits
+
+Vector = dict[str, Tensor]
+Reduce = Callable[[Tensor], Tensor]
+
+
+def identity(tensor: Tensor) -> Tensor:
+    """The single-process reduction."""
+    return tensor
+
+
+def check_finite(what: str, tensor: Tensor) -> None:
+    """Raise `FloatingPointError` naming `what` when `tensor` holds NaN or inf."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"non-finite values (NaN/inf) in the curvature statistics of {what}; check the model's outputs and"
+            " the batch (e.g. lower the learning rate that produced these weights, or use float32)"
+        )
+
+
+def check_damping(damping: float) -> float:
+    damping = float(damping)
+    if not math.isfinite(damping) or damping <= 0:
+        raise ValueError(f"damping must be a finite number > 0, got {damping}; typical values are 1e-4 to 1e-1")
+    return damping
+
+
+def gradient(model: nn.Module, loss: Tensor, names: Iterable[str]) -> Vector:
+    """d loss / d θ for the named parameters, as a vector dict (does not touch `.grad`)."""
+    params = dict(model.named_parameters())
+    names = list(names)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return {n: (torch.zeros_like(params[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
+
+
+class Curvature(ABC):
+    """Base of every backend: statistics from batches -> finalize -> apply `(C + λI)^p`.
+
+    Subclasses implement `_accumulate`, `_finalize`, `_apply`, `_state`, `_load_state` and `memory_footprint`,
+    and set `param_names` in their constructor.
+    """
+
+    name: str = "curvature"
+    #: powers `apply` accepts; `None` means any real power
+    supported_powers: tuple[float, ...] | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        objective: Objective | None = None,
+        reduce: Reduce | None = None,
+        gather: Reduce | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.objective = objective if objective is not None else CrossEntropyObjective()
+        self.reduce: Reduce = reduce if reduce is not None else identity
+        self.gather: Reduce = gather if gather is not None else identity
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.param_names: tuple[str, ...] = ()
+        self.finalized = False
+
+    # ------------------------------------------------------------------ public protocol
+    def accumulate(self, batch: Mapping[str, Tensor]) -> None:
+        """Add the statistics of one batch (this process's share)."""
+        if self.finalized:
+            raise RuntimeError(f"{self.name}: accumulate() after finalize(); call reset() to start new statistics")
+        self._accumulate(batch)
+
+    def finalize(self) -> Curvature:
+        """Reduce the sums across processes and prepare `apply` (decompositions). Returns self."""
+        if self.finalized:
+            raise RuntimeError(f"{self.name}: finalize() called twice; call reset() and accumulate again")
+        self._finalize()
+        self.finalized = True
+        return self
+
+    def apply(self, vector: Mapping[str, Tensor], damping: float, power: float = -1.0) -> Vector:
+        """`(C + λI)^power v` for a parameter-shaped `vector` (dict name -> tensor)."""
+        damping = check_damping(damping)
+        if not self.finalized:
+            raise RuntimeError(f"{self.name}: apply() before finalize(); accumulate batches, then call finalize()")
+        if self.supported_powers is not None and not any(math.isclose(power, p) for p in self.supported_powers):
+            raise ValueError(f"{self.name} supports power in {self.supported_powers}, got {power}")
+        self.check_vector(vector)
+        return self._apply(dict(vector), damping, float(power))
+
+    def inverse(self, vector: Mapping[str, Tensor], damping: float) -> Vector:
+        """`(C + λI)^-1 v`: the Newton direction for gradient `v`."""
+        return self.apply(vector, damping, -1.0)
+
+    def reset(self) -> None:
+        """Forget all statistics (keeps the configuration)."""
+        self.finalized = False
+        self._reset()
+
+    def check_vector(self, vector: Mapping[str, Tensor]) -> None:
+        """Raise naming the problem when `vector` does not have exactly this backend's parameters and shapes."""
+        params = dict(self.model.named_parameters())
+        missing = [n for n in self.param_names if n not in vector]
+        extra = [n for n in vector if n not in self.param_names]
+        if missing or extra:
+            raise ValueError(
+                f"{self.name}: vector keys do not match the curvature's parameters (missing {missing[:3]}"
+                f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''});"
+                " select them with {n: v[n] for n in curvature.param_names}"
+            )
+        for n in self.param_names:
+            if tuple(vector[n].shape) != tuple(params[n].shape):
+                raise ValueError(
+                    f"{self.name}: vector[{n!r}] has shape {tuple(vector[n].shape)}, the parameter has "
+                    f"{tuple(params[n].shape)}; pass tensors shaped like the parameters"
+                )
+
+    def logits(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The model's logits on `batch` (see `objective.model_logits`)."""
+        return model_logits(self.model, batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to `apply` later: statistics, counts, configuration."""
+        if not self.finalized:
+            raise RuntimeError(f"{self.name}: state_dict() before finalize(); finalize first")
+        return {"backend": self.name, "param_names": list(self.param_names), **self._state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a finalized curvature saved with `state_dict()` (for the same model architecture)."""
+        if state.get("backend") != self.name:
+            raise ValueError(f"state_dict is for backend {state.get('backend')!r}, not {self.name!r}")
+        if list(state["param_names"]) != list(self.param_names):
+            raise ValueError(f"{self.name}: saved curvature covers other parameters than this model's tracked ones")
+        self._load_state(state)
+        self.finalized = True
+
+    def subtract(self, other: Curvature) -> Curvature:
+        """Remove `other`'s data from this curvature, in place: `C = (n C - n_o C_o) / (n - n_o)`, kept PSD.
+
+        This is the `full_minus_forget` source: `self` accumulated over the whole training data (a curvature
+        checkpoint), `other` over the forget set; the result approximates the retain curvature.
+        """
+        if not (self.finalized and other.finalized):
+            raise RuntimeError("subtract() needs two finalized curvatures; call finalize() on both")
+        if type(other) is not type(self) or list(other.param_names) != list(self.param_names):
+            raise ValueError(f"cannot subtract a {other.name} curvature over other parameters from a {self.name} one")
+        self._subtract(other)
+        return self
+
+    def _subtract(self, other: Curvature) -> None:
+        raise NotImplementedError(f"{self.name} does not support subtract() (full_minus_forget)")
+
+    @abstractmethod
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes held by the curvature state, by part, with a `total` key."""
+
+    # ------------------------------------------------------------------ backend hooks
+    @abstractmethod
+    def _accumulate(self, batch: Mapping[str, Tensor]) -> None: ...
+
+    @abstractmethod
+    def _finalize(self) -> None: ...
+
+    @abstractmethod
+    def _apply(self, vector: Vector, damping: float, power: float) -> Vector: ...
+
+    @abstractmethod
+    def _reset(self) -> None: ...
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _load_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+def tensor_bytes(*tensors: Tensor | None) -> int:
+    """Bytes of the given tensors (None ignored)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
