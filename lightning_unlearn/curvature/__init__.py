@@ -2,19 +2,26 @@
 
 from .base import Curvature, Reduce, Vector, gradient, identity
 from .diagonal import DiagonalFisher
+from .hessian_free import HessianFree, NegativeCurvatureError
+from .kfac import KFAC
 from .layers import TrackedLayer, find_layers
 from .objective import IGNORE_INDEX, CrossEntropyObjective, MSEObjective, Objective, model_logits
+from .woodfisher import WoodFisher
 
 __all__ = [
     "IGNORE_INDEX",
+    "KFAC",
     "CrossEntropyObjective",
     "Curvature",
     "DiagonalFisher",
+    "HessianFree",
     "MSEObjective",
+    "NegativeCurvatureError",
     "Objective",
     "Reduce",
     "TrackedLayer",
     "Vector",
+    "WoodFisher",
     "find_layers",
     "gradient",
     "identity",

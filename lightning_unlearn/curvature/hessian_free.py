@@ -1,0 +1,389 @@
+"""Hessian-free curvature: solve `(C + λI) x = v` by conjugate gradients with matrix-free curvature products.
+
+    cg = HessianFree(model, product="ggn", max_iter=50, rtol=1e-4)
+    for batch in curvature_batches:
+        cg.accumulate(batch)                 # stores the batch (detached, on the model's device)
+    cg.finalize()                            # sums the number of valid positions across processes
+    x = cg.inverse(grad, damping=1e-3)       # CG; cg.last_solve = {"iterations", "relative_residual", ...}
+
+Products (`C v`, see `matvec`):
+- `product="ggn"`: the generalised Gauss-Newton `J^T H_out J v` (forward-mode `torch.func.jvp` for `J v`,
+  `torch.func.vjp` for `J^T u`, `H_out` from `objective.hessian_vector`); always PSD.
+- `product="hessian"`: the exact Hessian of the loss by double backward; may be indefinite. When CG meets
+  a direction with `p^T (C + λI) p <= 0` it stops: `on_negative_curvature="raise"` (default) raises
+  `NegativeCurvatureError`, `"stop"` returns the last iterate (`v / λ` if it happens at the first step) and
+  sets `last_solve["negative_curvature"] = True`.
+
+`C` is the curvature of the *mean* token loss over all stored batches: each product sums the per-batch
+products of the summed per-position losses, passes the sum through `reduce` (one call per product, so every
+process makes the same calls: after the reduction all processes hold the same numbers and run the same CG
+iterations) and divides by the total number of valid positions. Products run through
+`torch.func.functional_call` on the unwrapped module (DDP `.module` / `torch.compile` `_orig_mod`) in eval
+mode (a CG solve needs one fixed linear operator, so dropout is switched off during the solve); models must
+use eager attention (fused kernels lack forward-mode AD and double backward).
+
+Covered parameters: by default those of `find_layers(model, include, exclude)` (linear/Conv1D layers without
+embeddings and LM head), the same set K-FAC covers, so the backends are comparable; `params=` names any
+trainable parameters instead.
+
+`state_dict()` keeps the configuration and the position count only: the batches are not saved (they may be
+private training text), so a CG curvature is re-estimated from batches after loading (`reset()`,
+`accumulate`, `finalize`); `apply` on a loaded, batch-less instance raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp
+
+from .base import Curvature, Vector, check_finite, tensor_bytes
+from .layers import find_layers
+from .objective import Objective, model_logits
+
+PRODUCTS = ("ggn", "hessian")
+ON_NEGATIVE = ("raise", "stop")
+
+
+class NegativeCurvatureError(ArithmeticError):
+    """CG met a direction `p` with `p^T (C + λI) p <= 0` (only possible with `product="hessian"` or after a
+    subtraction that left the curvature indefinite)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the parameters: strips DDP/FSDP-style `.module` wrappers and `torch.compile`."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put `model` in eval mode (restores each submodule's flag)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def covered_parameters(
+    model: nn.Module,
+    params: Iterable[str] | None,
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+) -> tuple[str, ...]:
+    """The parameter names a matrix-free backend covers: `params` if given, else the tracked layers' ones."""
+    named = dict(model.named_parameters())
+    if params is None:
+        return tuple(n for layer in find_layers(model, include, exclude) for n in layer.param_names)
+    names = list(params)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(f"unknown parameter names {unknown[:3]}; use names from model.named_parameters()")
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:
+        raise ValueError(f"parameters {frozen[:3]} do not require grad; unfreeze them or leave them out of params")
+    if not names:
+        raise ValueError("params is empty; name at least one trainable parameter (or pass params=None)")
+    if len(set(names)) != len(names):
+        raise ValueError("params names a parameter twice; give each name once")
+    return tuple(names)
+
+
+class HessianFree(Curvature):
+    """Conjugate gradients on `(C + λI) x = v` with GGN- or Hessian-vector products over stored batches."""
+
+    name = "cg"
+    supported_powers = (-1.0,)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        product: str = "ggn",
+        max_iter: int = 50,
+        rtol: float = 1e-4,
+        warm_start: bool = False,
+        on_negative_curvature: str = "raise",
+        params: Iterable[str] | None = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        objective: Objective | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(unwrap_model(model), objective=objective, **kwargs)
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+        if on_negative_curvature not in ON_NEGATIVE:
+            raise ValueError(f"on_negative_curvature must be one of {ON_NEGATIVE}, got {on_negative_curvature!r}")
+        if int(max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        if not (math.isfinite(float(rtol)) and float(rtol) > 0):
+            raise ValueError(f"rtol must be a finite number > 0, got {rtol}")
+        self.product = product
+        self.max_iter = int(max_iter)
+        self.rtol = float(rtol)
+        self.warm_start = bool(warm_start)
+        self.on_negative_curvature = on_negative_curvature
+        self.param_names = covered_parameters(self.model, params, include, exclude)
+        self.last_solve: dict[str, Any] = {}
+        self._reset()
+
+    # ------------------------------------------------------------------ statistics
+    def _reset(self) -> None:
+        #: (batch, sign): sign -1 marks batches removed by `subtract`
+        self.batches: list[tuple[dict[str, Tensor], float]] = []
+        self.count = torch.zeros((), dtype=torch.float64)
+        self._local_count = 0
+        self._loaded = False
+        self._previous: Tensor | None = None
+        self.last_solve = {}
+
+    def _device(self) -> torch.device:
+        params = dict(self.model.named_parameters())
+        return params[self.param_names[0]].device
+
+    def _accumulate(self, batch: Mapping[str, Tensor]) -> None:
+        device = self._device()
+        stored = {k: v.detach().to(device).clone() for k, v in batch.items() if isinstance(v, Tensor)}
+        with torch.no_grad(), eval_mode(self.model):
+            pos = self.objective.positions(model_logits(self.model, stored), stored)
+        self.batches.append((stored, 1.0))
+        self._local_count += pos.count
+
+    def _finalize(self) -> None:
+        count = float(self.reduce(torch.tensor(float(self._local_count), dtype=torch.float64, device=self._device())))
+        if count <= 0:
+            raise RuntimeError("cg: no valid position was seen; accumulate batches with labels != -100 first")
+        params = dict(self.model.named_parameters())
+        for n in self.param_names:
+            check_finite(f"parameter {n!r} (the model's weights)", params[n].detach())
+        self.count = torch.tensor(count, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ products
+    def _work_dtype(self) -> torch.dtype:
+        params = dict(self.model.named_parameters())
+        dtype = params[self.param_names[0]].dtype
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _flatten(self, vector: Mapping[str, Tensor]) -> Tensor:
+        dtype, device = self._work_dtype(), self._device()
+        return torch.cat([vector[n].detach().reshape(-1).to(device=device, dtype=dtype) for n in self.param_names])
+
+    def _unflatten(self, flat: Tensor, like: Mapping[str, Tensor] | None = None) -> Vector:
+        params = dict(self.model.named_parameters())
+        out, offset = {}, 0
+        for n in self.param_names:
+            p = params[n]
+            ref = like[n] if like is not None else p
+            out[n] = flat[offset: offset + p.numel()].reshape(p.shape).to(dtype=ref.dtype, device=ref.device)
+            offset += p.numel()
+        return out
+
+    def _batch_product(self, batch: Mapping[str, Tensor], tangent: Vector) -> Vector:
+        """The curvature of the *summed* per-position loss of one batch times `tangent`."""
+        model = self.model
+        named = dict(model.named_parameters())
+        fixed = {n: p.detach() for n, p in named.items() if n not in tangent}
+        primals = {n: named[n].detach() for n in self.param_names}
+
+        def logits_of(p: Vector) -> Tensor:
+            return model_logits(_Functional(model, {**fixed, **p}), batch)
+
+        if self.product == "ggn":
+            def outputs_of(p: Vector) -> Tensor:
+                logits = logits_of(p)
+                return self.objective.positions(logits, batch).outputs
+
+            outputs, vjp_fn = vjp(outputs_of, primals)
+            if outputs.shape[0] == 0:
+                return {n: torch.zeros_like(t) for n, t in primals.items()}
+            _, jv = jvp(outputs_of, (primals,), (tangent,))
+            hjv = self.objective.hessian_vector(outputs.detach(), jv)
+            (result,) = vjp_fn(hjv)
+            return result
+        # exact Hessian by double backward
+        leaves = {n: t.clone().requires_grad_(True) for n, t in primals.items()}
+        with torch.enable_grad():
+            logits = logits_of(leaves)
+            pos = self.objective.positions(logits, batch)
+            if pos.count == 0:
+                return {n: torch.zeros_like(t) for n, t in primals.items()}
+            loss = self.objective.per_position_loss(pos.outputs, pos.targets).sum()
+            plist = [leaves[n] for n in self.param_names]
+            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+            pairs = [(g, tangent[n]) for g, n in zip(grads, self.param_names) if g is not None and g.requires_grad]
+            hv = torch.autograd.grad([g for g, _ in pairs], plist, grad_outputs=[t for _, t in pairs],
+                                     allow_unused=True) if pairs else [None] * len(plist)
+        return {n: (torch.zeros_like(primals[n]) if h is None else h.detach()) for n, h in zip(self.param_names, hv)}
+
+    def _matvec_flat(self, flat: Tensor) -> Tensor:
+        """`C v` on flat vectors (work dtype); one `reduce` call per product."""
+        params = dict(self.model.named_parameters())
+        tangent = self._unflatten(flat)
+        tangent = {n: t.to(params[n].dtype) for n, t in tangent.items()}
+        total = torch.zeros_like(flat)
+        with eval_mode(self.model):
+            for batch, sign in self.batches:
+                prod = self._batch_product(batch, tangent)
+                total += sign * self._flatten(prod)
+        total = self.reduce(total) / float(self.count)
+        offset = 0
+        for n in self.param_names:
+            size = params[n].numel()
+            check_finite(f"parameter {n!r} ({self.product}-vector product)", total[offset: offset + size])
+            offset += size
+        return total
+
+    def matvec(self, vector: Mapping[str, Tensor]) -> Vector:
+        """`C v` (no damping) for a parameter-shaped vector: the mean-loss GGN or Hessian times `v`."""
+        if not self.finalized:
+            raise RuntimeError("cg: matvec() before finalize(); accumulate batches, then call finalize()")
+        self.check_vector(vector)
+        self._check_batches()
+        return self._unflatten(self._matvec_flat(self._flatten(vector)), like=vector)
+
+    def _check_batches(self) -> None:
+        if self._loaded:
+            raise RuntimeError(
+                "cg: this curvature was restored from a state_dict, which keeps no batches (CG is matrix-free);"
+                " call reset(), accumulate curvature batches and finalize() again"
+            )
+
+    # ------------------------------------------------------------------ solve
+    def _apply(self, vector: Vector, damping: float, power: float) -> Vector:
+        self._check_batches()
+        b = self._flatten(vector)
+        check_finite("the vector passed to apply()", b)
+        x, info = self.solve(b, damping)
+        self.last_solve = info
+        return self._unflatten(x, like=vector)
+
+    def solve(self, b: Tensor, damping: float) -> tuple[Tensor, dict[str, Any]]:
+        """CG on flat vectors: returns `x ≈ (C + λI)^-1 b` and the info dict (also kept in `last_solve`)."""
+        bnorm = float(b.norm())
+        info: dict[str, Any] = {"iterations": 0, "relative_residual": 0.0, "converged": True,
+                                "negative_curvature": False, "damping": damping}
+        if bnorm == 0.0:
+            return torch.zeros_like(b), info
+
+        def op(p: Tensor) -> Tensor:
+            return self._matvec_flat(p) + damping * p
+
+        if self.warm_start and self._previous is not None and self._previous.shape == b.shape:
+            x = self._previous.clone()
+            r = b - op(x)
+        else:
+            x = torch.zeros_like(b)
+            r = b.clone()
+        p = r.clone()
+        rs = float(r @ r)
+        info["relative_residual"] = math.sqrt(rs) / bnorm
+        info["converged"] = info["relative_residual"] <= self.rtol
+        k = 0
+        while not info["converged"] and k < self.max_iter:
+            ap = op(p)
+            curv = float(p @ ap)
+            k += 1
+            if not curv > 0.0:
+                info["negative_curvature"] = True
+                info["iterations"] = k
+                if self.on_negative_curvature == "raise":
+                    raise NegativeCurvatureError(
+                        f"cg: negative curvature p^T (C + λI) p = {curv:.3e} <= 0 at iteration {k} with damping "
+                        f"{damping:g} ({self.product} products); raise the damping, use product='ggn' (PSD), or "
+                        "on_negative_curvature='stop' to return the last iterate"
+                    )
+                if k == 1 and not bool(x.any()):
+                    x = b / damping
+                break
+            alpha = rs / curv
+            x = x + alpha * p
+            r = r - alpha * ap
+            rs_new = float(r @ r)
+            info["relative_residual"] = math.sqrt(rs_new) / bnorm
+            info["iterations"] = k
+            if info["relative_residual"] <= self.rtol:
+                info["converged"] = True
+                break
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        if not info["converged"] and not info["negative_curvature"]:
+            warnings.warn(
+                f"cg: not converged after {k} iterations (relative residual {info['relative_residual']:.2e} >"
+                f" rtol {self.rtol:g}); raise max_iter or the damping", RuntimeWarning, stacklevel=3)
+        self._previous = x.detach().clone() if self.warm_start else None
+        self.last_solve = info
+        return x, info
+
+    # ------------------------------------------------------------------ subtract, state, memory
+    def _subtract(self, other: Curvature) -> None:
+        """`C = (n C - n_o C_o) / (n - n_o)`: the other's batches enter every product with sign -1. Exact (and
+        PSD for GGN products) when the other's batches are among this one's; otherwise CG reports negative
+        curvature if the difference is indefinite."""
+        assert isinstance(other, HessianFree)
+        self._check_batches()
+        other._check_batches()
+        if other.product != self.product:
+            raise ValueError(f"cannot subtract {other.product} products from {self.product} products")
+        n, n_o = float(self.count), float(other.count)
+        if n_o >= n:
+            raise ValueError(f"cannot remove {n_o:.0f} positions from a curvature of {n:.0f}; is the full curvature"
+                             " really accumulated over a superset of the forget data?")
+        self.batches = self.batches + [(b, -s) for b, s in other.batches]
+        self.count = torch.tensor(n - n_o, dtype=torch.float64)
+        self._previous = None
+
+    def _state(self) -> dict[str, Any]:
+        return {"product": self.product, "max_iter": self.max_iter, "rtol": self.rtol,
+                "warm_start": self.warm_start, "on_negative_curvature": self.on_negative_curvature,
+                "count": self.count.clone()}
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        self._reset()
+        self.product = state["product"]
+        self.max_iter = int(state["max_iter"])
+        self.rtol = float(state["rtol"])
+        self.warm_start = bool(state["warm_start"])
+        self.on_negative_curvature = state["on_negative_curvature"]
+        self.count = torch.as_tensor(state["count"], dtype=torch.float64)
+        self._loaded = True
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Stored batches plus an estimate of CG's work vectors (b, x, r, p, Ap and the product accumulator);
+        the activations of each product (one batch at a time, like a training step) are not counted."""
+        batches = sum(tensor_bytes(*b.values()) for b, _ in self.batches)
+        params = dict(self.model.named_parameters())
+        d = sum(params[n].numel() for n in self.param_names)
+        work = 6 * d * torch.empty((), dtype=self._work_dtype()).element_size()
+        work += 0 if self._previous is None else tensor_bytes(self._previous)
+        return {"batches": batches, "cg_vectors": work, "total": batches + work}
+
+
+class _Functional:
+    """Calls `module` with `params` substituted (torch.func.functional_call), keeping `.config` visible so that
+    `model_logits` passes Hugging Face keywords."""
+
+    def __init__(self, module: nn.Module, params: Mapping[str, Tensor]) -> None:
+        self.module = module
+        self.params = dict(params)
+        if hasattr(module, "config"):
+            self.config = module.config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.module, self.params, args, kwargs, strict=False)
