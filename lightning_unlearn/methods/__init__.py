@@ -1,0 +1,36 @@
+"""Unlearning methods (torch only): Newton removal, Fisher Removal/Forgetting and first-order baselines."""
+
+from .base import (
+    CURVATURE_BACKENDS,
+    CURVATURE_DATA,
+    METHODS,
+    SecondOrderUnlearner,
+    StepRecord,
+    Unlearner,
+    build_curvature,
+    build_unlearner,
+)
+from .first_order import NPO, FirstOrderUnlearner, GradientAscent, GradientDifference
+from .fisher import FisherForgetting, FisherRemoval
+from .losses import DEFAULT_FORGET_LOSS, FORGET_LOSSES
+from .newton import Newton
+
+__all__ = [
+    "CURVATURE_BACKENDS",
+    "CURVATURE_DATA",
+    "DEFAULT_FORGET_LOSS",
+    "FORGET_LOSSES",
+    "METHODS",
+    "NPO",
+    "FirstOrderUnlearner",
+    "FisherForgetting",
+    "FisherRemoval",
+    "GradientAscent",
+    "GradientDifference",
+    "Newton",
+    "SecondOrderUnlearner",
+    "StepRecord",
+    "Unlearner",
+    "build_curvature",
+    "build_unlearner",
+]

@@ -1,0 +1,145 @@
+"""First-order baselines, for honest comparison: a torch optimizer on a forget objective.
+
+- `gradient_ascent`: minimise the forget objective U (for `nll`: ascend the forget NLL).
+- `gradient_difference`: U + `retain_weight` · NLL on retain batches (descent on retain).
+- `npo`: negative preference optimisation against a frozen copy of the model taken at construction
+  (or `reference=`), plus an optional retain NLL term.
+
+Each `step` is one optimizer step under the same safety check as the Newton methods; after a rollback the
+weights and the optimizer's moments are restored and the learning rate is divided by `damping_growth`
+(`StepRecord.damping` is that divisor, `StepRecord.scale` the effective learning rate).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.objective import model_logits
+from .base import Batch, Unlearner, eval_mode, register
+from .losses import forget_objective, npo_objective, token_nll
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class FirstOrderUnlearner(Unlearner):
+    """A torch optimizer (`optimizer`="adam" | "sgd", `lr`) on the trainable parameters (or `params` names)."""
+
+    retain_weight_default = 0.0
+
+    def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float = 1e-4,
+                 retain_weight: float | None = None, params: Sequence[str] | None = None, **kw: Any) -> None:
+        kw.setdefault("damping", 1.0)
+        super().__init__(model, **kw)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        named = dict(model.named_parameters())
+        names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ValueError(f"unknown parameter names {unknown[:3]}; use names from model.named_parameters()")
+        if not names:
+            raise ValueError("no trainable parameter; unfreeze some parameters (requires_grad=True)")
+        self._names = tuple(names)
+        self.lr = float(lr)
+        self.retain_weight = self.retain_weight_default if retain_weight is None else float(retain_weight)
+        plist = [named[n] for n in names]
+        self.optimizer = torch.optim.Adam(plist, lr=lr) if optimizer == "adam" else torch.optim.SGD(plist, lr=lr)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self._names
+
+    def _record_scale(self) -> float:
+        return self.lr / self.damping
+
+    def forget_term(self, batch: Batch, params: list[Tensor]) -> tuple[Tensor, int]:
+        return forget_objective(self.model, batch, self.forget_loss, params)
+
+    def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
+        """The gradient of the total objective (forget term averaged over batches + retain term), reduced."""
+        params = self.named_params()
+        names, plist = list(params), list(params.values())
+        grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        weight = 0.0
+        with torch.enable_grad(), eval_mode(self.model):
+            for b in forget:
+                loss, w = self.forget_term(b, plist)
+                if w == 0:
+                    continue
+                for n, g in zip(names, torch.autograd.grad(loss, plist, allow_unused=True)):
+                    if g is not None:
+                        grads[n] += w * g.detach().float()
+                weight += w
+            total = float(self.reduce(torch.tensor(weight, dtype=torch.float64)))
+            if total <= 0:
+                raise ValueError("the forget batches have no position with labels != -100; nothing to forget")
+            grads = {n: self.reduce(g) / total for n, g in grads.items()}
+            if self.retain_weight and retain:
+                rgrads = {n: torch.zeros_like(g) for n, g in grads.items()}
+                count = 0.0
+                for b in retain:
+                    nll, _ = token_nll(model_logits(self.model, b), b)
+                    if nll.numel() == 0:
+                        continue
+                    for n, g in zip(names, torch.autograd.grad(nll.sum(), plist, allow_unused=True)):
+                        if g is not None:
+                            rgrads[n] += g.detach().float()
+                    count += nll.numel()
+                count = float(self.reduce(torch.tensor(count, dtype=torch.float64)))
+                if count > 0:
+                    grads = {n: g + self.retain_weight * self.reduce(rgrads[n]) / count for n, g in grads.items()}
+        return grads
+
+    def _apply_trial(self, context: Any) -> bool:
+        if not all(bool(torch.isfinite(g).all()) for g in context.values()):
+            return False
+        params = self.named_params()
+        for n, p in params.items():
+            p.grad = context[n].to(p.dtype)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr / self.damping
+        self.optimizer.step()
+        for p in params.values():
+            p.grad = None
+        return True
+
+    def _rollback_state(self) -> Any:
+        return copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore_state(self, state: Any) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+@register("gradient_ascent")
+class GradientAscent(FirstOrderUnlearner):
+    """Minimise the forget objective alone (ascent on the forget NLL for `forget_loss="nll"`)."""
+
+
+@register("gradient_difference")
+class GradientDifference(FirstOrderUnlearner):
+    """Forget objective + `retain_weight` (default 1) × retain NLL."""
+
+    retain_weight_default = 1.0
+
+
+@register("npo")
+class NPO(FirstOrderUnlearner):
+    """Negative preference optimisation (`beta`) against a frozen reference copy, + `retain_weight` × retain NLL."""
+
+    def __init__(self, model: nn.Module, *, beta: float = 0.1, reference: nn.Module | None = None,
+                 **kw: Any) -> None:
+        super().__init__(model, **kw)
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.beta = float(beta)
+        if reference is None:
+            reference = copy.deepcopy(model)
+        self.reference = reference.eval().requires_grad_(False)
+
+    def forget_term(self, batch: Batch, params: list[Tensor]) -> tuple[Tensor, int]:
+        return npo_objective(self.model, self.reference, batch, self.beta)

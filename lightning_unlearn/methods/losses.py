@@ -1,0 +1,121 @@
+"""Forget objectives: the scalar each method *minimises* to forget a batch, and the measured forget loss.
+
+Every objective only counts positions whose (shifted) label is not -100, so span-level forgetting is encoded by
+the data (labels -100 outside the sensitive span). Each function returns `(loss, weight)`: the batch's mean
+objective and the weight (number of positions or examples) that averages batches correctly.
+
+- `nll`: `-mean NLL` (gradient ascent on the NLL). Its gradient on a target logit is `-(1 - p)`: it vanishes on
+  the most memorised tokens (p ≈ 1), which are the ones that matter.
+- `unlikelihood`: `mean -log(1 - p)` over target tokens (Welleck et al., 2020). Its gradient on the target logit
+  is `p`: largest exactly where the model is most confident. Computed in log space, stable at p -> 1.
+- `nll_normalized` / `unlikelihood_normalized`: per-example normalised: every example's mean token objective
+  is divided by the (detached) norm of its own gradient before averaging, so each example pulls with unit
+  strength however saturated it is (one backward pass per example: meant for small forget sets).
+
+`DEFAULT_FORGET_LOSS` is `unlikelihood`: on memorised canaries it keeps a gradient where NLL ascent starves, and
+in the tests it removes more likelihood per unit of retain damage than NLL ascent (see tests/test_methods_newton.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..curvature.objective import CrossEntropyObjective, model_logits
+
+FORGET_LOSSES = ("unlikelihood", "nll", "unlikelihood_normalized", "nll_normalized")
+DEFAULT_FORGET_LOSS = "unlikelihood"
+
+_CE = CrossEntropyObjective()
+
+
+def check_forget_loss(name: str) -> str:
+    if name not in FORGET_LOSSES:
+        raise ValueError(f"unknown forget_loss {name!r}; choose one of {', '.join(FORGET_LOSSES)}")
+    return name
+
+
+def shifted_targets(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(mask [B, T], targets [B, T]) with the Hugging Face shift (logits at t predict labels[t + 1])."""
+    if "labels" not in batch:
+        raise KeyError("batch has no 'labels'; forget/retain batches need labels (-100 where no loss is wanted)")
+    return _CE.valid_mask(logits, batch["labels"].to(logits.device))
+
+
+def token_nll(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-token NLL [N] at the valid positions and the example index [N] of each."""
+    mask, targets = shifted_targets(logits, batch)
+    out = logits[mask].float()
+    return F.cross_entropy(out, targets[mask], reduction="none"), mask.nonzero()[:, 0]
+
+
+def mean_nll(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+    """(sum of token NLL, number of valid positions) of a batch: the measured forget/retain loss."""
+    nll, _ = token_nll(model_logits(model, batch), batch)
+    return nll.sum(), int(nll.numel())
+
+
+def _token_unlikelihood(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """-log(1 - p_y) per valid token, stable: log(1 - p_y) = logsumexp_{j != y} z_j - logsumexp_j z_j."""
+    mask, targets = shifted_targets(logits, batch)
+    out = logits[mask].float()
+    y = targets[mask]
+    others = out.scatter(1, y[:, None], float("-inf"))
+    log_one_minus_p = torch.logsumexp(others, dim=-1) - torch.logsumexp(out, dim=-1)
+    return -log_one_minus_p, mask.nonzero()[:, 0]
+
+
+def forget_objective(
+    model: nn.Module, batch: Mapping[str, Tensor], kind: str, params: Sequence[Tensor] | None = None
+) -> tuple[Tensor, int]:
+    """(objective to minimise, weight) of one forget batch for forget loss `kind` (see the module docstring).
+
+    `params` (the parameters being updated) is needed by the normalised variants to measure per-example
+    gradient norms.
+    """
+    check_forget_loss(kind)
+    logits = model_logits(model, batch)
+    base = kind.removesuffix("_normalized")
+    if base == "nll":
+        nll, example = token_nll(logits, batch)
+        per_token = -nll
+    else:
+        per_token, example = _token_unlikelihood(logits, batch)
+    if per_token.numel() == 0:
+        return logits.sum() * 0.0, 0
+    if not kind.endswith("_normalized"):
+        return per_token.mean(), int(per_token.numel())
+    if params is None:
+        raise ValueError(f"forget_loss {kind!r} needs the parameters being updated to normalise per example")
+    params = list(params)
+    rows = example.unique()
+    total = per_token.new_zeros(())
+    for b in rows.tolist():
+        loss_b = per_token[example == b].mean()
+        grads = torch.autograd.grad(loss_b, params, retain_graph=True, allow_unused=True)
+        norm = torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros(())))
+        total = total + loss_b / norm.clamp_min(1e-12).detach()
+    return total / len(rows), len(rows)
+
+
+def npo_objective(
+    model: nn.Module, reference: nn.Module, batch: Mapping[str, Tensor], beta: float
+) -> tuple[Tensor, int]:
+    """Negative preference optimisation (Zhang et al., 2024): `(2/β) mean_i log(1 + (π_θ(y_i|x_i)/π_ref(y_i|x_i))^β)`
+    with `log π(y|x)` the sum of the labelled tokens' log-likelihoods of example i. Returns (loss, examples)."""
+    logits = model_logits(model, batch)
+    nll, example = token_nll(logits, batch)
+    if nll.numel() == 0:
+        return logits.sum() * 0.0, 0
+    with torch.no_grad():
+        ref_nll, _ = token_nll(model_logits(reference, batch), batch)
+    n_rows = int(example.max()) + 1
+    logp = torch.zeros(n_rows, device=nll.device).index_add(0, example, -nll)
+    ref_logp = torch.zeros(n_rows, device=nll.device).index_add(0, example, -ref_nll)
+    rows = example.unique()
+    log_ratio = (logp - ref_logp)[rows]
+    loss = (2.0 / beta) * F.softplus(beta * log_ratio).mean()
+    return loss, len(rows)
