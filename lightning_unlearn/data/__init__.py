@@ -1,0 +1,15 @@
+"""Forget and retain data: the DataModule, Secret-Sharer canaries, the embedded synthetic corpus, adapters."""
+
+from .canaries import Canary, CanaryRegistry, CanarySpace, insert_canaries, make_canaries
+from .datamodule import ForgetRetainDataModule
+from .selection import DEFAULT_MARKERS, strip_markers, text_sha256
+from .sources import load_source
+from .synthetic import synthetic_corpus, synthetic_dataset
+from .tokenize import IGNORE, Collate, Tokenise
+from .tokenizer import check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
+
+__all__ = [
+    "Canary", "CanaryRegistry", "CanarySpace", "Collate", "DEFAULT_MARKERS", "ForgetRetainDataModule", "IGNORE",
+    "Tokenise", "check_tokenizer_fits", "insert_canaries", "load_source", "load_tokenizer", "make_canaries",
+    "strip_markers", "synthetic_corpus", "synthetic_dataset", "text_sha256", "train_bpe_tokenizer",
+]

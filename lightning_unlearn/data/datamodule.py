@@ -1,0 +1,387 @@
+"""`ForgetRetainDataModule`: forget, retain, full, test and holdout splits of a text corpus, tokenised and batched.
+
+The forget set is chosen from the training data (by ids, a truthy column, a regex, or a separate forget file) or given
+with an explicit retain source (TOFU, MUSE). Forget examples are always materialised (they are few) and never packed,
+so every one keeps its `example_id` and its sensitive span; retain, test and holdout may stream.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+from datasets import Dataset, IterableDataset
+from lightning.pytorch.utilities import CombinedLoader
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .selection import DEFAULT_MARKERS, Normaliser, Selection, SpanMode, sorted_ids
+from .sources import AnyDataset, Source, load_source, text_column_of
+from .tokenize import Collate, Overflow, Tokenise
+from .tokenizer import check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
+
+SPLITS = ("forget", "retain", "full", "test", "holdout")
+CurvatureSplit = Literal["retain", "forget", "full"]
+FEATURES = datasets.Features({
+    "text": datasets.Value("string"), "example_id": datasets.Value("int64"), "key": datasets.Value("string"),
+    "text_sha256": datasets.Value("string"), "spans": datasets.List(datasets.List(datasets.Value("int64"))),
+    "forget": datasets.Value("bool"), "split": datasets.Value("string"),
+})
+COLUMNS = list(FEATURES)
+
+
+class ForgetRetainDataModule(L.LightningDataModule):
+    """Forget and retain data for unlearning.
+
+    Args:
+        train: the training corpus D (file, `save_to_disk` folder, dataset name, `datasets` object or list of texts).
+        forget: a separate forget source; with `train`, its texts must be training texts (matched by sha256).
+        forget_ids / forget_column / forget_regex: choose the forget set inside `train` instead (one way only).
+        retain: an explicit retain source (default: the rest of `train`); must not share a text with the forget set.
+        test, holdout: explicit sources; otherwise `test_fraction` / `holdout_fraction` of the non-forget training
+            texts are set aside by a seeded hash of the text (never trained on; holdout serves membership inference).
+        span: "example" (whole-example forgetting), "offsets" (`spans` or `span_start`/`span_end` columns),
+            "markers" (`span_markers` around the span in the text) or "regex" (the match, or its `span` group).
+        tokenizer: a tokenizer, a local path or hub id; None trains a byte-level BPE of `vocab_size` on the
+            training text and saves it to `tokenizer_dir` (default: `<trainer.default_root_dir>/tokenizer`).
+        packing: pack retain/full/test/holdout into blocks of `max_length` (forget is never packed).
+        on_overflow: "truncate" (with a warning) or "error" for examples longer than `max_length`.
+        forget_not_in_train: "error" or "warn" when forget texts are not part of `train`.
+        combined_mode: `CombinedLoader` mode of the training loader (`min_size`: one pass over the forget set).
+        streaming: stream train/retain/test/holdout with `datasets` (sharded per process with
+            `split_dataset_by_node`).
+    """
+
+    def __init__(
+        self,
+        train: Source | None = None,
+        *,
+        forget: Source | None = None,
+        forget_ids: Collection[Any] | None = None,
+        forget_column: str | None = None,
+        forget_regex: str | None = None,
+        retain: Source | None = None,
+        test: Source | None = None,
+        holdout: Source | None = None,
+        test_fraction: float = 0.05,
+        holdout_fraction: float = 0.05,
+        text_column: str = "text",
+        id_column: str | None = None,
+        source_split: str = "train",
+        span: SpanMode = "example",
+        span_markers: tuple[str, str] = DEFAULT_MARKERS,
+        tokenizer: Any = None,
+        vocab_size: int = 1024,
+        tokenizer_dir: str | Path | None = None,
+        tokenizer_train_examples: int = 200_000,
+        max_length: int = 128,
+        packing: bool = False,
+        on_overflow: Overflow = "truncate",
+        forget_not_in_train: Literal["error", "warn"] = "error",
+        batch_size: int = 8,
+        forget_batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        combined_mode: Literal["min_size", "max_size_cycle", "max_size"] = "min_size",
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.selection = Selection(ids=forget_ids, column=forget_column, regex=forget_regex)
+        if train is None and forget is None:
+            raise ValueError("no data: give train=<training data> (and a forget selection), or forget=... and "
+                             "retain=...")
+        if forget is not None and not self.selection.empty:
+            raise ValueError("choose the forget set one way only: a forget source or forget_ids/forget_column/"
+                             "forget_regex, not both")
+        if train is None and not self.selection.empty:
+            raise ValueError("forget_ids/forget_column/forget_regex select inside the training data; give train=...")
+        if train is None and retain is None:
+            raise ValueError("with no train source, give retain=... (the data that stays)")
+        if forget is None and self.selection.empty:
+            raise ValueError("no forget set: pass forget=<file>, forget_ids=[...], forget_column=<bool column> or "
+                             "forget_regex=<pattern>")
+        if span not in ("example", "offsets", "markers", "regex"):
+            raise ValueError(f"span={span!r}; choose 'example', 'offsets', 'markers' or 'regex'")
+        if on_overflow not in ("truncate", "error"):
+            raise ValueError(f"on_overflow={on_overflow!r}; choose 'truncate' or 'error'")
+        if forget_not_in_train not in ("error", "warn"):
+            raise ValueError(f"forget_not_in_train={forget_not_in_train!r}; choose 'error' or 'warn'")
+        if not 0 <= test_fraction + holdout_fraction < 1:
+            raise ValueError("test_fraction + holdout_fraction must lie in [0, 1)")
+        self.train_source, self.forget_source, self.retain_source = train, forget, retain
+        self.test_source, self.holdout_source = test, holdout
+        self.test_fraction = 0.0 if test is not None else test_fraction
+        self.holdout_fraction = 0.0 if holdout is not None else holdout_fraction
+        self.text_column, self.id_column, self.source_split = text_column, id_column, source_split
+        self.span, self.span_markers = span, tuple(span_markers)
+        self.tokenizer_arg, self.vocab_size, self.tokenizer_dir = tokenizer, vocab_size, tokenizer_dir
+        self.tokenizer_train_examples = tokenizer_train_examples
+        self.max_length, self.packing, self.on_overflow = max_length, packing, on_overflow
+        self.forget_not_in_train = forget_not_in_train
+        self.batch_size = batch_size
+        self.forget_batch_size = forget_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.combined_mode, self.streaming, self.shuffle_buffer = combined_mode, streaming, shuffle_buffer
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+        self.texts: dict[str, AnyDataset] = {}  # normalised rows per split
+        self.splits: dict[str, AnyDataset] = {}  # tokenised rows per split
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Build the splits, get (or train) the tokenizer, tokenise; idempotent. Checks the trainer's model fits."""
+        if not self.splits:
+            if not self.texts:
+                self._build_texts()
+            self._ensure_tokenizer()
+            self._tokenise()
+        model = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
+        if model is not None:
+            self.check_model(model)
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a clear error when the tokenizer's vocabulary is larger than the model's embedding."""
+        if self.tokenizer is None:
+            self.setup()
+        check_tokenizer_fits(self.tokenizer, model)
+
+    def _load(self, source: Source, name: str, streaming: bool) -> AnyDataset:
+        ds = load_source(source, split=self.source_split, streaming=streaming, name=name)
+        return ds, text_column_of(ds, self.text_column, name)
+
+    def _normalise(self, ds: AnyDataset, col: str, role: str, offset: int = 0) -> AnyDataset:
+        fn = Normaliser(text_column=col, id_column=self.id_column, selection=self.selection, span=self.span,
+                        markers=self.span_markers, seed=self.seed, test_fraction=self.test_fraction,
+                        holdout_fraction=self.holdout_fraction, id_offset=offset, role=role)
+        if self.id_column is not None and ds.column_names is not None and self.id_column not in ds.column_names:
+            raise ValueError(f"id_column {self.id_column!r} is not a column of the {role} data "
+                             f"(columns: {ds.column_names}); pass id_column=None to use row numbers")
+        if isinstance(ds, Dataset):
+            return ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=FEATURES,
+                          load_from_cache_file=False, keep_in_memory=True)
+        return ds.map(fn, with_indices=True, features=FEATURES).select_columns(COLUMNS)
+
+    def _build_texts(self) -> None:
+        stream = self.streaming
+        forget_src = None
+        if self.forget_source is not None:
+            fds, col = self._load(self.forget_source, "forget", streaming=False)
+            forget_src = self._normalise(fds, col, "forget")
+            if len(forget_src) == 0:
+                raise ValueError("the forget set is empty: the forget source has no examples; give a file with at "
+                                 "least one example")
+            self.selection.hashes = set(forget_src["text_sha256"]) if self.train_source is not None else None
+        if self.train_source is not None:
+            tds, col = self._load(self.train_source, "train", stream)
+            pool = self._normalise(tds, col, "train")
+            forget_rows, n_train = self._forget_rows(pool)
+            forget = self._forget_from(forget_rows, forget_src)
+        else:
+            forget, n_train = forget_src, 0
+            rds, col = self._load(self.retain_source, "retain", stream)
+            pool = self._normalise(rds, col, "train", offset=len(forget))
+        hashes = set(forget["text_sha256"])
+        if self.train_source is not None and self.retain_source is None:
+            retain = self._filter(pool, lambda r: r["split"] == "train" and r["text_sha256"] not in hashes)
+            full = self._filter(pool, lambda r: r["split"] in ("train", "forget"))
+            if isinstance(pool, Dataset):
+                dropped = sum(1 for s, h in zip(pool["split"], pool["text_sha256"]) if s == "train" and h in hashes)
+                if dropped:
+                    warnings.warn(f"{dropped} training example(s) repeat a forget text without being selected; they "
+                                  "were left out of retain (select every copy to silence this)", UserWarning,
+                                  stacklevel=2)
+        else:
+            if self.train_source is not None:
+                rds, col = self._load(self.retain_source, "retain", stream)
+                retain = self._normalise(rds, col, "retain", offset=n_train)
+            else:
+                retain = self._filter(pool, lambda r: r["split"] == "train")
+            retain = self._check_disjoint(retain, hashes)
+            if self.train_source is not None:
+                full = self._filter(pool, lambda r: r["split"] in ("train", "forget"))
+            else:
+                f = forget.to_iterable_dataset() if isinstance(retain, IterableDataset) else forget
+                full = datasets.concatenate_datasets([f, retain])
+        self.texts = {"forget": forget, "retain": retain, "full": full}
+        for name, source in (("test", self.test_source), ("holdout", self.holdout_source)):
+            if source is not None:
+                ds, col = self._load(source, name, stream)
+                self.texts[name] = self._normalise(ds, col, name)
+            else:
+                self.texts[name] = self._filter(pool, lambda r, n=name: r["split"] == n)
+
+    @staticmethod
+    def _filter(ds: AnyDataset, fn) -> AnyDataset:
+        if isinstance(ds, Dataset):
+            return ds.filter(fn, load_from_cache_file=False, keep_in_memory=True)
+        return ds.filter(fn)
+
+    def _forget_rows(self, pool: AnyDataset) -> tuple[Dataset, int]:
+        """Materialise the selected rows of the training data; count the training rows."""
+        if isinstance(pool, Dataset):
+            return self._filter(pool, lambda r: r["forget"]), len(pool)
+        rows, n = [], 0
+        for row in pool:
+            n += 1
+            if row["forget"]:
+                rows.append(row)
+        return Dataset.from_list(rows, features=FEATURES), n
+
+    def _forget_from(self, rows: Dataset, forget_src: Dataset | None) -> Dataset:
+        """The forget split: the selected training rows, or the forget source's rows carrying their training ids."""
+        sel = self.selection
+        if forget_src is None:
+            if sel.ids is not None:
+                missing = set(sel._ids) - set(rows["key"])
+                if missing:
+                    where = f"column {self.id_column!r}" if self.id_column else \
+                        "the row numbers (pass id_column=<name> to match a column)"
+                    raise ValueError(f"forget ids not found in the training data: {sorted_ids(missing)}; "
+                                     f"ids are matched against {where}")
+            if len(rows) == 0:
+                if sel.regex is not None:
+                    raise ValueError("forget_regex matched no training example; check the pattern (re.search on "
+                                     "each text, after span markers are removed)")
+                raise ValueError(f"the forget set is empty: column {sel.column!r} is false for every training "
+                                 "example; mark the examples to forget with a true value")
+            return rows
+        train_id = {}
+        for sha, eid in zip(rows["text_sha256"], rows["example_id"]):
+            train_id.setdefault(sha, eid)
+        missing = [i for i, sha in enumerate(forget_src["text_sha256"]) if sha not in train_id]
+        if missing:
+            msg = (f"{len(missing)} forget example(s) (rows {sorted_ids(missing)} of the forget source) are not "
+                   "part of the training data, so there is nothing to unlearn for them; make the forget texts match "
+                   "training texts exactly, or pass forget_not_in_train='warn'")
+            if self.forget_not_in_train == "error" or len(missing) == len(forget_src):
+                raise ValueError(msg)
+            warnings.warn(msg + " (they were kept in the forget set with negative example ids)", UserWarning,
+                          stacklevel=3)
+        return forget_src.map(lambda r, i: {"example_id": train_id.get(r["text_sha256"], -1 - i)}, with_indices=True,
+                              load_from_cache_file=False, keep_in_memory=True)
+
+    @staticmethod
+    def _check_disjoint(retain: AnyDataset, hashes: set[str]) -> AnyDataset:
+        msg = ("forget and retain overlap: {n} retain example(s) (ids {ids}) have the text of a forget example; "
+               "remove them from the retain source (or leave retain=None to use the rest of the training data)")
+        if isinstance(retain, Dataset):
+            bad = [i for i, h in zip(retain["example_id"], retain["text_sha256"]) if h in hashes]
+            if bad:
+                raise ValueError(msg.format(n=len(bad), ids=sorted_ids(bad)))
+            return retain
+
+        def check(row: dict) -> dict:  # streaming: checked as rows arrive
+            if row["text_sha256"] in hashes:
+                raise ValueError(msg.format(n="some", ids=row["example_id"]))
+            return row
+
+        return retain.map(check)
+
+    # ------------------------------------------------------------------ tokenizer
+    def _ensure_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        if self.tokenizer_arg is not None:
+            self.tokenizer = load_tokenizer(self.tokenizer_arg)
+            return
+        save_dir = self.tokenizer_dir
+        if save_dir is None and self._trainer_attached():
+            save_dir = Path(self.trainer.default_root_dir) / "tokenizer"
+        if save_dir is not None and (Path(save_dir) / "tokenizer.json").exists():
+            self.tokenizer = load_tokenizer(save_dir)
+            return
+        full = self.texts["full"]
+        if isinstance(full, Dataset):
+            texts = (t for t in full.select(range(min(len(full), self.tokenizer_train_examples)))["text"])
+        else:
+            texts = (r["text"] for r in full.take(self.tokenizer_train_examples))
+        self.tokenizer = train_bpe_tokenizer(texts, vocab_size=self.vocab_size, save_dir=save_dir)
+
+    def save_tokenizer(self, path: str | Path) -> None:
+        """Save the tokenizer (`save_pretrained`) so the run can be reloaded offline."""
+        self.setup()
+        self.tokenizer.save_pretrained(str(path))
+
+    # ------------------------------------------------------------------ tokenise and load
+    def _tokenise(self) -> None:
+        rank, world = self._rank_world()
+        for name, ds in self.texts.items():
+            fn = Tokenise(self.tokenizer, max_length=self.max_length, packing=self.packing and name != "forget",
+                          on_overflow=self.on_overflow)
+            if isinstance(ds, Dataset):
+                out = ds.map(fn, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
+                             keep_in_memory=True)
+            else:
+                out = ds.map(fn, batched=True, remove_columns=COLUMNS)
+                if world > 1:
+                    out = datasets.distributed.split_dataset_by_node(out, rank=rank, world_size=world)
+            self.splits[name] = out
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer_attached():
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        """A loader over one split (`forget`, `retain`, `full`, `test`, `holdout`) of batch dicts."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self.setup()
+        ds = self.splits[split]
+        kwargs: dict[str, Any] = {}
+        if shuffle and isinstance(ds, IterableDataset):
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        elif shuffle:
+            kwargs = {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, collate_fn=Collate(self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers, **kwargs)
+
+    def curvature_dataloader(self, split: CurvatureSplit = "retain", batch_size: int | None = None) -> DataLoader:
+        """A deterministic, unshuffled loader for curvature statistics over `retain`, `forget` or `full`."""
+        if split not in ("retain", "forget", "full"):
+            raise ValueError(f"curvature data {split!r} is not a split; choose 'retain', 'forget' or 'full'")
+        return self.dataloader(split, shuffle=False, batch_size=batch_size)
+
+    def train_dataloader(self) -> CombinedLoader:
+        """Forget and retain batches together: each step gets `{"forget": batch, "retain": batch}`."""
+        return CombinedLoader({"forget": self.dataloader("forget", shuffle=True, batch_size=self.forget_batch_size),
+                               "retain": self.dataloader("retain", shuffle=True)}, mode=self.combined_mode)
+
+    def _eval_loaders(self, names: tuple[str, ...]) -> CombinedLoader:
+        self.setup()
+        loaders = {n: self.dataloader(n, batch_size=self.eval_batch_size) for n in names
+                   if not (isinstance(self.splits[n], Dataset) and len(self.splits[n]) == 0)}
+        return CombinedLoader(loaders, mode="sequential")
+
+    def val_dataloader(self) -> CombinedLoader:
+        """Forget and test splits, one after the other (`dataloader_idx` tells them apart)."""
+        return self._eval_loaders(("forget", "test"))
+
+    def test_dataloader(self) -> CombinedLoader:
+        """Forget, retain, test and holdout splits, one after the other."""
+        return self._eval_loaders(("forget", "retain", "test", "holdout"))
+
+    # ------------------------------------------------------------------ facts for reports
+    @property
+    def forget_example_ids(self) -> list[int]:
+        """The `example_id`s of the forget set (never the texts)."""
+        self.setup()
+        return list(self.texts["forget"]["example_id"])
+
+    @property
+    def forget_sha256(self) -> list[str]:
+        """sha256 of every forget text, for reports and audit without exposing the texts."""
+        self.setup()
+        return list(self.texts["forget"]["text_sha256"])

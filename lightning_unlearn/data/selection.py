@@ -1,0 +1,183 @@
+"""Which examples are forgotten, which tokens of them, and which held-out split every other example lands in.
+
+Every row of the training data is normalised once into the same columns, for map-style and streaming sources alike:
+`text` (span markers removed), `example_id` (row index), `key` (the user's id, as a string), `text_sha256`,
+`spans` (character [start, end) pairs of the sensitive span; empty = the whole example), `forget` (selected or not)
+and `split` ("forget", "train", "test" or "holdout").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SpanMode = Literal["example", "offsets", "markers", "regex"]
+DEFAULT_MARKERS = ("⟦", "⟧")
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 of a text: how texts are compared and reported without being shown."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS) -> tuple[str, list[list[int]]]:
+    """Remove span markers from `text`; return the clean text and the [start, end) of each marked span in it."""
+    open_m, close_m = markers
+    out, spans, pos, cursor = [], [], 0, 0
+    while True:
+        start = text.find(open_m, cursor)
+        if start < 0:
+            break
+        end = text.find(close_m, start + len(open_m))
+        if end < 0:
+            raise ValueError(f"unclosed span marker {open_m!r} at character {start}; close it with {close_m!r}")
+        out.append(text[cursor:start])
+        pos += start - cursor
+        inner = text[start + len(open_m):end]
+        out.append(inner)
+        spans.append([pos, pos + len(inner)])
+        pos += len(inner)
+        cursor = end + len(close_m)
+    out.append(text[cursor:])
+    return "".join(out), spans
+
+
+@dataclass
+class Selection:
+    """How the forget set is chosen from the training data: by ids, by a truthy column, by a regex, or by texts."""
+
+    ids: Collection[Any] | None = None
+    column: str | None = None
+    regex: str | None = None
+    hashes: Collection[str] | None = None  # sha256 of the texts of a separate forget source
+    _ids: set[str] = field(default_factory=set, init=False, repr=False)
+    _pattern: re.Pattern | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("ids", "column", "regex", "hashes") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"choose the forget set one way only; got {', '.join(given)}")
+        if self.ids is not None:
+            self._ids = {str(i) for i in self.ids}
+            if not self._ids:
+                raise ValueError("the forget set is empty: forget_ids=[] selects nothing; give at least one id")
+        if self.regex is not None:
+            try:
+                self._pattern = re.compile(self.regex)
+            except re.error as err:
+                raise ValueError(f"forget_regex {self.regex!r} is not a valid regular expression ({err})") from err
+        if self.hashes is not None:
+            self.hashes = set(self.hashes)
+
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, n) is None for n in ("ids", "column", "regex", "hashes"))
+
+    def matches(self, row: dict, key: str, text: str, sha: str) -> bool:
+        if self.ids is not None:
+            return key in self._ids
+        if self.column is not None:
+            if self.column not in row:
+                raise ValueError(f"forget_column {self.column!r} is not a column of the training data "
+                                 f"(columns: {sorted(row)}); pass the name of a boolean column")
+            return bool(row[self.column])
+        if self._pattern is not None:
+            return self._pattern.search(text) is not None
+        if self.hashes is not None:
+            return sha in self.hashes
+        return False
+
+    def regex_spans(self, text: str) -> list[list[int]]:
+        """Spans of the regex matches: the group named `span` when the pattern has one, else the whole match."""
+        if self._pattern is None:
+            raise ValueError("span='regex' needs forget_regex=...; pass a pattern (with a (?P<span>...) group)")
+        group = "span" if "span" in self._pattern.groupindex else 0
+        return [[m.start(group), m.end(group)] for m in self._pattern.finditer(text) if m.start(group) >= 0]
+
+
+def bucket(sha: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the text and the seed: duplicates of a text always share a split."""
+    return int(hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+@dataclass
+class Normaliser:
+    """The per-row function (for `Dataset.map` / `IterableDataset.map` with `with_indices=True`)."""
+
+    text_column: str = "text"
+    id_column: str | None = None
+    selection: Selection = field(default_factory=Selection)
+    span: SpanMode = "example"
+    markers: tuple[str, str] = DEFAULT_MARKERS
+    seed: int = 0
+    test_fraction: float = 0.0
+    holdout_fraction: float = 0.0
+    id_offset: int = 0
+    role: Literal["train", "forget", "retain", "test", "holdout"] = "train"
+
+    def __call__(self, row: dict, idx: int) -> dict:
+        raw = row[self.text_column]
+        if not isinstance(raw, str):
+            raise ValueError(f"example {idx + self.id_offset}: column {self.text_column!r} holds "
+                             f"{type(raw).__name__}, not text; pass text_column=<a string column>")
+        text, marked = strip_markers(raw, self.markers) if self.span == "markers" else (raw, [])
+        example_id = idx + self.id_offset
+        key = str(row[self.id_column]) if self.id_column else str(example_id)
+        sha = text_sha256(text)
+        if self.role == "train":
+            forget = self.selection.matches(row, key, text, sha)
+        else:
+            forget = self.role == "forget"
+        spans: list[list[int]] = []
+        if forget and self.span != "example":
+            spans = self._spans(row, text, marked, self.selection, example_id)
+        if forget:
+            split = "forget"
+        elif self.role in ("test", "holdout"):
+            split = self.role
+        elif self.role == "retain":
+            split = "train"
+        else:
+            u = bucket(sha, self.seed)
+            split = "test" if u < self.test_fraction else \
+                "holdout" if u < self.test_fraction + self.holdout_fraction else "train"
+        return {"text": text, "example_id": example_id, "key": key, "text_sha256": sha, "spans": spans,
+                "forget": forget, "split": split}
+
+    def _spans(self, row: dict, text: str, marked: list, selection: Selection, example_id: int) -> list[list[int]]:
+        if self.span == "markers":
+            spans = marked
+        elif self.span == "regex":
+            spans = selection.regex_spans(text)
+        else:  # offsets
+            spans = offsets_from_row(row)
+        if not spans:
+            raise ValueError(f"forget example {example_id} has no sensitive span under span={self.span!r}; "
+                             "mark its span (markers, offsets or a regex match) or use span='example'")
+        for s, e in spans:
+            if not 0 <= s < e <= len(text):
+                raise ValueError(f"forget example {example_id} has span [{s}, {e}) outside its text of "
+                                 f"{len(text)} characters; give character offsets into the text")
+        return [[int(s), int(e)] for s, e in spans]
+
+
+def offsets_from_row(row: dict) -> list[list[int]]:
+    """Spans from a `spans` column (list of [start, end]) or from `span_start` / `span_end` columns."""
+    if "spans" in row and row["spans"] is not None:
+        return [list(s) for s in row["spans"]]
+    if "span_start" in row and "span_end" in row:
+        if row["span_start"] is None or row["span_start"] < 0:
+            return []
+        return [[row["span_start"], row["span_end"]]]
+    raise ValueError("span='offsets' needs a 'spans' column (a list of [start, end] character offsets) or "
+                     "'span_start' and 'span_end' columns; add them or choose span='markers' / 'regex'")
+
+
+def sorted_ids(values: Sequence[Any], limit: int = 5) -> str:
+    """A short, printable list of ids for error messages (ids only, never texts)."""
+    values = sorted(values, key=str)
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return ", ".join(map(str, values[:limit])) + more

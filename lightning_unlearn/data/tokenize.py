@@ -1,0 +1,92 @@
+"""Tokenise normalised rows into `input_ids` / `labels` / `example_id`, with truncation or packing, and collate.
+
+Labels follow the Hugging Face convention (aligned with `input_ids`, the model shifts): a forget example with a
+sensitive span keeps labels only on the tokens that overlap the span (-100 elsewhere); padding is always -100.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .selection import sorted_ids
+
+IGNORE = -100
+Overflow = Literal["truncate", "error"]
+
+
+def span_labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
+    """Labels that keep a token iff its character range overlaps one of `spans` (all tokens when no span)."""
+    if not spans:
+        return list(input_ids)
+    return [tok if any(s < e_tok and s_tok < e for s, e in spans) else IGNORE
+            for tok, (s_tok, e_tok) in zip(input_ids, offsets)]
+
+
+@dataclass
+class Tokenise:
+    """Batched map function: normalised rows -> tokenised rows (one per example, or packed blocks)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 128
+    packing: bool = False
+    on_overflow: Overflow = "truncate"
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        texts, ids, spans = batch["text"], batch["example_id"], batch["spans"]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        eos = self.tokenizer.eos_token_id
+        rows_ids, rows_labels = [], []
+        for tok, off, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+            labels = span_labels(tok, off, sp)
+            if eos is not None:
+                tok, labels = tok + [eos], labels + ([IGNORE] if sp else [eos])
+            rows_ids.append(tok)
+            rows_labels.append(labels)
+        if self.packing:
+            return self._pack(rows_ids, rows_labels)
+        too_long = [i for i, t in zip(ids, rows_ids) if len(t) > self.max_length]
+        if too_long:
+            self._overflow(too_long)
+        m = self.max_length
+        return {"input_ids": [t[:m] for t in rows_ids], "labels": [lab[:m] for lab in rows_labels],
+                "example_id": list(ids)}
+
+    def _overflow(self, too_long: list[int]) -> None:
+        what = f"{len(too_long)} example(s) (ids {sorted_ids(too_long)}) are longer than max_length={self.max_length}"
+        if self.on_overflow == "error":
+            raise ValueError(f"{what} tokens; raise max_length, set packing=True, or pass on_overflow='truncate'")
+        warnings.warn(f"{what} tokens and were truncated; raise max_length, set packing=True, or pass "
+                      "on_overflow='error' to make this an error", UserWarning, stacklevel=2)
+
+    def _pack(self, rows_ids: list[list[int]], rows_labels: list[list[int]]) -> dict[str, list]:
+        flat_ids = [t for row in rows_ids for t in row]
+        flat_labels = [t for row in rows_labels for t in row]
+        m = self.max_length
+        blocks = range(0, len(flat_ids), m)
+        return {"input_ids": [flat_ids[i:i + m] for i in blocks], "labels": [flat_labels[i:i + m] for i in blocks],
+                "example_id": [-1] * len(blocks)}
+
+
+@dataclass
+class Collate:
+    """Pad a list of tokenised rows to the longest (right padding) into the batch dict of the conventions."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
+            mask[i, :n] = 1
+        example_id = torch.as_tensor([int(r["example_id"]) for r in rows], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "example_id": example_id}

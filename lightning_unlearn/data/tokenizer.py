@@ -1,0 +1,85 @@
+"""Tokenizers: load a Hugging Face tokenizer, or train a small byte-level BPE offline; check it fits a model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 1024, min_frequency: int = 2,
+                        save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style, lossless) on `texts`; optionally `save_pretrained` it.
+
+    Special tokens: `<|endoftext|>` (eos, also bos) and `<|pad|>`. A small vocabulary suits the tiny demo models.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least 258 (256 bytes + 2)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                   unk_token=None, clean_up_tokenization_spaces=False, padding_side="right")
+    if save_dir is not None:
+        fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def load_tokenizer(name_or_path: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory (or a hub id when online), with a pad token and right padding."""
+    if isinstance(name_or_path, PreTrainedTokenizerBase):
+        tok = name_or_path
+    else:
+        path = Path(name_or_path).expanduser()
+        text = str(name_or_path)
+        if (path.is_absolute() or text.startswith((".", "~")) or path.exists()) and not path.exists():
+            raise FileNotFoundError(f"tokenizer path {text!r} does not exist; give a saved tokenizer directory, "
+                                    "a hub id, or tokenizer=None to train one on the training text")
+        tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else text)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; add one with "
+                             "tokenizer.add_special_tokens({'pad_token': ...})")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if not getattr(tok, "is_fast", False):
+        raise ValueError("span-level forgetting and offsets need a fast tokenizer; load it with use_fast=True")
+    return tok
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """Number of rows of the model's input embedding (None when no embedding can be found)."""
+    inner = getattr(model, "model", model)  # a LightningModule wrapping an HF model as `.model`
+    for candidate in (model, inner):
+        get = getattr(candidate, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                emb = get()
+            except (NotImplementedError, AttributeError):
+                emb = None
+            if emb is not None and hasattr(emb, "num_embeddings"):
+                return int(emb.num_embeddings)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return int(module.num_embeddings)
+    return None
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> None:
+    """Raise when the tokenizer can produce ids the model has no embedding for."""
+    rows = embedding_rows(model)
+    n = len(tokenizer)
+    if rows is not None and n > rows:
+        raise ValueError(f"the tokenizer has {n} tokens but the model's embedding has only {rows} rows; build the "
+                         f"model with vocab_size >= {n} (e.g. small_causal_lm(vocab_size=len(tokenizer))), call "
+                         f"model.resize_token_embeddings({n}), or train a smaller tokenizer (vocab_size={rows})")
