@@ -440,6 +440,12 @@ class SecondOrderUnlearner(Unlearner):
         if self.refresh_every is not None and index > 0 and index % self.refresh_every == 0:
             self.fit_curvature(self._source(forget, retain))
 
+    def named_params(self) -> dict[str, nn.Parameter]:
+        # the curvature may have unwrapped the model (e.g. a PEFT wrapper): use its parameter names
+        assert self.curvature is not None or not self.param_names
+        params = dict(self.curvature.model.named_parameters())  # type: ignore[union-attr]
+        return {n: params[n] for n in self.param_names}
+
     def newton_direction(self, gradient: Mapping[str, Tensor], damping: float | None = None) -> Vector:
         """`(C + λI)^-1 g` for a gradient dict over `param_names`."""
         assert self.curvature is not None
