@@ -1,0 +1,157 @@
+"""Drop-in unlearning inside an ordinary `Trainer.fit`: a LightningModule written here (not the project's),
+`Trainer(callbacks=[Unlearn(...)])`, and a curvature checkpoint that serves a second request without retain data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from lightning_unlearn.callbacks import Unlearn, load_curvature_state
+from lightning_unlearn.methods.losses import mean_nll
+from lightning_unlearn.models import small_causal_lm
+
+SEQ = 32
+PAD = 127
+
+
+def encode(text: str) -> dict[str, torch.Tensor]:
+    """Characters as token ids (ASCII < 127), right-padded to SEQ; padding is not a label."""
+    ids = [ord(c) % PAD for c in text[:SEQ]]
+    n = len(ids)
+    ids = ids + [PAD] * (SEQ - n)
+    mask = [1] * n + [0] * (SEQ - n)
+    labels = [i if m else -100 for i, m in zip(ids, mask)]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+WORDS = ("the", "a", "cat", "dog", "bird", "sees", "likes", "finds", "ball", "tree", "sun", "book", "red", "big",
+         "old", "runs", "to", "and", "home", "sky")
+
+
+def retain_texts(n: int = 64, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(6)) + "." for _ in range(n)]
+
+
+FORGET = ["zq7 kx9 vv2 pq4 jj8", "wm3 hh6 xr1 bt5 nn0"]
+
+
+def loader(texts: list[str], batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader([encode(t) for t in texts], batch_size=batch_size, shuffle=shuffle)
+
+
+class TinyLM(pl.LightningModule):
+    """A plain LightningModule around a tiny GPT-2: forward returns the HF output (logits and loss)."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = small_causal_lm("gpt2", seed=0)
+        self.model.train()
+        self.lr = lr
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(**batch).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def nll(model, texts: list[str]) -> float:
+    batch = {k: torch.stack([encode(t)[k] for t in texts]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        s, c = mean_nll(model.eval(), batch)
+    return float(s) / c
+
+
+FORGET2 = ["gk2 yy5 qc8 fl1 dz6", "uo4 rb9 mx3 sk7 pv2"]
+
+
+class Probe(pl.Callback):
+    """Measures the losses when training ends, before `Unlearn` (callbacks run in list order)."""
+
+    def __init__(self, retain: list[str]) -> None:
+        self.retain = retain
+        self.before: dict[str, float] = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.before = {"forget": nll(pl_module.model, FORGET), "retain": nll(pl_module.model, self.retain)}
+        pl_module.model.train()
+
+
+def flat(state, prefix=""):
+    """Every tensor of a nested state dict, by path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, sub in state.items() for k, v in flat(sub, f"{prefix}/{key}").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, sub in enumerate(state) for k, v in flat(sub, f"{prefix}/{i}").items()}
+    return {}
+
+
+def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    retain = retain_texts()
+    held_batch = next(iter(loader(retain_texts(16, seed=1), 16)))
+    train = retain + (FORGET + FORGET2) * 8  # the forget strings are memorised
+    module = TinyLM()
+    curvature_file = tmp_path / "curvature.pt"
+    probe = Probe(retain)
+    unlearn = Unlearn(
+        forget=loader(FORGET), retain=loader(retain[:16]), held_retain=held_batch, method="newton",
+        curvature="kfac", damping=0.1, scale=1.0, steps=3, max_retain_increase=0.1,
+        accumulate_every_n_batches=1, accumulate_from_epoch=20, curvature_path=curvature_file,
+    )
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=25, callbacks=[probe, unlearn, ckpt],
+                         enable_progress_bar=False, logger=CSVLogger(tmp_path, name="logs"),
+                         enable_model_summary=False)
+    trainer.fit(module, loader(train, shuffle=True))
+
+    # request 1, at the end of training: forget loss clearly up, retain loss bounded
+    before, after = probe.before, {"forget": nll(module.model, FORGET), "retain": nll(module.model, retain)}
+    assert before["forget"] < 0.5, before  # memorised
+    assert after["forget"] > before["forget"] + 2.0, (before, after)
+    assert after["retain"] < 1.25 * before["retain"], (before, after)
+    assert any(r.accepted for r in unlearn.history)
+    # every decision logged through the trainer's logger, numbers only
+    metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+    assert "unlearn/forget_loss" in metrics and "unlearn/damping" in metrics and "unlearn/accepted" in metrics
+    logged = "".join(p.read_text(errors="ignore") for p in Path(trainer.logger.log_dir).rglob("*") if p.is_file())
+    assert not any(text in logged for text in FORGET + FORGET2)
+
+    # the curvature checkpoint: its own file and the Lightning checkpoint hold the same finalized statistics
+    from_file = load_curvature_state(curvature_file)
+    from_ckpt = load_curvature_state(tmp_path / "ckpt" / "last.ckpt")
+    assert from_file["backend"] == "kfac" and float(from_file["count"]) > 0
+    a, b = flat(from_file), flat(from_ckpt)
+    assert a.keys() == b.keys() and len(a) > 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+    # request 2, later, with no retain data at all: full-data curvature minus the forget curvature
+    f2_before, r_before = nll(module.model, FORGET2), nll(module.model, retain)
+    weights = {k: v.clone() for k, v in module.model.state_dict().items()}
+    results = {}
+    for name, source in {"file": curvature_file, "lightning": tmp_path / "ckpt" / "last.ckpt"}.items():
+        module.model.load_state_dict(weights)
+        second = Unlearn(forget=loader(FORGET2), curvature="kfac", curvature_data="full_minus_forget",
+                         full_curvature=source, damping=0.1, scale=0.03, steps=1)
+        records = second.unlearn(module)
+        assert records[-1].accepted and records[-1].retain_loss is None
+        results[name] = (nll(module.model, FORGET2), nll(module.model, retain))
+    f2_after, r_after = results["file"]
+    assert f2_after > f2_before + 3.0, (f2_before, f2_after)
+    assert r_after < 1.3 * r_before, (r_before, r_after)
+    assert results["lightning"] == pytest.approx(results["file"], rel=1e-4)
