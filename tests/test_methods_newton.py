@@ -1,0 +1,197 @@
+"""Newton unlearning on a tiny GPT-2 that memorises digit canaries inside the test, plus the engine's safety."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_unlearn.curvature import CrossEntropyObjective, DiagonalFisher
+from lightning_unlearn.methods import METHODS, Newton, build_curvature, build_unlearner
+from lightning_unlearn.models import small_causal_lm
+
+V, T = 48, 16
+
+
+def _batch(x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone() if labels is None else labels}
+
+
+def _corpus(seed: int = 0):
+    """A Markov chain over every token (digits included) as retain text; canaries = chain text with six random
+    digits at positions 8..13, labelled only on that span (span-level forgetting)."""
+    g = torch.Generator().manual_seed(seed)
+    trans = torch.softmax(torch.randn(V, V, generator=g) * 2, -1)
+    trans[:, V - 1] = 0
+    trans = trans / trans.sum(-1, keepdim=True)
+
+    def chain(n: int) -> torch.Tensor:
+        x = torch.zeros(n, T, dtype=torch.long)
+        x[:, 0] = torch.randint(0, V - 1, (n,), generator=g)
+        for t in range(1, T):
+            x[:, t] = torch.multinomial(trans[x[:, t - 1]], 1, generator=g).squeeze(-1)
+        return x
+
+    retain, held = chain(256), chain(64)
+    canaries = chain(4)
+    canaries[:, 8:14] = torch.randint(0, 10, (4, 6), generator=g)
+    labels = torch.full_like(canaries, -100)
+    labels[:, 8:14] = canaries[:, 8:14]
+    return retain, held, canaries, labels
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    """A tiny GPT-2 trained with Adam (~10 s) on the retain text plus 4 canaries repeated 8 times."""
+    retain, held, canaries, labels = _corpus()
+    model = small_causal_lm("gpt2", vocab_size=V, hidden=32, seed=0).train()
+    data = torch.cat([retain, canaries.repeat(8, 1)])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss = model(**_batch(data[torch.randint(0, len(data), (32,), generator=g)])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    forget = _batch(canaries, labels)
+    retain_batches = [_batch(retain[i:i + 64]) for i in range(0, 256, 64)]
+    return model, forget, retain_batches, _batch(held)
+
+
+def test_kfac_newton_forgets_canaries_at_less_retain_cost_than_gradient_ascent(memorised):
+    base, forget, retain, held = memorised
+    probe = build_unlearner("gradient_ascent", base)
+    f0, r0 = probe.measure(forget), probe.measure(held)
+    assert f0 < 0.5, f"the canaries should be memorised before unlearning (span NLL {f0:.3f})"
+
+    newton = build_unlearner("newton", copy.deepcopy(base), curvature_backend="kfac", damping=1e-3, scale=3e-3)
+    records = newton.fit([forget], retain, held)
+    assert records[-1].accepted
+    f_newton, r_newton = newton.measure(forget), newton.measure(held)
+    # a clear margin: about chance level for six random digits (ln 10 = 2.3 nats per digit)
+    assert f_newton > f0 + 1.5, (f0, f_newton)
+
+    ascent = build_unlearner("gradient_ascent", copy.deepcopy(base), forget_loss="nll", lr=1e-3, steps=200,
+                             max_retain_increase=None, forget_target=f_newton)
+    ga_records = ascent.fit([forget], retain, held)
+    assert ga_records[-1].reason == "target_reached"
+    f_ga, r_ga = ascent.measure(forget), ascent.measure(held)
+    print(f"forget NLL {f0:.3f} -> newton {f_newton:.3f} / ascent {f_ga:.3f}; "
+          f"held retain NLL {r0:.4f} -> newton {r_newton:.4f} / ascent {r_ga:.4f}")
+    assert r_newton - r0 < r_ga - r0, (r0, r_newton, r_ga)
+
+
+def test_unlikelihood_default_beats_nll_ascent_for_same_newton_step(memorised):
+    base, forget, retain, held = memorised
+    out = {}
+    for loss in ("unlikelihood", "nll"):
+        u = build_unlearner("newton", copy.deepcopy(base), curvature_backend="kfac", forget_loss=loss, damping=1e-3,
+                            scale=3e-3, max_retain_increase=None)
+        u.fit([forget], retain, held)
+        out[loss] = u.measure(forget)
+    assert out["unlikelihood"] > out["nll"] + 1.0, out
+
+
+def test_huge_step_is_rolled_back_bit_identically(memorised):
+    base, forget, retain, held = memorised
+    model = copy.deepcopy(base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    log = []
+    u = build_unlearner("newton", model, curvature_backend="kfac", scale=1e6, max_retries=2, log=log.append)
+    records = u.fit([forget], retain, held)
+    assert [r.accepted for r in records] == [False, False, False]
+    assert all(r.reason in ("retain_increase", "non_finite") for r in records)
+    assert [r.damping for r in records] == pytest.approx([1e-3, 1e-2, 1e-1])
+    assert log == u.history == records
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_iterative_newton_stops_at_forget_target_and_refreshes_curvature(memorised):
+    base, forget, retain, held = memorised
+    u = build_unlearner("newton", copy.deepcopy(base), curvature_backend="diagonal", damping=1e-3, scale=1e-3,
+                        steps=10, refresh_every=2, forget_target=1.0)
+    records = u.fit([forget], retain[:1], held)
+    assert records[-1].reason == "target_reached" and records[-1].forget_loss >= 1.0
+    accepted = [r for r in records if r.accepted]
+    assert len(accepted) >= 1 and all(r.retain_loss <= records[0].retain_loss * 1.06 for r in accepted)
+
+
+def test_full_minus_forget_recovers_retain_curvature_direction_diagonal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    obj = CrossEntropyObjective(shift=False)
+    xs = torch.randn(40, 4)
+    ys = torch.randint(0, 3, (40,))
+    retain = [{"inputs": xs[i:i + 10], "labels": ys[i:i + 10]} for i in range(0, 30, 10)]
+    forget = [{"inputs": xs[30:], "labels": ys[30:]}]
+
+    def fitted(batches):
+        c = DiagonalFisher(model, fisher_type="empirical", objective=obj)
+        for b in batches:
+            c.accumulate(b)
+        return c.finalize()
+
+    full, retain_c = fitted(retain + forget), fitted(retain)
+    full_state = {k: v.clone() for k, v in full.diagonal.items()}
+    u = Newton(model, curvature_data="full_minus_forget", full_curvature=full, damping=1e-3,
+               curvature_kwargs={"fisher_type": "empirical", "objective": obj})
+    u.curvature_backend = "diagonal"
+    derived = u.fit_curvature(forget)
+    for k in full_state:  # the checkpoint itself is untouched
+        assert torch.equal(full.diagonal[k], full_state[k])
+    g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    a, b = derived.apply(g, 1e-3), retain_c.apply(g, 1e-3)
+    va, vb = torch.cat([a[n].flatten() for n in a]), torch.cat([b[n].flatten() for n in b])
+    assert torch.nn.functional.cosine_similarity(va, vb, dim=0) > 0.999
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_newton_runs_on_tiny_hf_models(arch):
+    model = small_causal_lm(arch, vocab_size=32, hidden=16)
+    x = torch.randint(0, 31, (4, 10), generator=torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    u = build_unlearner("newton", model, curvature_backend="kfac", scale=0.1, max_retain_increase=None)
+    records = u.fit([_batch(x[:2])], [_batch(x[2:])])
+    assert records[-1].accepted
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(n in u.param_names for n in changed)
+
+
+def test_newton_on_peft_lora_updates_adapters_only():
+    peft = pytest.importorskip("peft")
+    base = small_causal_lm("llama", vocab_size=32, hidden=16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_alpha=4,
+                                                      init_lora_weights=False))
+    x = torch.randint(0, 31, (4, 10), generator=torch.Generator().manual_seed(2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for backend in ("kfac", "diagonal"):
+        u = build_unlearner("newton", model, curvature_backend=backend, scale=0.1, max_retain_increase=None)
+        assert u.fit([_batch(x[:2])], [_batch(x[2:])])[-1].accepted
+        assert all("lora_" in n for n in u.param_names)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_unknown_method_and_backend_errors_name_the_choices():
+    model = small_causal_lm("gpt2", vocab_size=32, hidden=16)
+    with pytest.raises(ValueError, match="unknown unlearning method 'retrain'.*gradient_ascent.*newton.*npo"):
+        build_unlearner("retrain", model)
+    with pytest.raises(ValueError, match="unknown curvature backend 'lbfgs'.*kfac, cg, woodfisher, diagonal"):
+        build_curvature("lbfgs", model)
+    with pytest.raises(ValueError, match="unknown curvature backend 'lbfgs'"):
+        build_unlearner("newton", model, curvature_backend="lbfgs")
+    with pytest.raises(ValueError, match="unknown forget_loss 'hinge'.*unlikelihood"):
+        build_unlearner("newton", model, forget_loss="hinge")
+    with pytest.raises(ValueError, match="full_minus_forget.*needs full_curvature"):
+        build_unlearner("newton", model, curvature_data="full_minus_forget")
+    with pytest.raises(ValueError, match="needs retain batches"):
+        x = torch.randint(0, 31, (2, 8))
+        build_unlearner("newton", model).fit([_batch(x)])
+    assert set(METHODS) == {"newton", "fisher_removal", "fisher_forgetting", "gradient_ascent",
+                            "gradient_difference", "npo"}
