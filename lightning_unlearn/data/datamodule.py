@@ -272,17 +272,17 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     @staticmethod
     def _check_disjoint(retain: AnyDataset, hashes: set[str]) -> AnyDataset:
-        msg = ("forget and retain overlap: {n} retain example(s) (ids {ids}) have the text of a forget example; "
-               "remove them from the retain source (or leave retain=None to use the rest of the training data)")
+        msg = ("forget and retain overlap: {what} the text of a forget example; remove it from the retain source "
+               "(or leave retain=None to use the rest of the training data)")
         if isinstance(retain, Dataset):
             bad = [i for i, h in zip(retain["example_id"], retain["text_sha256"]) if h in hashes]
             if bad:
-                raise ValueError(msg.format(n=len(bad), ids=sorted_ids(bad)))
+                raise ValueError(msg.format(what=f"{len(bad)} retain example(s) (ids {sorted_ids(bad)}) have"))
             return retain
 
         def check(row: dict) -> dict:  # streaming: checked as rows arrive
             if row["text_sha256"] in hashes:
-                raise ValueError(msg.format(n="some", ids=row["example_id"]))
+                raise ValueError(msg.format(what=f"retain example {row['example_id']} has"))
             return row
 
         return retain.map(check)

@@ -72,6 +72,9 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
     if builder is None:
         raise ValueError(f"{name} file {str(path)!r} has an unreadable format {path.suffix!r}; "
                          f"use one of {', '.join(sorted(FORMATS))}, or load it yourself into a datasets.Dataset")
+    if path.stat().st_size == 0:  # `datasets` cannot infer a schema from nothing
+        ds = Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")}))
+        return ds.to_iterable_dataset() if streaming else ds
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, **kwargs)
@@ -79,7 +82,7 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
             return ds
         next(iter(ds), None)  # streaming reads lazily: surface a broken file now, not in the middle of training
         return ds
-    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, UnicodeDecodeError) as err:
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, StopIteration) as err:
         raise ValueError(f"{name} file {str(path)!r} could not be read as {builder} ({type(err).__name__}); "
                          f"check that the file is valid {builder} or give it the right suffix") from err
 

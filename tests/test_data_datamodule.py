@@ -1,0 +1,252 @@
+"""ForgetRetainDataModule: selection, determinism, batches, spans, masking, CombinedLoader, and bad input."""
+
+import json
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unlearn.data import IGNORE, ForgetRetainDataModule, synthetic_corpus, train_bpe_tokenizer
+from lightning_unlearn.models import small_causal_lm
+
+TEXTS = synthetic_corpus(30_000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(TEXTS, vocab_size=320)
+
+
+def dm_of(tok, train=TEXTS, **kw):
+    kw.setdefault("max_length", 512)
+    return ForgetRetainDataModule(train, tokenizer=tok, **kw)
+
+
+def ids_in(loader):
+    return [int(i) for b in loader for i in b["example_id"]]
+
+
+def test_splits_deterministic_by_seed(tok):
+    def splits(seed):
+        dm = dm_of(tok, forget_ids=range(5), seed=seed, test_fraction=0.2, holdout_fraction=0.2)
+        dm.setup()
+        return {k: sorted(v["example_id"]) for k, v in dm.texts.items()}
+
+    a, b, c = splits(0), splits(0), splits(1)
+    assert a == b
+    assert a["test"] != c["test"] and a["forget"] == c["forget"] == [0, 1, 2, 3, 4]
+    n = len(TEXTS)
+    assert sorted(a["forget"] + a["retain"] + a["test"] + a["holdout"]) == list(range(n))
+    assert set(a["test"]).isdisjoint(a["retain"]) and set(a["holdout"]).isdisjoint(a["retain"])
+    assert sorted(a["full"]) == sorted(a["forget"] + a["retain"])
+
+
+def test_forget_examples_only_in_forget_batches(tok):
+    dm = dm_of(tok, forget_regex=r"^Name: ", batch_size=3, holdout_fraction=0.0, test_fraction=0.0)
+    forget = {i for i, t in enumerate(TEXTS) if t.startswith("Name: ")}
+    seen_forget, seen_retain = [], []
+    for batch, _, _ in dm.train_dataloader():
+        seen_forget += batch["forget"]["example_id"].tolist()
+        seen_retain += batch["retain"]["example_id"].tolist()
+    assert set(seen_forget) == forget and len(seen_forget) == len(forget)  # min_size: one pass over forget
+    assert forget.isdisjoint(seen_retain)
+    assert set(ids_in(dm.curvature_dataloader("retain"))).isdisjoint(forget)
+    assert set(ids_in(dm.curvature_dataloader("forget"))) == forget
+
+
+def test_selection_by_column_ids_and_file(tok, tmp_path):
+    rows = [{"text": t, "doc": f"d{i}", "drop": i % 7 == 0} for i, t in enumerate(TEXTS)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_col = dm_of(tok, train=path, forget_column="drop").forget_example_ids
+    assert by_col == [i for i in range(len(TEXTS)) if i % 7 == 0]
+    by_ids = dm_of(tok, train=path, forget_ids=["d0", "d7"], id_column="doc").forget_example_ids
+    assert by_ids == [0, 7]
+    fpath = tmp_path / "forget.txt"
+    fpath.write_text(TEXTS[4].replace("\n", " ") + "\n")  # the text builder reads one example per line
+    line_train = [t.replace("\n", " ") for t in TEXTS]
+    assert dm_of(tok, train=line_train, forget=fpath).forget_example_ids == [4]
+
+
+def test_curvature_loader_is_deterministic_and_unshuffled(tok):
+    dm = dm_of(tok, forget_ids=[1, 2], batch_size=4, test_fraction=0, holdout_fraction=0)
+    a, b = ids_in(dm.curvature_dataloader("full")), ids_in(dm.curvature_dataloader("full"))
+    assert a == b == sorted(a) == list(range(len(TEXTS)))
+    with pytest.raises(ValueError, match="choose 'retain', 'forget' or 'full'"):
+        dm.curvature_dataloader("test")
+
+
+def test_label_masking_and_padding(tok):
+    dm = dm_of(tok, forget_ids=[0], batch_size=8, max_length=512)
+    batch = next(iter(dm.curvature_dataloader("retain")))
+    mask = batch["attention_mask"].bool()
+    assert (~mask).any(), "the batch should need padding"
+    assert (batch["labels"][~mask] == IGNORE).all()
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
+    assert (batch["input_ids"][~mask] == tok.pad_token_id).all()
+    lengths = mask.sum(1)
+    assert (batch["input_ids"][torch.arange(8), lengths - 1] == tok.eos_token_id).all()
+
+
+@pytest.mark.parametrize("how", ["markers", "offsets", "regex"])
+def test_span_masks_cover_exactly_the_marked_tokens(tok, how):
+    secret = "0771 234 987"
+    body = "Dear Ada, please call me on {} before Friday. Thanks, Leo"
+    start = body.index("{}")
+    if how == "markers":
+        train = TEXTS[:20] + [body.format("⟦" + secret + "⟧")]
+        kw = {"forget_ids": [20], "span": "markers"}
+    elif how == "offsets":
+        train = TEXTS[:20] + [body.format(secret)]
+        spans = [[]] * 20 + [[[start, start + len(secret)]]]
+        from datasets import Dataset
+        train = Dataset.from_dict({"text": train, "spans": spans})
+        kw = {"forget_ids": [20], "span": "offsets"}
+    else:
+        train = TEXTS[:20] + [body.format(secret)]
+        kw = {"forget_regex": r"call me on (?P<span>[\d ]+\d)", "span": "regex"}
+    dm = dm_of(tok, train=train, test_fraction=0, holdout_fraction=0, **kw)
+    batch = next(iter(dm.curvature_dataloader("forget")))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    text = body.format(secret)
+    assert tok.decode(ids[batch["attention_mask"][0].bool()]) == text + tok.eos_token  # markers removed
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    expected = [s < start + len(secret) and e > start for s, e in enc["offset_mapping"]] + [False]  # eos: outside
+    assert (labels != IGNORE).tolist() == expected
+    assert tok.decode(labels[labels != IGNORE]).strip() == secret
+    # retain keeps whole-example labels
+    rb = next(iter(dm.curvature_dataloader("retain")))
+    assert torch.equal(rb["labels"][rb["attention_mask"].bool()], rb["input_ids"][rb["attention_mask"].bool()])
+
+
+def test_packing_fills_blocks(tok):
+    dm = dm_of(tok, forget_ids=[0], packing=True, max_length=32, test_fraction=0, holdout_fraction=0)
+    batch = next(iter(dm.curvature_dataloader("retain")))
+    assert batch["input_ids"].shape[1] == 32 and batch["attention_mask"].all()
+    assert (batch["example_id"] == -1).all()
+    assert dm.forget_example_ids == [0]
+    assert next(iter(dm.curvature_dataloader("forget")))["example_id"].tolist() == [0]  # forget is never packed
+
+
+def test_trainer_receives_forget_and_retain_together(tok, tmp_path):
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = small_causal_lm("gpt2", vocab_size=len(tok), max_positions=128)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((batch["forget"]["example_id"].tolist(), batch["retain"]["example_id"].tolist()))
+            out = self.model(input_ids=batch["retain"]["input_ids"], labels=batch["retain"]["labels"])
+            return out.loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    dm = dm_of(tok, forget_ids=[1, 5, 9, 11], batch_size=2, max_length=64, tokenizer_dir=None)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(probe, datamodule=dm)
+    assert len(probe.seen) == 2
+    assert sorted(i for f, _ in probe.seen for i in f) == [1, 5, 9, 11]
+    assert all(len(r) == 2 and not set(r) & {1, 5, 9, 11} for _, r in probe.seen)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_empty_forget_set(tok, tmp_path):
+    with pytest.raises(ValueError, match="the forget set is empty: forget_ids=\\[\\] selects nothing"):
+        dm_of(tok, forget_ids=[])
+    empty = tmp_path / "forget.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="the forget set is empty: the forget source has no examples"):
+        dm_of(tok, forget=empty).setup()
+    from datasets import Dataset
+    with pytest.raises(ValueError, match="the forget set is empty: the forget source has no examples"):
+        dm_of(tok, forget=Dataset.from_dict({"text": []})).setup()
+    data = Dataset.from_dict({"text": TEXTS[:10], "drop": [False] * 10})
+    with pytest.raises(ValueError, match="column 'drop' is false for every training example"):
+        dm_of(tok, train=data, forget_column="drop").setup()
+    with pytest.raises(ValueError, match="no forget set: pass forget=<file>, forget_ids"):
+        dm_of(tok)
+
+
+def test_forget_ids_not_found(tok):
+    with pytest.raises(ValueError, match=r"forget ids not found in the training data: 100000, 99999; .*row numbers"):
+        dm_of(tok, forget_ids=[3, 99999, 100000]).setup()
+
+
+def test_forget_not_part_of_training_data(tok):
+    stranger = "Name: Nobody Atall\nPhone: 000\n"
+    with pytest.raises(ValueError, match=r"1 forget example\(s\) \(rows 1 of the forget source\) are not part of the "
+                                         r"training data.*forget_not_in_train='warn'"):
+        dm_of(tok, forget=[TEXTS[2], stranger]).setup()
+    dm = dm_of(tok, forget=[TEXTS[2], stranger], forget_not_in_train="warn")
+    with pytest.warns(UserWarning, match="not part of the training data"):
+        dm.setup()
+    assert dm.forget_example_ids == [2, -2]
+
+
+def test_forget_and_retain_overlap(tok):
+    with pytest.raises(ValueError, match=r"forget and retain overlap: 1 retain example\(s\) \(ids 3\) have the text "
+                                         "of a forget example; remove it from the retain source"):
+        ForgetRetainDataModule(forget=TEXTS[:3], retain=TEXTS[2:20], tokenizer=tok).setup()
+    dm = ForgetRetainDataModule(forget=TEXTS[:3], retain=TEXTS[2:20], tokenizer=tok, streaming=True)
+    with pytest.raises(ValueError, match="forget and retain overlap: retain example 3 has the text of a forget"):
+        dm.setup()  # streaming: found as rows arrive
+        list(dm.curvature_dataloader("retain"))
+
+
+def test_duplicates_of_forget_texts_leave_retain(tok):
+    train = TEXTS[:10] + [TEXTS[0]]
+    dm = dm_of(tok, train=train, forget_ids=[0], test_fraction=0, holdout_fraction=0)
+    with pytest.warns(UserWarning, match="repeat a forget text"):
+        dm.setup()
+    assert 10 not in ids_in(dm.curvature_dataloader("retain"))
+
+
+def test_text_longer_than_context(tok):
+    dm = dm_of(tok, forget_ids=[0], max_length=16)
+    with pytest.warns(UserWarning, match=r"longer than max_length=16 tokens and were truncated; .*on_overflow='error'"):
+        dm.setup()
+    assert max(len(r) for r in dm.splits["retain"]["input_ids"]) == 16
+    with pytest.raises(ValueError, match=r"longer than max_length=16 tokens; raise max_length, set packing=True"):
+        dm_of(tok, forget_ids=[0], max_length=16, on_overflow="error").setup()
+
+
+def test_vocab_larger_than_model_embeddings(tok, tmp_path):
+    dm = dm_of(tok, forget_ids=[0])
+    small = small_causal_lm("gpt2", vocab_size=128)
+    with pytest.raises(ValueError, match=r"the tokenizer has 320 tokens but the model's embedding has only 128 rows; "
+                                         r"build the model with vocab_size >= 320"):
+        dm.check_model(small)
+    dm.check_model(small_causal_lm("gpt2", vocab_size=len(tok)))
+
+    class Wrap(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = small
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    dm2 = dm_of(tok, forget_ids=[0])
+    dm2.trainer = trainer
+    trainer.strategy.connect(Wrap())
+    with pytest.raises(ValueError, match="the model's embedding has only 128 rows"):
+        dm2.setup("fit")
+
+
+def test_regex_matching_nothing(tok):
+    with pytest.raises(ValueError, match="forget_regex matched no training example; check the pattern"):
+        dm_of(tok, forget_regex=r"zebra-\d{40}").setup()
+    with pytest.raises(ValueError, match="is not a valid regular expression"):
+        dm_of(tok, forget_regex=r"(unclosed")
+
+
+def test_span_mode_needs_a_span(tok):
+    with pytest.raises(ValueError, match="has no sensitive span under span='markers'"):
+        dm_of(tok, forget_ids=[0], span="markers").setup()

@@ -1,0 +1,97 @@
+"""Loading every local format, save_to_disk folders, streaming vs map-style, and the file errors."""
+
+import json
+
+import pandas as pd
+import pytest
+from datasets import Dataset, DatasetDict
+
+from lightning_unlearn.data import ForgetRetainDataModule, load_source, train_bpe_tokenizer
+
+TEXTS = [f"record {i}: Ada Lovelace lives at {i} Elm Street, phone 0{i:03d} 555 0{i:02d}" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(TEXTS * 3, vocab_size=300)
+
+
+def write_all(tmp_path):
+    """The same texts in every supported format."""
+    paths = {}
+    (tmp_path / "d.txt").write_text("\n".join(TEXTS) + "\n")
+    paths["txt"] = tmp_path / "d.txt"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    paths["jsonl"] = tmp_path / "d.jsonl"
+    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in TEXTS]))
+    paths["json"] = tmp_path / "d.json"
+    pd.DataFrame({"text": TEXTS}).to_csv(tmp_path / "d.csv", index=False)
+    paths["csv"] = tmp_path / "d.csv"
+    pd.DataFrame({"text": TEXTS}).to_parquet(tmp_path / "d.parquet")
+    paths["parquet"] = tmp_path / "d.parquet"
+    Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "saved"))
+    paths["save_to_disk"] = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_dict({"text": TEXTS})}).save_to_disk(str(tmp_path / "saved_dict"))
+    paths["save_to_disk_dict"] = tmp_path / "saved_dict"
+    return paths
+
+
+def test_every_local_format_loads_the_same_texts(tmp_path):
+    for fmt, path in write_all(tmp_path).items():
+        ds = load_source(path)
+        assert ds["text"] == TEXTS, fmt
+        stream = load_source(path, streaming=True)
+        assert [r["text"] for r in stream] == TEXTS, fmt
+
+
+def test_datamodule_from_saved_dataset_and_files(tmp_path, tokenizer):
+    paths = write_all(tmp_path)
+    for fmt in ("save_to_disk", "parquet", "txt"):
+        dm = ForgetRetainDataModule(paths[fmt], forget_ids=[3, 7], tokenizer=tokenizer, max_length=64)
+        assert dm.forget_example_ids == [3, 7], fmt
+
+
+def test_streaming_and_map_style_yield_the_same_examples(tmp_path, tokenizer):
+    path = write_all(tmp_path)["jsonl"]
+    out = {}
+    for streaming in (False, True):
+        dm = ForgetRetainDataModule(path, forget_regex=r"record 1\d:", tokenizer=tokenizer, max_length=64,
+                                    streaming=streaming, test_fraction=0.1, holdout_fraction=0.1, batch_size=4)
+        out[streaming] = {}
+        for split in ("forget", "retain", "full", "test", "holdout"):
+            batches = list(dm.dataloader(split))
+            out[streaming][split] = [(int(e), tuple(i[m.bool()].tolist())) for b in batches
+                                     for e, i, m in zip(b["example_id"], b["input_ids"], b["attention_mask"])]
+    assert out[False] == out[True]
+    assert len(out[True]["forget"]) == 10 and out[True]["test"] and out[True]["holdout"]
+
+
+def test_missing_file_names_the_path():
+    with pytest.raises(FileNotFoundError, match="train file .*nope.jsonl.* does not exist; check the path"):
+        load_source("/tmp/definitely/nope.jsonl", name="train")
+
+
+def test_unreadable_format(tmp_path):
+    bad = tmp_path / "data.xyz"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match=r"unreadable format '.xyz'; use one of .*\.jsonl"):
+        load_source(bad)
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": unquoted\n')
+    with pytest.raises(ValueError, match="could not be read as json.*check that the file is valid json"):
+        load_source(bad, name="train")
+
+
+def test_missing_text_column(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"body": t, "n": 1}) + "\n" for t in TEXTS[:5]))
+    ds = load_source(path)
+    assert ds.column_names == ["body", "n"]
+    dm = ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer)  # the only string column is taken
+    assert dm.forget_example_ids == [0]
+    path.write_text("".join(json.dumps({"a": t, "b": t}) + "\n" for t in TEXTS[:5]))
+    with pytest.raises(ValueError, match="no text column 'text'.*pass text_column=<name>"):
+        ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer).setup()
