@@ -380,6 +380,24 @@ def test_state_dict_round_trip_and_subtract_after_reload():
         build(b1).subtract(build(b1, b2))
 
 
+def test_deepcopy_shares_or_copies_the_model_consistently():
+    import copy
+
+    model = _mlp()
+    kfac, batch = _fitted(model)
+    kfac.accumulate(batch)
+    kfac.finalize()
+    shared = copy.deepcopy(kfac, {id(model): model})
+    assert shared.model is model and all(a.module is b.module for a, b in zip(shared.layers, kfac.layers))
+    assert shared.factor("0")[0] is not kfac.factor("0")[0]
+    shared.reset()
+    shared.accumulate(batch)  # hooks land on the shared model's modules
+    shared.finalize()
+    torch.testing.assert_close(shared.factor("0")[0], kfac.factor("0")[0])
+    own = copy.deepcopy(kfac)
+    assert own.model is not model and own.layers[0].module is own.model.get_submodule("0")
+
+
 def test_subtract_clamps_to_psd():
     model = _mlp()
     torch.manual_seed(4)

@@ -29,6 +29,8 @@ also count cross-position terms, and cost a [B, out, in] tensor per batch).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -104,6 +106,19 @@ class KFAC(Curvature):
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.storage_dtype = storage_dtype if storage_dtype is not None else self.compute_dtype
         self._reset()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KFAC:
+        """Copy the statistics; the tracked layers are re-resolved by name in the (copied or shared) model.
+
+        `copy.deepcopy(kfac, {id(model): model})` shares the model (and does not copy the tracked submodules).
+        """
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "layers":
+                setattr(new, key, copy.deepcopy(value, memo))
+        new.layers = [dataclasses.replace(layer, module=new.model.get_submodule(layer.name)) for layer in self.layers]
+        return new
 
     # ------------------------------------------------------------------ statistics
     def _reset(self) -> None:
