@@ -111,17 +111,18 @@ class MembershipInference(Metric):
 
     def update(
         self,
-        logits: Tensor,
-        labels: Tensor,
+        logits: Tensor | None,
+        labels: Tensor | None,
         member: bool | Tensor,
         texts: Sequence[str] | None = None,
         reference_logits: Tensor | None = None,
+        scores: dict[str, Tensor] | None = None,
     ) -> None:
-        scores = attack_scores(logits, labels, k=self.k, texts=texts, reference_logits=reference_logits)
-        self.update_scores(scores, member)
-
-    def update_scores(self, scores: dict[str, Tensor], member: bool | Tensor) -> None:
-        """Add precomputed per-example scores (`attack_scores` output; missing attacks become NaN)."""
+        """Score a batch from its logits, or take precomputed `scores` (`attack_scores` output) with None logits."""
+        if scores is None:
+            if logits is None or labels is None:
+                raise ValueError("MembershipInference.update needs logits and labels, or precomputed scores")
+            scores = attack_scores(logits, labels, k=self.k, texts=texts, reference_logits=reference_logits)
         batch = next(iter(scores.values())).numel()
         flags = torch.as_tensor(member, dtype=torch.bool, device=self.device).reshape(-1).expand(batch)
         self.member.append(flags.clone())
@@ -133,6 +134,10 @@ class MembershipInference(Metric):
     def scores(self) -> dict[str, Tensor]:
         """All collected scores: `member` [N] and one [N] tensor per attack."""
         return {name: dim_zero_cat(getattr(self, name)) for name in ("member", *ATTACKS)}
+
+    def update_scores(self, scores: dict[str, Tensor], member: bool | Tensor) -> None:
+        """Add precomputed per-example scores (missing attacks become NaN)."""
+        self.update(None, None, member, scores=scores)
 
     def compute(self) -> dict[str, Tensor]:
         if not self.member:
