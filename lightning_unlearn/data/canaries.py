@@ -100,7 +100,7 @@ class Canary:
 def parse_template(template: str, space: CanarySpace) -> tuple[str, str, CanarySpace]:
     """Split a template into prefix / suffix around its secret and the space it implies.
 
-    `{secret}` takes the given space; a run of `{d}` slots fixes the length and the separator between slots.
+    `{secret}` takes the given space; a run of `{d}` slots must match its length and separator.
     """
     if "{secret}" in template:
         prefix, _, suffix = template.partition("{secret}")
@@ -116,7 +116,10 @@ def parse_template(template: str, space: CanarySpace) -> tuple[str, str, CanaryS
         raise ValueError(f"canary template {template!r}: the {{d}} slots must be separated by one constant separator")
     if _SLOT in template[match.end():]:
         raise ValueError(f"canary template {template!r}: put all {{d}} slots in one run")
-    return template[:match.start()], template[match.end():], CanarySpace(space.alphabet, length, separator)
+    if (length, separator) != (space.length, space.separator):
+        raise ValueError(f"canary template {template!r} has {length} {{d}} slots joined by {separator!r} but "
+                         f"length={space.length}, separator={space.separator!r}; make them agree or write {{secret}}")
+    return template[:match.start()], template[match.end():], space
 
 
 @dataclass
