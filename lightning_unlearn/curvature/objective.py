@@ -132,6 +132,8 @@ class CrossEntropyObjective(Objective):
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = torch.softmax(outputs.detach().float(), dim=-1)
+        if generator is not None and generator.device != probs.device:  # a CPU generator with a GPU model
+            return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(outputs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def hessian_vector(self, outputs: Tensor, vector: Tensor) -> Tensor:
@@ -167,7 +169,8 @@ class MSEObjective(Objective):
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # y ~ N(s, (C/2) I) makes E[g g^T] equal the output Hessian (2/C) I.
         c = outputs.shape[-1]
-        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
+        device = generator.device if generator is not None else outputs.device  # a CPU generator with a GPU model
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=device).to(outputs.device)
         return outputs.detach() + noise * (c / 2) ** 0.5
 
     def hessian_vector(self, outputs: Tensor, vector: Tensor) -> Tensor:
