@@ -49,6 +49,12 @@ class CanarySpec:
     alphabet: Sequence[str] = "0123456789"
     length: int | None = None
     separator: str = " "
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What reports show: the name when given, else the id."""
+        return self.name if self.name is not None else str(self.id)
 
     def space(self) -> RandomnessSpace:
         alphabet = tuple(self.alphabet)
@@ -56,6 +62,22 @@ class CanarySpec:
         if length is None:
             length = len(self.secret.split(self.separator)) if self.separator else len(self.secret)
         return RandomnessSpace(alphabet, length, self.separator)
+
+
+def canary_specs(canaries) -> list[CanarySpec]:
+    """CanarySpecs from a list of them or from a canary registry (duck-typed: `inserted`, `references`, `space`).
+
+    Registry canaries get integer ids by position (inserted first, then references) and keep their own id as name.
+    """
+    if hasattr(canaries, "inserted") and hasattr(canaries, "space"):
+        space = canaries.space
+        every = list(canaries.inserted) + list(canaries.references)
+        return [CanarySpec(i, c.prefix, c.secret, int(c.repetitions), tuple(space.alphabet), space.length,
+                           space.separator, name=str(c.id)) for i, c in enumerate(every)]
+    specs = list(canaries)
+    if not all(isinstance(c, CanarySpec) for c in specs):
+        raise TypeError("canaries must be CanarySpec objects or a canary registry (lightning_unlearn.data)")
+    return specs
 
 
 def rank_with_ties(candidates: np.ndarray | Tensor, secret: float) -> int:
