@@ -455,6 +455,13 @@ def test_errors_are_clear():
     bad["0.weight"] = torch.zeros(4, 5, dtype=D64)
     with pytest.raises(ValueError, match=r"vector\['0.weight'\] has shape"):
         kfac.apply(bad, 1e-3)
+    ek = KFAC(_mlp(), objective=CrossEntropyObjective(shift=False), eigenvalue_correction=True)
+    ek.accumulate(batch)
+    ek.finalize()
+    with pytest.raises(RuntimeError, match=r"call correct_eigenvalues\(batches\)"):
+        ek.apply(v, 1e-3)
+    ek.correct_eigenvalues([batch])
+    assert all(torch.isfinite(t).all() for t in ek.apply(v, 1e-3).values())
     with pytest.raises(ValueError, match="fisher_type must be one of"):
         KFAC(_mlp(), fisher_type="fisher")
     with pytest.raises(ValueError, match="kfac_approx must be one of"):

@@ -313,6 +313,9 @@ class KFAC(Curvature):
 
     # ------------------------------------------------------------------ apply
     def _apply(self, vector: Vector, damping: float, power: float) -> Vector:
+        if self.eigenvalue_correction and not self.corrected:
+            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
+                               "correct_eigenvalues(batches) after finalize() (and again after subtract())")
         out: Vector = {}
         for layer in self.layers:
             v = layer.to_matrix(vector)
