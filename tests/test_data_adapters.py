@@ -25,7 +25,7 @@ def test_tofu_datamodule_masks_questions(tmp_path):
                          tokenizer_dir=tmp_path / "tok", holdout_fraction=0.0)
     dm.setup()
     assert (tmp_path / "tok" / "tokenizer.json").exists()
-    assert len(dm.splits["forget"]) == 4 and len(dm.splits["retain"]) == 36 and len(dm.splits["holdout"]) == 4
+    assert len(dm.split("forget")) == 4 and len(dm.split("retain")) == 36 and len(dm.split("holdout")) == 4
     batch = next(iter(dm.curvature_dataloader("forget")))
     for labels in batch["labels"]:
         answer = dm.tokenizer.decode(labels[labels != -100])

@@ -95,3 +95,15 @@ def test_missing_text_column(tmp_path, tokenizer):
     path.write_text("".join(json.dumps({"a": t, "b": t}) + "\n" for t in TEXTS[:5]))
     with pytest.raises(ValueError, match="no text column 'text'.*pass text_column=<name>"):
         ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer).setup()
+
+
+def test_streaming_shards_across_processes(tmp_path, tokenizer):
+    """Each rank streams a disjoint shard (split_dataset_by_node); together they cover the split."""
+    path = write_all(tmp_path)["jsonl"]
+    shards = []
+    for rank in range(2):
+        dm = ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer, streaming=True, holdout_fraction=0,
+                                    test_fraction=0)
+        dm._rank_world = lambda rank=rank: (rank, 2)  # what a 2-process Trainer reports
+        shards.append([int(i) for b in dm.curvature_dataloader("retain") for i in b["example_id"]])
+    assert set(shards[0]).isdisjoint(shards[1]) and sorted(shards[0] + shards[1]) == list(range(1, len(TEXTS)))

@@ -16,6 +16,7 @@ import datasets
 import lightning as L
 import torch
 from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader
@@ -313,9 +314,13 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.tokenizer.save_pretrained(str(path))
 
     # ------------------------------------------------------------------ tokenise and load
-    def _tokenise(self) -> None:
+    def _tokenise(self, names: tuple[str, ...] = ("forget", "retain")) -> None:
+        """Tokenise the named splits (the rest are tokenised on first use, see `split`)."""
         rank, world = self._rank_world()
-        for name, ds in self.texts.items():
+        for name in names:
+            if name in self.splits:
+                continue
+            ds = self.texts[name]
             fn = Tokenise(self.tokenizer, max_length=self.max_length, packing=self.packing and name != "forget",
                           on_overflow=self.on_overflow)
             if isinstance(ds, Dataset):
@@ -324,8 +329,16 @@ class ForgetRetainDataModule(L.LightningDataModule):
             else:
                 out = ds.map(fn, batched=True, remove_columns=COLUMNS)
                 if world > 1:
-                    out = datasets.distributed.split_dataset_by_node(out, rank=rank, world_size=world)
+                    out = split_dataset_by_node(out, rank=rank, world_size=world)
             self.splits[name] = out
+
+    def split(self, name: str) -> AnyDataset:
+        """The tokenised split `name` (`input_ids`, `labels`, `example_id` rows)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        self.setup()
+        self._tokenise((name,))
+        return self.splits[name]
 
     def _rank_world(self) -> tuple[int, int]:
         if self._trainer_attached():
@@ -336,10 +349,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         """A loader over one split (`forget`, `retain`, `full`, `test`, `holdout`) of batch dicts."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        self.setup()
-        ds = self.splits[split]
+        ds = self.split(split)
         kwargs: dict[str, Any] = {}
         if shuffle and isinstance(ds, IterableDataset):
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
@@ -362,7 +372,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def _eval_loaders(self, names: tuple[str, ...]) -> CombinedLoader:
         self.setup()
         loaders = {n: self.dataloader(n, batch_size=self.eval_batch_size) for n in names
-                   if not (isinstance(self.splits[n], Dataset) and len(self.splits[n]) == 0)}
+                   if not (isinstance(self.texts[n], Dataset) and len(self.texts[n]) == 0)}
         return CombinedLoader(loaders, mode="sequential")
 
     def val_dataloader(self) -> CombinedLoader:

@@ -19,7 +19,7 @@ IGNORE = -100
 Overflow = Literal["truncate", "error"]
 
 
-def span_labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
+def span_labels(input_ids: list[int], offsets: list[tuple[int, int]] | None, spans: list[list[int]]) -> list[int]:
     """Labels that keep a token iff its character range overlaps one of `spans` (all tokens when no span)."""
     if not spans:
         return list(input_ids)
@@ -38,10 +38,12 @@ class Tokenise:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         texts, ids, spans = batch["text"], batch["example_id"], batch["spans"]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        with_offsets = any(spans)  # offsets cost time; only span-level rows need them
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
+        offsets = enc["offset_mapping"] if with_offsets else [None] * len(texts)
         eos = self.tokenizer.eos_token_id
         rows_ids, rows_labels = [], []
-        for tok, off, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        for tok, off, sp in zip(enc["input_ids"], offsets, spans):
             labels = span_labels(tok, off, sp)
             if eos is not None:
                 tok, labels = tok + [eos], labels + ([IGNORE] if sp else [eos])
