@@ -163,6 +163,6 @@ def _exposure(model, canaries, tokenizer, kwargs, progress: bool, per_example: d
     per_example["exposure/repetitions"] = out["repetitions"].tolist()
     flat = {"exposure/mean": float(out["mean"]), "exposure/reference_mean": float(out["reference_mean"]),
             "exposure/extrapolated_mean": float(out["extrapolated_mean"])}
-    flat.update({f"exposure/reps_{r}": float(v) for r, v in out["by_repetitions"].items()})
+    flat.update({f"exposure/reps_{r}": float(v) for r, v in out["by_repetitions"].items() if r > 0})
     flat.update({f"exposure/canary/{n}": float(v) for n, v in zip(names, out["exposure"].tolist())})
     return flat
