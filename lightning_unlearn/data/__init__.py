@@ -1,5 +1,6 @@
 """Forget and retain data: the DataModule, Secret-Sharer canaries, the embedded synthetic corpus, adapters."""
 
+from .adapters import load_muse, load_tofu, muse_datamodule, tofu_datamodule
 from .canaries import Canary, CanaryRegistry, CanarySpace, insert_canaries, make_canaries
 from .datamodule import ForgetRetainDataModule
 from .selection import DEFAULT_MARKERS, strip_markers, text_sha256
@@ -10,6 +11,7 @@ from .tokenizer import check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "Canary", "CanaryRegistry", "CanarySpace", "Collate", "DEFAULT_MARKERS", "ForgetRetainDataModule", "IGNORE",
-    "Tokenise", "check_tokenizer_fits", "insert_canaries", "load_source", "load_tokenizer", "make_canaries",
+    "Tokenise", "check_tokenizer_fits", "insert_canaries", "load_muse", "load_source", "load_tofu", "load_tokenizer",
+    "make_canaries", "muse_datamodule", "tofu_datamodule",
     "strip_markers", "synthetic_corpus", "synthetic_dataset", "text_sha256", "train_bpe_tokenizer",
 ]
