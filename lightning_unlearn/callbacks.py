@@ -224,6 +224,41 @@ def _fit_curvature(curvature: Curvature, batches: Iterable[Mapping[str, Tensor]]
         model.train(was_training)
 
 
+def request_curvature(
+    model: nn.Module,
+    backend: str,
+    curvature_data: str,
+    source: list[Mapping[str, Tensor]],
+    *,
+    full: Curvature | None = None,
+    reduce: Reduce = identity,
+    gather: Reduce = identity,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+    curvature_kwargs: Mapping[str, Any] | None = None,
+) -> Curvature:
+    """The finalized curvature for one deletion request, from this process's share of `source` (the retain
+    batches for `retain`, the forget batches otherwise; at most `limit`); for `full_minus_forget`, a copy of the
+    checkpoint `full` minus the forget curvature (the checkpoint is left as it was). Statistics are summed
+    across processes by `reduce`."""
+    if curvature_data not in CURVATURE_DATA:
+        raise ValueError(f"curvature_data must be one of {CURVATURE_DATA}, got {curvature_data!r}")
+    if curvature_data == "full_minus_forget" and (full is None or not full.finalized):
+        raise ValueError("curvature_data='full_minus_forget' needs a finalized curvature checkpoint of the training"
+                         " data (full_curvature=<file, Lightning checkpoint or Curvature>)")
+    if not source:
+        raise ValueError(f"curvature_data={curvature_data!r} needs "
+                         f"{'retain' if curvature_data == 'retain' else 'forget'} batches to fit the curvature on")
+    batches = list(source[:limit] if limit else source)
+    curvature = _build_curvature(backend, model, reduce=reduce, gather=gather, **dict(curvature_kwargs or {}))
+    fitted = _fit_curvature(curvature, share(batches, rank, world_size), model)
+    if curvature_data == "full_minus_forget":
+        assert full is not None
+        return snapshot(full).subtract(fitted)
+    return fitted
+
+
 # ---------------------------------------------------------------------------------------------- callbacks
 class CurvatureCallback(Callback):
     r"""Gathers curvature statistics of the training data on the batches it is told to, reduces them across
@@ -547,33 +582,30 @@ class Unlearn(CurvatureCallback):
         def prepare(batch: Any) -> dict[str, Tensor]:
             return move_data_to_device(dict(self.batch_transform(batch)), device)
 
-        def limited(batches: list[Any]) -> list[Any]:
-            return batches[: self.curvature_batches] if self.curvature_batches else batches
-
         forget_batches = [prepare(b) for b in forget]
         retain_batches = [prepare(b) for b in retain] if retain is not None else None
         held = prepare(held_retain) if held_retain is not None else (retain_batches[0] if retain_batches else None)
         if not forget_batches:
             raise ValueError("Unlearn: the forget data yielded no batch")
-        if self.curvature_data == "retain" and not retain_batches and _is_second_order(self.method):
+        if self.curvature_data == "retain" and not retain_batches and is_second_order(self.method):
             raise ValueError("Unlearn: curvature_data='retain' needs retain=<batches>; without retain data use"
                              " curvature_data='full_minus_forget' with a curvature checkpoint, or 'forget'")
 
-        curvature = full = None
-        if _is_second_order(self.method):
-            # this process's share of the curvature source; the engine sums the statistics across processes
-            curvature = self.new_curvature(trainer, model)
-            if self.curvature_data == "full_minus_forget":
-                full = self._full_curvature(trainer, pl_module)
-                forget_curvature = _fit_curvature(curvature, share(limited(forget_batches), rank, world), model)
-                curvature = snapshot(full).subtract(forget_curvature)  # the checkpoint itself stays as it was
-            else:
-                source = retain_batches if self.curvature_data == "retain" else forget_batches
-                curvature = _fit_curvature(curvature, share(limited(source), rank, world), model)
-
         reduce = strategy_reduce(trainer) if trainer is not None else identity
         gather = strategy_gather(trainer) if trainer is not None else identity
-        unlearner = _build_unlearner(self, model, curvature, full, reduce, gather)
+        curvature = full = None
+        if is_second_order(self.method):
+            full = self._full_curvature(trainer, pl_module) if self.curvature_data == "full_minus_forget" else None
+            source = retain_batches if self.curvature_data == "retain" else forget_batches
+            curvature = request_curvature(model, self.backend, self.curvature_data, source, full=full, reduce=reduce,
+                                          gather=gather, rank=rank, world_size=world, limit=self.curvature_batches,
+                                          curvature_kwargs=self.curvature_kwargs)
+
+        unlearner = make_unlearner(
+            self.method, model, curvature=curvature, full_curvature=full, backend=self.backend,
+            curvature_data=self.curvature_data, damping=self.damping, scale=self.scale, reduce=reduce, gather=gather,
+            curvature_kwargs=self.curvature_kwargs, steps=self.steps, max_retain_increase=self.max_retain_increase,
+            **self.method_kwargs)
         records = unlearner.fit(share(forget_batches, rank, world),
                                 share(retain_batches, rank, world) if retain_batches else None, held)
         if trainer is not None and trainer.world_size > 1:
@@ -626,7 +658,8 @@ def _record_numbers(record: Any) -> dict[str, float]:
     return out
 
 
-def _is_second_order(method: str) -> bool:
+def is_second_order(method: str) -> bool:
+    """Whether the method named `method` uses curvature (raises naming the choices for an unknown one)."""
     from .methods import METHODS, SecondOrderUnlearner
 
     if method not in METHODS:
@@ -634,17 +667,31 @@ def _is_second_order(method: str) -> bool:
     return issubclass(METHODS[method], SecondOrderUnlearner)
 
 
-def _build_unlearner(cb: Unlearn, model: nn.Module, curvature: Curvature | None, full: Curvature | None,
-                     reduce: Reduce, gather: Reduce) -> Any:
+def make_unlearner(
+    method: str,
+    model: nn.Module,
+    *,
+    curvature: Curvature | None = None,
+    full_curvature: Curvature | None = None,
+    backend: str = "kfac",
+    curvature_data: str = "retain",
+    damping: float = 1e-3,
+    scale: float = 1.0,
+    reduce: Reduce = identity,
+    gather: Reduce = identity,
+    curvature_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """`build_unlearner` with a driver's reductions; curvature arguments only for second-order methods."""
     from .methods import build_unlearner
 
-    kwargs: dict[str, Any] = dict(steps=cb.steps, max_retain_increase=cb.max_retain_increase, reduce=reduce)
-    if curvature is not None:
-        kwargs.update(curvature=curvature, curvature_backend=cb.backend, curvature_data=cb.curvature_data,
-                      full_curvature=full, damping=cb.damping, scale=cb.scale, gather=gather,
-                      curvature_kwargs=cb.curvature_kwargs)
-    kwargs.update(cb.method_kwargs)
-    return build_unlearner(cb.method, model, **kwargs)
+    kw: dict[str, Any] = dict(reduce=reduce)
+    if is_second_order(method):
+        kw.update(curvature=curvature, curvature_backend=backend, curvature_data=curvature_data,
+                  full_curvature=full_curvature, damping=damping, scale=scale, gather=gather,
+                  curvature_kwargs=dict(curvature_kwargs or {}))
+    kw.update(kwargs)
+    return build_unlearner(method, model, **kw)
 
 
 def _broadcast_parameters(model: nn.Module, trainer: pl.Trainer) -> None:

@@ -1,0 +1,297 @@
+"""`UnlearningModule`: a LightningModule around any causal LM whose training steps are unlearning steps.
+
+    module = UnlearningModule("path/to/model", method="newton", curvature="kfac", damping=1e-3)
+    trainer = L.Trainer(max_steps=3)
+    trainer.fit(module, train_dataloaders=CombinedLoader({"forget": f, "retain": r}), val_dataloaders=[f, r])
+    module.save_pretrained("unlearned/")
+
+Manual optimisation: each `training_step` runs the chosen method's `step` (a trial update with the safety check)
+on the combined forget/retain batch. The curvature is fitted once at `on_train_start` from `set_curvature_data(...)`
+or the datamodule's `curvature_dataloader(split)`. Constructor arguments are plain types (LightningCLI-friendly).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from .callbacks import (
+    check_strategy,
+    default_batch_transform,
+    is_second_order,
+    load_curvature_state,
+    make_unlearner,
+    request_curvature,
+    strategy_gather,
+    strategy_reduce,
+)
+from .curvature import Curvature, model_logits
+from .curvature.objective import IGNORE_INDEX
+
+SPLITS = ("forget", "retain")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
+def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -> nn.Module:
+    """An `nn.Module` from a saved directory / hub id (`load_causal_lm`), a transformers config, or a module."""
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(model, nn.Module):
+        return model if torch_dtype is None else model.to(torch_dtype)
+    if isinstance(model, (str, Path)):
+        from .models import load_causal_lm
+
+        return load_causal_lm(model, dtype=torch_dtype)
+    if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
+        from transformers import AutoModelForCausalLM
+
+        built = AutoModelForCausalLM.from_config(model, attn_implementation="eager")
+        return built if torch_dtype is None else built.to(torch_dtype)
+    raise TypeError(f"model must be a path, a transformers config or an nn.Module, got {type(model).__name__}")
+
+
+class UnlearningModule(pl.LightningModule):
+    """Unlearning as a Lightning fit: `training_step` runs one step of `method` on `{"forget": b, "retain": b}`.
+
+    Args:
+        model: a saved model directory (or hub id), a transformers config, or an `nn.Module` mapping ids to logits.
+        method: a key of `lightning_unlearn.methods.METHODS` (newton, fisher_removal, fisher_forgetting,
+            gradient_ascent, gradient_difference, npo).
+        curvature: the curvature backend of second-order methods (kfac, cg, woodfisher, diagonal).
+        curvature_data: retain | forget | full_minus_forget (the latter with `full_curvature`, a curvature file or a
+            Lightning checkpoint written by `CurvatureCallback`/`Unlearn`).
+        damping, scale, max_retain_increase, forget_loss, forget_target, refresh_every: see the methods.
+        curvature_batches: at most this many batches for the curvature fit.
+        fisher_type: the backend's Fisher type (mc or empirical) where it has one; None for its default.
+        method_kwargs, curvature_kwargs: further arguments for the method and the backend.
+        dtype: load/cast the model in this torch dtype ("float32", "bfloat16", ...).
+    """
+
+    def __init__(
+        self,
+        model: str | Any = None,
+        *,
+        method: str = "newton",
+        curvature: str = "kfac",
+        curvature_data: str = "retain",
+        damping: float = 1e-3,
+        scale: float = 1.0,
+        max_retain_increase: float | None = 0.05,
+        forget_loss: str | None = None,
+        forget_target: float | None = None,
+        refresh_every: int | None = None,
+        curvature_batches: int | None = 16,
+        full_curvature: str | None = None,
+        fisher_type: str | None = None,
+        method_kwargs: dict[str, Any] | None = None,
+        curvature_kwargs: dict[str, Any] | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if model is None:
+            raise ValueError("UnlearningModule needs model=<saved model directory, transformers config or nn.Module>")
+        is_path = isinstance(model, (str, Path))
+        self.save_hyperparameters(ignore=[] if is_path else ["model"])
+        self.source_path = Path(model).expanduser().resolve() if is_path and Path(model).exists() else None
+        self.model = build_model(model, dtype)
+        self.automatic_optimization = False
+        is_second_order(method)  # fails early, naming the choices
+        self.method = method
+        self.curvature_backend = curvature
+        self.curvature_data = curvature_data
+        self.curvature_kwargs = dict(curvature_kwargs or {})
+        if fisher_type is not None:
+            self.curvature_kwargs["fisher_type"] = fisher_type
+        self.val_loss = nn.ModuleDict({s: MeanMetric() for s in SPLITS})
+        self.val_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in SPLITS})
+        self.unlearner: Any = None
+        self.history: list[Any] = []
+        self._curvature_data: Iterable[Any] | None = None
+        self._held: Mapping[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ data
+    def set_curvature_data(self, batches: Iterable[Any]) -> UnlearningModule:
+        """The batches the curvature is fitted on at `on_train_start` (any iterable of batches; overrides the
+        datamodule's `curvature_dataloader`). Returns self."""
+        self._curvature_data = batches
+        return self
+
+    def _curvature_source(self) -> list[dict[str, Tensor]]:
+        split = "retain" if self.curvature_data == "retain" else "forget"
+        batches = self._curvature_data
+        if batches is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and hasattr(datamodule, "curvature_dataloader"):
+                batches = datamodule.curvature_dataloader(split)
+        if batches is None:
+            raise ValueError(
+                f"UnlearningModule: no curvature data for curvature_data={self.curvature_data!r}; call"
+                f" module.set_curvature_data(<{split} batches>) or use a datamodule with curvature_dataloader(split)"
+            )
+        limit = self.hparams.curvature_batches
+        out = []
+        for batch in batches:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(self._prepare(batch))
+        return out
+
+    def _prepare(self, batch: Any) -> dict[str, Tensor]:
+        return move_data_to_device(dict(default_batch_transform(batch)), self.device)
+
+    # ------------------------------------------------------------------ fit
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, type(self).__name__)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """A stand-in optimizer whose `step(closure)` runs the method's step: the method updates the weights itself,
+        while Lightning counts optimizer steps (`global_step`, `max_steps`, logging and checkpoint cadence)."""
+        return MethodStep([p for p in self.model.parameters() if p.requires_grad])
+
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        reduce, gather = strategy_reduce(trainer), strategy_gather(trainer)
+        hp = self.hparams
+        curvature = full = None
+        if is_second_order(self.method):
+            if self.curvature_data == "full_minus_forget":
+                if hp.full_curvature is None:
+                    raise ValueError("curvature_data='full_minus_forget' needs full_curvature=<curvature file or"
+                                     " Lightning checkpoint written by CurvatureCallback/Unlearn>")
+                full = self._load_full_curvature(hp.full_curvature, reduce, gather)
+            # every process reads the whole curvature source and keeps its share; the backend sums across them
+            curvature = request_curvature(self.model, self.curvature_backend, self.curvature_data,
+                                          self._curvature_source(), full=full, reduce=reduce, gather=gather,
+                                          rank=trainer.global_rank, world_size=trainer.world_size,
+                                          curvature_kwargs=self.curvature_kwargs)
+        kwargs: dict[str, Any] = {"max_retain_increase": hp.max_retain_increase}
+        if hp.forget_loss is not None:
+            kwargs["forget_loss"] = hp.forget_loss
+        if hp.forget_target is not None:
+            kwargs["forget_target"] = hp.forget_target
+        if hp.refresh_every is not None and is_second_order(self.method):
+            kwargs["refresh_every"] = hp.refresh_every
+        kwargs.update(hp.method_kwargs or {})
+        self.unlearner = make_unlearner(
+            self.method, self.model, curvature=curvature, full_curvature=full, backend=self.curvature_backend,
+            curvature_data=self.curvature_data, damping=hp.damping, scale=hp.scale, reduce=reduce, gather=gather,
+            curvature_kwargs=self.curvature_kwargs, steps=1, **kwargs,
+        )
+
+    def _load_full_curvature(self, path: str, reduce: Any, gather: Any) -> Curvature:
+        from .methods import build_curvature
+
+        state = move_data_to_device(load_curvature_state(path), self.device)
+        full = build_curvature(self.curvature_backend, self.model, reduce=reduce, gather=gather,
+                               **self.curvature_kwargs)
+        full.load_state_dict(state)
+        return full
+
+    def _split(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        if isinstance(batch, Mapping) and "forget" in batch:
+            forget = self._prepare(batch["forget"])
+            retain = self._prepare(batch["retain"]) if batch.get("retain") is not None else None
+            return forget, retain
+        return self._prepare(batch), None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        forget, retain = self._split(batch)
+        if retain is not None and self._held is None:
+            self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
+        record = self.optimizers().step(closure=lambda: self.unlearner.step(forget, retain, self._held))
+        self.history.append(record)
+        self.log_dict({f"unlearn/{k}": v for k, v in _numbers(record).items()}, on_step=True, on_epoch=False,
+                      batch_size=forget["input_ids"].shape[0])
+        return torch.tensor(record.forget_loss)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(batch, Mapping) and any(s in batch for s in SPLITS):
+            parts = {s: batch[s] for s in SPLITS if batch.get(s) is not None}
+        else:
+            if dataloader_idx >= len(SPLITS):
+                raise ValueError("UnlearningModule validates on two loaders: [forget, retain] (or a CombinedLoader"
+                                 " of {'forget': ..., 'retain': ...})")
+            parts = {SPLITS[dataloader_idx]: batch}
+        for split, part in parts.items():
+            part = self._prepare(part)
+            logits = model_logits(self.model, part)[:, :-1].float()
+            target = part["labels"][:, 1:]
+            valid = int((target != IGNORE_INDEX).sum())
+            if valid == 0:
+                continue
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                    ignore_index=IGNORE_INDEX)
+            self.val_loss[split].update(nll, weight=valid)
+            self.val_ppl[split].update(logits, target)
+            self.log(f"val/{split}_loss", self.val_loss[split], on_epoch=True, add_dataloader_idx=False)
+            self.log(f"val/{split}_ppl", self.val_ppl[split], on_epoch=True, add_dataloader_idx=False)
+
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the (unlearned) model with `save_pretrained` (safetensors), atomically: into a temporary directory
+        beside `path`, then renamed; tokenizer files of the source directory are copied along. The source
+        checkpoint is never overwritten. Only global rank 0 writes."""
+        path = Path(path).expanduser().resolve()
+        if self.source_path is not None and path == self.source_path:
+            raise ValueError(f"refusing to overwrite the original checkpoint {str(path)!r}; save the unlearned model"
+                             " to another directory")
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            if hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                from safetensors.torch import save_model
+
+                save_model(self.model, str(tmp / "model.safetensors"))
+            if self.source_path is not None and self.source_path.is_dir():
+                for name in TOKENIZER_FILES:
+                    if (self.source_path / name).is_file() and not (tmp / name).exists():
+                        shutil.copy2(self.source_path / name, tmp / name)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+class MethodStep(torch.optim.Optimizer):
+    """The optimizer Lightning sees in `UnlearningModule`: `step(closure)` returns `closure()` (the method's
+    `StepRecord`); the update itself, its safety check and rollback are the method's."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        super().__init__(params, defaults={})
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("MethodStep.step needs closure=<a call of the unlearning method's step>")
+        return closure()
+
+
+def _numbers(record: Any) -> dict[str, float]:
+    out = {}
+    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted"):
+        value = getattr(record, field, None)
+        if value is not None and float(value) == float(value):
+            out[field] = float(value)
+    return out

@@ -1,0 +1,101 @@
+"""`UnlearningModule`: a Lightning fit on combined forget/retain batches, validation metrics, an atomic
+`save_pretrained`, and PEFT/LoRA models (curvature and updates on the adapters only)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from lightning_unlearn.models import small_causal_lm
+from lightning_unlearn.module import UnlearningModule
+
+SEQ = 16
+
+
+def batches(n: int, seed: int, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 127, (n, SEQ), generator=g)
+    rows = [{"input_ids": r, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": r.clone()} for r in ids]
+    return DataLoader(rows, batch_size=batch_size)
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def trainer(tmp_path: Path, **kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, logger=CSVLogger(tmp_path, name="logs"), log_every_n_steps=1,
+                      num_sanity_val_steps=0, **kw)
+
+
+def test_fit_on_combined_loader_logs_and_saves(tmp_path: Path) -> None:
+    original = tmp_path / "original"
+    small_causal_lm("gpt2", seed=0).save_pretrained(original)
+    before = tree_hash(original)
+    forget, retain = batches(8, seed=1), batches(16, seed=2)
+    module = UnlearningModule(str(original), method="newton", curvature="kfac", damping=1e-2, scale=1.0,
+                              max_retain_increase=0.5)
+    module.set_curvature_data(retain)
+    t = trainer(tmp_path)
+    t.fit(module, train_dataloaders=CombinedLoader({"forget": forget, "retain": retain}, "max_size_cycle"),
+          val_dataloaders=[forget, retain])
+    assert len(module.history) >= 3 and any(r.accepted for r in module.history)
+    metrics = t.callback_metrics
+    for key in ("val/forget_loss", "val/retain_loss", "val/forget_ppl", "val/retain_ppl"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    torch.testing.assert_close(metrics["val/forget_ppl"], metrics["val/forget_loss"].exp(), rtol=1e-4, atol=1e-4)
+    logged = (Path(t.logger.log_dir) / "metrics.csv").read_text()
+    assert "unlearn/forget_loss" in logged and "val/retain_ppl" in logged
+
+    # validation before/after: the forget loss went up
+    start = UnlearningModule(str(original))
+    v0 = trainer(tmp_path / "v0").validate(start, dataloaders=[forget, retain], verbose=False)
+    assert metrics["val/forget_loss"] > v0[0]["val/forget_loss"]
+
+    out = module.save_pretrained(tmp_path / "unlearned")
+    assert (out / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], value)
+    assert tree_hash(original) == before  # the original checkpoint is untouched
+    module.save_pretrained(tmp_path / "unlearned")  # overwriting an earlier export is atomic too
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".unlearned")]
+    with pytest.raises(ValueError, match="refusing to overwrite the original checkpoint"):
+        module.save_pretrained(original)
+
+
+def test_peft_lora_curvature_on_adapters_only(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    base = small_causal_lm("gpt2", seed=0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    forget, retain = batches(4, seed=1), batches(8, seed=2)
+    module = UnlearningModule(model, method="newton", curvature="kfac", damping=1e-2, scale=1.0,
+                              max_retain_increase=None)
+    module.set_curvature_data(retain)
+    trainer(tmp_path).fit(module, CombinedLoader({"forget": forget, "retain": retain}))
+    names = module.unlearner.curvature.param_names
+    assert names and all("lora_" in n for n in names)
+    assert set(names) == set(lora)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
