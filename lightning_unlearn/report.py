@@ -166,22 +166,23 @@ def plot_exposure(before: Mapping[str, list] | None, after: Mapping[str, list]) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     series = [("before", before, "tab:red"), ("after", after, "tab:blue")]
     series = [(n, s, c) for n, s, c in series if s and s.get("exposure/canary")]
     first = series[0][1]
     inserted = [i for i, r in enumerate(first["exposure/repetitions"]) if r > 0]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(inserted) + 1.5), 3.8))
     width = 0.8 / len(series)
     for j, (label, s, color) in enumerate(series):
         ax.bar([i + j * width for i in range(len(inserted))], [s["exposure/exposure"][i] for i in inserted],
                width=width, color=color, label=f"{label} unlearning")
         refs = [e for e, r in zip(s["exposure/exposure"], s["exposure/repetitions"]) if r == 0]
         if refs:
-            ax.axhspan(min(refs), max(refs), color=color, alpha=0.12)
+            ax.axhspan(min(refs), max(refs), color=color, alpha=0.12, zorder=0)
             ax.axhline(sum(refs) / len(refs), color=color, ls="--", lw=1,
                        label=f"reference canaries ({label}), mean and range")
     ticks = [f"{first['exposure/canary'][i]}\n×{first['exposure/repetitions'][i]}" for i in inserted]
-    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(inserted))], ticks, fontsize=7)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(inserted))], ticks, fontsize=7,
+                  rotation=30, ha="right")
     ax.set_ylabel("exposure (bits)")
     ax.set_xlabel("inserted canary (id, repetitions)")
     ax.set_title("Canary exposure: lower is better, the reference band is the target")
