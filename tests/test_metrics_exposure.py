@@ -154,3 +154,13 @@ def test_secret_outside_its_space_is_a_clear_error_without_the_secret():
     with pytest.raises(ValueError, match="not a sequence of 3 symbols") as info:
         Exposure(char_tokenizer()).score(TableLM(), CanarySpec(0, "pin ", "1 2 x", length=3))
     assert "1 2 x" not in str(info.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "opt"])
+def test_cached_tree_walk_equals_full_recomputation_across_architectures(arch):
+    tok = char_tokenizer(merges=[(" ", "2")])
+    space = RandomnessSpace(tuple("0123456789"), 2, " ")
+    model = small_causal_lm(arch, vocab_size=64)
+    tokens = tokenize_space(tok, "my pin is ", space, space.parse("2 0"))
+    cached = enumerate_scores(model, tokens, batch_size=32, use_cache=True)
+    torch.testing.assert_close(cached, enumerate_scores(model, tokens, use_cache=False), atol=1e-4, rtol=0)
