@@ -164,3 +164,26 @@ def test_cached_tree_walk_equals_full_recomputation_across_architectures(arch):
     tokens = tokenize_space(tok, "my pin is ", space, space.parse("2 0"))
     cached = enumerate_scores(model, tokens, batch_size=32, use_cache=True)
     torch.testing.assert_close(cached, enumerate_scores(model, tokens, use_cache=False), atol=1e-4, rtol=0)
+
+
+def test_canaries_sharing_a_prefix_share_one_enumeration_with_the_same_result(monkeypatch):
+    import lightning_unlearn.metrics.exposure as exposure_module
+
+    tok = char_tokenizer(merges=[(" ", "2"), (" ", "5")])
+    model = small_causal_lm("gpt2", vocab_size=64)
+    canaries = [CanarySpec(i, "my pin is ", s, repetitions=r)
+                for i, (s, r) in enumerate([("2 0 5", 3), ("9 1 4", 1), ("5 5 0", 0)])]
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return enumerate_scores(*args, **kwargs)
+
+    monkeypatch.setattr(exposure_module, "enumerate_scores", counting)
+    shared = Exposure(tok)
+    shared.update(model, canaries)
+    assert len(calls) == 1
+    separate = [Exposure(tok).score(model, c) for c in canaries]
+    assert len(calls) == 4
+    torch.testing.assert_close(shared.compute()["rank"], torch.tensor([s["rank"] for s in separate],
+                                                                      dtype=torch.float64))

@@ -153,8 +153,7 @@ def _exposure(model, canaries, tokenizer, kwargs, progress: bool, per_example: d
         raise ValueError("exposure needs the tokenizer the model was trained with: pass evaluate(..., tokenizer=...)")
     specs = canary_specs(canaries)
     metric = Exposure(tokenizer, **kwargs)
-    for spec in tqdm(specs, desc="exposure", disable=not progress, leave=False):
-        metric.update(model, [spec])
+    metric.update(model, specs, progress=progress)
     out = metric.compute()
     labels = {s.id: s.label for s in specs}
     names = [labels[int(i)] for i in out["canary_id"].tolist()]

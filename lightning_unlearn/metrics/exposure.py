@@ -25,6 +25,7 @@ from scipy import stats
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+from tqdm.auto import tqdm
 
 from lightning_unlearn.metrics.candidates import (
     RandomnessSpace,
@@ -141,8 +142,12 @@ class Exposure(Metric):
     def _generator(self, canary_id: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + int(canary_id))
 
-    def score(self, model: nn.Module, canary: CanarySpec) -> dict[str, float]:
-        """Exposure of one canary (no state change)."""
+    def score(self, model: nn.Module, canary: CanarySpec, scores_cache: dict | None = None) -> dict[str, float]:
+        """Exposure of one canary (no state change).
+
+        `scores_cache` (a dict owned by the caller, valid for one model state) keeps the enumerated scores of a
+        prefix and space: canaries sharing a template are ranked against one enumeration instead of one each.
+        """
         space = canary.space()
         secret = space.parse(canary.secret)
         tokens = tokenize_space(self.tokenizer, canary.prefix, space, secret,
@@ -150,7 +155,13 @@ class Exposure(Metric):
         gen = self._generator(canary.id)
         kw = dict(batch_size=self.batch_size, use_cache=self.use_cache)
         if space.size <= self.max_exact:
-            nll = -enumerate_scores(model, tokens, **kw)
+            key = (tuple(tokens.prefix_ids), tuple(tuple(p) for p in tokens.pieces))
+            if scores_cache is not None and key in scores_cache:
+                nll = scores_cache[key]
+            else:
+                nll = -enumerate_scores(model, tokens, **kw)
+                if scores_cache is not None:
+                    scores_cache[key] = nll
             at = space.index(secret)
             secret_nll = float(nll[at])
             others = torch.cat([nll[:at], nll[at + 1:]])
@@ -174,12 +185,14 @@ class Exposure(Metric):
             "exact": float(exact),
         }
 
-    def update(self, model: nn.Module, canaries: Sequence[CanarySpec]) -> None:
+    def update(self, model: nn.Module, canaries: Sequence[CanarySpec], *, progress: bool = False) -> None:
+        """Score `canaries` under `model`; canaries sharing a prefix and space share one enumeration."""
         was_training = model.training
         model.eval()
+        scores_cache: dict = {}
         try:
-            for canary in canaries:
-                result = self.score(model, canary)
+            for canary in tqdm(canaries, desc="exposure", disable=not progress, leave=False):
+                result = self.score(model, canary, scores_cache)
                 self.canary_id.append(torch.tensor([int(canary.id)], device=self.device))
                 self.repetitions.append(torch.tensor([int(canary.repetitions)], device=self.device))
                 for name, value in result.items():
