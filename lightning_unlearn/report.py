@@ -119,11 +119,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _summary_markdown(report: dict[str, Any]) -> list[str]:
+    """The headline table: one row per headline number, one column per model (before/after/retrain)."""
+    columns = [c for c in ("before", "after", "retrain") if isinstance(report.get(c), Mapping)]
+    if not columns:
+        return []
+    names = list(dict.fromkeys(n for c in columns for n in report[c]))
+    lines = ["## Summary", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| `{n}` | " + " | ".join(_fmt(report[c].get(n)) for c in columns) + " |" for n in names]
+    return lines + ["", "## All metrics", ""]
+
+
 def _markdown(report: dict[str, Any], plots: Sequence[str]) -> str:
     metrics = report["metrics"]
     columns = [c for c in ("before", "after", "reference") if metrics.get(c)]
     names = sorted({n for c in columns for n in metrics[c]}, key=lambda n: ("/canary/" in n, n))
     lines = [f"# Unlearning report: {report['method'] or 'unnamed method'}", ""]
+    lines += _summary_markdown(report)
     lines += ["Direction: ↑ higher is better after unlearning, ↓ lower is better, →0 closer to 0 is better, "
               "· a reference level.", ""]
     lines += ["| metric | better | " + " | ".join(columns) + (" | Δ after−before |" if "before" in columns else " |"),
@@ -246,13 +258,16 @@ def write_report(
     secrets: Iterable[str] = (),
     privacy_metric: str | None = None,
     utility_metric: str = "test/perplexity",
+    summary: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write `report.json`, `report.md` and PNG plots into `out_dir`; returns `{name: path}` of the files.
 
     `before` / `after` / `reference` are `evaluate` results (their `per_example` feed the plots). `runs`: several
     runs `{"name": str, "metrics": {...}}` for the privacy-utility scatter (`privacy_metric`, default the first of
     `exposure/mean`, `mia/min_k/auroc`, `mia/loss/auroc` present). `secrets`: forget texts and canary secrets that
-    must appear in no file (checked before writing).
+    must appear in no file (checked before writing). `summary`: headline entries written at the top level of
+    `report.json` (e.g. `curvature`, `timing`, and `before`/`after`/`retrain` dicts of headline numbers), shown first
+    in `report.md`; they may not replace the standard keys.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,6 +305,10 @@ def write_report(
         "runs": _clean([{"name": r.get("name"), "metrics": dict(r["metrics"])} for r in runs or []]),
         "plots": plots,
     }
+    clash = set(summary or {}) & set(report)
+    if clash:
+        raise ValueError(f"summary keys {sorted(clash)} clash with the report's own keys; rename them")
+    report.update(_clean(dict(summary or {})))
     files["json"] = _atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode(),
                                   guard)
     files["markdown"] = _atomic_write(out / "report.md", _markdown(report, plots).encode("utf-8"), guard)

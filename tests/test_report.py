@@ -136,3 +136,17 @@ def test_registry_adapter_keeps_ids_as_names():
     specs = canary_specs(registry)
     assert [s.repetitions for s in specs] == [3, 0, 0] and specs[0].name == registry.inserted[0].id
     assert registry.inserted[0].secret not in repr(specs[0])
+
+
+def test_summary_goes_to_the_top_level_and_leads_the_markdown(tmp_path):
+    summary = {"curvature": "kfac", "timing": {"unlearn_seconds": 1.5},
+               "before": {"exposure_inserted_mean": 12.0}, "after": {"exposure_inserted_mean": 2.0}}
+    files = write_report(tmp_path, after={"test/perplexity": 3.0}, method="newton", summary=summary)
+    report = json.loads(files["json"].read_text())
+    assert report["curvature"] == "kfac" and report["after"]["exposure_inserted_mean"] == 2.0
+    assert report["timing"]["unlearn_seconds"] == 1.5 and report["metrics"]["after"]["test/perplexity"] == 3.0
+    md = files["markdown"].read_text()
+    assert md.index("## Summary") < md.index("test/perplexity")
+    assert "| `exposure_inserted_mean` | 12 | 2 |" in md
+    with pytest.raises(ValueError, match="clash"):
+        write_report(tmp_path, after={}, summary={"metrics": 1})
