@@ -1,0 +1,196 @@
+"""The `lightning-unlearn` command.
+
+    lightning-unlearn demo [--output runs/demo]              # the whole pipeline on the embedded default
+    lightning-unlearn fit --config configs/unlearn_kfac.yaml  # unlearning as a LightningCLI run
+    lightning-unlearn validate|test --config ...              # forget / retain loss and perplexity
+
+`fit`/`validate`/`test` are `LightningCLI` (jsonargparse) over `UnlearningModule` and `ForgetRetainDataModule`;
+after `fit`, `--output DIR` receives the unlearned model (`save_pretrained`, safetensors). Logging: a CSV logger
+always, and the wandb logger in offline mode unless `WANDB_MODE` says otherwise (it never asks for a login).
+A bad config (unknown method, missing file, wrong type) stops with an error that names the key, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEMO_HELP = "run the whole pipeline offline on the embedded default corpus and write a report"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def _loggers(save_dir: str) -> list[dict[str, Any]]:
+    """A CSV logger always; wandb offline unless the user set WANDB_MODE=online (never asks for a login)."""
+    offline = os.environ.get("WANDB_MODE", "offline") != "online"
+    return [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": "csv"}},
+            {"class_path": "lightning.pytorch.loggers.WandbLogger",
+             "init_args": {"project": "lightning-unlearn", "save_dir": save_dir, "offline": offline}}]
+
+
+def _check_paths(config: Any) -> None:
+    """Fail early, naming the key, when a configured model or data path does not exist."""
+    def exists_or_hub(value: Any) -> bool:
+        text = str(value)
+        local = text.startswith((".", "/", "~")) or os.sep in text and Path(text).suffix != ""
+        return not local or Path(text).expanduser().exists()
+
+    model = config.get("model") or {}
+    if isinstance(model.get("model"), str) and not exists_or_hub(model["model"]):
+        raise ConfigError(f"model.model: path {model['model']!r} does not exist; give a saved model directory "
+                          "(e.g. runs/demo/original after `lightning-unlearn demo`) or a hub id")
+    data = config.get("data") or {}
+    for key in ("train", "forget", "retain", "test", "holdout", "tokenizer"):
+        value = data.get(key)
+        if isinstance(value, str) and not exists_or_hub(value):
+            raise ConfigError(f"data.{key}: path {value!r} does not exist; fix the path in the config")
+
+
+def _check_choices(config: Any) -> None:
+    from .methods import CURVATURE_BACKENDS, CURVATURE_DATA, METHODS
+
+    model = config.get("model") or {}
+    checks = (("method", sorted(METHODS)), ("curvature", CURVATURE_BACKENDS), ("curvature_data", CURVATURE_DATA))
+    for key, choices in checks:
+        value = model.get(key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"model.{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def _lightning_cli(args: Sequence[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from .data import ForgetRetainDataModule
+    from .module import UnlearningModule
+
+    class UnlearnCLI(LightningCLI):
+        """LightningCLI with an `--output` for the unlearned model and early, key-naming config checks."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument("--output", type=str | None, default=None,
+                                help="directory for the unlearned model (save_pretrained, safetensors) after fit")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            _check_choices(config)
+            _check_paths(config)
+
+        def after_fit(self) -> None:
+            output = self.config[self.subcommand].get("output")
+            if output:
+                path = self.model.save_pretrained(output)
+                print(f"unlearned model written to {path}")
+
+    save_dir = os.environ.get("LIGHTNING_UNLEARN_LOG_DIR", "runs/cli")
+    UnlearnCLI(
+        UnlearningModule, ForgetRetainDataModule, args=list(args),
+        trainer_defaults={"logger": _loggers(save_dir), "accelerator": "auto", "enable_checkpointing": False},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _demo(args: Sequence[str]) -> None:
+    from .demo import run_demo, summary_table
+
+    parser = argparse.ArgumentParser(prog="lightning-unlearn demo", description=DEMO_HELP)
+    parser.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--config", default=None, help="a YAML file with `experiment:` and `unlearning:` sections")
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps of each model")
+    parser.add_argument("--corpus-bytes", type=int, default=None, help="size of the synthetic corpus")
+    parser.add_argument("--cache", default=None, help="reuse trained models from this folder across runs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    ns = parser.parse_args(list(args))
+    config, settings = load_demo_config(ns.config)
+    if ns.train_steps is not None:
+        config.train_steps = ns.train_steps
+    if ns.corpus_bytes is not None:
+        config.corpus_bytes = ns.corpus_bytes
+    summary = run_demo(ns.output, config=config, settings=settings, progress=not ns.quiet, overwrite=ns.overwrite,
+                       cache=ns.cache)
+    from rich.console import Console
+
+    console = Console()
+    console.print(summary_table(summary))
+    console.print(f"report: {Path(ns.output) / 'report.md'}   unlearned model: {Path(ns.output) / 'model'}")
+
+
+def load_demo_config(path: str | None):
+    """(ExperimentConfig, UnlearnSettings) from a demo YAML (`experiment:` / `unlearning:`), defaults otherwise.
+
+    Unknown keys and wrong types raise `ConfigError` naming the key."""
+    import dataclasses
+
+    import yaml
+
+    from .demo import DEFAULT_SETTINGS
+    from .experiment import ExperimentConfig
+
+    config, settings = ExperimentConfig(), dataclasses.replace(DEFAULT_SETTINGS)
+    if path is None:
+        return config, settings
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: file {path!r} does not exist")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(raw) - {"experiment", "unlearning"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; a demo config has `experiment:` and `unlearning:`")
+    for section, target in (("experiment", config), ("unlearning", settings)):
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        for key, value in (raw.get(section) or {}).items():
+            if key not in fields:
+                raise ConfigError(f"{section}.{key}: unknown key; valid keys: {', '.join(fields)}")
+            default = getattr(target, key)
+            if default is not None and not _same_kind(default, value):
+                raise ConfigError(f"{section}.{key}: expected {type(default).__name__}, got {value!r}")
+            setattr(target, key, tuple(value) if isinstance(default, tuple) else value)
+    _check_choices({"model": {"method": settings.method, "curvature": settings.curvature,
+                              "curvature_data": settings.curvature_data}})
+    return config, settings
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `lightning-unlearn` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args and args[0] == "demo":
+            _demo(args[1:])
+        else:
+            _lightning_cli(args)
+    except ConfigError as err:
+        print(f"lightning-unlearn: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""`lightning-unlearn demo`: the whole pipeline on the embedded default, offline, on a laptop-class CPU.
+
+Builds the synthetic corpus with canaries, trains a small GPT-2-shaped model, retrains it without the forget
+set (the gold standard), unlearns with the default method (K-FAC Newton), evaluates every metric before, after
+and for the retrained model, and writes the report (json, md, png) and the unlearned model (safetensors).
+The output directory appears only when the run succeeds (it is built in a temporary sibling and renamed).
+
+Output: `report.json`, `report.md`, PNG plots, `model/` (unlearned), `original/` and `retrained/` (with the
+tokenizer), `data/train.jsonl` (the training text with its canaries, for `configs/unlearn_*.yaml`) and
+`data/canaries.json` (the canary registry: it holds the secrets, for evaluation only; never logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .experiment import Experiment, ExperimentConfig, UnlearnSettings, _atomic_save_pretrained, summarize
+
+#: the demo's unlearning recipe (tuned on the default experiment; see README "Demo")
+DEFAULT_SETTINGS = UnlearnSettings(method="newton", curvature="kfac", curvature_data="retain", curvature_batches=8,
+                                   damping=10.0, scale=1.0, steps=1, forget_loss="unlikelihood")
+
+
+def run_demo(output: str | Path = "runs/demo", *, config: ExperimentConfig | None = None,
+             settings: UnlearnSettings | None = None, progress: bool = True, overwrite: bool = False,
+             cache: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo into `output` and return the report's headline (`summary`).
+
+    `cache`: a folder whose trained models are reused across runs (default: inside the run's temporary folder,
+    so every demo trains from scratch).
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output directory {str(output)!r} already exists; pass --overwrite or another "
+                              "--output")
+    config = config or ExperimentConfig()
+    settings = settings or DEFAULT_SETTINGS
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        summary = _run(work, config, settings, progress, Path(cache) if cache else None)
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        os.replace(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
+def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progress: bool,
+         cache: Path | None) -> dict[str, Any]:
+    from .report import hash_state_dict, write_report
+
+    start = time.perf_counter()
+    _quiet_libraries()
+    exp = Experiment(config, cache if cache is not None else work, progress=progress)
+    _say(progress, f"building the corpus ({config.corpus_bytes / 1e6:.1f} MB) and the tokenizer")
+    data = exp.data
+    _say(progress, f"training the original model ({config.train_steps} steps)")
+    original = exp.train("full")
+    _say(progress, "retraining without the forget set (the gold standard)")
+    retrained = exp.train("retain")
+    _say(progress, "evaluating the original and the retrained model")
+    before = exp.evaluate(original)
+    retrain = exp.evaluate(retrained)
+    _say(progress, f"unlearning: {settings.method} with {settings.curvature} curvature")
+    unlearned, history, unlearn_seconds = exp.unlearn(original, settings)
+    _say(progress, "evaluating the unlearned model")
+    after = exp.evaluate(unlearned, reference=retrained)
+    _atomic_save_pretrained(unlearned, work / "model", tokenizer=data.tokenizer)
+    # what a LightningCLI run (configs/unlearn_*.yaml) needs to unlearn the same model again, another way
+    _atomic_save_pretrained(original, work / "original", tokenizer=data.tokenizer)
+    _atomic_save_pretrained(retrained, work / "retrained", tokenizer=data.tokenizer)
+    (work / "data").mkdir(exist_ok=True)
+    exp.train_dataset.to_json(str(work / "data" / "train.jsonl"), lines=True)
+    exp.registry.save(work / "data" / "canaries.json")
+    registry = exp.registry
+    secrets = [c.secret for c in registry.inserted + registry.references]
+    secrets += [c.text for c in registry.inserted + registry.references]
+    timing = {"train_seconds": exp.timings["train_seconds"], "retrain_seconds": exp.timings["retrain_seconds"],
+              "unlearn_seconds": unlearn_seconds, "total_seconds": time.perf_counter() - start}
+    summary = {
+        "curvature": settings.curvature if settings.method in ("newton", "fisher_removal", "fisher_forgetting")
+        else None,
+        "before": summarize(before), "after": summarize(after), "retrain": summarize(retrain),
+        "timing": timing,
+        "steps": [r.to_dict() for r in history],
+    }
+    write_report(work, after=after, before=before, reference=retrain, method=settings.method,
+                 hyperparameters={"unlearning": dataclasses.asdict(settings), "experiment": dataclasses.asdict(config)},
+                 timings=timing, seed=config.seed, forget_sha256=_forget_sha256(data),
+                 weights_before_sha256=hash_state_dict(original), weights_after_sha256=hash_state_dict(unlearned),
+                 secrets=secrets, summary={**summary, "method_settings": dataclasses.asdict(settings)})
+    summary["method"] = settings.method
+    return summary
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to our own progress: no per-map bars from datasets, no load reports from transformers."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for pattern in (".*does not have many workers.*", ".*modules? in eval mode.*", ".*LeafSpec.*",
+                    ".*no `val_dataloader`.*", ".*litlogger.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging_names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+    import logging
+
+    for name in logging_names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _forget_sha256(data: Any) -> str:
+    import hashlib
+
+    digests = sorted(data.forget_sha256)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold cyan]▶[/] {message}")
+
+
+def summary_table(summary: dict[str, Any]) -> Any:
+    """A rich Table of the headline numbers (before / after / retrained) and the timings."""
+    from rich.table import Table
+
+    table = Table(title=f"lightning-unlearn demo: {summary.get('method')} ({summary.get('curvature')})")
+    table.add_column("metric")
+    for col in ("before", "after", "retrain"):
+        table.add_column(col, justify="right")
+    for key in summary["before"]:
+        table.add_row(key, *(f"{summary[c][key]:.3f}" for c in ("before", "after", "retrain")))
+    timing = summary["timing"]
+    table.caption = (f"train {timing['train_seconds']:.0f} s · retrain {timing['retrain_seconds']:.0f} s · "
+                     f"unlearn {timing['unlearn_seconds']:.1f} s · total {timing['total_seconds']:.0f} s")
+    return table

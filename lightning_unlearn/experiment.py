@@ -1,0 +1,283 @@
+"""An end-to-end unlearning experiment on the embedded default corpus, offline.
+
+    corpus with canaries -> train the original model -> retrain without the forget set (gold standard)
+    -> unlearn -> evaluate before / after / retrain -> report
+
+The forget set is the inserted canaries, with span-level forgetting: only the secret's tokens are forgotten,
+the template around them is context. Membership inference compares the inserted canaries (members) with the
+never-inserted reference canaries of the same template and randomness space (non-members), so the attack sees
+the same distribution on both sides. Shared by `lightning-unlearn demo` and the benchmarks; trained models are
+cached under `<output>/cache/<config hash>/` so that a benchmark runs many methods on one pair of models.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .curvature.base import Curvature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines the original and retrained models (and so the cache key)."""
+
+    corpus_bytes: int = 400_000
+    canaries_per_group: int = 4
+    repetitions: tuple[int, ...] = (5, 10, 20)
+    n_references: int = 40
+    vocab_size: int = 512
+    max_length: int = 128
+    arch: str = "gpt2"
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    batch_size: int = 16
+    train_steps: int = 900
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short hash of the configuration: runs with equal keys reuse the cached models."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass
+class UnlearnSettings:
+    """The unlearning run: a method of `lightning_unlearn.methods` and its knobs."""
+
+    method: str = "newton"
+    curvature: str = "kfac"
+    curvature_data: str = "retain"
+    curvature_batches: int = 8
+    damping: float = 1e-3
+    scale: float = 1.0
+    steps: int = 1
+    forget_loss: str = "unlikelihood"
+    max_retain_increase: float | None = 0.05
+    forget_target: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the method (first-order methods take no curvature arguments)."""
+        kw: dict[str, Any] = dict(steps=self.steps, forget_loss=self.forget_loss,
+                                  max_retain_increase=self.max_retain_increase, forget_target=self.forget_target,
+                                  damping=self.damping, scale=self.scale)
+        if self.method in ("newton", "fisher_removal", "fisher_forgetting"):
+            kw.update(curvature_backend=self.curvature, curvature_data=self.curvature_data)
+        kw.update(self.extra)
+        return kw
+
+
+def _atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
+    """`save_pretrained` (safetensors) into a temporary sibling folder, then rename: no half-written model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class Experiment:
+    """The data, the two trained models and the evaluation of one configuration (see the module docstring)."""
+
+    def __init__(self, config: ExperimentConfig | None = None, output: str | Path = "runs/experiment",
+                 *, progress: bool = True) -> None:
+        self.config = config or ExperimentConfig()
+        self.output = Path(output)
+        self.cache = self.output / "cache" / self.config.key()
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self._data = None
+        self._registry = None
+        self.train_dataset = None  # the training text with canaries (columns text, canary_id, spans)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def registry(self):
+        """The canary registry (inserted and reference canaries; holds the secrets, never logged)."""
+        if self._registry is None:
+            from .data import make_canaries
+
+            c = self.config
+            self._registry = make_canaries(c.canaries_per_group, c.repetitions, n_references=c.n_references,
+                                           seed=c.seed)
+        return self._registry
+
+    @property
+    def data(self):
+        """The `ForgetRetainDataModule`: canaries are the forget set, their secrets the forgotten spans."""
+        if self._data is None:
+            from .data import ForgetRetainDataModule, insert_canaries, synthetic_corpus
+
+            c = self.config
+            corpus = synthetic_corpus(c.corpus_bytes, seed=c.seed)
+            train = insert_canaries(corpus, self.registry, seed=c.seed)
+            self.train_dataset = train
+            self._data = ForgetRetainDataModule(
+                train=train, forget_column="canary_id", span="offsets", vocab_size=c.vocab_size,
+                tokenizer_dir=self.cache / "tokenizer", max_length=c.max_length, packing=True,
+                batch_size=c.batch_size, seed=c.seed,
+            )
+            self._data.setup()
+        return self._data
+
+    def canary_loader(self, which: str = "references"):
+        """Batches of canary texts (labels on the secret only), `inserted` or `references`: the MIA's two sides."""
+        from torch.utils.data import DataLoader
+
+        tok = self.data.tokenizer
+        canaries = getattr(self.registry, which)
+        rows = []
+        for c in canaries:
+            enc = tok(c.text, return_offsets_mapping=True)
+            start, end = c.secret_span
+            ids = list(enc["input_ids"]) + [tok.eos_token_id]
+            labels = [t if (s < end and e > start) else -100 for t, (s, e) in zip(enc["input_ids"],
+                                                                                 enc["offset_mapping"])] + [-100]
+            rows.append((ids, labels))
+        width = max(len(r[0]) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+        def collate(items):
+            ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in items])
+            labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in items])
+            mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in items])
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+        return DataLoader(rows, batch_size=self.config.batch_size, collate_fn=collate)
+
+    def forget_batches(self) -> list[dict[str, torch.Tensor]]:
+        return list(self.data.dataloader("forget", batch_size=64))
+
+    def retain_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The first `n` batches of the deterministic retain curvature loader."""
+        out = []
+        for i, b in enumerate(self.data.curvature_dataloader("retain")):
+            if i >= n:
+                break
+            out.append(b)
+        return out
+
+    def held_retain_batch(self) -> dict[str, torch.Tensor]:
+        """A retain batch the unlearning step is checked on (from the test split: never used to fit anything)."""
+        return next(iter(self.data.dataloader("test", batch_size=32)))
+
+    # ------------------------------------------------------------------ models
+    def new_model(self) -> nn.Module:
+        from .models import small_causal_lm
+
+        c = self.config
+        return small_causal_lm(c.arch, vocab_size=len(self.data.tokenizer), hidden=c.hidden, layers=c.layers,
+                               heads=c.heads, max_positions=c.max_length, seed=c.seed,
+                               eos_token_id=self.data.tokenizer.eos_token_id)
+
+    def train(self, split: str = "full") -> nn.Module:
+        """Train a fresh model on `split` ("full": the original; "retain": the gold standard), or load it from the
+        cache. Records `train_seconds` / `retrain_seconds`."""
+        import lightning as L
+
+        from .lm import CausalLMModule
+        from .models import load_causal_lm
+
+        name = {"full": "original", "retain": "retrained"}[split]
+        timing = {"full": "train_seconds", "retain": "retrain_seconds"}[split]
+        path = self.cache / name
+        meta = path / "training.json"
+        if meta.exists():
+            self.timings[timing] = json.loads(meta.read_text())["seconds"]
+            return load_causal_lm(path).eval()
+        c = self.config
+        L.seed_everything(c.seed, verbose=False)
+        module = CausalLMModule(self.new_model(), lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.train_steps)
+        trainer = L.Trainer(max_steps=c.train_steps, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=self.progress,
+                            enable_model_summary=False, callbacks=_progress_callbacks(self.progress),
+                            default_root_dir=str(self.output))
+        start = time.perf_counter()
+        trainer.fit(module, train_dataloaders=self.data.dataloader(split, shuffle=True))
+        seconds = time.perf_counter() - start
+        model = module.model.eval()
+        _atomic_save_pretrained(model, path)
+        meta.write_text(json.dumps({"seconds": seconds, "steps": c.train_steps, "split": split}))
+        self.timings[timing] = seconds
+        return model
+
+    # ------------------------------------------------------------------ unlearning and evaluation
+    def unlearn(self, model: nn.Module, settings: UnlearnSettings, *, full_curvature: Curvature | None = None,
+                log: Callable[[Any], None] | None = None) -> tuple[nn.Module, list[Any], float]:
+        """Run `settings.method` on a copy of `model`; returns (unlearned copy, step records, seconds)."""
+        from .methods import build_unlearner
+
+        model = copy.deepcopy(model).eval()
+        kwargs = settings.kwargs()
+        if full_curvature is not None:
+            kwargs["full_curvature"] = full_curvature
+        if settings.method == "npo":
+            kwargs.setdefault("reference", copy.deepcopy(model))
+        unlearner = build_unlearner(settings.method, model, log=log, **kwargs)
+        forget = self.forget_batches()
+        retain = self.retain_batches(settings.curvature_batches)
+        held = self.held_retain_batch()
+        start = time.perf_counter()
+        history = unlearner.fit(forget, retain, held_retain_batch=held)
+        return model, history, time.perf_counter() - start
+
+    def evaluate(self, model: nn.Module, reference: nn.Module | None = None, **kwargs: Any) -> Any:
+        """Every metric of `lightning_unlearn.metrics.evaluate`, with canaries as forget / references as holdout."""
+        from .metrics import evaluate
+
+        return evaluate(model, forget=self.canary_loader("inserted"), holdout=self.canary_loader("references"),
+                        test=self.data.dataloader("test"), canaries=self.registry, tokenizer=self.data.tokenizer,
+                        reference=reference, progress=self.progress, **kwargs)
+
+
+def _progress_callbacks(progress: bool) -> list[Any]:
+    if not progress:
+        return []
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return [RichProgressBar(leave=False)]
+    except (ImportError, ModuleNotFoundError):  # rich missing: Lightning's default bar
+        return []
+
+
+def summarize(result: Mapping[str, Any]) -> dict[str, float]:
+    """The headline numbers of an evaluation (keys documented in the README)."""
+    def get(key: str) -> float:
+        return float(result.get(key, float("nan")))
+
+    return {
+        "exposure_inserted_mean": get("exposure/mean"),
+        "exposure_reference_mean": get("exposure/reference_mean"),
+        "test_perplexity": get("test/perplexity"),
+        "forget_loss": get("forget/loss"),
+        "mia_auc": get("mia/loss/auroc"),
+    }
