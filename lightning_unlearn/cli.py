@@ -14,9 +14,11 @@ is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +37,36 @@ def _loggers(save_dir: str) -> list[dict[str, Any]]:
              "init_args": {"project": "lightning-unlearn", "save_dir": save_dir, "offline": offline}}]
 
 
-def _check_paths(config: Any) -> None:
-    """Fail early, naming the key, when a configured model or data path does not exist."""
-    def exists_or_hub(value: Any) -> bool:
-        text = str(value)
-        local = text.startswith((".", "/", "~")) or os.sep in text and Path(text).suffix != ""
-        return not local or Path(text).expanduser().exists()
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a hub id: explicit prefixes, a data-file suffix, or a first component that exists here."""
+    path = Path(value).expanduser()
+    return (value.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES or path.exists()
+            or (len(path.parts) > 1 and Path(path.parts[0]).exists()))
+
+
+def _check_paths(config: Any) -> None:
+    """Fail early, naming the key, when a configured model or data path does not exist (or a model id does not load
+    its config offline)."""
     model = config.get("model") or {}
-    if isinstance(model.get("model"), str) and not exists_or_hub(model["model"]):
-        raise ConfigError(f"model.model: path {model['model']!r} does not exist; give a saved model directory "
-                          "(e.g. runs/demo/original after `lightning-unlearn demo`) or a hub id")
+    value = model.get("model")
+    if isinstance(value, str) and not Path(value).expanduser().exists():
+        if _looks_local(value):
+            raise ConfigError(f"model.model: path {value!r} does not exist; give a saved model directory "
+                              "(e.g. runs/demo/original after `lightning-unlearn demo`) or a hub id")
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(value)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.model: cannot load {value!r} ({type(err).__name__}); give a saved model "
+                              "directory, or a hub id while online") from None
     data = config.get("data") or {}
     for key in ("train", "forget", "retain", "test", "holdout", "tokenizer"):
         value = data.get(key)
-        if isinstance(value, str) and not exists_or_hub(value):
+        if isinstance(value, str) and _looks_local(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"data.{key}: path {value!r} does not exist; fix the path in the config")
 
 
@@ -64,7 +81,7 @@ def _check_choices(config: Any) -> None:
             raise ConfigError(f"model.{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
-def _lightning_cli(args: Sequence[str]) -> None:
+def _lightning_cli(args: Sequence[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from .data import ForgetRetainDataModule
@@ -89,20 +106,38 @@ def _lightning_cli(args: Sequence[str]) -> None:
                 print(f"unlearned model written to {path}")
 
     save_dir = os.environ.get("LIGHTNING_UNLEARN_LOG_DIR", "runs/cli")
-    UnlearnCLI(
-        UnlearningModule, ForgetRetainDataModule, args=list(args),
-        trainer_defaults={"logger": _loggers(save_dir), "accelerator": "auto", "enable_checkpointing": False},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
-    )
+    with _removed_on_failure(Path(save_dir)):
+        UnlearnCLI(
+            UnlearningModule, ForgetRetainDataModule, args=args,
+            trainer_defaults={"logger": _loggers(save_dir), "accelerator": "auto", "enable_checkpointing": False,
+                              "log_every_n_steps": 1},
+            save_config_kwargs={"overwrite": True},
+        )
 
 
-def _has_omegaconf() -> bool:
+@contextlib.contextmanager
+def _removed_on_failure(root: Path) -> Iterator[None]:
+    """Delete what a failed run created under `root` (log versions, wandb runs, saved configs): no partial output."""
+    def listing() -> set[Path]:
+        if not root.exists():
+            return set()
+        return {p for p in root.rglob("*") if len(p.relative_to(root).parts) <= 3}
+
+    existed, before = root.exists(), listing()
     try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        yield
+    except BaseException as err:
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for path in sorted(listing() - before, key=lambda p: len(p.parts)):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists():
+                    path.unlink()
+        raise
 
 
 def _demo(args: Sequence[str]) -> None:
@@ -186,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args and args[0] == "demo":
             _demo(args[1:])
         else:
-            _lightning_cli(args)
+            _lightning_cli(None if argv is None else args)
     except ConfigError as err:
         print(f"lightning-unlearn: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
