@@ -141,7 +141,7 @@ def _removed_on_failure(root: Path) -> Iterator[None]:
 
 
 def _demo(args: Sequence[str]) -> None:
-    from .demo import run_demo, summary_table
+    from .demo import run_demo, summary_table, timing_line
 
     parser = argparse.ArgumentParser(prog="lightning-unlearn demo", description=DEMO_HELP)
     parser.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
@@ -163,6 +163,7 @@ def _demo(args: Sequence[str]) -> None:
 
     console = Console()
     console.print(summary_table(summary))
+    console.print(timing_line(summary))
     console.print(f"report: {Path(ns.output) / 'report.md'}   unlearned model: {Path(ns.output) / 'model'}")
 
 

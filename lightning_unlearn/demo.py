@@ -147,7 +147,11 @@ def summary_table(summary: dict[str, Any]) -> Any:
         table.add_column(col, justify="right")
     for key in summary["before"]:
         table.add_row(key, *(f"{summary[c][key]:.3f}" for c in ("before", "after", "retrain")))
-    timing = summary["timing"]
-    table.caption = (f"train {timing['train_seconds']:.0f} s · retrain {timing['retrain_seconds']:.0f} s · "
-                     f"unlearn {timing['unlearn_seconds']:.1f} s · total {timing['total_seconds']:.0f} s")
     return table
+
+
+def timing_line(summary: dict[str, Any]) -> str:
+    """One line of the run's timings."""
+    t = summary["timing"]
+    return (f"train {t['train_seconds']:.0f} s · retrain {t['retrain_seconds']:.0f} s · "
+            f"unlearn {t['unlearn_seconds']:.1f} s · total {t['total_seconds']:.0f} s")

@@ -42,6 +42,7 @@ class ExperimentConfig:
     canaries_per_group: int = 4
     repetitions: tuple[int, ...] = (5, 10, 20)
     n_references: int = 40
+    secret_length: int = 6  # digits per secret: |R| = 10 ** secret_length candidates for exposure
     vocab_size: int = 512
     max_length: int = 128
     arch: str = "gpt2"
@@ -126,8 +127,9 @@ class Experiment:
             from .data import make_canaries
 
             c = self.config
+            template = "my PIN is " + " ".join(["{d}"] * c.secret_length)
             self._registry = make_canaries(c.canaries_per_group, c.repetitions, n_references=c.n_references,
-                                           seed=c.seed)
+                                           template=template, length=c.secret_length, seed=c.seed)
         return self._registry
 
     @property
