@@ -38,8 +38,10 @@ from .callbacks import (
 )
 from .curvature import Curvature, model_logits
 from .curvature.objective import IGNORE_INDEX
+from .metrics import ExtractionStrength, MembershipInference
 
 SPLITS = ("forget", "retain")
+TEST_SPLITS = ("forget", "retain", "test", "holdout")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "generation_config.json")
 
@@ -115,6 +117,10 @@ class UnlearningModule(pl.LightningModule):
             self.curvature_kwargs["fisher_type"] = fisher_type
         self.val_loss = nn.ModuleDict({s: MeanMetric() for s in SPLITS})
         self.val_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in SPLITS})
+        self.test_loss = nn.ModuleDict({s: MeanMetric() for s in TEST_SPLITS})
+        self.test_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in TEST_SPLITS})
+        self.test_mia = MembershipInference()
+        self.test_extraction = ExtractionStrength()
         self.unlearner: Any = None
         self.history: list[Any] = []
         self._curvature_data: Iterable[Any] | None = None
@@ -215,7 +221,7 @@ class UnlearningModule(pl.LightningModule):
                       batch_size=forget["input_ids"].shape[0])
         return torch.tensor(record.forget_loss)
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ validation and test
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if isinstance(batch, Mapping) and any(s in batch for s in SPLITS):
             parts = {s: batch[s] for s in SPLITS if batch.get(s) is not None}
@@ -225,18 +231,55 @@ class UnlearningModule(pl.LightningModule):
                                  " of {'forget': ..., 'retain': ...})")
             parts = {SPLITS[dataloader_idx]: batch}
         for split, part in parts.items():
+            self._loss_and_perplexity("val", split, self._prepare(part))
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loss and perplexity of forget, retain, test and holdout (the data module's test loaders, in this order);
+        membership inference (forget vs holdout) and extraction strength at the end of the epoch."""
+        if isinstance(batch, Mapping) and any(s in batch for s in TEST_SPLITS):
+            parts = {s: batch[s] for s in TEST_SPLITS if batch.get(s) is not None}
+        else:
+            if dataloader_idx >= len(TEST_SPLITS):
+                raise ValueError(f"UnlearningModule tests on up to four loaders: {list(TEST_SPLITS)}")
+            parts = {TEST_SPLITS[dataloader_idx]: batch}
+        for split, part in parts.items():
             part = self._prepare(part)
-            logits = model_logits(self.model, part)[:, :-1].float()
-            target = part["labels"][:, 1:]
-            valid = int((target != IGNORE_INDEX).sum())
-            if valid == 0:
+            logits = self._loss_and_perplexity("test", split, part)
+            if logits is None:
                 continue
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                    ignore_index=IGNORE_INDEX)
-            self.val_loss[split].update(nll, weight=valid)
-            self.val_ppl[split].update(logits, target)
-            self.log(f"val/{split}_loss", self.val_loss[split], on_epoch=True, add_dataloader_idx=False)
-            self.log(f"val/{split}_ppl", self.val_ppl[split], on_epoch=True, add_dataloader_idx=False)
+            if split in ("forget", "holdout"):
+                self.test_mia.update(logits, part["labels"], split == "forget")
+            if split == "forget":
+                self.test_extraction.update(logits, part["labels"])
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_extraction.update_count:
+            self.log("test/forget_extraction_strength", self.test_extraction.compute())
+        try:
+            aucs = self.test_mia.compute()
+        except ValueError:  # no forget or no holdout data: no membership inference
+            aucs = {}
+        for attack, auc in aucs.items():
+            self.log(f"test/mia_{attack}_auroc", auc)
+        self.test_mia.reset()
+        self.test_extraction.reset()
+
+    def _loss_and_perplexity(self, stage: str, split: str, part: Mapping[str, Tensor]) -> Tensor | None:
+        """Update and log `<stage>/<split>_loss` and `_ppl`; returns the full logits (None when nothing is valid)."""
+        full = model_logits(self.model, part)
+        logits = full[:, :-1].float()
+        target = part["labels"][:, 1:]
+        valid = int((target != IGNORE_INDEX).sum())
+        if valid == 0:
+            return None
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                ignore_index=IGNORE_INDEX)
+        losses, ppls = (self.val_loss, self.val_ppl) if stage == "val" else (self.test_loss, self.test_ppl)
+        losses[split].update(nll, weight=valid)
+        ppls[split].update(logits, target)
+        self.log(f"{stage}/{split}_loss", losses[split], on_epoch=True, add_dataloader_idx=False)
+        self.log(f"{stage}/{split}_ppl", ppls[split], on_epoch=True, add_dataloader_idx=False)
+        return full
 
     # ------------------------------------------------------------------ export
     def save_pretrained(self, path: str | Path) -> Path:

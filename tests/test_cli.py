@@ -102,6 +102,10 @@ def test_tiny_lightning_config_end_to_end_through_the_command(tiny_demo):
     assert changed, "the unlearning step changed no weight"
     metrics = next((work / "logs").rglob("metrics.csv")).read_text()
     assert "unlearn/forget_loss" in metrics and "val/forget_loss" in metrics
+    tested = run_command(["test", "--config", "kfac.yaml", "--model.model", "runs/unlearn_kfac/model"], cwd=work)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    for key in ("test/forget_loss", "test/holdout_ppl", "test/mia_loss_auroc", "test/forget_extraction_strength"):
+        assert key in tested.stdout, key
 
 
 @pytest.mark.parametrize(("override", "key"), [
