@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 
 from .curvature import Curvature, Reduce, identity
 from .curvature.objective import IGNORE_INDEX
+from .io import atomic_file
 
 CURVATURE_FILE_FORMAT = "lightning_unlearn.curvature/1"
 CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
@@ -157,18 +156,9 @@ def snapshot(curvature: Curvature) -> Curvature:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """`torch.save` to a temporary file in the target directory, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _cpu(obj: Any) -> Any:

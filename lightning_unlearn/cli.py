@@ -48,26 +48,30 @@ def _looks_local(value: str) -> bool:
 
 
 def _check_paths(config: Any) -> None:
-    """Fail early, naming the key, when a configured model or data path does not exist (or a model id does not load
-    its config offline)."""
+    """Fail early, naming every key whose model or data path does not exist (or whose model id does not load its
+    config offline)."""
+    problems = []
     model = config.get("model") or {}
     value = model.get("model")
     if isinstance(value, str) and not Path(value).expanduser().exists():
         if _looks_local(value):
-            raise ConfigError(f"model.model: path {value!r} does not exist; give a saved model directory "
-                              "(e.g. runs/demo/original after `lightning-unlearn demo`) or a hub id")
-        try:
-            from transformers import AutoConfig
+            problems.append(f"model.model: path {value!r} does not exist; give a saved model directory "
+                            "(e.g. runs/demo/original after `lightning-unlearn demo`) or a hub id")
+        else:
+            try:
+                from transformers import AutoConfig
 
-            AutoConfig.from_pretrained(value)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"model.model: cannot load {value!r} ({type(err).__name__}); give a saved model "
-                              "directory, or a hub id while online") from None
+                AutoConfig.from_pretrained(value)
+            except (OSError, ValueError) as err:
+                problems.append(f"model.model: cannot load {value!r} ({type(err).__name__}); give a saved model "
+                                "directory, or a hub id while online")
     data = config.get("data") or {}
     for key in ("train", "forget", "retain", "test", "holdout", "tokenizer"):
         value = data.get(key)
         if isinstance(value, str) and _looks_local(value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"data.{key}: path {value!r} does not exist; fix the path in the config")
+            problems.append(f"data.{key}: path {value!r} does not exist; fix the path in the config")
+    if problems:
+        raise ConfigError("\n  ".join(problems))
 
 
 def _check_choices(config: Any) -> None:

@@ -13,14 +13,13 @@ tokenizer), `data/train.jsonl` (the training text with its canaries, for `config
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from .experiment import Experiment, ExperimentConfig, UnlearnSettings, _atomic_save_pretrained, summarize
+from .io import atomic_directory
 
 #: the demo's unlearning recipe (tuned on the default experiment; see README "Demo")
 DEFAULT_SETTINGS = UnlearnSettings(method="newton", curvature="kfac", curvature_data="retain", curvature_batches=8,
@@ -41,17 +40,9 @@ def run_demo(output: str | Path = "runs/demo", *, config: ExperimentConfig | Non
                               "--output")
     config = config or ExperimentConfig()
     settings = settings or DEFAULT_SETTINGS
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_directory(output) as work:
         summary = _run(work, config, settings, progress, Path(cache) if cache else None)
-        if output.exists():
-            shutil.rmtree(output)
         shutil.rmtree(work / "cache", ignore_errors=True)
-        os.replace(work, output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return summary
 
 

@@ -17,9 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ import torch
 from torch import nn
 
 from .curvature.base import Curvature
+from .io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +87,11 @@ class UnlearnSettings:
 
 
 def _atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
-    """`save_pretrained` (safetensors) into a temporary sibling folder, then rename: no half-written model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    """`save_pretrained` (safetensors) into a temporary sibling folder, then renamed: no half-written model."""
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

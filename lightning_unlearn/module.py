@@ -12,9 +12,7 @@ or the datamodule's `curvature_dataloader(split)`. Constructor arguments are pla
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from .callbacks import (
 )
 from .curvature import Curvature, model_logits
 from .curvature.objective import IGNORE_INDEX
+from .io import atomic_directory
 from .metrics import ExtractionStrength, MembershipInference
 
 SPLITS = ("forget", "retain")
@@ -292,9 +291,7 @@ class UnlearningModule(pl.LightningModule):
                              " to another directory")
         if self._trainer is not None and not self.trainer.is_global_zero:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             if hasattr(self.model, "save_pretrained"):
                 self.model.save_pretrained(tmp, safe_serialization=True)
             else:
@@ -305,16 +302,6 @@ class UnlearningModule(pl.LightningModule):
                 for name in TOKENIZER_FILES:
                     if (self.source_path / name).is_file() and not (tmp / name).exists():
                         shutil.copy2(self.source_path / name, tmp / name)
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 

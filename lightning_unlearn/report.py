@@ -12,10 +12,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import platform
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .io import atomic_file
 
 # (pattern on the metric name, direction shown in the table, what "better" means after unlearning)
 DIRECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -97,17 +97,8 @@ def _atomic_write(path: Path, data: bytes, secrets: Sequence[bytes]) -> Path:
         if secret and secret in data:
             raise ValueError(f"refusing to write {path.name}: it would contain a forget text or canary secret; "
                              "remove texts from the metrics, hyper-parameters and names given to the report")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

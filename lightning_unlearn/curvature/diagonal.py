@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
+from .layers import trainable_parameters
 from .objective import Objective
 
 FISHER_TYPES = ("mc", "empirical")
@@ -38,14 +39,7 @@ class DiagonalFisher(Curvature):
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         self.fisher_type = fisher_type
-        named = dict(model.named_parameters())
-        names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ValueError(f"unknown parameter names {unknown[:3]}; use names from model.named_parameters()")
-        if not names:
-            raise ValueError("no trainable parameter to cover; unfreeze some parameters (requires_grad=True)")
-        self.param_names = tuple(names)
+        self.param_names = trainable_parameters(model, params)
         self._reset()
 
     def _reset(self) -> None:

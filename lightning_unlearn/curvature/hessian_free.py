@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
-from .layers import find_layers
+from .layers import covered_parameters, unwrap_model
 from .objective import Objective, model_logits
 
 PRODUCTS = ("ggn", "hessian")
@@ -54,19 +54,6 @@ ON_NEGATIVE = ("raise", "stop")
 class NegativeCurvatureError(ArithmeticError):
     """CG met a direction `p` with `p^T (C + λI) p <= 0` (only possible with `product="hessian"` or after a
     subtraction that left the curvature indefinite)."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that holds the parameters: strips DDP/FSDP-style `.module` wrappers and `torch.compile`."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
-            model = model.module
-        else:
-            return model
 
 
 @contextlib.contextmanager
@@ -79,30 +66,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def covered_parameters(
-    model: nn.Module,
-    params: Iterable[str] | None,
-    include: str | Iterable[str] | None,
-    exclude: str | Iterable[str] | None,
-) -> tuple[str, ...]:
-    """The parameter names a matrix-free backend covers: `params` if given, else the tracked layers' ones."""
-    named = dict(model.named_parameters())
-    if params is None:
-        return tuple(n for layer in find_layers(model, include, exclude) for n in layer.param_names)
-    names = list(params)
-    unknown = [n for n in names if n not in named]
-    if unknown:
-        raise ValueError(f"unknown parameter names {unknown[:3]}; use names from model.named_parameters()")
-    frozen = [n for n in names if not named[n].requires_grad]
-    if frozen:
-        raise ValueError(f"parameters {frozen[:3]} do not require grad; unfreeze them or leave them out of params")
-    if not names:
-        raise ValueError("params is empty; name at least one trainable parameter (or pass params=None)")
-    if len(set(names)) != len(names):
-        raise ValueError("params names a parameter twice; give each name once")
-    return tuple(names)
 
 
 class HessianFree(Curvature):

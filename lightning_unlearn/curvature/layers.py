@@ -116,3 +116,51 @@ def find_layers(
             " or use the 'diagonal' backend, which covers every trainable parameter"
         )
     return layers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the parameters: strips DDP/FSDP-style `.module` wrappers and `torch.compile`."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def trainable_parameters(model: nn.Module, params: Iterable[str] | None = None) -> tuple[str, ...]:
+    """`params` checked against `model` (each a known, trainable parameter, named once), or every trainable
+    parameter when None. Raises `ValueError` naming the offending names."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+        if not names:
+            raise ValueError("the model has no trainable parameter; unfreeze some parameters (requires_grad=True)")
+        return tuple(names)
+    names = list(params)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(f"unknown parameter names {unknown[:3]}; use names from model.named_parameters()")
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:
+        raise ValueError(f"parameters {frozen[:3]} do not require grad; unfreeze them or leave them out of params")
+    if not names:
+        raise ValueError("params is empty; name at least one trainable parameter (or pass params=None)")
+    if len(set(names)) != len(names):
+        raise ValueError("params names a parameter twice; give each name once")
+    return tuple(names)
+
+
+def covered_parameters(
+    model: nn.Module,
+    params: Iterable[str] | None,
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+) -> tuple[str, ...]:
+    """The parameter names a matrix-free backend covers: `params` if given, else the tracked layers' ones."""
+    if params is None:
+        return tuple(n for layer in find_layers(model, include, exclude) for n in layer.param_names)
+    return trainable_parameters(model, params)

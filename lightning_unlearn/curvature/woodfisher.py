@@ -43,8 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
-from .hessian_free import covered_parameters, unwrap_model
-from .layers import find_layers
+from .layers import covered_parameters, find_layers, unwrap_model
 from .objective import Objective
 
 FISHER_TYPES = ("empirical", "mc")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.layers import trainable_parameters
 from ..curvature.objective import model_logits
 from .base import Batch, Unlearner, eval_mode, register
 from .losses import forget_objective, npo_objective, token_nll
@@ -38,13 +39,8 @@ class FirstOrderUnlearner(Unlearner):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         named = dict(model.named_parameters())
-        names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ValueError(f"unknown parameter names {unknown[:3]}; use names from model.named_parameters()")
-        if not names:
-            raise ValueError("no trainable parameter; unfreeze some parameters (requires_grad=True)")
-        self._names = tuple(names)
+        names = trainable_parameters(model, params)
+        self._names = names
         self.lr = float(lr)
         self.retain_weight = self.retain_weight_default if retain_weight is None else float(retain_weight)
         plist = [named[n] for n in names]
