@@ -212,6 +212,11 @@ class UnlearningModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         forget, retain = self._split(batch)
+        every = self.hparams.refresh_every
+        if every and self.global_step > 0 and self.global_step % every == 0 and is_second_order(self.method):
+            # iterative Newton: re-estimate the curvature at the current weights (the method's fit() does this
+            # in its own loop; here Lightning drives the steps)
+            self.unlearner.fit_curvature(self._curvature_source())
         if retain is not None and self._held is None:
             self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
         record = self.optimizers().step(closure=lambda: self.unlearner.step(forget, retain, self._held))

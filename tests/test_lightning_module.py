@@ -99,3 +99,21 @@ def test_peft_lora_curvature_on_adapters_only(tmp_path: Path) -> None:
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
+def test_refresh_every_refits_the_curvature_while_lightning_drives_the_steps(tmp_path: Path) -> None:
+    class Counting(UnlearningModule):
+        fits = 0
+
+        def _curvature_source(self):
+            Counting.fits += 1
+            return super()._curvature_source()
+
+    forget, retain = batches(8, seed=1), batches(16, seed=2)
+    module = Counting(small_causal_lm("gpt2", seed=0), method="newton", curvature="diagonal", damping=1.0,
+                      scale=1e-3, max_retain_increase=None, refresh_every=2, curvature_batches=2)
+    module.set_curvature_data(retain)
+    trainer(tmp_path, max_steps=4).fit(module, train_dataloaders=CombinedLoader(
+        {"forget": forget, "retain": retain}, "max_size_cycle"))
+    assert len(module.history) == 4
+    assert Counting.fits == 1 + 1  # on_train_start, then before step 2 (steps 0..3, refresh at global step 2)
