@@ -85,11 +85,39 @@ def _check_choices(config: Any) -> None:
             raise ConfigError(f"model.{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
+REDACTED_KEYS = ("data.forget_regex", "data.forget_ids")
+
+
+def redact_forget_selection(config: Any) -> Any:
+    """A copy of a parsed config whose forget selection (a regex, ids) is replaced by its sha256: the pattern of a
+    secret can be a secret itself, and the saved config goes to the log folder."""
+    import hashlib
+
+    config = config.clone()
+    for key in REDACTED_KEYS:
+        value = config.get(key)
+        if value is not None:
+            text = value if isinstance(value, str) else "\n".join(map(str, value))
+            digest = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+            config[key] = digest if isinstance(value, str) else [digest]
+    return config
+
+
 def _lightning_cli(args: Sequence[str] | None) -> None:
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from .data import ForgetRetainDataModule
     from .module import UnlearningModule
+
+    class RedactedSaveConfig(SaveConfigCallback):
+        """Lightning's config saving, with the forget selection hashed (see `redact_forget_selection`)."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            original, self.config = self.config, redact_forget_selection(self.config)
+            try:
+                super().setup(trainer, pl_module, stage)
+            finally:
+                self.config = original
 
     class UnlearnCLI(LightningCLI):
         """LightningCLI with an `--output` for the unlearned model and early, key-naming config checks."""
@@ -115,7 +143,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             UnlearningModule, ForgetRetainDataModule, args=args,
             trainer_defaults={"logger": _loggers(save_dir), "accelerator": "auto", "enable_checkpointing": False,
                               "log_every_n_steps": 1},
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RedactedSaveConfig, save_config_kwargs={"overwrite": True},
         )
 
 
@@ -221,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `lightning-unlearn` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_X_DISABLE_META", "true")  # wandb would record the command line (it may hold a regex)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args and args[0] == "demo":

@@ -102,10 +102,18 @@ def test_tiny_lightning_config_end_to_end_through_the_command(tiny_demo):
     assert changed, "the unlearning step changed no weight"
     metrics = next((work / "logs").rglob("metrics.csv")).read_text()
     assert "unlearn/forget_loss" in metrics and "val/forget_loss" in metrics
-    tested = run_command(["test", "--config", "kfac.yaml", "--model.model", "runs/unlearn_kfac/model"], cwd=work)
+    # the forget set chosen by a regex this time: the pattern may be a secret, so no log file may hold it
+    pattern = "my PIN is"
+    tested = run_command(["test", "--config", "kfac.yaml", "--model.model", "runs/unlearn_kfac/model",
+                          "--data.forget_column", "null", "--data.forget_regex", pattern, "--data.span", "example"],
+                         cwd=work)
     assert tested.returncode == 0, tested.stderr[-3000:]
+    logged_metrics = "".join(p.read_text() for p in (work / "logs").rglob("metrics.csv"))
     for key in ("test/forget_loss", "test/holdout_ppl", "test/mia_loss_auroc", "test/forget_extraction_strength"):
-        assert key in tested.stdout, key
+        assert key in logged_metrics, key
+    logged = [p for p in (work / "logs").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in logged) and any(".wandb" in p.name for p in logged)
+    assert not [p for p in logged if pattern.encode() in p.read_bytes()]
 
 
 @pytest.mark.parametrize(("override", "key"), [
