@@ -3,6 +3,7 @@
 - `smoke`: tiny sizes, a few tens of seconds; run by `tests/test_benchmarks.py` so the benchmark cannot rot.
 - `cpu-small` (default): the demo's default experiment (a 1M-parameter GPT-2 with canaries); at most ~30 minutes on
   2 CPU cores including training both models (cached under `--cache` afterwards).
+- `cpu-full`: the same experiment with the full sweep of every method's knob (about an hour).
 - `gpu`: GPT-2-small shapes (768 wide, 12 blocks, 12 heads); documented, not run on the CPU machine (see
   benchmarks/README.md for what it needs).
 """
@@ -106,6 +107,26 @@ def full_runs(first_order_steps: int = 100, cg_batches: int = 2, wf_batches: int
     return runs
 
 
+def core_runs(first_order_steps: int = 30) -> list[Run]:
+    """The reduced sweep of cpu-small (fits 30 minutes on 2 shared cores): the demo recipe and its damping and
+    iteration knobs for K-FAC, one setting per other curvature method, two learning rates of gradient ascent."""
+    n = first_order_steps
+    return [
+        Run("newton_kfac", _newton("kfac", 10.0)),
+        Run("newton_kfac", _newton("kfac", 1.0)),
+        Run("newton_kfac", _newton("kfac", 10.0, steps=5), target=True),
+        Run("newton_cg", _newton("cg", 10.0, batches=2, **_cg())),
+        Run("newton_woodfisher", _newton("woodfisher", 10.0, batches=4)),
+        Run("newton_diagonal", _newton("diagonal", 0.01)),
+        Run("fisher_removal", _newton("woodfisher", 10.0, batches=4, loss="nll", method="fisher_removal")),
+        Run("fisher_forgetting", _newton("woodfisher", 10.0, batches=4, method="fisher_forgetting", mu=1e-12)),
+        Run("gradient_ascent", _first("gradient_ascent", 1e-4, n), target=True),
+        Run("gradient_ascent", _first("gradient_ascent", 1e-3, n), target=True),
+        Run("gradient_difference", _first("gradient_difference", 1e-3, n), target=True),
+        Run("npo", _first("npo", 1e-3, n), target=True),
+    ]
+
+
 def smoke_runs() -> list[Run]:
     """One setting per method (two for K-FAC and gradient ascent), small budgets."""
     return [
@@ -139,11 +160,23 @@ PRESETS: dict[str, Preset] = {
     "cpu-small": Preset(
         name="cpu-small",
         experiment=ExperimentConfig(),
+        runs=core_runs(),
+        scaling_sizes=[(64, 2), (128, 2), (128, 4), (256, 4)],
+        scaling_forget=[8, 16, 32],
+        scaling_forget_model=(128, 4),
+        scaling_batches=2,
+        gpt2_measure_hidden=384,
+        description="the demo's default experiment (GPT-2 shape, 128 wide, 4 blocks, ~1M parameters) on 2 CPU cores",
+    ),
+    "cpu-full": Preset(
+        name="cpu-full",
+        experiment=ExperimentConfig(),
         runs=full_runs(),
         scaling_sizes=[(64, 2), (128, 2), (128, 4), (256, 4)],
         scaling_forget=[8, 32, 128],
         scaling_forget_model=(128, 4),
-        description="the demo's default experiment (GPT-2 shape, 128 wide, 4 blocks, ~1M parameters) on 2 CPU cores",
+        description="cpu-small with the full sweep (2-5 settings per method, 100-step first-order budgets); "
+                    "about an hour on 2 quiet cores once the models are cached",
     ),
     "gpu": Preset(
         name="gpu",
