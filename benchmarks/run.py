@@ -181,7 +181,8 @@ def retrained_forget_nll(exp: Experiment, retrained: torch.nn.Module) -> float:
     return s / max(n, 1)
 
 
-def method_rows(exp: Experiment, preset: Preset, say: Callable[[str], None]) -> tuple[list[dict], dict]:
+def method_rows(exp: Experiment, preset: Preset, say: Callable[[str], None],
+                on_row: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], dict]:
     original = exp.train("full")
     retrained = exp.train("retain")
     retrain_seconds = exp.timings["retrain_seconds"]
@@ -215,6 +216,8 @@ def method_rows(exp: Experiment, preset: Preset, say: Callable[[str], None]) -> 
         row["time_over_retrain_same_process"] = out["unlearn_seconds"] / retrain_same_process
         row["reached_level"] = bool(row["exposure_inserted"] <= level)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         say(f"    exposure {row['exposure_inserted']:.2f} bits, ppl {row['test_perplexity_change_pct']:+.1f} %, "
             f"{row['unlearn_seconds']:.2f} s (x{row['time_over_fwd_bwd']:.1f} fwd+bwd)")
         del model
@@ -578,6 +581,7 @@ def markdown(result: dict[str, Any]) -> str:
               f"{g['measured_one_block']['fp32']['as_implemented']:.3f}x measured vs "
               f"{g['measured_one_block']['fp32']['formula_as_implemented']:.3f}x from the shapes.", "",
               "## Scaling (random-init GPT-2, curvature fit + one solve)", "",
+              f"Measured by: {result.get('scaling_source', 'this run')}. CG runs at most 10 iterations.", "",
               "| backend | hidden x layers | params | fit s | solve s | total / fwd+bwd | state MiB | state/params |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["scaling"]["model_size"]:
@@ -602,8 +606,12 @@ def secrets_of(exp: Experiment) -> list[bytes]:
 
 def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = None,
                   cache: str | Path = "runs/benchmarks", *, progress: bool = True,
-                  do_scaling: bool = True) -> dict[str, Any]:
-    """Run a preset end to end and write its results; returns the results dict."""
+                  do_scaling: bool = True, scaling_only: bool = False, reuse_scaling: bool = False) -> dict[str, Any]:
+    """Run a preset end to end and write its results; returns the results dict.
+
+    `scaling_only`: measure the GPT-2-small K-FAC memory and the scaling curves only, into `scaling.json` (no model is
+    trained); `reuse_scaling`: take them from that file instead of measuring them again (so that the two parts can run
+    at the same time)."""
     from lightning_unlearn.demo import _quiet_libraries
     from lightning_unlearn.report import _atomic_write, _clean
 
@@ -616,24 +624,44 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         if progress:
             print(f"[{time.perf_counter() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    if scaling_only:
+        part = {"preset": preset_name, "gpt2_small_kfac_memory": gpt2_small_kfac_memory(preset, say),
+                "scaling": scaling(preset, say), "environment": {"torch_threads": torch.get_num_threads()}}
+        part["seconds"] = time.perf_counter() - start
+        output.mkdir(parents=True, exist_ok=True)
+        _atomic_write(output / "scaling.json", json.dumps(_clean(part), indent=1).encode(), [])
+        say(f"wrote {output / 'scaling.json'} in {part['seconds']:.0f} s")
+        return part
     exp = Experiment(preset.experiment, cache, progress=False)
     say(f"preset {preset_name}: training or loading the original and retrained models (cache {exp.cache})")
-    rows, context = method_rows(exp, preset, say)
+    secrets = secrets_of(exp)
+    output.mkdir(parents=True, exist_ok=True)
+    partial = output / "results.partial.json"
+
+    def on_row(rows: list[dict]) -> None:  # rows so far, in case the run is interrupted
+        _atomic_write(partial, json.dumps(_clean({"preset": preset_name, "methods": rows}), indent=1).encode(),
+                      secrets)
+
+    rows, context = method_rows(exp, preset, say, on_row)
     ttf = time_to_forget(rows, context["level_exposure"])
-    gpt2 = gpt2_small_kfac_memory(preset, say)
-    scale = scaling(preset, say) if do_scaling else {"model_size": [], "forget_size": []}
+    scaling_source = "this run"
+    if reuse_scaling and (output / "scaling.json").exists():
+        part = json.loads((output / "scaling.json").read_text())
+        gpt2, scale = part["gpt2_small_kfac_memory"], part["scaling"]
+        scaling_source = f"scaling.json (--scaling-only, {part['seconds']:.0f} s, run alongside)"
+    else:
+        gpt2 = gpt2_small_kfac_memory(preset, say)
+        scale = scaling(preset, say) if do_scaling else {"model_size": [], "forget_size": []}
     command = "python -m benchmarks.run" + ("" if preset_name == "cpu-small" else f" --preset {preset_name}")
     result = {
         "preset": preset_name, "description": preset.description, "command": command,
         "experiment": dataclasses.asdict(preset.experiment), "context": context, "methods": rows,
-        "time_to_forget": ttf, "gpt2_small_kfac_memory": gpt2, "scaling": scale,
+        "time_to_forget": ttf, "gpt2_small_kfac_memory": gpt2, "scaling": scale, "scaling_source": scaling_source,
         "targets": targets(rows, ttf, gpt2),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
     result["runtime_seconds"] = time.perf_counter() - start
-    secrets = secrets_of(exp)
-    output.mkdir(parents=True, exist_ok=True)
     plots = {"privacy_utility.png": plot_frontier(rows, context),
              "time_to_forget.png": plot_time_to_forget(ttf, context)}
     if do_scaling:
@@ -643,6 +671,7 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         _atomic_write(output / name, data, secrets)
     _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
     _atomic_write(output / "results.md", markdown(result).encode(), secrets)
+    partial.unlink(missing_ok=True)
     say(f"wrote {output} in {result['runtime_seconds']:.0f} s")
     return result
 
@@ -653,9 +682,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="default: benchmarks/results/<preset>")
     parser.add_argument("--cache", default="runs/benchmarks", help="trained models are cached here (per config)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
+    parser.add_argument("--scaling-only", action="store_true",
+                        help="measure the K-FAC GPT-2-small memory and the scaling curves only, into scaling.json")
+    parser.add_argument("--reuse-scaling", action="store_true",
+                        help="take the memory and scaling numbers from scaling.json (written by --scaling-only)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    run_benchmark(args.preset, args.output, args.cache, progress=not args.quiet, do_scaling=not args.no_scaling)
+    run_benchmark(args.preset, args.output, args.cache, progress=not args.quiet, do_scaling=not args.no_scaling,
+                  scaling_only=args.scaling_only, reuse_scaling=args.reuse_scaling)
     return 0
 
 
