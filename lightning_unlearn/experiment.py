@@ -141,29 +141,20 @@ class Experiment:
         return self._data
 
     def canary_loader(self, which: str = "references"):
-        """Batches of canary texts (labels on the secret only), `inserted` or `references`: the MIA's two sides."""
+        """Batches of canary texts (labels on the secret only), `inserted` or `references`: the MIA's two sides.
+        Tokenised exactly like the data module's forget examples."""
         from torch.utils.data import DataLoader
 
-        tok = self.data.tokenizer
+        from .data.tokenize import Collate, Tokenise
+
         canaries = getattr(self.registry, which)
-        rows = []
-        for c in canaries:
-            enc = tok(c.text, return_offsets_mapping=True)
-            start, end = c.secret_span
-            ids = list(enc["input_ids"]) + [tok.eos_token_id]
-            labels = [t if (s < end and e > start) else -100 for t, (s, e) in zip(enc["input_ids"],
-                                                                                 enc["offset_mapping"])] + [-100]
-            rows.append((ids, labels))
-        width = max(len(r[0]) for r in rows)
+        tok = self.data.tokenizer
+        encoded = Tokenise(tok, max_length=self.config.max_length)(
+            {"text": [c.text for c in canaries], "example_id": list(range(len(canaries))),
+             "spans": [[list(c.secret_span)] for c in canaries]})
+        rows = [dict(zip(encoded, values)) for values in zip(*encoded.values())]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-        def collate(items):
-            ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in items])
-            labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in items])
-            mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in items])
-            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-        return DataLoader(rows, batch_size=self.config.batch_size, collate_fn=collate)
+        return DataLoader(rows, batch_size=self.config.batch_size, collate_fn=Collate(pad))
 
     def forget_batches(self) -> list[dict[str, torch.Tensor]]:
         return list(self.data.dataloader("forget", batch_size=64))
