@@ -544,12 +544,14 @@ COLUMNS = [("method", "method", ""), ("setting", "setting", ""), ("exposure_inse
 def markdown(result: dict[str, Any]) -> str:
     ctx, rows = result["context"], result["methods"]
     lines = [f"# Benchmark results: preset `{result['preset']}`", "",
-             f"{result['description']}. Reproduce: `{result['command']}` ({result['runtime_seconds']:.0f} s on "
+             f"{result['description']}. Reproduce: `{result['command']}` ({_f(result['runtime_seconds'], '.0f')} s on "
              f"{result['environment']['cpu_count']} CPU cores with {result['environment']['torch_threads']} torch "
              "threads; timings are wall-clock on a shared machine and noisy: compare ratios, not seconds).", "",
              f"Retrained model: inserted-canary exposure {ctx['retrain_exposure']:.2f} bits; the level counted as "
              f"forgotten is ≤ {ctx['level_exposure']:.2f} bits (retrained + {ctx['level_bits']:g}). Retraining took "
-             f"{ctx['retrain_seconds']:.0f} s. Iterative runs marked `steps≤N` stop when the forget-span NLL reaches "
+             f"{ctx['retrain_seconds']:.0f} s when it was trained "
+             f"({_f(ctx.get('retrain_same_process_seconds'), '.0f')} s of forward+backward compute measured in this "
+             "process). Iterative runs marked `steps≤N` stop when the forget-span NLL reaches "
              f"the retrained model's ({ctx['forget_target_nll']:.2f} nats).", "", "## Targets", "",
              "| target | measured | bound | met | note |", "|---|---|---|---|---|"]
     for t in result["targets"]:
@@ -673,6 +675,52 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
     _atomic_write(output / "results.md", markdown(result).encode(), secrets)
     partial.unlink(missing_ok=True)
     say(f"wrote {output} in {result['runtime_seconds']:.0f} s")
+    return result
+
+
+def finalize_partial(preset_name: str, output: str | Path | None = None, cache: str | Path = "runs/benchmarks",
+                     ) -> dict[str, Any]:
+    """Write results.json/md and plots from `results.partial.json` (+ `scaling.json`) of an interrupted run: the rows
+    measured so far, marked as partial. Nothing is re-measured."""
+    from lightning_unlearn.report import _atomic_write, _clean
+
+    preset = PRESETS[preset_name]
+    output = Path(output) if output is not None else ROOT / "results" / preset_name
+    rows = json.loads((output / "results.partial.json").read_text())["methods"]
+    part = json.loads((output / "scaling.json").read_text())
+    gpt2, scale = part["gpt2_small_kfac_memory"], part["scaling"]
+    retrain = next(r for r in rows if r["method"] == "retrain")
+    runs = [r for r in rows if r["method"] not in ("original", "retrain")]
+    target = next((r["hyperparameters"]["forget_target"] for r in runs if r["hyperparameters"].get("forget_target")),
+                  float("nan"))
+    same = next((r["unlearn_seconds"] / r["time_over_retrain_same_process"] for r in runs), float("nan"))
+    level = retrain["exposure_inserted"] + preset.level_bits
+    context = {"retrain_seconds": retrain["unlearn_seconds"], "retrain_same_process_seconds": same,
+               "forget_target_nll": target, "level_bits": preset.level_bits, "level_exposure": level,
+               "retrain_exposure": retrain["exposure_inserted"]}
+    ttf = time_to_forget(rows, level)
+    exp = Experiment(preset.experiment, cache, progress=False)
+    result = {
+        "preset": preset_name, "command": "python -m benchmarks.run" + (
+            "" if preset_name == "cpu-small" else f" --preset {preset_name}"),
+        "description": f"{preset.description}. PARTIAL: {len(runs)} of {len(preset.runs)} runs of the sweep were "
+                       "measured before the run was stopped (the time budget); the missing ones are not in the tables",
+        "experiment": dataclasses.asdict(preset.experiment), "context": context, "methods": rows,
+        "time_to_forget": ttf, "gpt2_small_kfac_memory": gpt2, "scaling": scale,
+        "scaling_source": f"scaling.json (--scaling-only, {part['seconds']:.0f} s, run alongside)",
+        "targets": targets(rows, ttf, gpt2), "partial": {"measured_runs": len(runs), "planned_runs": len(preset.runs)},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads()},
+        "runtime_seconds": float("nan"),
+    }
+    secrets = secrets_of(exp)
+    plots = {"privacy_utility.png": plot_frontier(rows, context),
+             "time_to_forget.png": plot_time_to_forget(ttf, context), "scaling.png": plot_scaling(scale)}
+    result["plots"] = list(plots)
+    for name, data in plots.items():
+        _atomic_write(output / name, data, secrets)
+    _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
+    _atomic_write(output / "results.md", markdown(result).encode(), secrets)
     return result
 
 
