@@ -45,6 +45,9 @@ def run(fabric: Fabric, out: Path) -> None:
               "curvature": full.state_dict(), "records": [r.to_dict() for r in records]}
     if fabric.is_global_zero:  # a file: the spawn launcher's return queue blocks on large results
         torch.save(result, out)
+    fabric.barrier()  # leave together, and tear gloo down before exit (a live gloo thread can abort the process)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def load(path: Path) -> dict:
