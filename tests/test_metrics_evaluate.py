@@ -1,35 +1,14 @@
 """evaluate(): every metric in one call, on plain loaders and on the real ForgetRetainDataModule."""
 
 import math
-import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
+from text_fixtures import batches, char_tokenizer
 
 from lightning_unlearn.metrics import CanarySpec, evaluate
 from lightning_unlearn.metrics.membership import auroc
 from lightning_unlearn.models import small_causal_lm
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    chars = list(string.ascii_lowercase + string.digits + " .,:!?'-")
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)},
-                                                                        merges=[])))
-    tok.pad_token = "."
-    return tok
-
-
-def batches(tok, texts, batch_size=3):
-    """Right-padded batch dicts (CONVENTIONS): labels = input ids, -100 on padding."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], padding=True, return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
-
 
 FORGET = [f"patient {n} was seen on day {n % 7}" for n in range(7)]
 HOLDOUT = [f"visitor {n} arrived at gate {n % 5}" for n in range(8)]

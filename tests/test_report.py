@@ -1,13 +1,12 @@
 """The report: JSON/Markdown/PNG files, no forget text or canary secret in any of them, hashes, atomic writes."""
 
 import json
-import string
 
 import matplotlib.image as mpimg
 import pytest
 import torch
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
+from text_fixtures import batches as _batches
+from text_fixtures import char_tokenizer
 
 from lightning_unlearn.data import make_canaries
 from lightning_unlearn.metrics import canary_specs, evaluate
@@ -15,21 +14,8 @@ from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.report import direction, hash_state_dict, hash_texts, write_report
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    chars = list(string.ascii_lowercase + string.digits + " .,:!?'-")
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)},
-                                                                        merges=[])))
-    tok.pad_token = "."
-    return tok
-
-
 def batches(tok, texts, batch_size=4):
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], padding=True, return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
+    return _batches(tok, texts, batch_size)
 
 
 def fit(model, data, steps: int, sign: float = 1.0, lr: float = 3e-3):
