@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from .curvature import Curvature, Reduce, identity
+from .curvature.base import eval_mode
 from .curvature.objective import IGNORE_INDEX
 from .io import atomic_file
 
@@ -203,15 +204,10 @@ def _build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature
 
 def _fit_curvature(curvature: Curvature, batches: Iterable[Mapping[str, Tensor]], model: nn.Module) -> Curvature:
     """Accumulate `batches` (this process's share) in eval mode with gradients on, then finalize (reduces)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            for batch in batches:
-                curvature.accumulate(batch)
-            return curvature.finalize()
-    finally:
-        model.train(was_training)
+    with torch.enable_grad(), eval_mode(model):
+        for batch in batches:
+            curvature.accumulate(batch)
+        return curvature.finalize()
 
 
 def request_curvature(
@@ -394,14 +390,8 @@ class CurvatureCallback(Callback):
         if self.has_curvature or not self.should_accumulate(trainer, pl_module, batch, batch_idx):
             return
         curvature = self._ensure_curvature(trainer, pl_module)
-        model = self.model_getter(pl_module)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                curvature.accumulate(self.prepare(batch, pl_module))
-        finally:
-            model.train(was_training)
+        with torch.enable_grad(), eval_mode(self.model_getter(pl_module)):
+            curvature.accumulate(self.prepare(batch, pl_module))
         self.batches_seen += 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -417,16 +407,10 @@ class CurvatureCallback(Callback):
         if self.dataloader is not None:
             mine = shard(self.dataloader, trainer.global_rank, trainer.world_size)
             batches = (self.prepare(b, pl_module) for b in mine)
-            model = self.model_getter(pl_module)
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.enable_grad():
-                    for batch in batches:
-                        curvature.accumulate(batch)
-                        self.batches_seen += 1
-            finally:
-                model.train(was_training)
+            with torch.enable_grad(), eval_mode(self.model_getter(pl_module)):
+                for batch in batches:
+                    curvature.accumulate(batch)
+                    self.batches_seen += 1
         seen = int(trainer.strategy.reduce(torch.tensor(float(self.batches_seen)), reduce_op="sum"))
         if seen == 0:
             rank_zero_info(f"{type(self).__name__}: no batch was accumulated; no curvature checkpoint written")

@@ -15,9 +15,6 @@ def lm_batch(b: int = 3, **kw) -> dict:
     return _lm_batch(b=b, **kw)
 
 
-
-
-
 CASES = {
     "mlp-mse": (mlp, MSEObjective, lambda: [mlp_batch("mse"), mlp_batch("mse", b=3, seed=5)]),
     "mlp-ce": (mlp, lambda: CrossEntropyObjective(shift=False),

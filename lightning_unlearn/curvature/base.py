@@ -16,9 +16,10 @@ A finalized curvature has a `state_dict()`, so one saved at the end of training 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -49,6 +50,19 @@ def check_damping(damping: float) -> float:
     if not math.isfinite(damping) or damping <= 0:
         raise ValueError(f"damping must be a finite number > 0, got {damping}; typical values are 1e-4 to 1e-1")
     return damping
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put `model` in eval mode (no dropout: curvature and losses of a fixed function); restores each
+    submodule's own flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def gradient(model: nn.Module, loss: Tensor, names: Iterable[str]) -> Vector:

@@ -33,17 +33,16 @@ private training text), so a CG curvature is re-estimated from batches after loa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
-from .base import Curvature, Vector, check_finite, tensor_bytes
+from .base import Curvature, Vector, check_finite, eval_mode, tensor_bytes
 from .layers import covered_parameters, unwrap_model
 from .objective import Objective, model_logits
 
@@ -56,16 +55,6 @@ class NegativeCurvatureError(ArithmeticError):
     subtraction that left the curvature indefinite)."""
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Temporarily put `model` in eval mode (restores each submodule's flag)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class HessianFree(Curvature):

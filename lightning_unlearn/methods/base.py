@@ -18,18 +18,17 @@ decision. Torch only: drivers (Lightning, Fabric) inject `reduce`/`gather`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Curvature, Reduce, Vector, identity
+from ..curvature.base import Curvature, Reduce, Vector, eval_mode, identity
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, mean_nll
 
 Batch = Mapping[str, Tensor]
@@ -64,15 +63,6 @@ class StepRecord:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluate deterministically (dropout off) and restore the previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _as_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
