@@ -48,7 +48,7 @@ def test_fisher_forgetting_noise_covariance_matches_theory(backend):
     curvature.accumulate(batch)
     curvature.finalize()
     mu, sigma, lam = 1e-2, 2.0, 1e-2
-    u = FisherForgetting(model, curvature, mu=mu, sigma=sigma, damping=lam, seed=7)
+    u = FisherForgetting(model, curvature, mu=mu, sigma=sigma, damping=lam, damping_mode="absolute", seed=7)
     names = curvature.param_names
     samples = torch.stack([_flat(u.noise(), names) for _ in range(4000)])
     empirical = samples.T @ samples / len(samples)
@@ -70,7 +70,8 @@ def test_fisher_forgetting_is_reproducible_by_seed():
         c = DiagonalFisher(m, objective=CrossEntropyObjective(shift=False))
         c.accumulate(batch)
         c.finalize()
-        u = FisherForgetting(m, c, mu=1e-4, seed=seed, scale=0.1, max_retain_increase=None)
+        u = FisherForgetting(m, c, mu=1e-4, seed=seed, scale=0.1, max_retain_increase=None, step_search=False,
+                             steps=1)
         u.fit([batch])
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 

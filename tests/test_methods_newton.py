@@ -88,8 +88,10 @@ def test_unlikelihood_default_beats_nll_ascent_for_same_newton_step(memorised):
     base, forget, retain, held = memorised
     out = {}
     for loss in ("unlikelihood", "nll"):
+        # the fixed step of the first build (absolute λ, no step search): the objectives compared at equal η
         u = build_unlearner("newton", copy.deepcopy(base), curvature_backend="kfac", forget_loss=loss, damping=1e-3,
-                            scale=3e-3, max_retain_increase=None)
+                            damping_mode="absolute", step_search=False, steps=1, scale=3e-3,
+                            max_retain_increase=None)
         u.fit([forget], retain, held)
         out[loss] = u.measure(forget)
     assert out["unlikelihood"] > out["nll"] + 1.0, out
@@ -100,7 +102,8 @@ def test_huge_step_is_rolled_back_bit_identically(memorised):
     model = copy.deepcopy(base)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     log = []
-    u = build_unlearner("newton", model, curvature_backend="kfac", scale=1e6, max_retries=2, log=log.append)
+    u = build_unlearner("newton", model, curvature_backend="kfac", damping=1e-3, damping_mode="absolute",
+                        step_search=False, steps=1, scale=1e6, max_retries=2, log=log.append)
     records = u.fit([forget], retain, held)
     assert [r.accepted for r in records] == [False, False, False]
     assert all(r.reason in ("retain_increase", "non_finite") for r in records)

@@ -30,6 +30,10 @@ from .objective import CrossEntropyObjective, Objective, model_logits
 Vector = dict[str, Tensor]
 Reduce = Callable[[Tensor], Tensor]
 
+#: how `apply` reads its `damping`: "relative" (ρ, a multiple of each block's mean eigenvalue: scale-free, the
+#: default of the methods) or "absolute" (λ itself, the same for every block)
+DAMPING_MODES = ("relative", "absolute")
+
 
 def identity(tensor: Tensor) -> Tensor:
     """The single-process reduction."""
@@ -50,6 +54,13 @@ def check_damping(damping: float) -> float:
     if not math.isfinite(damping) or damping <= 0:
         raise ValueError(f"damping must be a finite number > 0, got {damping}; typical values are 1e-4 to 1e-1")
     return damping
+
+
+def check_damping_mode(mode: str) -> str:
+    if mode not in DAMPING_MODES:
+        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {mode!r}; 'relative' (the default) reads "
+                         "damping as a multiple of each layer's mean curvature eigenvalue, 'absolute' as λ itself")
+    return mode
 
 
 @contextlib.contextmanager
@@ -101,6 +112,7 @@ class Curvature(ABC):
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.param_names: tuple[str, ...] = ()
         self.finalized = False
+        self._scales: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ public protocol
     def accumulate(self, batch: Mapping[str, Tensor]) -> None:
@@ -115,25 +127,74 @@ class Curvature(ABC):
             raise RuntimeError(f"{self.name}: finalize() called twice; call reset() and accumulate again")
         self._finalize()
         self.finalized = True
+        self._scales = None
         return self
 
-    def apply(self, vector: Mapping[str, Tensor], damping: float, power: float = -1.0) -> Vector:
-        """`(C + λI)^power v` for a parameter-shaped `vector` (dict name -> tensor)."""
+    def fit(self, batches: Iterable[Mapping[str, Tensor]]) -> Curvature:
+        """Accumulate `batches` in eval mode, finalize, then run the backend's post-processing on the same batches
+        (e.g. K-FAC's EK-FAC eigenvalue correction when it was asked for). Every driver fits through here."""
+        batches = list(batches)
+        with torch.enable_grad(), eval_mode(self.model):
+            for batch in batches:
+                self.accumulate(batch)
+            self.finalize()
+            self._after_fit(batches)
+        return self
+
+    def _after_fit(self, batches: list[Mapping[str, Tensor]]) -> None:
+        """Hook after `fit` has finalized (batches: the ones just accumulated)."""
+        return None
+
+    def apply(self, vector: Mapping[str, Tensor], damping: float, power: float = -1.0, *,
+              mode: str = "absolute") -> Vector:
+        """`(C + λI)^power v` for a parameter-shaped `vector` (dict name -> tensor).
+
+        `mode="absolute"`: λ = `damping` everywhere. `mode="relative"`: λ = `damping` × the block's mean
+        eigenvalue (`damping_scales()`), so the same `damping` means the same thing for every layer and model
+        (scaling the loss by a constant scales C and the gradient alike and leaves the Newton direction unchanged).
+        """
         damping = check_damping(damping)
+        check_damping_mode(mode)
         if not self.finalized:
             raise RuntimeError(f"{self.name}: apply() before finalize(); accumulate batches, then call finalize()")
         if self.supported_powers is not None and not any(math.isclose(power, p) for p in self.supported_powers):
             raise ValueError(f"{self.name} supports power in {self.supported_powers}, got {power}")
         self.check_vector(vector)
-        return self._apply(dict(vector), damping, float(power))
+        if mode == "absolute":
+            return self._apply(dict(vector), lambda block: damping, float(power))
+        scales = self.damping_scales()
+        return self._apply(dict(vector), lambda block: damping * scales[block], float(power))
 
-    def inverse(self, vector: Mapping[str, Tensor], damping: float) -> Vector:
+    def inverse(self, vector: Mapping[str, Tensor], damping: float, *, mode: str = "absolute") -> Vector:
         """`(C + λI)^-1 v`: the Newton direction for gradient `v`."""
-        return self.apply(vector, damping, -1.0)
+        return self.apply(vector, damping, -1.0, mode=mode)
+
+    def damping_scales(self) -> dict[str, float]:
+        """Each block's curvature scale (its mean eigenvalue, see the backend), the unit of relative damping.
+
+        A block whose scale is 0 (no curvature seen) gets 1e-6 × the mean of the others, so the step there stays
+        finite. Cached until the statistics change.
+        """
+        if not self.finalized:
+            raise RuntimeError(f"{self.name}: damping_scales() before finalize(); accumulate batches, then finalize()")
+        if self._scales is None:
+            raw = {k: float(v) for k, v in self._damping_scales().items()}
+            positive = [v for v in raw.values() if math.isfinite(v) and v > 0]
+            floor = 1e-6 * (sum(positive) / len(positive) if positive else 1.0)
+            self._scales = {k: (v if math.isfinite(v) and v > floor else floor) for k, v in raw.items()}
+        return self._scales
+
+    def quadratic(self, vector: Mapping[str, Tensor]) -> float:
+        """`vᵀ C v` (no damping): ½ of it is the curvature's prediction of the loss increase of a step `v`."""
+        if not self.finalized:
+            raise RuntimeError(f"{self.name}: quadratic() before finalize(); accumulate batches, then finalize()")
+        self.check_vector(vector)
+        return float(self._quadratic(dict(vector)))
 
     def reset(self) -> None:
         """Forget all statistics (keeps the configuration)."""
         self.finalized = False
+        self._scales = None
         self._reset()
 
     def check_vector(self, vector: Mapping[str, Tensor]) -> None:
@@ -172,6 +233,7 @@ class Curvature(ABC):
             raise ValueError(f"{self.name}: saved curvature covers other parameters than this model's tracked ones")
         self._load_state(state)
         self.finalized = True
+        self._scales = None
 
     def subtract(self, other: Curvature) -> Curvature:
         """Remove `other`'s data from this curvature, in place: `C = (n C - n_o C_o) / (n - n_o)`, kept PSD.
@@ -184,6 +246,7 @@ class Curvature(ABC):
         if type(other) is not type(self) or list(other.param_names) != list(self.param_names):
             raise ValueError(f"cannot subtract a {other.name} curvature over other parameters from a {self.name} one")
         self._subtract(other)
+        self._scales = None
         return self
 
     def _subtract(self, other: Curvature) -> None:
@@ -201,7 +264,16 @@ class Curvature(ABC):
     def _finalize(self) -> None: ...
 
     @abstractmethod
-    def _apply(self, vector: Vector, damping: float, power: float) -> Vector: ...
+    def _apply(self, vector: Vector, damping: Callable[[str], float], power: float) -> Vector:
+        """`(C + λ_b I)^power v`, with `damping(block)` the λ of each block (a key of `_damping_scales()`)."""
+
+    @abstractmethod
+    def _damping_scales(self) -> dict[str, float]:
+        """Block key -> the block's mean curvature eigenvalue (the unit of relative damping)."""
+
+    @abstractmethod
+    def _quadratic(self, vector: Vector) -> float:
+        """`vᵀ C v`."""
 
     @abstractmethod
     def _reset(self) -> None: ...

@@ -82,12 +82,20 @@ class DiagonalFisher(Curvature):
         self.count = torch.tensor(count, dtype=torch.float64)
         self.sums = {}
 
-    def _apply(self, vector: Vector, damping: float, power: float) -> Vector:
+    def _apply(self, vector: Vector, damping, power: float) -> Vector:
         out = {}
         for n in self.param_names:
             v = vector[n]
-            out[n] = ((self.diagonal[n].to(v.device) + damping) ** power).to(v.dtype) * v
+            out[n] = ((self.diagonal[n].to(v.device) + damping(n)) ** power).to(v.dtype) * v
         return out
+
+    def _damping_scales(self) -> dict[str, float]:
+        """Per parameter tensor: the mean of its diagonal."""
+        return {n: float(self.diagonal[n].double().mean()) for n in self.param_names}
+
+    def _quadratic(self, vector: Vector) -> float:
+        return float(sum((self.diagonal[n].double().to(vector[n].device) * vector[n].double().pow(2)).sum()
+                         for n in self.param_names))
 
     def _subtract(self, other: Curvature) -> None:
         n, n_o = float(self.count), float(other.count)

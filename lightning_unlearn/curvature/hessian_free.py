@@ -218,11 +218,35 @@ class HessianFree(Curvature):
             )
 
     # ------------------------------------------------------------------ solve
-    def _apply(self, vector: Vector, damping: float, power: float) -> Vector:
+    #: Rademacher probes of the Hutchinson trace estimate behind relative damping
+    trace_probes: int = 4
+
+    def _damping_scales(self) -> dict[str, float]:
+        """One block: the mean eigenvalue trace(C)/d, by Hutchinson's estimate with `trace_probes` Rademacher
+        probes from a generator seeded with `seed` (`trace_probes` products over the curvature batches)."""
+        self._check_batches()
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
+        d = sum(int(t.numel()) for t in self._flatten_shapes())
+        total = 0.0
+        for _ in range(self.trace_probes):
+            z = (torch.randint(0, 2, (d,), generator=gen) * 2 - 1).to(device=self._device(), dtype=self._work_dtype())
+            total += float(z @ self._matvec_flat(z))
+        return {"all": total / (self.trace_probes * d)}
+
+    def _flatten_shapes(self) -> list[Tensor]:
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.param_names]
+
+    def _quadratic(self, vector: Vector) -> float:
+        self._check_batches()
+        flat = self._flatten(vector)
+        return float(flat @ self._matvec_flat(flat))
+
+    def _apply(self, vector: Vector, damping_of, power: float) -> Vector:
         self._check_batches()
         b = self._flatten(vector)
         check_finite("the vector passed to apply()", b)
-        x, info = self.solve(b, damping)
+        x, info = self.solve(b, damping_of("all"))
         self.last_solve = info
         return self._unflatten(x, like=vector)
 

@@ -309,23 +309,56 @@ class KFAC(Curvature):
             s = sums[layer.name] / total
             check_finite(f"layer {layer.name!r}", s)
             self.corrected[layer.name] = self._store(s)
+        self._scales = None
         return self
 
+    def _after_fit(self, batches: list[Mapping[str, Tensor]]) -> None:
+        if self.eigenvalue_correction:
+            self.correct_eigenvalues(batches)
+
     # ------------------------------------------------------------------ apply
-    def _apply(self, vector: Vector, damping: float, power: float) -> Vector:
+    def _eigenvalues(self, name: str) -> Tensor:
+        """The layer's eigenvalues in its Kronecker eigenbasis, [out, in+1]: EK-FAC's when corrected."""
+        if name in self.corrected:
+            return self.corrected[name].to(self.compute_dtype)
+        _, s_a, _, s_g = self.eigen[name]
+        return s_g.to(self.compute_dtype)[:, None] * s_a.to(self.compute_dtype)[None, :]
+
+    def _damping_scales(self) -> dict[str, float]:
+        """Per layer: the mean of its eigenvalue products `s_G s_Aᵀ` (= mean(s_G) · mean(s_A); EK-FAC's mean when
+        corrected)."""
+        if self.eigenvalue_correction and not self.corrected:
+            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
+                               "correct_eigenvalues(batches) after finalize() (fit(batches) does it)")
+        out = {}
+        for layer in self.layers:
+            if layer.name in self.corrected:
+                out[layer.name] = float(self.corrected[layer.name].float().mean())
+            else:
+                _, s_a, _, s_g = self.eigen[layer.name]
+                out[layer.name] = float(s_g.double().mean() * s_a.double().mean())
+        return out
+
+    def _quadratic(self, vector: Vector) -> float:
+        total = 0.0
+        for layer in self.layers:
+            v = layer.to_matrix(vector)
+            u_a, _, u_g, _ = (t.to(device=v.device, dtype=self.compute_dtype) for t in self.eigen[layer.name])
+            m = u_g.T @ v.to(self.compute_dtype) @ u_a
+            total += float((m.pow(2) * self._eigenvalues(layer.name).to(m.device)).sum())
+        return total
+
+    def _apply(self, vector: Vector, damping, power: float) -> Vector:
         if self.eigenvalue_correction and not self.corrected:
             raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
                                "correct_eigenvalues(batches) after finalize() (and again after subtract())")
         out: Vector = {}
         for layer in self.layers:
             v = layer.to_matrix(vector)
-            u_a, s_a, u_g, s_g = (t.to(device=v.device, dtype=self.compute_dtype) for t in self.eigen[layer.name])
-            if layer.name in self.corrected:
-                s = self.corrected[layer.name].to(device=v.device, dtype=self.compute_dtype)
-            else:
-                s = s_g[:, None] * s_a[None, :]
+            u_a, _, u_g, _ = (t.to(device=v.device, dtype=self.compute_dtype) for t in self.eigen[layer.name])
+            s = self._eigenvalues(layer.name).to(v.device)
             m = u_g.T @ v.to(self.compute_dtype) @ u_a
-            m = m * (s + damping).pow(power)
+            m = m * (s + damping(layer.name)).pow(power)
             result = (u_g @ m @ u_a.T).to(v.dtype)
             out.update(layer.from_matrix(result))
         return out

@@ -188,11 +188,33 @@ class WoodFisher(Curvature):
         """G c for one block, per parameter (flat, row dtype)."""
         return {n: self.rows[n].T @ coeffs.to(device=self.rows[n].device, dtype=self.rows[n].dtype) for n in group}
 
-    def _apply(self, vector: Vector, damping: float, power: float) -> Vector:
+    @staticmethod
+    def _block_key(group: tuple[str, ...]) -> str:
+        return group[0]
+
+    def _damping_scales(self) -> dict[str, float]:
+        """Per block: the mean of its non-zero eigenvalues (the Fisher's rank is at most the number of examples,
+        so the mean over all d eigenvalues would be ~0)."""
+        out = {}
+        for group, entry in zip(self.groups, self._decomp):
+            eig = entry["eig"]
+            eig = eig[eig > 0]
+            out[self._block_key(group)] = float(eig.mean()) if eig.numel() else 0.0
+        return out
+
+    def _quadratic(self, vector: Vector) -> float:
+        total = 0.0
+        for group, entry in zip(self.groups, self._decomp):
+            utv = entry["coef"].T @ self._gt(group, vector)
+            total += float((entry["eig"] * utv.pow(2)).sum())
+        return total
+
+    def _apply(self, vector: Vector, damping_of, power: float) -> Vector:
         params = dict(self.model.named_parameters())
         out: Vector = {}
         signed = bool((self.signs < 0).any())
         for group, entry in zip(self.groups, self._decomp):
+            damping = damping_of(self._block_key(group))
             gtv = self._gt(group, vector)
             if power == -1.0 and not signed:
                 # dual form: (1/λ)[v − G (Nλ I + GᵀG)⁻¹ Gᵀ v]

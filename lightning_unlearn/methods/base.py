@@ -1,7 +1,16 @@
-"""The unlearning engine's method protocol: a trial update, a Levenberg-Marquardt safety check, a decision log.
+"""The unlearning engine's method protocol: a trial update, a safety check, a target, a status, a decision log.
 
-    unlearner = build_unlearner("newton", model, curvature_backend="kfac", scale=1.0, steps=3)
-    records = unlearner.fit(forget_batches, retain_batches, held_retain_batch=held)
+    unlearner = build_unlearner("newton", model)            # the default recipe: K-FAC, relative damping
+    records = unlearner.fit(forget_batches, retain_batches, holdout_batches=holdout_batches)
+    unlearner.status       # "target_reached" | "budget_exhausted" | "nothing_accepted"
+    unlearner.summary()    # status, target, steps, losses before and after (numbers only)
+
+**The target.** `holdout_batches` are data of the same kind as the forget set that the model never saw
+(never-inserted reference canaries, QA pairs of people outside the training set, the data module's `holdout`
+split). Their mean token NLL at the current weights is the forget loss a model that never saw the forget set
+would have: the run stops as soon as the forget loss reaches it (`target_reached`). `forget_target=<nats>` sets
+the level by hand instead. Without either there is no target: each step then takes the largest step within the
+retain budget (documented fallback).
 
 Every method proposes an update from the forget data; `step` applies it as a *trial*: the held retain loss and
 the forget loss are measured, and the trial is rolled back (weights restored bit for bit from a copy) when
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -28,10 +38,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Curvature, Reduce, Vector, eval_mode, identity
+from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, mean_nll
 
 Batch = Mapping[str, Tensor]
+
+#: how a run ended (`Unlearner.status`)
+STATUSES = ("target_reached", "budget_exhausted", "nothing_accepted")
+
+
+class NothingAcceptedWarning(UserWarning):
+    """A run accepted no step: the model is unchanged (every trial was rolled back)."""
 
 CURVATURE_BACKENDS = ("kfac", "cg", "woodfisher", "diagonal")
 #: names a curvature object may carry (`Curvature.name`) -> the backend key
@@ -47,7 +64,12 @@ class StepRecord:
     (curvature methods) or the effective learning rate (first-order). `forget_loss`/`retain_loss` are the mean
     token NLL on the forget set and on the held retain batch *after* the trial. `reason` is one of "accepted",
     "target_reached" (accepted, forget target met), "retain_increase", "non_finite" (rolled back).
-    `trial` counts retries within the step (0 = first try).
+    `trial` counts retries within the step (0 = first try). With the step search (second-order methods),
+    `scale` is the step length η chosen along the Newton direction, `evaluations` the number of points tried
+    (each a forward pass over the forget set and the held retain batch), `target` the forget loss aimed at,
+    `predicted_increase` the curvature's ½ΔᵀCΔ of the accepted update, and the reason may also be
+    "retain_budget" (accepted: the largest step within the retain budget, which is now spent) or "no_progress"
+    (rolled back: no step length raised the forget loss within the budget).
     """
 
     step: int
@@ -58,6 +80,9 @@ class StepRecord:
     accepted: bool
     reason: str
     trial: int = 0
+    target: float | None = None
+    evaluations: int = 1
+    predicted_increase: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +146,10 @@ class Unlearner(ABC):
         self.history: list[StepRecord] = []
         self.step_count = 0
         self._reference: tuple[Batch, float] | None = None
+        self.holdout: list[Batch] = []
+        self.target_source = "forget_target" if forget_target is not None else "none"
+        self._status: str | None = None
+        self._losses: dict[str, float | None] = {}
 
     # ------------------------------------------------------------------ what subclasses provide
     @property
@@ -235,6 +264,55 @@ class Unlearner(ABC):
             self._reference = (held, self.measure(held))
         return self._reference[1]
 
+    # ------------------------------------------------------------------ the target
+    def calibrate(self, holdout_batches: Iterable[Batch] | Batch | None) -> float | None:
+        """Use `holdout_batches` (never-trained data of the forget set's kind) as the target: the forget loss to
+        reach is their mean token NLL at the current weights (re-measured before every step). An explicit
+        `forget_target` wins. Returns the current target (None without one)."""
+        self.holdout = _as_list(holdout_batches)
+        if self.forget_target is None:
+            self.target_source = "holdout" if self.holdout else "none"
+        return self.current_target()
+
+    def current_target(self) -> float | None:
+        """The forget loss this run aims at now (see `calibrate`)."""
+        if self.forget_target is not None:
+            return float(self.forget_target)
+        if self.holdout:
+            return self.measure(self.holdout)
+        return None
+
+    @property
+    def status(self) -> str | None:
+        """How the last `fit` ended: "target_reached", "budget_exhausted" or "nothing_accepted" (None before)."""
+        return self._status
+
+    def _finish(self, records: Sequence[StepRecord], target: float | None) -> None:
+        accepted = [r for r in records if r.accepted]
+        if any(r.reason == "target_reached" for r in records):
+            self._status = "target_reached"
+        elif not accepted:
+            self._status = "nothing_accepted"
+            warnings.warn(
+                f"{self.name}: no step was accepted ({len(records)} trial(s) rolled back): the model is unchanged."
+                " Check the step records' reasons (retain_increase: raise max_retain_increase or give more retain"
+                " data; non_finite: lower the scale; no_progress: the forget loss cannot rise along this direction)",
+                NothingAcceptedWarning, stacklevel=3)
+        else:
+            self._status = "budget_exhausted"
+        self._losses["target"] = target
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers only: status, target and where it came from, steps accepted, losses before and after."""
+        records = self.history
+        return {"status": self.status, "target": self._losses.get("target"), "target_source": self.target_source,
+                "steps_accepted": sum(r.accepted for r in records), "trials": len(records),
+                "evaluations": sum(r.evaluations for r in records),
+                "forget_loss_before": self._losses.get("forget_before"),
+                "forget_loss_after": self._losses.get("forget_after"),
+                "retain_loss_before": self._losses.get("retain_before"),
+                "retain_loss_after": self._losses.get("retain_after")}
+
     # ------------------------------------------------------------------ public API
     def step(
         self,
@@ -253,6 +331,7 @@ class Unlearner(ABC):
             raise ValueError("step() needs at least one forget batch")
         held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
         reference = self.reference_retain_loss(held) if held is not None else None
+        target = self.current_target()
         context = self._prepare(forget, retain)
         index = self.step_count
         self.step_count += 1
@@ -270,14 +349,14 @@ class Unlearner(ABC):
             elif (reference is not None and retain_loss is not None and self.max_retain_increase is not None
                   and retain_loss > reference * (1.0 + self.max_retain_increase)):
                 reason = "retain_increase"
-            elif self.forget_target is not None and forget_loss >= self.forget_target:
+            elif target is not None and forget_loss >= target:
                 reason = "target_reached"
             else:
                 reason = "accepted"
             accepted = reason in ("accepted", "target_reached")
             record = self._emit(StepRecord(step=index, damping=self.damping, scale=self._record_scale(),
                                            forget_loss=forget_loss, retain_loss=retain_loss, accepted=accepted,
-                                           reason=reason, trial=trial))
+                                           reason=reason, trial=trial, target=target))
             if accepted:
                 self._accept()
                 return record
@@ -293,23 +372,40 @@ class Unlearner(ABC):
         forget_batches: Iterable[Batch],
         retain_batches: Iterable[Batch] | None = None,
         held_retain_batch: Batch | None = None,
+        holdout_batches: Iterable[Batch] | None = None,
     ) -> list[StepRecord]:
-        """The whole run: up to `steps` steps over all forget batches; stops early when the forget target is reached
-        or a step is rolled back after all retries. Returns every record of this run (rolled-back trials too)."""
+        """The whole run: up to `steps` steps over all forget batches; stops early when the target is reached (see
+        `calibrate`; `holdout_batches` set it), the retain budget is spent, or a step is rolled back after all
+        retries. Sets `status` (warns with `NothingAcceptedWarning` when nothing was accepted) and returns every
+        record of this run (rolled-back trials too)."""
         forget = _as_list(forget_batches)
         retain = _as_list(retain_batches)
         if not forget:
             raise ValueError("fit() needs at least one forget batch")
+        if holdout_batches is not None:
+            self.calibrate(holdout_batches)
         start = len(self.history)
         self._begin_fit(forget, retain)
         held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
+        self._losses = {"forget_before": self.measure(forget),
+                        "retain_before": self.reference_retain_loss(held) if held is not None else None}
+        target = self.current_target()
+        if target is not None and self._losses["forget_before"] >= target:
+            self._status = "target_reached"  # nothing to do: the forget set already looks unseen
+            self._losses.update(target=target, forget_after=self._losses["forget_before"],
+                                retain_after=self._losses["retain_before"])
+            return []
         for i in range(self.steps):
             self._before_step(i, forget, retain)
             step_retain = [retain[i % len(retain)]] if retain else []
             record = self.step(forget, step_retain, held)
-            if not record.accepted or record.reason == "target_reached":
+            if not record.accepted or record.reason in ("target_reached", "retain_budget"):
                 break
-        return self.history[start:]
+        records = self.history[start:]
+        self._losses["forget_after"] = self.measure(forget)
+        self._losses["retain_after"] = self.measure(held) if held is not None else None
+        self._finish(records, records[-1].target if records else target)
+        return records
 
 
 def clone_curvature(curvature: Curvature) -> Curvature:
@@ -322,15 +418,36 @@ def clone_curvature(curvature: Curvature) -> Curvature:
     return copy.deepcopy(curvature, memo)
 
 
+#: the default recipe of the second-order methods (see `SecondOrderUnlearner`)
+DEFAULT_RELATIVE_DAMPING = 0.1
+DEFAULT_NEWTON_STEPS = 5
+
+
 class SecondOrderUnlearner(Unlearner):
-    """Methods with curvature: the damped Newton direction `η (C + λI)^-1 (-∇U)` (U the forget objective to
-    minimise; for `nll` this is `η (C + λI)^-1 ∇L_forget`), on the parameters the curvature covers.
+    """Methods with curvature: the damped Newton direction `d = (C + λI)^-1 (-∇U)` (U the forget objective to
+    minimise; for `nll` this is `(C + λI)^-1 ∇L_forget`), on the parameters the curvature covers, and a step
+    `η d` whose length η is searched.
+
+    The default recipe (no knob set):
+    - **scale-free damping**: `damping` is ρ = 0.1 relative to each layer's own curvature scale
+      (`damping_mode="relative"`: λ_l = ρ · mean eigenvalue of layer l, see `Curvature.damping_scales`); with
+      `damping_mode="absolute"` it is λ itself.
+    - **a step search to the target**: the direction is computed once per step; η is found along it by
+      bracketing (×4 / ÷4 from `scale`) and bisection in log space (`search_iters`), each point a forward pass over
+      the forget set and the held retain batch. It takes the *smallest* η whose forget loss reaches the target
+      (see `Unlearner.calibrate`) within the retain budget, or else the largest η within the budget. λ grows
+      (×`damping_growth`) only when the direction is non-finite or no η makes progress.
+    - **iteration**: when one step cannot reach the target, up to `steps` steps (default 5) with a new forget
+      gradient each, the curvature re-estimated every `refresh_every` steps (never by default).
+    - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the
+      step's predicted retain increase ½ΔᵀCΔ is bounded by `max_retain_increase` × the holdout loss (× 1 nat
+      without holdout data), so the curvature itself keeps the step in its trust region.
+    `step_search=False` gives the fixed step `scale · d` with Levenberg-Marquardt backtracking on λ.
 
     `curvature`: a finalized curvature is used as is; an unfinalized one (or None: built from `curvature_backend`
     and `curvature_kwargs`) is fitted by `fit()` on the `curvature_data` source: "retain" (retain batches),
     "forget" (forget batches) or "full_minus_forget" (`full_curvature`, a finalized checkpoint over the whole
     training data, minus a curvature of the forget batches; the checkpoint itself is not modified).
-    `refresh_every=k` re-estimates the curvature before every k-th step of an iterative run.
     """
 
     name = "second_order"
@@ -343,15 +460,28 @@ class SecondOrderUnlearner(Unlearner):
         curvature_backend: str = "kfac",
         curvature_data: str = "retain",
         full_curvature: Curvature | None = None,
-        damping: float = 1e-3,
+        damping: float | None = None,
+        damping_mode: str = "relative",
         scale: float = 1.0,
+        steps: int = DEFAULT_NEWTON_STEPS,
+        step_search: bool = True,
+        search_iters: int = 6,
         refresh_every: int | None = None,
         curvature_kwargs: Mapping[str, Any] | None = None,
         reduce: Reduce | None = None,
         gather: Reduce | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(model, damping=damping, scale=scale, reduce=reduce, **kw)
+        damping_mode = check_damping_mode(damping_mode)
+        if damping is None:
+            if damping_mode == "absolute":
+                raise ValueError("damping_mode='absolute' needs damping=<λ>: absolute damping has no scale-free "
+                                 "default; use damping_mode='relative' (the default, ρ = 0.1)")
+            damping = DEFAULT_RELATIVE_DAMPING
+        check_damping(damping)
+        if not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise ValueError(f"scale must be a finite number > 0 (the first step length tried), got {scale}")
+        super().__init__(model, damping=damping, scale=scale, reduce=reduce, steps=steps, **kw)
         curvature_backend = BACKEND_ALIASES.get(curvature_backend, curvature_backend)
         if curvature_backend not in CURVATURE_BACKENDS:
             raise ValueError(f"unknown curvature backend {curvature_backend!r}; choose one of "
@@ -364,12 +494,17 @@ class SecondOrderUnlearner(Unlearner):
                                  " the whole training data> (e.g. a curvature checkpoint loaded with load_state_dict)")
         if refresh_every is not None and int(refresh_every) < 1:
             raise ValueError(f"refresh_every must be >= 1 or None, got {refresh_every}")
+        if int(search_iters) < 0:
+            raise ValueError(f"search_iters must be >= 0, got {search_iters}")
         self.curvature = curvature
         self.curvature_backend = curvature.name if curvature is not None else curvature_backend
         if full_curvature is not None and curvature is None:
             self.curvature_backend = full_curvature.name
         self.curvature_data = curvature_data
         self.full_curvature = full_curvature
+        self.damping_mode = damping_mode
+        self.step_search = bool(step_search)
+        self.search_iters = int(search_iters)
         self.refresh_every = None if refresh_every is None else int(refresh_every)
         self.curvature_kwargs = dict(curvature_kwargs or {})
         self.gather = gather
@@ -397,20 +532,13 @@ class SecondOrderUnlearner(Unlearner):
                              f"{'retain' if self.curvature_data == 'retain' else 'forget'} batches")
         if self.curvature_data == "full_minus_forget":
             assert self.full_curvature is not None
-            forget_curvature = self._new_curvature()
-            with eval_mode(self.model):
-                for b in batches:
-                    forget_curvature.accumulate(b)
-                forget_curvature.finalize()
+            forget_curvature = self._new_curvature().fit(batches)
             curvature = clone_curvature(self.full_curvature).subtract(forget_curvature)
         else:
             curvature = self.curvature if self.curvature is not None else self._new_curvature()
             if curvature.finalized:
                 curvature.reset()
-            with eval_mode(self.model):
-                for b in batches:
-                    curvature.accumulate(b)
-                curvature.finalize()
+            curvature.fit(batches)
         self.curvature = curvature
         return curvature
 
@@ -437,10 +565,10 @@ class SecondOrderUnlearner(Unlearner):
         return {n: params[n] for n in self.param_names}
 
     def newton_direction(self, gradient: Mapping[str, Tensor], damping: float | None = None) -> Vector:
-        """`(C + λI)^-1 g` for a gradient dict over `param_names`."""
+        """`(C + λI)^-1 g` for a gradient dict over `param_names` (λ relative or absolute per `damping_mode`)."""
         assert self.curvature is not None
         lam = self.damping if damping is None else damping
-        return self.curvature.apply({n: gradient[n] for n in self.param_names}, lam, -1.0)
+        return self.curvature.apply({n: gradient[n] for n in self.param_names}, lam, -1.0, mode=self.damping_mode)
 
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
         if self.curvature is None or not self.curvature.finalized:
@@ -448,9 +576,182 @@ class SecondOrderUnlearner(Unlearner):
                                "use fit(), which fits it on the curvature_data source")
         return self.forget_gradient(forget)
 
+    def _direction(self, context: Any) -> Vector:
+        """The search direction for the current damping (the Newton direction)."""
+        return self.newton_direction(context)
+
+    def _offset(self, context: Any) -> Vector | None:
+        """A fixed part of the update that does not scale with η (Fisher Forgetting's noise); None here."""
+        return None
+
     def _propose(self, context: Any) -> Vector:
-        direction = self.newton_direction(context)
-        return {n: self.scale * d for n, d in direction.items()}
+        direction = self._direction(context)
+        update = {n: self.scale * d for n, d in direction.items()}
+        offset = self._offset(context)
+        if offset is not None:
+            update = {n: update[n] + offset[n].to(update[n].dtype) for n in update}
+        return update
+
+    # ------------------------------------------------------------------ the step search
+    def step(
+        self,
+        forget_batch: Batch | Sequence[Batch],
+        retain_batch: Batch | Sequence[Batch] | None = None,
+        held_retain_batch: Batch | None = None,
+    ) -> StepRecord:
+        """One Newton step with the step-length search (see the class docstring); `step_search=False`: the fixed
+        step `scale · d` under the base class's rollback rule."""
+        if not self.step_search:
+            return super().step(forget_batch, retain_batch, held_retain_batch)
+        forget = _as_list(forget_batch)
+        retain = _as_list(retain_batch)
+        if not forget:
+            raise ValueError("step() needs at least one forget batch")
+        held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
+        reference = self.reference_retain_loss(held) if held is not None else None
+        target = self.current_target()
+        context = self._prepare(forget, retain)
+        index = self.step_count
+        self.step_count += 1
+        forget_before = self.measure(forget)
+        # without a held retain batch, the curvature's predicted increase is the guard (in nats)
+        predicted_budget = None
+        if held is None and self.max_retain_increase is not None:
+            predicted_budget = self.max_retain_increase * (target if target is not None else 1.0)
+        record: StepRecord | None = None
+        for trial in range(self.max_retries + 1):
+            direction = self._direction(context)
+            offset = self._offset(context)
+            if not all(bool(torch.isfinite(d).all()) for d in direction.values()):
+                record = self._emit(StepRecord(step=index, damping=self.damping, scale=float("nan"),
+                                               forget_loss=float("nan"), retain_loss=None, accepted=False,
+                                               reason="non_finite", trial=trial, target=target, evaluations=0))
+                self._reject()
+                continue
+            curvature_norm = self.curvature.quadratic(direction) if predicted_budget is not None else None
+            search = _LineSearch(self, direction, offset, forget, held, reference, target, forget_before,
+                                 predicted_budget, curvature_norm)
+            eta, point, reason = search.run(self.scale, self.search_iters)
+            if eta is not None:
+                search.apply(eta)
+                predicted = None if curvature_norm is None else 0.5 * eta**2 * curvature_norm
+                record = self._emit(StepRecord(step=index, damping=self.damping, scale=eta,
+                                               forget_loss=point[0], retain_loss=point[1], accepted=True,
+                                               reason=reason, trial=trial, target=target,
+                                               evaluations=search.evaluations, predicted_increase=predicted))
+                self.scale = eta  # the next step's search starts where this one ended
+                return record
+            search.restore()
+            record = self._emit(StepRecord(step=index, damping=self.damping, scale=float(self.scale),
+                                           forget_loss=point[0], retain_loss=point[1], accepted=False,
+                                           reason=reason, trial=trial, target=target,
+                                           evaluations=search.evaluations))
+            self._reject()
+        assert record is not None
+        return record
+
+
+class _LineSearch:
+    """Step lengths η along a fixed direction: θ(η) = θ₀ + offset + η d, each point one forward pass over the forget
+    set and the held retain batch (no gradient, no curvature). See `SecondOrderUnlearner`."""
+
+    growth = 4.0
+    max_bracket = 12
+
+    def __init__(self, owner: SecondOrderUnlearner, direction: Vector, offset: Vector | None,
+                 forget: Sequence[Batch], held: Batch | None, reference: float | None, target: float | None,
+                 forget_before: float, predicted_budget: float | None, curvature_norm: float | None) -> None:
+        self.owner, self.direction, self.offset = owner, direction, offset
+        self.forget, self.held, self.reference, self.target = forget, held, reference, target
+        self.forget_before = forget_before
+        self.predicted_budget, self.curvature_norm = predicted_budget, curvature_norm
+        self.snapshot = owner._snapshot()
+        self.evaluations = 0
+        self.points: dict[float, tuple[float, float | None, bool, bool]] = {}
+
+    def apply(self, eta: float) -> None:
+        params = self.owner.named_params()
+        with torch.no_grad():
+            for n, s in self.snapshot.items():
+                update = eta * self.direction[n].to(device=s.device, dtype=torch.float32)
+                if self.offset is not None:
+                    update = update + self.offset[n].to(device=s.device, dtype=torch.float32)
+                params[n].copy_((s.float() + update).to(s.dtype))
+
+    def restore(self) -> None:
+        self.owner._restore(self.snapshot)
+
+    def evaluate(self, eta: float) -> tuple[float, float | None, bool, bool]:
+        """(forget loss, retain loss, within budget, target reached) at η (cached)."""
+        if eta in self.points:
+            return self.points[eta]
+        self.evaluations += 1
+        owner = self.owner
+        if self.predicted_budget is not None and 0.5 * eta**2 * float(self.curvature_norm) > self.predicted_budget:
+            point = (float("nan"), None, False, False)  # outside the curvature's trust region: not even tried
+        else:
+            self.apply(eta)
+            forget = owner.measure(self.forget)
+            retain = owner.measure(self.held) if self.held is not None else None
+            finite = math.isfinite(forget) and (retain is None or math.isfinite(retain))
+            finite = finite and all(bool(torch.isfinite(p).all()) for p in owner.named_params().values())
+            ok = finite and not (self.reference is not None and retain is not None
+                                 and owner.max_retain_increase is not None
+                                 and retain > self.reference * (1.0 + owner.max_retain_increase))
+            reached = ok and self.target is not None and forget >= self.target
+            point = (forget, retain, ok, reached)
+        self.points[eta] = point
+        return point
+
+    def run(self, start: float, iters: int) -> tuple[float | None, tuple[float, float | None], str]:
+        """(chosen η or None, its (forget, retain) losses, reason)."""
+        lo = hi = None  # lo: largest η within budget short of the target; hi: smallest η reached or out of budget
+        eta = start
+        _, _, ok, reached = self.evaluate(eta)
+        if ok and not reached:
+            lo = eta
+            for _ in range(self.max_bracket):
+                previous = self.points[eta][0]
+                eta *= self.growth
+                forget, _, ok, reached = self.evaluate(eta)
+                if not ok or reached or forget < previous:  # out of budget, at the target, or past the peak
+                    hi = eta
+                    break
+                lo = eta
+        else:
+            hi = eta
+            for _ in range(self.max_bracket):
+                eta /= self.growth
+                _, _, ok, reached = self.evaluate(eta)
+                if ok and not reached:
+                    lo = eta
+                    break
+                hi = eta
+        for _ in range(iters if (lo is not None and hi is not None) else 0):
+            mid = math.sqrt(lo * hi)
+            _, _, ok, reached = self.evaluate(mid)
+            if ok and not reached:
+                lo = mid
+            else:
+                hi = mid
+        reached_points = [e for e, p in self.points.items() if p[3]]
+        if reached_points:
+            best = min(reached_points)
+            forget, retain, _, _ = self.points[best]
+            return best, (forget, retain), "target_reached"
+        ok_points = [e for e, p in self.points.items() if p[2]]
+        if ok_points:
+            best = max(ok_points, key=lambda e: self.points[e][0])
+            forget, retain, _, _ = self.points[best]
+            if forget > self.forget_before:
+                # a larger step was out of the retain budget: this step spends it
+                spent = any(not p[2] and e > best for e, p in self.points.items())
+                return best, (forget, retain), "retain_budget" if spent else "accepted"
+        probe = self.points.get(lo if lo is not None else hi, (float("nan"), None, False, False))  # type: ignore[arg-type]
+        failed = [p for p in self.points.values() if not math.isfinite(p[0])]
+        reason = "non_finite" if failed and len(failed) == len(self.points) else (
+            "retain_increase" if not ok_points else "no_progress")
+        return None, (probe[0], probe[1]), reason
 
 
 METHODS: dict[str, type[Unlearner]] = {}

@@ -54,21 +54,24 @@ class FisherForgetting(SecondOrderUnlearner):
                 for n, p in params.items()}
 
     def noise(self, epsilon: Vector | None = None, damping: float | None = None) -> Vector:
-        """`(μσ²)^(1/4) (C + λI)^(-1/4) ε` (ε drawn from the seeded generator when not given)."""
+        """`(μσ²)^(1/4) (C + λI)^(-1/4) ε` (ε drawn from the seeded generator when not given; λ relative or absolute
+        per `damping_mode`)."""
         assert self.curvature is not None
         eps = self.draw_epsilon() if epsilon is None else epsilon
         lam = self.damping if damping is None else damping
-        shaped = self.curvature.apply(eps, lam, -0.25)
+        shaped = self.curvature.apply(eps, lam, -0.25, mode=self.damping_mode)
         return {n: self.noise_scale * v for n, v in shaped.items()}
 
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
         gradient = super()._prepare(forget, retain) if self.newton_step else None
         return gradient, self.draw_epsilon()  # ε drawn once per step: retries change λ only
 
-    def _propose(self, context: Any) -> Vector:
-        gradient, epsilon = context
-        noise = self.noise(epsilon)
+    def _direction(self, context: Any) -> Vector:
+        gradient, _ = context
         if gradient is None:
-            return noise
-        step = super()._propose(gradient)
-        return {n: step[n] + noise[n].to(step[n].dtype) for n in step}
+            return {n: torch.zeros_like(p) for n, p in self.named_params().items()}
+        return super()._direction(gradient)
+
+    def _offset(self, context: Any) -> Vector:
+        """The noise: added once, whatever the Newton step's length."""
+        return self.noise(context[1])
