@@ -40,6 +40,7 @@ class ExperimentConfig:
     canaries_per_group: int = 4
     repetitions: tuple[int, ...] = (5, 10, 20)
     n_references: int = 40
+    n_calibration: int = 20  # more never-inserted canaries: the unlearning target's holdout (never evaluated on)
     secret_length: int = 6  # digits per secret: |R| = 10 ** secret_length candidates for exposure
     vocab_size: int = 512
     max_length: int = 128
@@ -61,25 +62,29 @@ class ExperimentConfig:
 
 @dataclass
 class UnlearnSettings:
-    """The unlearning run: a method of `lightning_unlearn.methods` and its knobs."""
+    """The unlearning run: a method of `lightning_unlearn.methods` and its knobs. A knob left at None takes the
+    method's own default (for the second-order methods: the default recipe, see `SecondOrderUnlearner`)."""
 
     method: str = "newton"
     curvature: str = "kfac"
     curvature_data: str = "retain"
     curvature_batches: int = 8
-    damping: float = 1e-3
-    scale: float = 1.0
-    steps: int = 1
-    forget_loss: str = "unlikelihood"
+    damping: float | None = None
+    scale: float | None = None
+    steps: int | None = None
+    forget_loss: str | None = None
     max_retain_increase: float | None = 0.05
     forget_target: float | None = None
+    #: calibrate the target on the experiment's holdout data (`Experiment.holdout_batches`)
+    use_holdout: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the method (first-order methods take no curvature arguments)."""
-        kw: dict[str, Any] = dict(steps=self.steps, forget_loss=self.forget_loss,
-                                  max_retain_increase=self.max_retain_increase, forget_target=self.forget_target,
-                                  damping=self.damping, scale=self.scale)
+        kw: dict[str, Any] = dict(max_retain_increase=self.max_retain_increase, forget_target=self.forget_target)
+        for key in ("steps", "forget_loss", "damping", "scale"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key)
         if self.method in ("newton", "fisher_removal", "fisher_forgetting"):
             kw.update(curvature_backend=self.curvature, curvature_data=self.curvature_data)
         kw.update(self.extra)
@@ -105,6 +110,7 @@ class Experiment:
         self.cache = self.output / "cache" / self.config.key()
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.last_summary: dict[str, Any] = {}
         self._data = None
         self._registry = None
         self.train_dataset = None  # the training text with canaries (columns text, canary_id, spans)
@@ -121,6 +127,20 @@ class Experiment:
             self._registry = make_canaries(c.canaries_per_group, c.repetitions, n_references=c.n_references,
                                            template=template, length=c.secret_length, seed=c.seed)
         return self._registry
+
+    @property
+    def calibration_canaries(self) -> list[Any]:
+        """Never-inserted canaries of the same template and space, distinct from the inserted ones and from the
+        evaluation references: the holdout the unlearning target is calibrated on (the evaluation never sees
+        them, so the target is not fitted to the metric)."""
+        from .data import make_canaries
+
+        c = self.config
+        template = "my PIN is " + " ".join(["{d}"] * c.secret_length)
+        taken = {x.secret for x in (*self.registry.inserted, *self.registry.references)}
+        extra = make_canaries(1, (1,), n_references=c.n_calibration, template=template, length=c.secret_length,
+                              seed=c.seed + 7919)
+        return [x for x in extra.references if x.secret not in taken]
 
     @property
     def data(self):
@@ -147,7 +167,7 @@ class Experiment:
 
         from .data.tokenize import Collate, Tokenise
 
-        canaries = getattr(self.registry, which)
+        canaries = self.calibration_canaries if which == "calibration" else getattr(self.registry, which)
         tok = self.data.tokenizer
         encoded = Tokenise(tok, max_length=self.config.max_length)(
             {"text": [c.text for c in canaries], "example_id": list(range(len(canaries))),
@@ -167,6 +187,10 @@ class Experiment:
                 break
             out.append(b)
         return out
+
+    def holdout_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The unlearning target's holdout: batches of the calibration canaries (see `calibration_canaries`)."""
+        return list(self.canary_loader("calibration"))
 
     def held_retain_batch(self) -> dict[str, torch.Tensor]:
         """A retain batch the unlearning step is checked on (from the test split: never used to fit anything)."""
@@ -228,9 +252,13 @@ class Experiment:
         forget = self.forget_batches()
         retain = self.retain_batches(settings.curvature_batches)
         held = self.held_retain_batch()
+        holdout = self.holdout_batches() if settings.use_holdout else None
         start = time.perf_counter()
-        history = unlearner.fit(forget, retain, held_retain_batch=held)
-        return model, history, time.perf_counter() - start
+        history = unlearner.fit(forget, retain, held_retain_batch=held, holdout_batches=holdout)
+        seconds = time.perf_counter() - start
+        #: the last run's `Unlearner.summary()` (status, target, losses before/after)
+        self.last_summary = unlearner.summary()
+        return model, history, seconds
 
     def evaluate(self, model: nn.Module, reference: nn.Module | None = None, **kwargs: Any) -> Any:
         """Every metric of `lightning_unlearn.metrics.evaluate`, with canaries as forget / references as holdout."""
