@@ -3,6 +3,7 @@
 from .adapters import load_muse, load_tofu, muse_datamodule, tofu_datamodule
 from .canaries import Canary, CanaryRegistry, CanarySpace, insert_canaries, make_canaries
 from .datamodule import ForgetRetainDataModule
+from .qa import QACorpus, make_qa_corpus  # noqa: F401  (the TOFU-style QA benchmark)
 from .selection import DEFAULT_MARKERS, strip_markers, text_sha256
 from .sources import load_source
 from .synthetic import synthetic_corpus, synthetic_dataset
