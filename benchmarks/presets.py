@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lightning_unlearn.experiment import ExperimentConfig, UnlearnSettings
+from lightning_unlearn.qa_experiment import QAConfig
 
 SECOND_ORDER = ("newton", "fisher_removal", "fisher_forgetting")
 
@@ -51,6 +52,10 @@ class Preset:
     level_bits: float = 1.0
     description: str = ""
     extra: dict = field(default_factory=dict)
+    #: the frontier benchmark (canaries + QA over `seeds`, every method's curve) instead of the single-seed sweep
+    frontier: bool = False
+    seeds: tuple[int, ...] = (0,)
+    qa: QAConfig = field(default_factory=QAConfig)
 
 
 def _newton(curv: str, damping: float, scale: float = 1.0, steps: int = 1, batches: int = 8,
@@ -156,6 +161,10 @@ PRESETS: dict[str, Preset] = {
         scaling_batches=2, scaling_batch_size=4, scaling_seq_len=32, scaling_vocab=128,
         gpt2_measure_hidden=96,
         description="tiny sizes for CI (a few tens of seconds); numbers are meaningless, only the pipeline is tested",
+        frontier=True,
+        qa=QAConfig(n_people=30, facts_per_person=3, background_bytes=20_000, test_bytes=5_000, vocab_size=300,
+                    max_length=64, hidden=32, layers=1, heads=2, batch_size=8, train_steps=40, warmup_steps=5,
+                    eval_retain_examples=32),
     ),
     "cpu-small": Preset(
         name="cpu-small",
@@ -166,7 +175,11 @@ PRESETS: dict[str, Preset] = {
         scaling_forget_model=(128, 4),
         scaling_batches=2,
         gpt2_measure_hidden=384,
-        description="the demo's default experiment (GPT-2 shape, 128 wide, 4 blocks, ~1M parameters) on 2 CPU cores",
+        description="the frontier benchmark: the demo's canary experiment (GPT-2 shape, 128 wide, 4 blocks, ~1M "
+                    "parameters) and the TOFU-style QA experiment, 3 seeds each, every method's knob swept, on 2 CPU "
+                    "cores",
+        frontier=True,
+        seeds=(0, 1, 2),
     ),
     "cpu-full": Preset(
         name="cpu-full",

@@ -573,8 +573,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {m} | {_f(t['seconds']) if t['seconds'] is not None else 'not reached'} | "
                      f"{t['setting'] or '–'} | {_f(t['exposure'], '.2f')} | "
                      f"{_f(t['test_perplexity_change_pct'], '+.1f')} | {_f(t['best_exposure'], '.2f')} |")
+    lines += [""] + markdown_memory_scaling(result)
+    return "\n".join(lines) + "\n"
+
+
+def markdown_memory_scaling(result: dict[str, Any]) -> list[str]:
+    """The K-FAC memory, scaling and plots sections of results.md."""
     g = result["gpt2_small_kfac_memory"]
-    lines += ["", "## K-FAC memory on GPT-2-small shapes", "",
+    lines = ["## K-FAC memory on GPT-2-small shapes", "",
               f"{g['shape']}; {g['params_tracked'] / 1e6:.1f}M tracked parameters (embeddings and head skipped).", "",
               "| storage | as implemented (factors + eigenbasis) | eigenbasis only |", "|---|---|---|",
               f"| fp32 | {g['fp32']['as_implemented']:.2f}x | {g['fp32']['eigenbasis_only']:.2f}x |",
@@ -596,7 +602,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['backend']} | {r['n_forget']} | {r['fit_seconds']:.3g} | {r['solve_seconds']:.3g} | "
                      f"{r['memory_mb']:.3g} | {r['memory_over_params']:.2g} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -608,7 +614,8 @@ def secrets_of(exp: Experiment) -> list[bytes]:
 
 def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = None,
                   cache: str | Path = "runs/benchmarks", *, progress: bool = True,
-                  do_scaling: bool = True, scaling_only: bool = False, reuse_scaling: bool = False) -> dict[str, Any]:
+                  do_scaling: bool = True, scaling_only: bool = False, reuse_scaling: bool = False,
+                  workers: int = 2) -> dict[str, Any]:
     """Run a preset end to end and write its results; returns the results dict.
 
     `scaling_only`: measure the GPT-2-small K-FAC memory and the scaling curves only, into `scaling.json` (no model is
@@ -634,6 +641,9 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         _atomic_write(output / "scaling.json", json.dumps(_clean(part), indent=1).encode(), [])
         say(f"wrote {output / 'scaling.json'} in {part['seconds']:.0f} s")
         return part
+    if preset.frontier:
+        return frontier_benchmark(preset, output, cache, say, start, reuse_scaling=reuse_scaling,
+                                  do_scaling=do_scaling, workers=workers)
     exp = Experiment(preset.experiment, cache, progress=False)
     say(f"preset {preset_name}: training or loading the original and retrained models (cache {exp.cache})")
     secrets = secrets_of(exp)
@@ -674,6 +684,68 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
     _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
     _atomic_write(output / "results.md", markdown(result).encode(), secrets)
     partial.unlink(missing_ok=True)
+    say(f"wrote {output} in {result['runtime_seconds']:.0f} s")
+    return result
+
+
+def _scaling_part(preset: Preset, output: Path, say: Callable[[str], None], reuse: bool,
+                  do_scaling: bool) -> tuple[dict, dict, str]:
+    """(GPT-2-small K-FAC memory, scaling curves, where they came from): measured now or taken from scaling.json."""
+    if reuse and (output / "scaling.json").exists():
+        part = json.loads((output / "scaling.json").read_text())
+        return (part["gpt2_small_kfac_memory"], part["scaling"],
+                f"scaling.json (--scaling-only, {part['seconds']:.0f} s, run separately)")
+    gpt2 = gpt2_small_kfac_memory(preset, say)
+    scale = scaling(preset, say) if do_scaling else {"model_size": [], "forget_size": []}
+    return gpt2, scale, "this run"
+
+
+def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Callable[[str], None], start: float,
+                       *, reuse_scaling: bool, do_scaling: bool, workers: int) -> dict[str, Any]:
+    """The frontier presets: every method's curve on canaries and QA over the preset's seeds (see
+    `benchmarks/frontier_bench.py`), the default recipe and its targets, plus K-FAC memory and scaling."""
+    from benchmarks import frontier_bench
+    from lightning_unlearn.report import _atomic_write, _clean
+
+    configs = {"canaries": [dataclasses.replace(preset.experiment, seed=s) for s in preset.seeds],
+               "qa": [dataclasses.replace(preset.qa, seed=s) for s in preset.seeds]}
+    say(f"preset {preset.name}: {len(preset.seeds)} seeds x (canaries, qa), {workers} worker(s); cache {cache}")
+    fr = frontier_bench.run_frontier(configs, str(cache), small=preset.name == "smoke", workers=workers, say=say)
+    gpt2, scale, scaling_source = _scaling_part(preset, output, say, reuse_scaling, do_scaling)
+    command = "python -m benchmarks.run" + ("" if preset.name == "cpu-small" else f" --preset {preset.name}")
+    analysis = fr["analysis"]
+    result = {
+        "preset": preset.name, "description": preset.description, "command": command, "seeds": list(preset.seeds),
+        "default_recipe": {kind: a["default_recipe"] for kind, a in analysis.items()},
+        "frontier_wins": {kind: a["frontier_wins"] for kind, a in analysis.items()},
+        "targets": {kind: a["targets"] for kind, a in analysis.items()},
+        "frontier": {kind: {k: v for k, v in a.items() if k not in ("default_recipe", "frontier_wins", "targets")}
+                     for kind, a in analysis.items()},
+        "rows": fr["rows"],
+        "experiments": {kind: [dataclasses.asdict(c) for c in cfgs] for kind, cfgs in configs.items()},
+        "gpt2_small_kfac_memory": gpt2, "scaling": scale, "scaling_source": scaling_source,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpu_count": os.cpu_count(), "workers": workers,
+                        "torch_threads_per_worker": 1 if workers > 1 else torch.get_num_threads()},
+    }
+    result["runtime_seconds"] = time.perf_counter() - start
+    plots = dict(fr["plots"])
+    if scale["model_size"]:
+        plots["scaling.png"] = plot_scaling(scale)
+    result["plots"] = list(plots)
+    secrets = []
+    for cfg in configs["canaries"]:
+        secrets += secrets_of(Experiment(cfg, Path(cache) / "canaries", progress=False))
+    header = [f"# Benchmark results: preset `{preset.name}`", "",
+              f"{preset.description}. Reproduce: `{command}` ({result['runtime_seconds']:.0f} s on "
+              f"{os.cpu_count()} CPU cores, {workers} worker process(es); trained models cached under `--cache`).", ""]
+    md = "\n".join(header) + "\n" + frontier_bench.markdown(fr) + "\n" + "\n".join(
+        markdown_memory_scaling(result)) + "\n"
+    output.mkdir(parents=True, exist_ok=True)
+    for name, data in plots.items():
+        _atomic_write(output / name, data, secrets)
+    _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
+    _atomic_write(output / "results.md", md.encode(), secrets)
     say(f"wrote {output} in {result['runtime_seconds']:.0f} s")
     return result
 
@@ -734,10 +806,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measure the K-FAC GPT-2-small memory and the scaling curves only, into scaling.json")
     parser.add_argument("--reuse-scaling", action="store_true",
                         help="take the memory and scaling numbers from scaling.json (written by --scaling-only)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes for the frontier presets (1 torch thread each when > 1)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     run_benchmark(args.preset, args.output, args.cache, progress=not args.quiet, do_scaling=not args.no_scaling,
-                  scaling_only=args.scaling_only, reuse_scaling=args.reuse_scaling)
+                  scaling_only=args.scaling_only, reuse_scaling=args.reuse_scaling, workers=args.workers)
     return 0
 
 

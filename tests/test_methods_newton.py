@@ -6,59 +6,19 @@ import copy
 
 import pytest
 import torch
+from canary_corpus import batch, memorise
 from torch import nn
 
 from lightning_unlearn.curvature import CrossEntropyObjective, DiagonalFisher
 from lightning_unlearn.methods import METHODS, Newton, build_curvature, build_unlearner
 from lightning_unlearn.models import small_causal_lm
 
-V, T = 48, 16
-
-
-def _batch(x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone() if labels is None else labels}
-
-
-def _corpus(seed: int = 0):
-    """A Markov chain over every token (digits included) as retain text; canaries = chain text with six random
-    digits at positions 8..13, labelled only on that span (span-level forgetting)."""
-    g = torch.Generator().manual_seed(seed)
-    trans = torch.softmax(torch.randn(V, V, generator=g) * 2, -1)
-    trans[:, V - 1] = 0
-    trans = trans / trans.sum(-1, keepdim=True)
-
-    def chain(n: int) -> torch.Tensor:
-        x = torch.zeros(n, T, dtype=torch.long)
-        x[:, 0] = torch.randint(0, V - 1, (n,), generator=g)
-        for t in range(1, T):
-            x[:, t] = torch.multinomial(trans[x[:, t - 1]], 1, generator=g).squeeze(-1)
-        return x
-
-    retain, held = chain(256), chain(64)
-    canaries = chain(4)
-    canaries[:, 8:14] = torch.randint(0, 10, (4, 6), generator=g)
-    labels = torch.full_like(canaries, -100)
-    labels[:, 8:14] = canaries[:, 8:14]
-    return retain, held, canaries, labels
-
 
 @pytest.fixture(scope="module")
 def memorised():
     """A tiny GPT-2 trained with Adam (~10 s) on the retain text plus 4 canaries repeated 8 times."""
-    retain, held, canaries, labels = _corpus()
-    model = small_causal_lm("gpt2", vocab_size=V, hidden=32, seed=0).train()
-    data = torch.cat([retain, canaries.repeat(8, 1)])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        loss = model(**_batch(data[torch.randint(0, len(data), (32,), generator=g)])).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    forget = _batch(canaries, labels)
-    retain_batches = [_batch(retain[i:i + 64]) for i in range(0, 256, 64)]
-    return model, forget, retain_batches, _batch(held)
+    model, forget, retain_batches, held, _ = memorise("gpt2")
+    return model, forget, retain_batches, held
 
 
 def test_kfac_newton_forgets_canaries_at_less_retain_cost_than_gradient_ascent(memorised):
@@ -158,7 +118,7 @@ def test_newton_runs_on_tiny_hf_models(arch):
     x = torch.randint(0, 31, (4, 10), generator=torch.Generator().manual_seed(1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     u = build_unlearner("newton", model, curvature_backend="kfac", scale=0.1, max_retain_increase=None)
-    records = u.fit([_batch(x[:2])], [_batch(x[2:])])
+    records = u.fit([batch(x[:2])], [batch(x[2:])])
     assert records[-1].accepted
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(n in u.param_names for n in changed)
@@ -173,7 +133,7 @@ def test_newton_on_peft_lora_updates_adapters_only():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for backend in ("kfac", "diagonal"):
         u = build_unlearner("newton", model, curvature_backend=backend, scale=0.1, max_retain_increase=None)
-        assert u.fit([_batch(x[:2])], [_batch(x[2:])])[-1].accepted
+        assert u.fit([batch(x[:2])], [batch(x[2:])])[-1].accepted
         assert all("lora_" in n for n in u.param_names)
     for n, p in model.named_parameters():
         if "lora_" not in n:
@@ -195,6 +155,6 @@ def test_unknown_method_and_backend_errors_name_the_choices():
         build_unlearner("newton", model, curvature_data="full_minus_forget")
     with pytest.raises(ValueError, match="needs retain batches"):
         x = torch.randint(0, 31, (2, 8))
-        build_unlearner("newton", model).fit([_batch(x)])
+        build_unlearner("newton", model).fit([batch(x)])
     assert set(METHODS) == {"newton", "fisher_removal", "fisher_forgetting", "gradient_ascent",
                             "gradient_difference", "npo"}
