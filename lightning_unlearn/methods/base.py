@@ -7,10 +7,19 @@
 
 **The target.** `holdout_batches` are data of the same kind as the forget set that the model never saw
 (never-inserted reference canaries, QA pairs of people outside the training set, the data module's `holdout`
-split). Their mean token NLL before unlearning is the forget loss a model that never saw the forget set would
-have: the run stops as soon as the forget loss reaches it (`target_reached`). `forget_target=<nats>` sets
-the level by hand instead. Without either there is no target: each step then takes the largest step within the
-retain budget (documented fallback).
+split). A model that never saw the forget set cannot tell it from the holdout, so the target is a membership test
+against the holdout: the run stops when the forget examples' losses sit, on average, at the median of the holdout
+examples' losses under the same weights (the *forget score*, the mean holdout percentile of the forget examples' mean
+token NLL, reaches 0.5; 1 - score is the LOSS attack's AUC). Per example, not the mean loss: a mean can be reached by
+a few examples pushed far up while the rest stay memorised. Under the same weights (`relative_target=True`), because
+privacy is relative (a canary's exposure is its rank among all candidates, an attack compares the two sets under the
+model it attacks) and because the original model's holdout level is itself contaminated by what it learned from the
+forget set (on the demo, "my PIN is" followed by digits appears only in canaries: the original model gives never-seen
+PINs 3.2 nats per digit, the retrained model 9.9). `relative_target=False` compares with the holdout's losses before
+unlearning. Second-order steps are constrained to leave the holdout's losses in place
+(`SecondOrderUnlearner._direction`), so that the forget set moves, not the whole kind of data.
+`forget_target=<nats>` sets a mean-loss level by hand instead. Without either there is no target: each step then
+takes the largest step within the retain budget (documented fallback).
 
 Every method proposes an update from the forget data; `step` applies it as a *trial*: the held retain loss and
 the forget loss are measured, and the trial is rolled back (weights restored bit for bit from a copy) when
@@ -39,12 +48,15 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
-from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, mean_nll
+from ..curvature.objective import model_logits
+from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, mean_nll, token_nll
 
 Batch = Mapping[str, Tensor]
 
 #: how a run ended (`Unlearner.status`)
 STATUSES = ("target_reached", "budget_exhausted", "nothing_accepted")
+#: the holdout's per-example losses are kept as a histogram (sums reduce across processes): bins over [0, max) nats
+HOLDOUT_BINS, HOLDOUT_MAX_NATS = 4096, 64.0
 
 
 class NothingAcceptedWarning(UserWarning):
@@ -67,7 +79,8 @@ class StepRecord:
     `trial` counts retries within the step (0 = first try). With the step search (second-order methods),
     `scale` is the step length η chosen along the Newton direction, `evaluations` the number of points tried
     (each a forward pass over the forget set and the held retain batch), `target` the forget loss aimed at,
-    `predicted_increase` the curvature's ½ΔᵀCΔ of the accepted update, and the reason may also be
+    `predicted_increase` the curvature's ½ΔᵀCΔ of the accepted update, `forget_score` what the target is compared
+    with (the forget score against the holdout, or the forget loss with `forget_target`), and the reason may also be
     "retain_budget" (accepted: the largest step within the retain budget, which is now spent) or "no_progress"
     (rolled back: no step length raised the forget loss within the budget).
     """
@@ -83,6 +96,7 @@ class StepRecord:
     target: float | None = None
     evaluations: int = 1
     predicted_increase: float | None = None
+    forget_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +136,8 @@ class Unlearner(ABC):
         reduce: Reduce | None = None,
         damping: float = 1.0,
         scale: float = 1.0,
+        relative_target: bool = True,
+        target_score: float = 0.5,
     ) -> None:
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -147,7 +163,13 @@ class Unlearner(ABC):
         self.step_count = 0
         self._reference: tuple[Batch, float] | None = None
         self.holdout: list[Batch] = []
-        self.target_loss: float | None = None
+        self.holdout_loss: float | None = None  # the holdout's mean token NLL before unlearning
+        self._holdout_hist: Tensor | None = None  # its per-example losses before unlearning, as a histogram
+        self.relative_target = bool(relative_target)
+        if not 0.0 < float(target_score) <= 1.0:
+            raise ValueError(f"target_score must lie in (0, 1] (0.5: the forget set sits at the holdout's median), got "
+                             f"{target_score}")
+        self.target_score = float(target_score)
         self.target_source = "forget_target" if forget_target is not None else "none"
         self._status: str | None = None
         self._losses: dict[str, float | None] = {}
@@ -195,16 +217,62 @@ class Unlearner(ABC):
             raise ValueError("no position with labels != -100 in the batches; nothing to measure the loss on")
         return float(total[0] / total[1])
 
-    def forget_gradient(self, forget: Sequence[Batch]) -> Vector:
-        """`-∇ U` over `param_names` (U the forget objective to minimise): the direction that forgets, averaged
-        over the batches by their weights (positions or examples) and reduced across processes."""
+    def example_losses(self, batches: Batch | Sequence[Batch]) -> tuple[Tensor, float, float]:
+        """(this process's per-example mean token NLL [n], token NLL sum, token count), the sums reduced."""
+        losses, total = [], torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad(), eval_mode(self.model):
+            for b in _as_list(batches):
+                nll, example = token_nll(model_logits(self.model, b), b)
+                nll = nll.double().cpu()
+                example = example.cpu()
+                rows = example.unique()
+                sums = torch.zeros(int(example.max()) + 1 if len(example) else 0, dtype=torch.float64)
+                counts = torch.zeros_like(sums)
+                sums.index_add_(0, example, nll)
+                counts.index_add_(0, example, torch.ones_like(nll))
+                losses.append(sums[rows] / counts[rows])
+                total += torch.tensor([float(nll.sum()), float(nll.numel())], dtype=torch.float64)
+        total = self.reduce(total)
+        if float(total[1]) <= 0:
+            raise ValueError("no position with labels != -100 in the batches; nothing to measure the loss on")
+        return (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), float(total[0]), float(total[1])
+
+    def _holdout_histogram(self) -> tuple[Tensor, float]:
+        """Counts of the holdout examples by mean token NLL (HOLDOUT_BINS bins over [0, HOLDOUT_MAX_NATS)),
+        reduced across processes, and the holdout's mean token NLL, at the current weights."""
+        losses, total, count = self.example_losses(self.holdout)
+        x = (losses.clamp(0, HOLDOUT_MAX_NATS) / HOLDOUT_MAX_NATS * HOLDOUT_BINS).long().clamp(max=HOLDOUT_BINS - 1)
+        hist = torch.zeros(HOLDOUT_BINS, dtype=torch.float64).index_add_(0, x, torch.ones_like(losses))
+        return self.reduce(hist), total / count
+
+    def forget_score(self, forget: Batch | Sequence[Batch]) -> tuple[float, float]:
+        """(score, mean token NLL) of the forget batches. The score is what the target is compared with: with a
+        holdout target, the mean percentile of the forget examples' losses among the holdout examples' losses
+        at the current weights (before unlearning with `relative_target=False`; 0 = every forget example below every
+        holdout example, 0.5 = indistinguishable, 1 - score = the LOSS attack's AUC); otherwise the mean token NLL."""
+        losses, total, count = self.example_losses(forget)
+        nll = total / count
+        if not self.holdout or self.forget_target is not None:
+            return nll, nll
+        hist = self._holdout_histogram()[0] if self.relative_target else self._holdout_hist
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), hist.cumsum(0)])
+        x = (losses.clamp(0, HOLDOUT_MAX_NATS) / HOLDOUT_MAX_NATS * HOLDOUT_BINS).clamp(max=HOLDOUT_BINS - 1e-9)
+        k = x.floor().long()
+        below = cum[k] + (x - k) * hist[k]  # holdout examples with a lower loss (linear within a bin)
+        sums = self.reduce(torch.tensor([float(below.sum()), float(len(losses))], dtype=torch.float64))
+        return float(sums[0] / (sums[1] * cum[-1])), nll
+
+    def forget_gradient(self, forget: Sequence[Batch], kind: str | None = None) -> Vector:
+        """`-∇ U` over `param_names` (U the forget objective to minimise, `kind` or `forget_loss`): the direction
+        that forgets, averaged over the batches by their weights (positions or examples) and reduced across
+        processes. `kind="nll"` gives `+∇` of the mean token NLL."""
         params = self.named_params()
         names, plist = list(params), list(params.values())
         grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         weight = 0.0
         with torch.enable_grad(), eval_mode(self.model):
             for b in forget:
-                loss, w = forget_objective(self.model, b, self.forget_loss, plist)
+                loss, w = forget_objective(self.model, b, kind or self.forget_loss, plist)
                 if w == 0:
                     continue
                 gs = torch.autograd.grad(loss, plist, allow_unused=True)
@@ -267,22 +335,20 @@ class Unlearner(ABC):
 
     # ------------------------------------------------------------------ the target
     def calibrate(self, holdout_batches: Iterable[Batch] | Batch | None) -> float | None:
-        """Use `holdout_batches` (never-trained data of the forget set's kind) as the target: the forget loss to
-        reach is their mean token NLL, measured now, at the weights before unlearning (a model that never saw the
-        forget set sees it as the original model sees the holdout; measured again after each step, the level would
-        drift up with the damage unlearning does to that kind of data). An explicit `forget_target` wins. Returns the
-        target (None without one)."""
+        """Use `holdout_batches` (never-trained data of the forget set's kind) for the target (see the module
+        docstring) and, for second-order methods, as the data whose loss the step leaves in place. An explicit
+        `forget_target` wins. Returns the target (None without one)."""
         self.holdout = _as_list(holdout_batches)
-        self.target_loss = self.measure(self.holdout) if self.holdout else None
+        self._holdout_hist, self.holdout_loss = self._holdout_histogram() if self.holdout else (None, None)
         if self.forget_target is None:
             self.target_source = "holdout" if self.holdout else "none"
         return self.current_target()
 
     def current_target(self) -> float | None:
-        """The forget loss this run aims at (see `calibrate`)."""
+        """What this run aims at: the forget score 0.5 against the holdout, or the `forget_target` loss."""
         if self.forget_target is not None:
             return float(self.forget_target)
-        return self.target_loss
+        return self.target_score if self.holdout else None
 
     @property
     def status(self) -> str | None:
@@ -308,6 +374,8 @@ class Unlearner(ABC):
         """Numbers only: status, target and where it came from, steps accepted, losses before and after."""
         records = self.history
         return {"status": self.status, "target": self._losses.get("target"), "target_source": self.target_source,
+                "holdout_loss": self.holdout_loss, "forget_score_before": self._losses.get("score_before"),
+                "forget_score_after": self._losses.get("score_after"),
                 "steps_accepted": sum(r.accepted for r in records), "trials": len(records),
                 "evaluations": sum(r.evaluations for r in records),
                 "forget_loss_before": self._losses.get("forget_before"),
@@ -341,7 +409,7 @@ class Unlearner(ABC):
         for trial in range(self.max_retries + 1):
             snapshot, extra = self._snapshot(), self._rollback_state()
             applied = self._apply_trial(context)
-            forget_loss = self.measure(forget) if applied else float("nan")
+            score, forget_loss = self.forget_score(forget) if applied else (float("nan"), float("nan"))
             retain_loss = self.measure(held) if (applied and held is not None) else None
             finite = applied and math.isfinite(forget_loss) and (retain_loss is None or math.isfinite(retain_loss))
             if finite:
@@ -351,14 +419,14 @@ class Unlearner(ABC):
             elif (reference is not None and retain_loss is not None and self.max_retain_increase is not None
                   and retain_loss > reference * (1.0 + self.max_retain_increase)):
                 reason = "retain_increase"
-            elif target is not None and forget_loss >= target:
+            elif target is not None and score >= target:
                 reason = "target_reached"
             else:
                 reason = "accepted"
             accepted = reason in ("accepted", "target_reached")
             record = self._emit(StepRecord(step=index, damping=self.damping, scale=self._record_scale(),
                                            forget_loss=forget_loss, retain_loss=retain_loss, accepted=accepted,
-                                           reason=reason, trial=trial, target=target))
+                                           reason=reason, trial=trial, target=target, forget_score=score))
             if accepted:
                 self._accept()
                 return record
@@ -389,12 +457,13 @@ class Unlearner(ABC):
         start = len(self.history)
         self._begin_fit(forget, retain)
         held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
-        self._losses = {"forget_before": self.measure(forget),
+        score, nll = self.forget_score(forget)
+        self._losses = {"forget_before": nll, "score_before": score,
                         "retain_before": self.reference_retain_loss(held) if held is not None else None}
         target = self.current_target()
-        if target is not None and self._losses["forget_before"] >= target:
+        if target is not None and score >= target:
             self._status = "target_reached"  # nothing to do: the forget set already looks unseen
-            self._losses.update(target=target, forget_after=self._losses["forget_before"],
+            self._losses.update(target=target, forget_after=nll, score_after=score,
                                 retain_after=self._losses["retain_before"])
             return []
         for i in range(self.steps):
@@ -404,7 +473,7 @@ class Unlearner(ABC):
             if not record.accepted or record.reason in ("target_reached", "retain_budget"):
                 break
         records = self.history[start:]
-        self._losses["forget_after"] = self.measure(forget)
+        self._losses["score_after"], self._losses["forget_after"] = self.forget_score(forget)
         self._losses["retain_after"] = self.measure(held) if held is not None else None
         self._finish(records, records[-1].target if records else target)
         return records
@@ -439,12 +508,13 @@ class SecondOrderUnlearner(Unlearner):
       the forget set and the held retain batch. It takes the *smallest* η whose forget loss reaches the target
       (see `Unlearner.calibrate`) within the retain budget, or else the largest η within the budget. λ grows
       (×`damping_growth`) only when the direction is non-finite or no η makes progress.
-    - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated
-      every `refresh_every` steps, never by default); step k of K aims at the stage `f₀ + k/K (target − f₀)` (f₀ the
-      forget loss when the run began), so the direction follows the forget loss as it rises instead of one long step
-      along the first gradient (on memorised canaries: +0.3 % held retain loss against +3 % to +57 % for one step to
-      the same target). A step that reaches the full target ends the run; `staged=False` aims every step at the full
-      target.
+    - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
+      holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
+      of data.
+    - **iteration**: when a step cannot reach the target, up to `steps` steps (default 5), each with a new forget
+      gradient (the curvature re-estimated every `refresh_every` steps, never by default). `staged=True` makes step
+      k of K aim at the stage `f₀ + k/K (target − f₀)` instead of the full target (it helped against a target fixed
+      before unlearning; against the relative target the stages chase a moving level).
     - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the
       step's predicted retain increase ½ΔᵀCΔ is bounded by `max_retain_increase` × the holdout loss (× 1 nat
       without holdout data), so the curvature itself keeps the step in its trust region.
@@ -471,7 +541,9 @@ class SecondOrderUnlearner(Unlearner):
         scale: float = 1.0,
         steps: int = DEFAULT_NEWTON_STEPS,
         step_search: bool = True,
-        staged: bool = True,
+        staged: bool = False,
+        protect_holdout: bool = True,
+        protect_groups: int = 8,
         search_iters: int = 6,
         refresh_every: int | None = None,
         curvature_kwargs: Mapping[str, Any] | None = None,
@@ -512,6 +584,9 @@ class SecondOrderUnlearner(Unlearner):
         self.damping_mode = damping_mode
         self.step_search = bool(step_search)
         self.staged = bool(staged)
+        self.protect_holdout = bool(protect_holdout)
+        self.protect_groups = int(protect_groups)
+        self._holdout_gradients: list[Vector] = []
         self.search_iters = int(search_iters)
         self._stage_origin = 0  # step_count when the current run began
         self._stage_start: float | None = None  # the forget loss when it began
@@ -595,11 +670,59 @@ class SecondOrderUnlearner(Unlearner):
         if self.curvature is None or not self.curvature.finalized:
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
                                "use fit(), which fits it on the curvature_data source")
+        self._holdout_gradients = self.holdout_gradients() if self.protect_holdout and self.holdout else []
         return self.forget_gradient(forget)
 
+    def holdout_gradients(self) -> list[Vector]:
+        """`∇` of the mean token NLL of up to `protect_groups` groups of holdout examples (example i in group
+        i mod k of its batch), each reduced across processes: the constraints of `_direction`."""
+        k = self.protect_groups
+        groups = []
+        for j in range(k):
+            batches = []
+            for b in self.holdout:
+                rows = torch.arange(int(b["input_ids"].shape[0]))
+                keep = rows[rows % k == j]
+                if len(keep):
+                    batches.append({key: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == rows.shape else v)
+                                    for key, v in b.items()})
+            if batches:
+                groups.append(batches)
+        return [self.forget_gradient(g, kind="nll") for g in groups]
+
     def _direction(self, context: Any) -> Vector:
-        """The search direction for the current damping (the Newton direction)."""
-        return self.newton_direction(context)
+        """The search direction for the current damping: the Newton direction, with holdout data (and
+        `protect_holdout`) constrained to leave the holdout loss unchanged to first order.
+
+        Unlearning a template's secrets also lowers the likelihood of *every* secret of that template (the retain
+        curvature does not see the template, so nothing holds it), and privacy is relative: a canary's exposure is
+        its rank among all candidates. So the step is `d = d_f - α d_h` with `d_f = (C + λI)⁻¹ g_f`,
+        `d_h = (C + λI)⁻¹ ∇L_holdout` and `α = ∇L_holdoutᵀ d_f / ∇L_holdoutᵀ d_h`: the most forgetting in the
+        curvature's metric among steps that leave the holdout (the level "never seen") where it is. With
+        `protect_groups=k` there are k such constraints (the holdout split in k groups), `α` solving a k × k system:
+        the holdout's losses stay in place group by group, not only on average."""
+        direction = self.newton_direction(context)
+        hs = self._holdout_gradients
+        if not hs:
+            return direction
+        names = list(direction)
+
+        def flat(v: Mapping[str, Tensor]) -> Tensor:
+            return torch.cat([v[n].reshape(-1).double().cpu() for n in names])
+
+        ds = [self.newton_direction(h) for h in hs]
+        H, D = torch.stack([flat(h) for h in hs], 1), torch.stack([flat(d) for d in ds], 1)  # [p, k]
+        gram = H.T @ D  # [k, k], Hᵀ(C + λI)⁻¹H: symmetric positive definite
+        rhs = H.T @ flat(direction)
+        alpha = torch.linalg.lstsq(gram + 1e-12 * gram.diagonal().mean() * torch.eye(len(hs), dtype=gram.dtype),
+                                   rhs[:, None]).solution[:, 0]
+        if not bool(torch.isfinite(alpha).all()):
+            return direction
+        out = {}
+        for n in names:
+            correction = sum(float(a) * d[n].double() for a, d in zip(alpha, ds))
+            out[n] = (direction[n].double() - correction).to(direction[n].dtype)
+        return out
 
     def _offset(self, context: Any) -> Vector | None:
         """A fixed part of the update that does not scale with η (Fisher Forgetting's noise); None here."""
@@ -634,8 +757,8 @@ class SecondOrderUnlearner(Unlearner):
         context = self._prepare(forget, retain)
         index = self.step_count
         self.step_count += 1
-        forget_before = self.measure(forget)
-        aim = self.stage_target(target, forget_before)
+        forget_before = self.forget_score(forget)
+        aim = self.stage_target(target, forget_before[0])
         # without a held retain batch, the curvature's predicted increase is the guard (in nats)
         predicted_budget = None
         if held is None and self.max_retain_increase is not None:
@@ -654,22 +777,23 @@ class SecondOrderUnlearner(Unlearner):
             search = _LineSearch(self, direction, offset, forget, held, reference, aim, forget_before,
                                  predicted_budget, curvature_norm)
             eta, point, reason = search.run(self.scale, self.search_iters)
-            if reason == "target_reached" and target is not None and point[0] < target:
+            if reason == "target_reached" and target is not None and point[0][0] < target:
                 reason = "accepted"  # this step's stage, not yet the target
             if eta is not None:
                 search.apply(eta)
                 predicted = None if curvature_norm is None else 0.5 * eta**2 * curvature_norm
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=eta,
-                                               forget_loss=point[0], retain_loss=point[1], accepted=True,
+                                               forget_loss=point[0][1], retain_loss=point[1], accepted=True,
                                                reason=reason, trial=trial, target=target,
-                                               evaluations=search.evaluations, predicted_increase=predicted))
+                                               evaluations=search.evaluations, predicted_increase=predicted,
+                                               forget_score=point[0][0]))
                 self.scale = eta  # the next step's search starts where this one ended
                 return record
             search.restore()
             record = self._emit(StepRecord(step=index, damping=self.damping, scale=float(self.scale),
-                                           forget_loss=point[0], retain_loss=point[1], accepted=False,
+                                           forget_loss=point[0][1], retain_loss=point[1], accepted=False,
                                            reason=reason, trial=trial, target=target,
-                                           evaluations=search.evaluations))
+                                           evaluations=search.evaluations, forget_score=point[0][0]))
             self._reject()
         assert record is not None
         return record
@@ -684,14 +808,17 @@ class _LineSearch:
 
     def __init__(self, owner: SecondOrderUnlearner, direction: Vector, offset: Vector | None,
                  forget: Sequence[Batch], held: Batch | None, reference: float | None, target: float | None,
-                 forget_before: float, predicted_budget: float | None, curvature_norm: float | None) -> None:
+                 forget_before: tuple[float, float], predicted_budget: float | None,
+                 curvature_norm: float | None) -> None:
         self.owner, self.direction, self.offset = owner, direction, offset
         self.forget, self.held, self.reference, self.target = forget, held, reference, target
         self.forget_before = forget_before
         self.predicted_budget, self.curvature_norm = predicted_budget, curvature_norm
         self.snapshot = owner._snapshot()
         self.evaluations = 0
-        self.points: dict[float, tuple[float, float | None, bool, bool]] = {}
+        #: η -> ((forget score, forget loss), retain loss, within budget, target reached); scores compare first,
+        #: the loss breaks ties (a score stuck at 0 still shows progress)
+        self.points: dict[float, tuple[tuple[float, float], float | None, bool, bool]] = {}
 
     def apply(self, eta: float) -> None:
         params = self.owner.named_params()
@@ -705,24 +832,25 @@ class _LineSearch:
     def restore(self) -> None:
         self.owner._restore(self.snapshot)
 
-    def evaluate(self, eta: float) -> tuple[float, float | None, bool, bool]:
-        """(forget loss, retain loss, within budget, target reached) at η (cached)."""
+    def evaluate(self, eta: float) -> tuple[tuple[float, float], float | None, bool, bool]:
+        """((forget score, forget loss), retain loss, within budget, target reached) at η (cached)."""
         if eta in self.points:
             return self.points[eta]
         self.evaluations += 1
         owner = self.owner
         if self.predicted_budget is not None and 0.5 * eta**2 * float(self.curvature_norm) > self.predicted_budget:
-            point = (float("nan"), None, False, False)  # outside the curvature's trust region: not even tried
+            nan = float("nan")
+            point = ((nan, nan), None, False, False)  # outside the curvature's trust region: not even tried
         else:
             self.apply(eta)
-            forget = owner.measure(self.forget)
+            forget = owner.forget_score(self.forget)
             retain = owner.measure(self.held) if self.held is not None else None
-            finite = math.isfinite(forget) and (retain is None or math.isfinite(retain))
+            finite = all(map(math.isfinite, forget)) and (retain is None or math.isfinite(retain))
             finite = finite and all(bool(torch.isfinite(p).all()) for p in owner.named_params().values())
             ok = finite and not (self.reference is not None and retain is not None
                                  and owner.max_retain_increase is not None
                                  and retain > self.reference * (1.0 + owner.max_retain_increase))
-            reached = ok and self.target is not None and forget >= self.target
+            reached = ok and self.target is not None and forget[0] >= self.target
             point = (forget, retain, ok, reached)
         self.points[eta] = point
         return point
@@ -771,8 +899,9 @@ class _LineSearch:
                 # a larger step was out of the retain budget: this step spends it
                 spent = any(not p[2] and e > best for e, p in self.points.items())
                 return best, (forget, retain), "retain_budget" if spent else "accepted"
-        probe = self.points.get(lo if lo is not None else hi, (float("nan"), None, False, False))  # type: ignore[arg-type]
-        failed = [p for p in self.points.values() if not math.isfinite(p[0])]
+        nan = float("nan")
+        probe = self.points.get(lo if lo is not None else hi, ((nan, nan), None, False, False))  # type: ignore[arg-type]
+        failed = [p for p in self.points.values() if not math.isfinite(p[0][1])]
         reason = "non_finite" if failed and len(failed) == len(self.points) else (
             "retain_increase" if not ok_points else "no_progress")
         return None, (probe[0], probe[1]), reason
