@@ -202,14 +202,6 @@ def _build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature
     return build_curvature(backend, model, **kwargs)
 
 
-def _fit_curvature(curvature: Curvature, batches: Iterable[Mapping[str, Tensor]], model: nn.Module) -> Curvature:
-    """Accumulate `batches` (this process's share) in eval mode with gradients on, then finalize (reduces)."""
-    with torch.enable_grad(), eval_mode(model):
-        for batch in batches:
-            curvature.accumulate(batch)
-        return curvature.finalize()
-
-
 def request_curvature(
     model: nn.Module,
     backend: str,
@@ -238,7 +230,7 @@ def request_curvature(
                          f"{'retain' if curvature_data == 'retain' else 'forget'} batches to fit the curvature on")
     batches = list(source[:limit] if limit else source)
     curvature = _build_curvature(backend, model, reduce=reduce, gather=gather, **dict(curvature_kwargs or {}))
-    fitted = _fit_curvature(curvature, share(batches, rank, world_size), model)
+    fitted = curvature.fit(share(batches, rank, world_size))
     if curvature_data == "full_minus_forget":
         assert full is not None
         return snapshot(full).subtract(fitted)
@@ -433,12 +425,25 @@ class Unlearn(CurvatureCallback):
     ``curvature_data="full_minus_forget"`` and no retain data: ``Unlearn(forget=..., curvature_data=
     "full_minus_forget", full_curvature=path).unlearn(pl_module)``.
 
+    The default recipe of the second-order methods applies unless a knob is set (``damping``, ``scale`` and
+    ``steps`` are passed to the method only when given): relative damping, a step-length search, up to 5 steps,
+    stopping as soon as the forget set cannot be told from ``holdout`` data (never-trained data of the forget set's
+    kind; see ``lightning_unlearn.methods.base`` for the target).
+    After each request ``last_summary`` holds the method's ``summary()`` (status, target, losses) and the loggers
+    get ``unlearn/status_code`` (0 target_reached, 1 budget_exhausted, 2 nothing_accepted) and ``unlearn/target``.
+
     Args:
-        forget: the forget batches (replicated on every process: each computes the same forget gradient).
+        forget: the forget batches (every process reads all of them and keeps its share; losses and gradients
+            are summed across processes, so each takes the same update).
         retain: retain batches (curvature for ``curvature_data="retain"``, and the retain term of some methods);
             curvature batches are sharded across processes and their statistics summed.
         held_retain: a held-out retain batch for the safety check (default: the first retain batch, if any).
-        method, curvature, curvature_data, damping, scale, steps, max_retain_increase: see ``build_unlearner``.
+        holdout: never-trained batches of the forget set's kind (e.g. the data module's ``holdout`` split,
+            labelled like the forget batches): the run aims at the forget set looking like them (sharded like
+            ``forget``). Without it (and without ``forget_target`` in ``method_kwargs``) there is no target and
+            each step takes the largest step within the retain budget.
+        method, curvature, curvature_data, damping, scale, steps, max_retain_increase: see ``build_unlearner``;
+            ``None`` (the default for damping, scale, steps) keeps the method's default.
         curvature_batches: at most this many batches for the curvature fit (default: all).
         full_curvature: for ``full_minus_forget``: a curvature file, a Lightning checkpoint, a finalized
             ``Curvature`` or a ``state_dict``; default: this callback's own curvature checkpoint.
@@ -454,13 +459,14 @@ class Unlearn(CurvatureCallback):
         *,
         retain: Iterable[Any] | None = None,
         held_retain: Any | None = None,
+        holdout: Iterable[Any] | None = None,
         method: str = "newton",
         curvature: str = "kfac",
         curvature_data: str = "retain",
-        damping: float = 1e-3,
-        scale: float = 1.0,
-        steps: int = 1,
-        max_retain_increase: float = 0.05,
+        damping: float | None = None,
+        scale: float | None = None,
+        steps: int | None = None,
+        max_retain_increase: float | None = 0.05,
         curvature_batches: int | None = None,
         full_curvature: str | Path | Curvature | Mapping[str, Any] | None = None,
         accumulate_every_n_batches: int | None = None,
@@ -483,6 +489,7 @@ class Unlearn(CurvatureCallback):
         self.forget = forget
         self.retain = retain
         self.held_retain = held_retain
+        self.holdout = holdout
         self.method = method
         self.curvature_data = curvature_data
         self.damping = damping
@@ -494,6 +501,7 @@ class Unlearn(CurvatureCallback):
         self.unlearn_on_train_end = unlearn_on_train_end
         self.method_kwargs = dict(method_kwargs or {})
         self.history: list[Any] = []  # StepRecords of every request, in order
+        self.last_summary: dict[str, Any] | None = None  # the method's summary() of the last request
         self.requests = 0
         self._done_forget = False
 
@@ -538,8 +546,11 @@ class Unlearn(CurvatureCallback):
         forget: Iterable[Any] | None = None,
         retain: Iterable[Any] | None = None,
         held_retain: Any | None = None,
+        holdout: Iterable[Any] | None = None,
     ) -> list[Any]:
-        """Serve one deletion request now: unlearn `forget` (default: the callback's) and return its StepRecords.
+        """Serve one deletion request now: unlearn `forget` (default: the callback's) and return its StepRecords;
+        `holdout` (default: the callback's) sets the forget loss to reach. The method's `summary()` is kept in
+        `last_summary`.
 
         Without a trainer (after `fit`, or outside Lightning) it runs on one process with no loggers.
         """
@@ -547,6 +558,7 @@ class Unlearn(CurvatureCallback):
         forget = self.forget if forget is None else forget
         retain = self.retain if retain is None else retain
         held_retain = self.held_retain if held_retain is None else held_retain
+        holdout = self.holdout if holdout is None else holdout
         if forget is None:
             raise ValueError("Unlearn: no forget data; pass forget=<loader or list of batches>")
         model = self.model_getter(pl_module)
@@ -559,8 +571,11 @@ class Unlearn(CurvatureCallback):
         forget_batches = [prepare(b) for b in forget]
         retain_batches = [prepare(b) for b in retain] if retain is not None else None
         held = prepare(held_retain) if held_retain is not None else (retain_batches[0] if retain_batches else None)
+        holdout_batches = [prepare(b) for b in holdout] if holdout is not None else None
         if not forget_batches:
             raise ValueError("Unlearn: the forget data yielded no batch")
+        if holdout_batches is not None and not holdout_batches:
+            raise ValueError("Unlearn: the holdout data yielded no batch; pass holdout=None for no target")
         if self.curvature_data == "retain" and not retain_batches and is_second_order(self.method):
             raise ValueError("Unlearn: curvature_data='retain' needs retain=<batches>; without retain data use"
                              " curvature_data='full_minus_forget' with a curvature checkpoint, or 'forget'")
@@ -575,21 +590,27 @@ class Unlearn(CurvatureCallback):
                                           gather=gather, rank=rank, world_size=world, limit=self.curvature_batches,
                                           curvature_kwargs=self.curvature_kwargs)
 
+        kwargs: dict[str, Any] = {"max_retain_increase": self.max_retain_increase}
+        if self.steps is not None:
+            kwargs["steps"] = self.steps
+        kwargs.update(self.method_kwargs)
         unlearner = make_unlearner(
             self.method, model, curvature=curvature, full_curvature=full, backend=self.backend,
             curvature_data=self.curvature_data, damping=self.damping, scale=self.scale, reduce=reduce, gather=gather,
-            curvature_kwargs=self.curvature_kwargs, steps=self.steps, max_retain_increase=self.max_retain_increase,
-            **self.method_kwargs)
+            curvature_kwargs=self.curvature_kwargs, **kwargs)
+        # every process keeps its share of forget and holdout: the engine sums losses across processes
         records = unlearner.fit(share(forget_batches, rank, world),
-                                share(retain_batches, rank, world) if retain_batches else None, held)
+                                share(retain_batches, rank, world) if retain_batches else None, held,
+                                holdout_batches=share(holdout_batches, rank, world) if holdout_batches else None)
         if trainer is not None and trainer.world_size > 1:
             _broadcast_parameters(model, trainer)
         self.requests += 1
         if own_forget:
             self._done_forget = True
         self.history.extend(records)
+        self.last_summary = unlearner.summary()
         if trainer is not None:
-            self._log(trainer, records)
+            self._log(trainer, records, self.last_summary)
         return records
 
     def _full_curvature(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> Curvature:
@@ -610,19 +631,41 @@ class Unlearn(CurvatureCallback):
         self.full_curvature = full
         return full
 
-    def _log(self, trainer: pl.Trainer, records: list[Any]) -> None:
+    def _log(self, trainer: pl.Trainer, records: list[Any], summary: Mapping[str, Any] | None = None) -> None:
         request = self.requests
         for logger in trainer.loggers:
             for record in records:
                 metrics = {f"unlearn/{k}": float(v) for k, v in _record_numbers(record).items()}
                 metrics["unlearn/request"] = float(request)
                 logger.log_metrics(metrics, step=int(record.step))
+            if summary is not None:
+                end = {f"unlearn/{k}": v for k, v in summary_numbers(summary).items()}
+                end["unlearn/request"] = float(request)
+                logger.log_metrics(end, step=int(records[-1].step) if records else 0)
             logger.save()
+
+
+#: `unlearn/status_code` of each status of a run (the method's `status`)
+STATUS_CODES = {"target_reached": 0, "budget_exhausted": 1, "nothing_accepted": 2}
+
+
+def summary_numbers(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The loggable numbers of a method's `summary()`: `status_code` (see `STATUS_CODES`) and `target` (when
+    there is one)."""
+    out: dict[str, float] = {}
+    status = summary.get("status")
+    if status in STATUS_CODES:
+        out["status_code"] = float(STATUS_CODES[status])
+    target = summary.get("target")
+    if target is not None and math.isfinite(float(target)):
+        out["target"] = float(target)
+    return out
 
 
 def _record_numbers(record: Any) -> dict[str, float]:
     out = {}
-    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted"):
+    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted", "target", "evaluations",
+                  "predicted_increase"):
         value = getattr(record, field, None)
         if value is None:
             continue
@@ -649,21 +692,25 @@ def make_unlearner(
     full_curvature: Curvature | None = None,
     backend: str = "kfac",
     curvature_data: str = "retain",
-    damping: float = 1e-3,
-    scale: float = 1.0,
+    damping: float | None = None,
+    scale: float | None = None,
     reduce: Reduce = identity,
     gather: Reduce = identity,
     curvature_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """`build_unlearner` with a driver's reductions; curvature arguments only for second-order methods."""
+    """`build_unlearner` with a driver's reductions; curvature arguments only for second-order methods, `damping`
+    and `scale` only when set (None: the method's default recipe)."""
     from .methods import build_unlearner
 
     kw: dict[str, Any] = dict(reduce=reduce)
     if is_second_order(method):
         kw.update(curvature=curvature, curvature_backend=backend, curvature_data=curvature_data,
-                  full_curvature=full_curvature, damping=damping, scale=scale, gather=gather,
-                  curvature_kwargs=dict(curvature_kwargs or {}))
+                  full_curvature=full_curvature, gather=gather, curvature_kwargs=dict(curvature_kwargs or {}))
+        if damping is not None:
+            kw["damping"] = damping
+        if scale is not None:
+            kw["scale"] = scale
     kw.update(kwargs)
     return build_unlearner(method, model, **kw)
 

@@ -2,7 +2,8 @@
 
     fabric = Fabric(accelerator="cuda", devices=4, strategy="ddp"); fabric.launch()
     model = fabric.setup(model)   # or the plain module
-    records = fabric_unlearn(fabric, model, forget_loader, retain_loader, method="newton", curvature="kfac")
+    records = fabric_unlearn(fabric, model, forget_loader, retain_loader, holdout=holdout_loader)
+    records.status, records.summary   # "target_reached" | ...; the method's summary() (numbers only)
 
 Every process passes the same loaders (or its own shards): each keeps its share of every batch list and the engine
 sums statistics, gradients and losses across processes, so all processes take the same update.
@@ -86,17 +87,21 @@ def fabric_unlearn(
     curvature_data: str = "retain",
     full_curvature: Curvature | Mapping[str, Any] | str | Path | None = None,
     held_retain_batch: Any | None = None,
-    damping: float = 1e-3,
-    scale: float = 1.0,
-    steps: int = 1,
+    holdout: Iterable[Any] | None = None,
+    damping: float | None = None,
+    scale: float | None = None,
+    steps: int | None = None,
     max_retain_increase: float | None = 0.05,
     curvature_batches: int | None = None,
     curvature_kwargs: Mapping[str, Any] | None = None,
     **method_kwargs: Any,
-) -> list[Any]:
+) -> UnlearnRun:
     """Unlearn `forget_loader` from `model` (plain or `fabric.setup` module) on every process; returns the
-    `StepRecord`s (identical on every process). `full_curvature` (for `full_minus_forget`) is a finalized
-    `Curvature`, its `state_dict`, or a curvature file / Lightning checkpoint."""
+    `StepRecord`s (identical on every process) as an `UnlearnRun` list that also carries the method's `status`
+    and `summary()`. `full_curvature` (for `full_minus_forget`) is a finalized `Curvature`, its `state_dict`, or a
+    curvature file / Lightning checkpoint. `holdout`: never-trained batches of the forget set's kind, the level the run
+    aims at (each process keeps its share, like the forget batches). `damping`, `scale`
+    and `steps` go to the method only when set (None: its default recipe)."""
     check_strategy(fabric.strategy, "fabric_unlearn")
     if curvature_data not in CURVATURE_DATA:
         raise ValueError(f"curvature_data must be one of {CURVATURE_DATA}, got {curvature_data!r}")
@@ -106,8 +111,11 @@ def fabric_unlearn(
     forget = [_prepare(fabric, b) for b in forget_loader]
     retain = [_prepare(fabric, b) for b in retain_loader] if retain_loader is not None else None
     held = _prepare(fabric, held_retain_batch) if held_retain_batch is not None else (retain[0] if retain else None)
+    holdout_batches = [_prepare(fabric, b) for b in holdout] if holdout is not None else None
     if not forget:
         raise ValueError("fabric_unlearn: forget_loader yielded no batch")
+    if holdout_batches is not None and not holdout_batches:
+        raise ValueError("fabric_unlearn: holdout yielded no batch; pass holdout=None for no target")
 
     curv = full = None
     ckwargs = dict(curvature_kwargs or {})
@@ -118,16 +126,32 @@ def fabric_unlearn(
         curv = request_curvature(module, curvature, curvature_data, source or [], full=full, reduce=reduce,
                                  gather=gather, rank=rank, world_size=world, limit=curvature_batches,
                                  curvature_kwargs=ckwargs)
+    if steps is not None:
+        method_kwargs["steps"] = steps
     unlearner = make_unlearner(method, module, curvature=curv, full_curvature=full, backend=curvature,
                                curvature_data=curvature_data, damping=damping, scale=scale, reduce=reduce,
-                               gather=gather, curvature_kwargs=ckwargs, steps=steps,
-                               max_retain_increase=max_retain_increase, **method_kwargs)
-    records = unlearner.fit(share(forget, rank, world), share(retain, rank, world) if retain else None, held)
+                               gather=gather, curvature_kwargs=ckwargs, max_retain_increase=max_retain_increase,
+                               **method_kwargs)
+    records = unlearner.fit(share(forget, rank, world), share(retain, rank, world) if retain else None, held,
+                            holdout_batches=share(holdout_batches, rank, world) if holdout_batches else None)
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         with torch.no_grad():  # keep every process bit-identical
             for p in module.parameters():
                 torch.distributed.broadcast(p.data, src=0)
-    return records
+    return UnlearnRun(records, unlearner.summary())
+
+
+class UnlearnRun(list):
+    """The `StepRecord`s of one `fabric_unlearn` call (a plain list of them), with the method's `summary()`
+    (`summary`) and `status` ("target_reached", "budget_exhausted" or "nothing_accepted")."""
+
+    def __init__(self, records: Iterable[Any] = (), summary: Mapping[str, Any] | None = None) -> None:
+        super().__init__(records)
+        self.summary: dict[str, Any] = dict(summary or {})
+
+    @property
+    def status(self) -> str | None:
+        return self.summary.get("status")
 
 
 def _prepare(fabric: Fabric, batch: Any) -> dict[str, Tensor]:

@@ -1,18 +1,22 @@
 """`UnlearningModule`: a LightningModule around any causal LM whose training steps are unlearning steps.
 
-    module = UnlearningModule("path/to/model", method="newton", curvature="kfac", damping=1e-3)
-    trainer = L.Trainer(max_steps=3)
+    module = UnlearningModule("path/to/model", method="newton", curvature="kfac")   # the default recipe
+    module.set_holdout_data(holdout_loader)   # or a datamodule with a `holdout` split
+    trainer = L.Trainer(max_steps=5)          # the run stops itself when the target is reached
     trainer.fit(module, train_dataloaders=CombinedLoader({"forget": f, "retain": r}), val_dataloaders=[f, r])
+    module.status                             # "target_reached" | "budget_exhausted" | "nothing_accepted"
     module.save_pretrained("unlearned/")
 
 Manual optimisation: each `training_step` runs the chosen method's `step` (a trial update with the safety check)
 on the combined forget/retain batch. The curvature is fitted once at `on_train_start` from `set_curvature_data(...)`
-or the datamodule's `curvature_dataloader(split)`. Constructor arguments are plain types (LightningCLI-friendly).
+or the datamodule's `curvature_dataloader(split)`; the target is calibrated there too, on `set_holdout_data(...)`
+or the datamodule's `holdout` split. Constructor arguments are plain types (LightningCLI-friendly).
 """
 
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,12 +29,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from .callbacks import (
+    STATUS_CODES,
     check_strategy,
     default_batch_transform,
     is_second_order,
     load_curvature_state,
     make_unlearner,
     request_curvature,
+    share,
     strategy_gather,
     strategy_reduce,
 )
@@ -72,8 +78,21 @@ class UnlearningModule(pl.LightningModule):
         curvature: the curvature backend of second-order methods (kfac, cg, woodfisher, diagonal).
         curvature_data: retain | forget | full_minus_forget (the latter with `full_curvature`, a curvature file or a
             Lightning checkpoint written by `CurvatureCallback`/`Unlearn`).
-        damping, scale, max_retain_increase, forget_loss, forget_target, refresh_every: see the methods.
+        damping, scale, max_retain_increase, forget_loss, forget_target, refresh_every: see the methods; damping,
+            scale and forget_loss are passed only when set (None: the method's default recipe: relative damping
+            and a step-length search, see `SecondOrderUnlearner`).
         curvature_batches: at most this many batches for the curvature fit.
+        holdout_batches: at most this many holdout batches for the target (0: no holdout target).
+
+    The target: `set_holdout_data(batches)` (never-trained data of the forget set's kind, labelled like the forget
+    batches) or else the datamodule's `holdout` split (`datamodule.dataloader("holdout")`) calibrates the method at
+    `on_train_start` (`Unlearner.calibrate`): the run stops (`trainer.should_stop`) as soon as the forget set
+    cannot be told from the holdout any more (the method's target, see `lightning_unlearn.methods.base`), when a
+    step spends the retain budget, or when a step is rolled back after all retries, the rule of the method's own
+    `fit`. `trainer.max_steps` is then only a cap (5 is plenty). For
+    span-level forgetting, a data module's holdout split of whole unseen texts is a proxy of the level; pass
+    `set_holdout_data(<unseen texts labelled on their spans>)` or `forget_target=` for the exact one.
+    After the fit, `status` tells how the run ended and `summary()` gives the numbers.
         fisher_type: the backend's Fisher type (mc or empirical) where it has one; None for its default.
         method_kwargs, curvature_kwargs: further arguments for the method and the backend.
         dtype: load/cast the model in this torch dtype ("float32", "bfloat16", ...).
@@ -86,13 +105,14 @@ class UnlearningModule(pl.LightningModule):
         method: str = "newton",
         curvature: str = "kfac",
         curvature_data: str = "retain",
-        damping: float = 1e-3,
-        scale: float = 1.0,
+        damping: float | None = None,
+        scale: float | None = None,
         max_retain_increase: float | None = 0.05,
         forget_loss: str | None = None,
         forget_target: float | None = None,
         refresh_every: int | None = None,
         curvature_batches: int | None = 16,
+        holdout_batches: int | None = 16,
         full_curvature: str | None = None,
         fisher_type: str | None = None,
         method_kwargs: dict[str, Any] | None = None,
@@ -123,7 +143,10 @@ class UnlearningModule(pl.LightningModule):
         self.unlearner: Any = None
         self.history: list[Any] = []
         self._curvature_data: Iterable[Any] | None = None
+        self._holdout_data: Iterable[Any] | None = None
         self._held: Mapping[str, Tensor] | None = None
+        self._done: str | None = None  # set when a step ended the run (its reason), or "already_reached"
+        self._losses: dict[str, float | None] = {}
 
     # ------------------------------------------------------------------ data
     def set_curvature_data(self, batches: Iterable[Any]) -> UnlearningModule:
@@ -131,6 +154,35 @@ class UnlearningModule(pl.LightningModule):
         datamodule's `curvature_dataloader`). Returns self."""
         self._curvature_data = batches
         return self
+
+    def set_holdout_data(self, batches: Iterable[Any] | None) -> UnlearningModule:
+        """Never-trained batches of the forget set's kind (labelled like the forget batches): the run aims at the
+        forget set looking like them (overrides the datamodule's `holdout` split; None: back to it). Returns self."""
+        self._holdout_data = batches
+        return self
+
+    def _holdout_source(self) -> list[dict[str, Tensor]]:
+        """This process's holdout batches for the target ([] for none): `set_holdout_data`, else the datamodule's
+        `holdout` split (a `holdout_dataloader()` or `dataloader("holdout")`), at most `holdout_batches`."""
+        limit = self.hparams.holdout_batches
+        if limit == 0:
+            return []
+        batches = self._holdout_data
+        if batches is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and hasattr(datamodule, "holdout_dataloader"):
+                batches = datamodule.holdout_dataloader()
+            elif datamodule is not None and hasattr(datamodule, "dataloader"):
+                try:
+                    batches = datamodule.dataloader("holdout")
+                except (ValueError, KeyError, TypeError):  # a data module without a holdout split
+                    batches = None
+        out: list[dict[str, Tensor]] = []
+        for batch in batches if batches is not None else ():
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(self._prepare(batch))
+        return out
 
     def _curvature_source(self) -> list[dict[str, Tensor]]:
         split = "retain" if self.curvature_data == "retain" else "forget"
@@ -193,6 +245,11 @@ class UnlearningModule(pl.LightningModule):
             curvature_data=self.curvature_data, damping=hp.damping, scale=hp.scale, reduce=reduce, gather=gather,
             curvature_kwargs=self.curvature_kwargs, steps=1, **kwargs,
         )
+        self.history = []
+        self._done, self._held, self._losses = None, None, {}
+        holdout = self._holdout_source()
+        if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
+            self.unlearner.calibrate(share(holdout, trainer.global_rank, trainer.world_size))
 
     def _load_full_curvature(self, path: str, reduce: Any, gather: Any) -> Curvature:
         from .methods import build_curvature
@@ -219,11 +276,63 @@ class UnlearningModule(pl.LightningModule):
             self.unlearner.fit_curvature(self._curvature_source())
         if retain is not None and self._held is None:
             self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
+        size = forget["input_ids"].shape[0]
+        if not self.history and self._done is None:  # the check of the method's own fit() before its first step
+            score, self._losses["forget_before"] = self.unlearner.forget_score(forget)
+            target = self.unlearner.current_target()
+            if target is not None and score >= target:
+                # nothing to do: the forget set already looks unseen (the method's fit() stops here too)
+                self._done, self._losses["target"] = "already_reached", target
+                self.trainer.should_stop = True
+                self.log_dict({"unlearn/status_code": float(STATUS_CODES["target_reached"]),
+                               "unlearn/target": float(target)}, on_step=True, on_epoch=False, batch_size=size)
+                return None
         record = self.optimizers().step(closure=lambda: self.unlearner.step(forget, retain, self._held))
         self.history.append(record)
-        self.log_dict({f"unlearn/{k}": v for k, v in _numbers(record).items()}, on_step=True, on_epoch=False,
-                      batch_size=forget["input_ids"].shape[0])
+        self._losses["target"] = record.target
+        if not record.accepted or record.reason in ("target_reached", "retain_budget"):
+            self._done = record.reason  # the run is done: the rule of the method's own fit()
+            self.trainer.should_stop = True
+        numbers = {f"unlearn/{k}": v for k, v in _numbers(record).items()}
+        numbers["unlearn/status_code"] = float(STATUS_CODES[self.status])  # how the run would end now
+        self.log_dict(numbers, on_step=True, on_epoch=False, batch_size=size)
         return torch.tensor(record.forget_loss)
+
+    def on_train_end(self) -> None:
+        if self._done != "already_reached" and self.status == "nothing_accepted":
+            from .methods.base import NothingAcceptedWarning
+
+            warnings.warn(f"UnlearningModule: {self.method} accepted no step ({len(self.history)} trial(s) rolled "
+                          "back): the model is unchanged. Check the step records' reasons in `history`",
+                          NothingAcceptedWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ outcome
+    @property
+    def status(self) -> str | None:
+        """How the run ended (None before a step): "target_reached" (the target was reached, or already was
+        before the first step), "nothing_accepted" (every trial was rolled back) or
+        "budget_exhausted" (steps accepted, target not reached: the retain budget or `max_steps` ran out). The rule
+        of the method's own `fit` (`Unlearner.status`), applied to the steps Lightning drove."""
+        if self._done == "already_reached" or any(r.reason == "target_reached" for r in self.history):
+            return "target_reached"
+        if not self.history:
+            return None
+        if not any(r.accepted for r in self.history):
+            return "nothing_accepted"
+        return "budget_exhausted"
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers only, like the method's `summary()`: status, target and its source, steps accepted, trials,
+        forward evaluations, the forget loss (of the step's forget batch) before the first and after the last
+        accepted step. `target` is the method's (`StepRecord.target`: a forget score with a holdout target)."""
+        unlearner = self.unlearner
+        accepted = [r for r in self.history if r.accepted]
+        return {"status": self.status, "target": self._losses.get("target"),
+                "target_source": getattr(unlearner, "target_source", None),
+                "steps_accepted": sum(bool(r.accepted) for r in self.history), "trials": len(self.history),
+                "evaluations": sum(int(getattr(r, "evaluations", 1)) for r in self.history),
+                "forget_loss_before": self._losses.get("forget_before"),
+                "forget_loss_after": accepted[-1].forget_loss if accepted else self._losses.get("forget_before")}
 
     # ------------------------------------------------------------------ validation and test
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -325,7 +434,8 @@ class MethodStep(torch.optim.Optimizer):
 
 def _numbers(record: Any) -> dict[str, float]:
     out = {}
-    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted"):
+    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted", "target", "evaluations",
+                  "predicted_increase"):
         value = getattr(record, field, None)
         if value is not None and float(value) == float(value):
             out[field] = float(value)

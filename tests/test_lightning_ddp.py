@@ -49,9 +49,12 @@ class FrozenLM(pl.LightningModule):
 
 
 def make_unlearn(**kw) -> Unlearn:
+    # the fixed step (absolute λ, no step-length search): a continuous function of the all-reduced statistics, so
+    # the DDP update equals the single-process one to float precision
     return Unlearn(forget=loader(FORGET, 1), held_retain=next(iter(loader(HELD, 2))), method="newton",
                    curvature="kfac", curvature_data="full_minus_forget", damping=1e-2, scale=0.1, steps=2,
-                   max_retain_increase=None, curvature_kwargs={"fisher_type": "empirical"}, **kw)
+                   max_retain_increase=None, curvature_kwargs={"fisher_type": "empirical"},
+                   method_kwargs={"damping_mode": "absolute", "step_search": False}, **kw)
 
 
 def test_ddp_spawn_matches_single_process(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Drop-in unlearning inside an ordinary `Trainer.fit`: a LightningModule written here (not the project's),
-`Trainer(callbacks=[Unlearn(...)])`, and a curvature checkpoint that serves a second request without retain data."""
+`Trainer(callbacks=[Unlearn(...)])` with the default recipe and a holdout target, and a curvature checkpoint that
+serves a second request without retain data."""
 
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def nll(model, texts: list[str]) -> float:
 
 
 FORGET2 = ["gk2 yy5 qc8 fl1 dz6", "uo4 rb9 mx3 sk7 pv2"]
+# never trained, of the forget strings' kind: their loss is the level a model that never saw FORGET would have
+HOLDOUT = ["ti5 zw8 ao3 ub2 dl7", "hm8 ds3 ax3 ni2 ym2", "yz1 et9 oe2 aa3 yg2", "fj5 gr3 fw3 mj0 ln2",
+           "ei1 kj9 sa9 vw5 cj5", "jp5 fp7 wf0 ia5 ma8", "zn5 ms0 ob2 tg1 yh7", "lq5 qi7 ds5 jb6 cg5"]
 
 
 class Probe(pl.Callback):
@@ -85,7 +89,8 @@ class Probe(pl.Callback):
         self.before: dict[str, float] = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.before = {"forget": nll(pl_module.model, FORGET), "retain": nll(pl_module.model, self.retain)}
+        self.before = {"forget": nll(pl_module.model, FORGET), "retain": nll(pl_module.model, self.retain),
+                       "holdout": nll(pl_module.model, HOLDOUT)}
         pl_module.model.train()
 
 
@@ -100,6 +105,10 @@ def flat(state, prefix=""):
     return {}
 
 
+FIXED_STEP = {"damping": 0.1, "scale": 0.03, "steps": 1,
+              "method_kwargs": {"damping_mode": "absolute", "step_search": False}}
+
+
 def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_path: Path) -> None:
     torch.manual_seed(0)
     retain = retain_texts()
@@ -108,9 +117,10 @@ def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_pa
     module = TinyLM()
     curvature_file = tmp_path / "curvature.pt"
     probe = Probe(retain)
-    unlearn = Unlearn(
-        forget=loader(FORGET), retain=loader(retain[:16]), held_retain=held_batch, method="newton",
-        curvature="kfac", damping=0.1, scale=1.0, steps=3, max_retain_increase=0.1,
+    unlearn = Unlearn(  # knobs set explicitly: the fixed step (absolute λ, no step search); see the test below
+        forget=loader(FORGET), retain=loader(retain[:16]), held_retain=held_batch, holdout=loader(HOLDOUT),
+        method="newton", curvature="kfac", damping=0.1, scale=1.0, steps=3, max_retain_increase=0.1,
+        method_kwargs={"damping_mode": "absolute", "step_search": False},
         accumulate_every_n_batches=1, accumulate_from_epoch=20, curvature_path=curvature_file,
     )
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -119,15 +129,21 @@ def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_pa
                          enable_model_summary=False)
     trainer.fit(module, loader(train, shuffle=True))
 
-    # request 1, at the end of training: forget loss clearly up, retain loss bounded
+    # request 1, at the end of training: the forget loss reached the holdout level, retain loss bounded
     before, after = probe.before, {"forget": nll(module.model, FORGET), "retain": nll(module.model, retain)}
     assert before["forget"] < 0.5, before  # memorised
     assert after["forget"] > before["forget"] + 2.0, (before, after)
     assert after["retain"] < 1.25 * before["retain"], (before, after)
     assert any(r.accepted for r in unlearn.history)
+    summary = unlearn.last_summary  # the method's summary() of the request
+    assert summary["status"] in ("target_reached", "budget_exhausted") and summary["target_source"] == "holdout"
+    assert summary["steps_accepted"] == sum(r.accepted for r in unlearn.history) >= 1
+    assert after["forget"] == pytest.approx(summary["forget_loss_after"], rel=1e-4)
+    assert summary["holdout_loss"] == pytest.approx(before["holdout"], rel=1e-4)  # the holdout, before unlearning
     # every decision logged through the trainer's logger, numbers only
     metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
     assert "unlearn/forget_loss" in metrics and "unlearn/damping" in metrics and "unlearn/accepted" in metrics
+    assert "unlearn/status_code" in metrics and "unlearn/target" in metrics
     logged = "".join(p.read_text(errors="ignore") for p in Path(trainer.logger.log_dir).rglob("*") if p.is_file())
     assert not any(text in logged for text in FORGET + FORGET2)
 
@@ -140,18 +156,38 @@ def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_pa
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
-    # request 2, later, with no retain data at all: full-data curvature minus the forget curvature
+    # request 2, later, with no retain data at all: full-data curvature minus the forget curvature, the same
+    # holdout target; knobs set explicitly (the fixed step: absolute λ, η = 0.03, one step, no step search)
     f2_before, r_before = nll(module.model, FORGET2), nll(module.model, retain)
     weights = {k: v.clone() for k, v in module.model.state_dict().items()}
     results = {}
     for name, source in {"file": curvature_file, "lightning": tmp_path / "ckpt" / "last.ckpt"}.items():
         module.model.load_state_dict(weights)
-        second = Unlearn(forget=loader(FORGET2), curvature="kfac", curvature_data="full_minus_forget",
-                         full_curvature=source, damping=0.1, scale=0.03, steps=1)
-        records = second.unlearn(module)
+        if name == "file":  # the holdout given to the callback, or to the request
+            second = Unlearn(forget=loader(FORGET2), curvature="kfac", curvature_data="full_minus_forget",
+                             full_curvature=source, holdout=loader(HOLDOUT), **FIXED_STEP)
+            records = second.unlearn(module)
+        else:
+            second = Unlearn(curvature="kfac", curvature_data="full_minus_forget", full_curvature=source,
+                             **FIXED_STEP)
+            records = second.unlearn(module, forget=loader(FORGET2), holdout=loader(HOLDOUT))
         assert records[-1].accepted and records[-1].retain_loss is None
+        assert second.last_summary["target_source"] == "holdout" and second.last_summary["steps_accepted"] >= 1
         results[name] = (nll(module.model, FORGET2), nll(module.model, retain))
     f2_after, r_after = results["file"]
     assert f2_after > f2_before + 3.0, (f2_before, f2_after)
     assert r_after < 1.3 * r_before, (r_before, r_after)
     assert results["lightning"] == pytest.approx(results["file"], rel=1e-4)
+
+
+def test_unlearn_with_holdout_reaches_the_target_with_the_default_recipe() -> None:
+    from canary_corpus import memorise
+
+    model, forget, retain, held, holdout = memorise("gpt2")  # 4 memorised digit canaries, 8 unseen ones
+    callback = Unlearn(forget=[forget], retain=retain, held_retain=held, holdout=[holdout])  # no knob set
+    records = callback.unlearn(model)
+    summary = callback.last_summary
+    assert summary["status"] == "target_reached" and summary["target_source"] == "holdout", summary
+    assert records[-1].reason == "target_reached" and callback.history == records
+    assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary
+    assert summary["retain_loss_after"] <= 1.05 * summary["retain_loss_before"], summary

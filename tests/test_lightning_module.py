@@ -110,10 +110,60 @@ def test_refresh_every_refits_the_curvature_while_lightning_drives_the_steps(tmp
             return super()._curvature_source()
 
     forget, retain = batches(8, seed=1), batches(16, seed=2)
+    # the fixed step (no step search, no target): every step is "accepted", so the run goes on to max_steps
     module = Counting(small_causal_lm("gpt2", seed=0), method="newton", curvature="diagonal", damping=1.0,
-                      scale=1e-3, max_retain_increase=None, refresh_every=2, curvature_batches=2)
+                      scale=1e-3, max_retain_increase=None, refresh_every=2, curvature_batches=2,
+                      method_kwargs={"step_search": False})
     module.set_curvature_data(retain)
     trainer(tmp_path, max_steps=4).fit(module, train_dataloaders=CombinedLoader(
         {"forget": forget, "retain": retain}, "max_size_cycle"))
-    assert len(module.history) == 4
+    assert len(module.history) == 4 and all(r.reason == "accepted" for r in module.history)
+    assert module.status == "budget_exhausted"  # no target: max_steps ended the run
     assert Counting.fits == 1 + 1  # on_train_start, then before step 2 (steps 0..3, refresh at global step 2)
+
+
+# ---------------------------------------------------------------------------------------------- the target
+class HoldoutData(pl.LightningDataModule):
+    """A data module with forget, retain and holdout splits (`dataloader(split)`), like `ForgetRetainDataModule`:
+    4 memorised digit canaries (labelled on the digits), retain text, 8 never-trained canaries as the holdout."""
+
+    def __init__(self, forget, retain, held, holdout) -> None:
+        super().__init__()
+        self.splits = {"forget": [forget], "retain": retain, "holdout": [holdout]}
+        self.held = held
+
+    def dataloader(self, split: str) -> list:
+        return self.splits[split]
+
+    def curvature_dataloader(self, split: str = "retain") -> list:
+        return self.dataloader(split)
+
+    def train_dataloader(self) -> CombinedLoader:  # the held retain batch first: the run's safety budget
+        return CombinedLoader({"forget": DataLoader([self.splits["forget"][0]] * 5, batch_size=None),
+                               "retain": DataLoader([self.held] * 5, batch_size=None)}, "max_size_cycle")
+
+
+def test_the_run_stops_itself_at_the_holdout_target(tmp_path: Path) -> None:
+    from canary_corpus import memorise
+
+    model, forget, retain, held, holdout = memorise("gpt2")
+    data = HoldoutData(forget, retain, held, holdout)
+    # the default recipe (no damping, no scale); the datamodule's holdout split sets the target
+    module = UnlearningModule(model, method="newton", curvature="kfac")
+    t = trainer(tmp_path, max_steps=5)
+    t.fit(module, datamodule=data)
+    assert module.status == "target_reached", [r.reason for r in module.history]
+    assert module.unlearner.target_source == "holdout"
+    assert module.history[-1].reason == "target_reached" and all(r.accepted for r in module.history)
+    assert t.global_step == len(module.history) < 5  # stopped at the target, before max_steps
+    summary = module.summary()
+    assert summary["status"] == "target_reached" and summary["steps_accepted"] == len(module.history)
+    assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary
+    logged = (Path(t.logger.log_dir) / "metrics.csv").read_text()
+    assert "unlearn/status_code" in logged and "unlearn/target" in logged
+
+    # set_holdout_data wins over the datamodule; a target already met: no step at all
+    again = UnlearningModule(model, method="newton", curvature="kfac").set_holdout_data([forget])
+    t2 = trainer(tmp_path / "again", max_steps=5)
+    t2.fit(again, datamodule=data)
+    assert again.status == "target_reached" and again.history == [] and t2.global_step == 0
