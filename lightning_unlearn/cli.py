@@ -132,6 +132,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             _check_paths(config)
 
         def after_fit(self) -> None:
+            status = getattr(self.model, "status", None)
+            if status is not None and self.trainer.is_global_zero:
+                summary = self.model.summary()
+                target = summary.get("target")
+                print(f"unlearning status: {status} (target {'none' if target is None else f'{target:.4g}'}, "
+                      f"source {summary.get('target_source')}, {summary.get('steps_accepted')} step(s) accepted)")
             output = self.config[self.subcommand].get("output")
             if output:
                 path = self.model.save_pretrained(output)
@@ -204,6 +210,7 @@ def load_demo_config(path: str | None):
 
     Unknown keys and wrong types raise `ConfigError` naming the key."""
     import dataclasses
+    import typing
 
     import yaml
 
@@ -221,16 +228,29 @@ def load_demo_config(path: str | None):
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; a demo config has `experiment:` and `unlearning:`")
     for section, target in (("experiment", config), ("unlearning", settings)):
         fields = {f.name: f for f in dataclasses.fields(target)}
+        hints = typing.get_type_hints(type(target))
         for key, value in (raw.get(section) or {}).items():
             if key not in fields:
                 raise ConfigError(f"{section}.{key}: unknown key; valid keys: {', '.join(fields)}")
             default = getattr(target, key)
             if default is not None and not _same_kind(default, value):
                 raise ConfigError(f"{section}.{key}: expected {type(default).__name__}, got {value!r}")
+            if default is None and value is not None and not _fits_hint(hints.get(key), value):
+                raise ConfigError(f"{section}.{key}: expected {hints.get(key)}, got {value!r}")
             setattr(target, key, tuple(value) if isinstance(default, tuple) else value)
     _check_choices({"model": {"method": settings.method, "curvature": settings.curvature,
                               "curvature_data": settings.curvature_data}})
     return config, settings
+
+
+def _fits_hint(hint: Any, value: Any) -> bool:
+    """Whether `value` fits a field annotated `hint` whose default is None (e.g. `float | None`)."""
+    import typing
+
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or ([hint] if isinstance(hint, type) else [])
+    samples = {float: 0.0, int: 0, str: "", bool: False}
+    return not kinds or any(_same_kind(samples.get(k, None), value) if k in samples else isinstance(value, k)
+                            for k in kinds if isinstance(k, type))
 
 
 def _same_kind(default: Any, value: Any) -> bool:

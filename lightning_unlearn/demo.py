@@ -21,9 +21,9 @@ from typing import Any
 from .experiment import Experiment, ExperimentConfig, UnlearnSettings, _atomic_save_pretrained, summarize
 from .io import atomic_directory
 
-#: the demo's unlearning recipe (tuned on the default experiment; see README "Demo")
-DEFAULT_SETTINGS = UnlearnSettings(method="newton", curvature="kfac", curvature_data="retain", curvature_batches=8,
-                                   damping=10.0, scale=1.0, steps=1, forget_loss="unlikelihood")
+#: the demo's unlearning run: the method's default recipe (no damping, scale, steps or forget loss set), its target
+#: calibrated on the experiment's holdout data (never-inserted canaries)
+DEFAULT_SETTINGS = UnlearnSettings(method="newton", curvature="kfac", curvature_data="retain", curvature_batches=8)
 
 
 def run_demo(output: str | Path = "runs/demo", *, config: ExperimentConfig | None = None,
@@ -64,6 +64,7 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
     retrain = exp.evaluate(retrained)
     _say(progress, f"unlearning: {settings.method} with {settings.curvature} curvature")
     unlearned, history, unlearn_seconds = exp.unlearn(original, settings)
+    run = dict(getattr(exp, "last_summary", None) or {})  # the method's summary(): status, target, losses
     _say(progress, "evaluating the unlearned model")
     after = exp.evaluate(unlearned, reference=retrained)
     _atomic_save_pretrained(unlearned, work / "model", tokenizer=data.tokenizer)
@@ -84,6 +85,9 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
         "before": summarize(before), "after": summarize(after), "retrain": summarize(retrain),
         "timing": timing,
         "steps": [r.to_dict() for r in history],
+        # how the run ended and what it aimed at (see `Unlearner.summary`)
+        "status": run.get("status"), "target": run.get("target"), "target_source": run.get("target_source"),
+        "unlearning": run,
     }
     write_report(work, after=after, before=before, reference=retrain, method=settings.method,
                  hyperparameters={"unlearning": dataclasses.asdict(settings), "experiment": dataclasses.asdict(config)},
@@ -138,6 +142,10 @@ def summary_table(summary: dict[str, Any]) -> Any:
         table.add_column(col, justify="right")
     for key in summary["before"]:
         table.add_row(key, *(f"{summary[c][key]:.3f}" for c in ("before", "after", "retrain")))
+    if summary.get("status") is not None:
+        target = summary.get("target")
+        table.caption = (f"status {summary['status']} · target {'–' if target is None else f'{target:.3g}'}"
+                         f" ({summary.get('target_source')})")
     return table
 
 

@@ -114,11 +114,23 @@ def _summary_markdown(report: dict[str, Any]) -> list[str]:
     """The headline table: one row per headline number, one column per model (before/after/retrain)."""
     columns = [c for c in ("before", "after", "retrain") if isinstance(report.get(c), Mapping)]
     if not columns:
-        return []
+        run = _run_lines(report)
+        return ["## Summary", "", *run] if run else []
     names = list(dict.fromkeys(n for c in columns for n in report[c]))
-    lines = ["## Summary", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines = ["## Summary", ""]
+    lines += _run_lines(report)
+    lines += ["| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| `{n}` | " + " | ".join(_fmt(report[c].get(n)) for c in columns) + " |" for n in names]
     return lines + ["", "## All metrics", ""]
+
+
+def _run_lines(report: Mapping[str, Any]) -> list[str]:
+    """How the unlearning run ended (`status`), what it aimed at (`target`) and where that came from
+    (`target_source`), when the summary has them."""
+    if not any(report.get(k) is not None for k in ("status", "target", "target_source")):
+        return []
+    return [f"- status: `{_fmt(report.get('status'))}`",
+            f"- target: {_fmt(report.get('target'))} (source: `{_fmt(report.get('target_source'))}`)", ""]
 
 
 def _markdown(report: dict[str, Any], plots: Sequence[str]) -> str:

@@ -63,6 +63,12 @@ def test_demo_writes_the_report_the_model_and_the_summary(tiny_demo):
         for key in ("exposure_inserted_mean", "exposure_reference_mean", "test_perplexity", "forget_loss", "mia_auc"):
             assert isinstance(report[column][key], float), (column, key)
     assert set(report["timing"]) >= {"train_seconds", "retrain_seconds", "unlearn_seconds"}
+    # the default recipe's run: how it ended and what it aimed at (the never-inserted canaries)
+    assert report["status"] in ("target_reached", "budget_exhausted", "nothing_accepted")
+    assert report["target_source"] == "holdout" and isinstance(report["target"], float)
+    assert report["unlearning"]["status"] == report["status"]
+    assert report["hyperparameters"]["unlearning"]["damping"] is None  # no knob set
+    assert f"- status: `{report['status']}`" in (out / "report.md").read_text()
     assert all(v > 0 for v in report["timing"].values())
     for name in ("report.md", "exposure.png", "loss_histograms.png", "model/model.safetensors",
                  "original/model.safetensors", "data/train.jsonl"):
@@ -93,6 +99,7 @@ def test_tiny_lightning_config_end_to_end_through_the_command(tiny_demo):
     original = (work / "runs/demo/original/model.safetensors").read_bytes()
     result = run_command(["fit", "--config", "kfac.yaml"], cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "unlearning status: " in result.stdout and "source holdout" in result.stdout, result.stdout[-2000:]
     from safetensors.torch import load_file
 
     before = load_file(work / "runs/demo/original/model.safetensors")

@@ -136,3 +136,14 @@ def test_summary_goes_to_the_top_level_and_leads_the_markdown(tmp_path):
     assert "| `exposure_inserted_mean` | 12 | 2 |" in md
     with pytest.raises(ValueError, match="clash"):
         write_report(tmp_path, after={}, summary={"metrics": 1})
+
+
+def test_the_run_status_and_target_lead_the_summary(tmp_path):
+    summary = {"status": "target_reached", "target": 0.5, "target_source": "holdout",
+               "before": {"forget_loss": 0.1}, "after": {"forget_loss": 2.0}}
+    files = write_report(tmp_path, after={"test/perplexity": 3.0}, method="newton", summary=summary)
+    report = json.loads(files["json"].read_text())
+    assert (report["status"], report["target"], report["target_source"]) == ("target_reached", 0.5, "holdout")
+    md = files["markdown"].read_text()
+    assert "- status: `target_reached`" in md and "- target: 0.5 (source: `holdout`)" in md
+    assert md.index("- status:") < md.index("| `forget_loss` |")
