@@ -6,8 +6,8 @@ then every method sweeps its main knob:
 
 - second order (K-FAC Newton, the project's default recipe; diagonal; CG; the seed paper's Fisher Removal and Fisher
   Forgetting with the Woodbury inverse): the target, as the forget score to reach against the holdout (`target_score`
-  τ: 0.5 is the default rule, the forget set at the holdout's median) and, for K-FAC, the relative damping ρ; plus the
-  default recipe itself (no knob set);
+  τ: 0.5 is the default rule, the forget set at the holdout's median) under the default retain budget and, for K-FAC,
+  the relative damping ρ and the retain budget; plus the default recipe itself (no knob set);
 - first order (gradient ascent, gradient difference, NPO): learning rate × steps (checkpoints along each run).
 
 Every point is evaluated (privacy and utility), so each method gives a curve; `frontier.py` compares them at
@@ -63,8 +63,10 @@ class FirstOrderPlan:
 class Plan:
     second_order: list[SecondOrderPlan]
     first_order: list[FirstOrderPlan]
-    #: relative dampings ρ swept for K-FAC at τ = 1
+    #: relative dampings ρ swept for K-FAC at τ = 0.5
     kfac_rhos: Sequence[float] = (0.01, 1.0)
+    #: retain budgets (`max_retain_increase`) swept for K-FAC at τ = 0.5 (the others run with the default 0.05)
+    kfac_budgets: Sequence[float] = (0.02, 0.15, 0.4)
 
 
 def default_plan(small: bool = False) -> Plan:
@@ -74,7 +76,7 @@ def default_plan(small: bool = False) -> Plan:
             second_order=[SecondOrderPlan("newton_kfac", "newton", "kfac", (0.35, 0.5), batches=2),
                           SecondOrderPlan("fisher_removal", "fisher_removal", "woodfisher", (0.5,), batches=1)],
             first_order=[FirstOrderPlan("gradient_ascent", "gradient_ascent", (1e-3,), (2, 4))],
-            kfac_rhos=(1.0,))
+            kfac_rhos=(1.0,), kfac_budgets=(0.2,))
     taus = (0.2, 0.35, 0.5, 0.65, 0.8)
     return Plan(
         second_order=[
@@ -164,10 +166,12 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
         start = time.perf_counter()
         curvature = build_curvature(spec.backend, original, **spec.curvature_kwargs).fit(retain[:spec.batches])
         fit_seconds = time.perf_counter() - start
-        rhos = [(DEFAULT_RELATIVE_DAMPING, tau) for tau in spec.taus]
+        budget = 0.05  # the default retain budget: without one a search can "reach" the target by wrecking the model
+        knobs = [(DEFAULT_RELATIVE_DAMPING, tau, budget) for tau in spec.taus]
         if spec.label == "newton_kfac":
-            rhos += [(rho, 0.5) for rho in plan.kfac_rhos]
-        for rho, tau in rhos:
+            knobs += [(rho, 0.5, budget) for rho in plan.kfac_rhos]
+            knobs += [(DEFAULT_RELATIVE_DAMPING, 0.5, b) for b in plan.kfac_budgets]
+        for rho, tau, budget in knobs:
             model = copy.deepcopy(original)
             if spec.backend == "cg":  # matrix-free: its batches are its state; products at the run's weights
                 shared = curvature
@@ -176,15 +180,16 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
                 shared = build_curvature(spec.backend, model, **spec.curvature_kwargs)
                 shared.load_state_dict(curvature.state_dict())
             unlearner = build_unlearner(spec.method, model, curvature=shared, damping=rho, target_score=tau,
-                                        max_retain_increase=None, **spec.kwargs)
+                                        max_retain_increase=budget, **spec.kwargs)
             start = time.perf_counter()
             unlearner.fit(forget, retain[:spec.batches], held_retain_batch=held, holdout_batches=holdout)
             seconds = time.perf_counter() - start + fit_seconds
             summary = unlearner.summary()
-            # ρ variants are their own curve: "ours" is the default recipe's ρ with the target swept
+            # ρ variants are their own curve: "ours" is the default recipe's ρ with the target and budget swept
             label = spec.label if rho == DEFAULT_RELATIVE_DAMPING else f"{spec.label}_rho"
-            point(label, f"rho={rho:g} tau={tau:g}", model, seconds=seconds, status=summary["status"],
-                  steps_accepted=summary["steps_accepted"], tau=tau, rho=rho)
+            point(label, f"rho={rho:g} tau={tau:g} budget={budget:g}", model, seconds=seconds,
+                  status=summary["status"], steps_accepted=summary["steps_accepted"], tau=tau, rho=rho,
+                  budget=budget)
 
     for spec in plan.first_order:
         for loss in spec.losses:

@@ -177,7 +177,19 @@ class Experiment:
         return DataLoader(rows, batch_size=self.config.batch_size, collate_fn=Collate(pad))
 
     def forget_batches(self) -> list[dict[str, torch.Tensor]]:
-        return list(self.data.dataloader("forget", batch_size=64))
+        """The forget set as the deletion request names it: each inserted canary once (the training text repeats
+        them 5 to 20 times; counting the repeats would weight the forget gradient and the target's membership test
+        towards the most repeated canaries, while every canary has to go)."""
+        seen: set[bytes] = set()
+        rows: list[dict[str, torch.Tensor]] = []
+        for batch in self.data.dataloader("forget", batch_size=64):
+            for i in range(int(batch["input_ids"].shape[0])):
+                row = {k: v[i] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                key = row["input_ids"][row["attention_mask"].bool()].numpy().tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+        return [{k: torch.stack([r[k] for r in rows[i:i + 64]]) for k in rows[0]} for i in range(0, len(rows), 64)]
 
     def retain_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
         """The first `n` batches of the deterministic retain curvature loader."""

@@ -35,9 +35,11 @@ def test_default_recipe_forgets_on_five_architectures(arch):
     print(f"{arch}: forget {f0:.3f} -> {f1:.3f} (holdout {h0:.3f} -> {h1:.3f}), held retain {r0:.4f} -> {r1:.4f} "
           f"({100 * (r1 / r0 - 1):+.2f} %), {len(records)} step(s), status {u.status}")
     assert u.status == "target_reached", [r.reason for r in records]
-    assert records[-1].target == pytest.approx(h0) and f1 >= h0  # the holdout's loss before unlearning
-    assert r1 <= 1.02 * r0, (r0, r1)
     summary = u.summary()
+    # the forget examples sit at the holdout's median (forget score 0.5 = LOSS-attack AUC 0.5) under the new weights
+    assert records[-1].target == 0.5 and summary["forget_score_after"] >= 0.5
+    assert summary["forget_score_before"] < 0.1 and f1 > f0 + 1.0
+    assert r1 <= 1.02 * r0, (r0, r1)
     assert summary["status"] == "target_reached" and summary["target_source"] == "holdout"
     assert summary["forget_loss_after"] == pytest.approx(f1) and summary["steps_accepted"] >= 1
 
@@ -125,7 +127,7 @@ def test_retain_free_request_is_bounded_by_the_curvature(gpt2):
     records = u.fit([forget], holdout_batches=[holdout])
     accepted = [r for r in records if r.accepted]
     assert accepted and all(r.predicted_increase is not None for r in accepted)
-    budget = u.max_retain_increase * max(r.target for r in accepted)
+    budget = u.max_retain_increase * u.holdout_loss
     assert all(r.predicted_increase <= budget * (1 + 1e-6) for r in accepted)
     assert u.measure(held) <= 1.10 * r0, (r0, u.measure(held))
     assert u.measure(forget) > u.summary()["forget_loss_before"] + 1.0

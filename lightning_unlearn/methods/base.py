@@ -511,10 +511,13 @@ class SecondOrderUnlearner(Unlearner):
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
       of data.
-    - **iteration**: when a step cannot reach the target, up to `steps` steps (default 5), each with a new forget
-      gradient (the curvature re-estimated every `refresh_every` steps, never by default). `staged=True` makes step
-      k of K aim at the stage `f₀ + k/K (target − f₀)` instead of the full target (it helped against a target fixed
-      before unlearning; against the relative target the stages chase a moving level).
+    - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated
+      every `refresh_every` steps, never by default); step k of K aims at the stage `s₀ + k/K (target − s₀)` of the
+      forget score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of
+      one long step along the first gradient. A step that reaches the full target ends the run; `staged=False` aims
+      every step at the full target. Measured on the demo's canaries (seed 0): staged, +0.09 % test perplexity at
+      1.94 bits of exposure; one step, +1.23 % at 1.11 bits (the retrained model: 1.49 bits); on the tiny models of
+      the tests, staged kept the held retain loss within +1.6 % where one step cost up to +4 %.
     - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the
       step's predicted retain increase ½ΔᵀCΔ is bounded by `max_retain_increase` × the holdout loss (× 1 nat
       without holdout data), so the curvature itself keeps the step in its trust region.
@@ -541,7 +544,7 @@ class SecondOrderUnlearner(Unlearner):
         scale: float = 1.0,
         steps: int = DEFAULT_NEWTON_STEPS,
         step_search: bool = True,
-        staged: bool = False,
+        staged: bool = True,
         protect_holdout: bool = True,
         protect_groups: int = 8,
         search_iters: int = 6,
@@ -762,7 +765,8 @@ class SecondOrderUnlearner(Unlearner):
         # without a held retain batch, the curvature's predicted increase is the guard (in nats)
         predicted_budget = None
         if held is None and self.max_retain_increase is not None:
-            predicted_budget = self.max_retain_increase * (target if target is not None else 1.0)
+            level = self.forget_target if self.forget_target is not None else self.holdout_loss
+            predicted_budget = self.max_retain_increase * (level if level is not None else 1.0)
         record: StepRecord | None = None
         for trial in range(self.max_retries + 1):
             direction = self._direction(context)
