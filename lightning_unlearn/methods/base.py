@@ -383,6 +383,23 @@ class Unlearner(ABC):
                 "retain_loss_before": self._losses.get("retain_before"),
                 "retain_loss_after": self._losses.get("retain_after")}
 
+    def _begin_step(self, forget_batch: Batch | Sequence[Batch], retain_batch: Batch | Sequence[Batch] | None,
+                    held_retain_batch: Batch | None) -> tuple[list[Batch], list[Batch], Batch | None, float | None,
+                                                              float | None, Any, int]:
+        """What every step starts from: (forget, retain, held batch, its reference loss, target, the prepared
+        context, the step's index)."""
+        forget = _as_list(forget_batch)
+        retain = _as_list(retain_batch)
+        if not forget:
+            raise ValueError("step() needs at least one forget batch")
+        held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
+        reference = self.reference_retain_loss(held) if held is not None else None
+        target = self.current_target()
+        context = self._prepare(forget, retain)
+        index = self.step_count
+        self.step_count += 1
+        return forget, retain, held, reference, target, context, index
+
     # ------------------------------------------------------------------ public API
     def step(
         self,
@@ -395,16 +412,8 @@ class Unlearner(ABC):
         `forget_batch` may be one batch or a list (the forget gradient is then over all of them). The held retain
         batch defaults to the first retain batch; without either, only the non-finite check guards the step.
         """
-        forget = _as_list(forget_batch)
-        retain = _as_list(retain_batch)
-        if not forget:
-            raise ValueError("step() needs at least one forget batch")
-        held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
-        reference = self.reference_retain_loss(held) if held is not None else None
-        target = self.current_target()
-        context = self._prepare(forget, retain)
-        index = self.step_count
-        self.step_count += 1
+        forget, retain, held, reference, target, context, index = self._begin_step(
+            forget_batch, retain_batch, held_retain_batch)
         record: StepRecord | None = None
         for trial in range(self.max_retries + 1):
             snapshot, extra = self._snapshot(), self._rollback_state()
@@ -750,16 +759,8 @@ class SecondOrderUnlearner(Unlearner):
         step `scale · d` under the base class's rollback rule."""
         if not self.step_search:
             return super().step(forget_batch, retain_batch, held_retain_batch)
-        forget = _as_list(forget_batch)
-        retain = _as_list(retain_batch)
-        if not forget:
-            raise ValueError("step() needs at least one forget batch")
-        held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
-        reference = self.reference_retain_loss(held) if held is not None else None
-        target = self.current_target()
-        context = self._prepare(forget, retain)
-        index = self.step_count
-        self.step_count += 1
+        forget, retain, held, reference, target, context, index = self._begin_step(
+            forget_batch, retain_batch, held_retain_batch)
         forget_before = self.forget_score(forget)
         aim = self.stage_target(target, forget_before[0])
         # without a held retain batch, the curvature's predicted increase is the guard (in nats)
