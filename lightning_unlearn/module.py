@@ -243,13 +243,21 @@ class UnlearningModule(pl.LightningModule):
         self.unlearner = make_unlearner(
             self.method, self.model, curvature=curvature, full_curvature=full, backend=self.curvature_backend,
             curvature_data=self.curvature_data, damping=hp.damping, scale=hp.scale, reduce=reduce, gather=gather,
-            curvature_kwargs=self.curvature_kwargs, steps=1, **kwargs,
+            curvature_kwargs=self.curvature_kwargs, steps=self._planned_steps(), **kwargs,
         )
         self.history = []
         self._done, self._held, self._losses = None, None, {}
         holdout = self._holdout_source()
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
             self.unlearner.calibrate(share(holdout, trainer.global_rank, trainer.world_size))
+
+    def _planned_steps(self) -> int:
+        """The method's step budget: the trainer's `max_steps` (Lightning drives the steps; a staged recipe spreads its
+        stages over them), or the methods' default when it is unbounded."""
+        from .methods.base import DEFAULT_NEWTON_STEPS
+
+        max_steps = self.trainer.max_steps
+        return int(max_steps) if max_steps is not None and max_steps > 0 else DEFAULT_NEWTON_STEPS
 
     def _load_full_curvature(self, path: str, reduce: Any, gather: Any) -> Curvature:
         from .methods import build_curvature
