@@ -615,7 +615,7 @@ def secrets_of(exp: Experiment) -> list[bytes]:
 def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = None,
                   cache: str | Path = "runs/benchmarks", *, progress: bool = True,
                   do_scaling: bool = True, scaling_only: bool = False, reuse_scaling: bool = False,
-                  workers: int = 2) -> dict[str, Any]:
+                  workers: int = 2, resume: bool = False) -> dict[str, Any]:
     """Run a preset end to end and write its results; returns the results dict.
 
     `scaling_only`: measure the GPT-2-small K-FAC memory and the scaling curves only, into `scaling.json` (no model is
@@ -643,7 +643,7 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         return part
     if preset.frontier:
         return frontier_benchmark(preset, output, cache, say, start, reuse_scaling=reuse_scaling,
-                                  do_scaling=do_scaling, workers=workers)
+                                  do_scaling=do_scaling, workers=workers, resume=resume)
     exp = Experiment(preset.experiment, cache, progress=False)
     say(f"preset {preset_name}: training or loading the original and retrained models (cache {exp.cache})")
     secrets = secrets_of(exp)
@@ -701,7 +701,7 @@ def _scaling_part(preset: Preset, output: Path, say: Callable[[str], None], reus
 
 
 def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Callable[[str], None], start: float,
-                       *, reuse_scaling: bool, do_scaling: bool, workers: int) -> dict[str, Any]:
+                       *, reuse_scaling: bool, do_scaling: bool, workers: int, resume: bool = False) -> dict[str, Any]:
     """The frontier presets: every method's curve on canaries and QA over the preset's seeds (see
     `benchmarks/frontier_bench.py`), the default recipe and its targets, plus K-FAC memory and scaling."""
     from benchmarks import frontier_bench
@@ -710,7 +710,8 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
     configs = {"canaries": [dataclasses.replace(preset.experiment, seed=s) for s in preset.seeds],
                "qa": [dataclasses.replace(preset.qa, seed=s) for s in preset.seeds]}
     say(f"preset {preset.name}: {len(preset.seeds)} seeds x (canaries, qa), {workers} worker(s); cache {cache}")
-    fr = frontier_bench.run_frontier(configs, str(cache), small=preset.name == "smoke", workers=workers, say=say)
+    fr = frontier_bench.run_frontier(configs, str(cache), small=preset.name == "smoke", workers=workers, say=say,
+                                     resume=resume)
     gpt2, scale, scaling_source = _scaling_part(preset, output, say, reuse_scaling, do_scaling)
     command = "python -m benchmarks.run" + ("" if preset.name == "cpu-small" else f" --preset {preset.name}")
     analysis = fr["analysis"]
@@ -808,10 +809,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="take the memory and scaling numbers from scaling.json (written by --scaling-only)")
     parser.add_argument("--workers", type=int, default=2,
                         help="processes for the frontier presets (1 torch thread each when > 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="frontier presets: take the points of finished (benchmark, seed) tasks from the cache")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     run_benchmark(args.preset, args.output, args.cache, progress=not args.quiet, do_scaling=not args.no_scaling,
-                  scaling_only=args.scaling_only, reuse_scaling=args.reuse_scaling, workers=args.workers)
+                  scaling_only=args.scaling_only, reuse_scaling=args.reuse_scaling, workers=args.workers,
+                  resume=args.resume)
     return 0
 
 
