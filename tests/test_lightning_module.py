@@ -155,7 +155,8 @@ def test_the_run_stops_itself_at_the_holdout_target(tmp_path: Path) -> None:
     assert module.status == "target_reached", [r.reason for r in module.history]
     assert module.unlearner.target_source == "holdout"
     assert module.history[-1].reason == "target_reached" and all(r.accepted for r in module.history)
-    assert t.global_step == len(module.history) < 5  # stopped at the target, before max_steps
+    # the staged recipe spreads its stages over max_steps and stops at the target (at the latest at the last one)
+    assert t.global_step == len(module.history) <= 5
     summary = module.summary()
     assert summary["status"] == "target_reached" and summary["steps_accepted"] == len(module.history)
     assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary
