@@ -348,7 +348,9 @@ def plot_frontiers(
         if reference:
             ref = float(np.mean([float(v) for v in reference.values()]))
             ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="retrained (reference)")
-        ax.set_xlabel(cost_label)
+        # costs span -50 % to +10^6 %: symmetric-log keeps the 0-5 % region, where the comparisons are, readable
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(cost_label + " (symmetric log scale)")
         ax.set_ylabel(privacy_label)
         if title:
             ax.set_title(title)
