@@ -30,7 +30,7 @@ import torch
 from lightning_unlearn.methods import build_curvature, build_unlearner
 from lightning_unlearn.methods.base import DEFAULT_RELATIVE_DAMPING
 
-#: the forget objective of the default recipe (see `lightning_unlearn.methods.losses`)
+#: the first-order baselines the default recipe's curve is compared with (`frontier_wins`)
 FIRST_ORDER = ("gradient_ascent", "gradient_difference", "npo")
 
 

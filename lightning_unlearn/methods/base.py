@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
 from ..curvature.objective import model_logits
-from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, mean_nll, token_nll
+from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, token_nll
 
 Batch = Mapping[str, Tensor]
 
@@ -206,16 +206,8 @@ class Unlearner(ABC):
 
     def measure(self, batches: Batch | Sequence[Batch]) -> float:
         """Mean token NLL over valid positions of one batch or several (token-weighted, reduced across processes)."""
-        batches = _as_list(batches)
-        total = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad(), eval_mode(self.model):
-            for b in batches:
-                s, c = mean_nll(self.model, b)
-                total += torch.tensor([float(s), float(c)], dtype=torch.float64)
-        total = self.reduce(total)
-        if float(total[1]) <= 0:
-            raise ValueError("no position with labels != -100 in the batches; nothing to measure the loss on")
-        return float(total[0] / total[1])
+        _, total, count = self.example_losses(batches)
+        return total / count
 
     def example_losses(self, batches: Batch | Sequence[Batch]) -> tuple[Tensor, float, float]:
         """(this process's per-example mean token NLL [n], token NLL sum, token count), the sums reduced."""
