@@ -7,7 +7,8 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_unlearn.data import IGNORE, ForgetRetainDataModule, synthetic_corpus, train_bpe_tokenizer
+from lightning_unlearn.data import IGNORE, Collate, ForgetRetainDataModule, synthetic_corpus, train_bpe_tokenizer
+from lightning_unlearn.errors import UserInputError
 from lightning_unlearn.models import small_causal_lm
 
 TEXTS = synthetic_corpus(30_000, seed=3)
@@ -164,10 +165,12 @@ def test_empty_forget_set(tok, tmp_path):
         dm_of(tok, forget_ids=[])
     empty = tmp_path / "forget.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="the forget set is empty: the forget source has no examples"):
+    with pytest.raises(UserInputError, match="the forget set is empty: the forget file '.*forget.jsonl' has no "
+                                             "examples"):
         dm_of(tok, forget=empty).setup()
     from datasets import Dataset
-    with pytest.raises(ValueError, match="the forget set is empty: the forget source has no examples"):
+    with pytest.raises(ValueError, match=r"the forget set is empty: the forget data \(a datasets.Dataset\) has no "
+                                         "examples"):
         dm_of(tok, forget=Dataset.from_dict({"text": []})).setup()
     data = Dataset.from_dict({"text": TEXTS[:10], "drop": [False] * 10})
     with pytest.raises(ValueError, match="column 'drop' is false for every training example"):
@@ -177,8 +180,10 @@ def test_empty_forget_set(tok, tmp_path):
 
 
 def test_forget_ids_not_found(tok):
-    with pytest.raises(ValueError, match=r"forget ids not found in the training data: 100000, 99999; .*row numbers"):
+    with pytest.raises(UserInputError, match=r"2 of the 3 forget_ids are not in the training data; .*row numbers") \
+            as err:
         dm_of(tok, forget_ids=[3, 99999, 100000]).setup()
+    assert "99999" not in str(err.value) and "100000" not in str(err.value)  # ids may be secrets: counts only
 
 
 def test_forget_not_part_of_training_data(tok):
@@ -241,10 +246,86 @@ def test_vocab_larger_than_model_embeddings(tok, tmp_path):
 
 
 def test_regex_matching_nothing(tok):
-    with pytest.raises(ValueError, match="forget_regex matched no training example; check the pattern"):
+    with pytest.raises(ValueError, match="forget_regex matched no training example; check the pattern") as err:
         dm_of(tok, forget_regex=r"zebra-\d{40}").setup()
-    with pytest.raises(ValueError, match="is not a valid regular expression"):
-        dm_of(tok, forget_regex=r"(unclosed")
+    assert "zebra" not in str(err.value)
+    with pytest.raises(UserInputError, match="is not a valid regular expression: missing \\), unterminated "
+                                             "subpattern at position 0") as err:
+        dm_of(tok, forget_regex=r"(Phone: 0771")
+    assert "0771" not in str(err.value) and "Phone" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained re.error with the pattern
+
+
+def test_selection_repr_hides_ids_and_pattern():
+    from lightning_unlearn.data.selection import Selection
+    assert "0771" not in repr(Selection(regex="0771")) and "doc-secret" not in repr(Selection(ids=["doc-secret"]))
+
+
+@pytest.mark.parametrize("how", ["regex", "ids", "column", "forget_file", "streaming"])
+def test_selection_of_everything_leaves_no_retain(tok, how, tmp_path):
+    """Selecting every training example is refused with counts (never the pattern or the ids)."""
+    from datasets import Dataset
+    train = Dataset.from_dict({"text": TEXTS[:12], "drop": [True] * 12})
+    kw = {"regex": {"forget_regex": r"[\s\S]*"}, "ids": {"forget_ids": range(12)}, "column": {"forget_column": "drop"},
+          "forget_file": {"forget": TEXTS[:12]}, "streaming": {"forget_regex": "", "streaming": True}}[how]
+    with pytest.raises(UserInputError, match=r"retain is empty: the forget selection \((forget_regex|forget_ids|"
+                                             r"forget_column 'drop'|the forget source)\) selected 12 of 12 training "
+                                             r"examples, so nothing would be kept.*select fewer examples") as err:
+        dm_of(tok, train=train, **kw).setup("fit")
+    assert "[\\s\\S]" not in str(err.value)
+    with pytest.raises(UserInputError, match=r"selected 11 of 12 training examples, and the other 1 all went to "
+                                             r"test/holdout"):
+        dm_of(tok, train=train, forget_ids=range(11), test_fraction=0.5, holdout_fraction=0.49, seed=1).setup()
+
+
+def test_empty_split_and_batch_are_named(tok):
+    dm = dm_of(tok, forget_ids=[0], test_fraction=0.0, holdout_fraction=0.0)
+    for split, fix in (("test", "test_fraction > 0"), ("holdout", "holdout_fraction > 0")):
+        with pytest.raises(UserInputError, match=rf"the {split} split is empty \(0 examples\).*{fix}"):
+            dm.dataloader(split)
+    assert list(dm.test_dataloader().flattened) and "test" not in dm.val_dataloader().iterables  # skipped there
+    with pytest.raises(UserInputError, match=r"an empty batch \(0 rows\) of the retain split"):
+        Collate(0, split="retain")([])
+    with pytest.raises(UserInputError, match=r"1 example\(s\) of the data have no tokens \(example ids 7\)"):
+        Collate(0)([{"input_ids": [], "labels": [], "example_id": 7}])
+    for key in ("batch_size", "max_length", "forget_batch_size"):
+        with pytest.raises(UserInputError, match=rf"{key}=0; give a positive integer"):
+            dm_of(tok, forget_ids=[0], **{key: 0})
+
+
+def test_one_tokenizer_for_every_split(tok):
+    """forget=, retain= and holdout= sources are all tokenised by the data module's one tokenizer."""
+    dm = ForgetRetainDataModule(forget=TEXTS[:3], retain=TEXTS[3:20], holdout=TEXTS[20:25], tokenizer=tok,
+                                max_length=512, test_fraction=0.0)
+    for split, texts in (("forget", TEXTS[:3]), ("retain", TEXTS[3:20]), ("holdout", TEXTS[20:25])):
+        got = [list(r) for r in dm.split(split)["input_ids"]]
+        assert got == [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts], split
+
+
+def test_pretokenised_sources(tok):
+    """A source with only input_ids is refused (give texts); one whose input_ids exceed the tokenizer's vocabulary
+    was tokenised with another tokenizer and is refused; fitting ids are ignored (the text is re-tokenised)."""
+    from datasets import Dataset
+    only_ids = Dataset.from_dict({"input_ids": [[1, 2, 3]] * 5, "attention_mask": [[1, 1, 1]] * 5})
+    with pytest.raises(UserInputError, match=r"holdout data \(a datasets.Dataset\) is pre-tokenised \(an input_ids "
+                                             r"column, no 'text' column.*give the texts"):
+        dm_of(tok, forget_ids=[0], holdout=only_ids).setup()
+    other = Dataset.from_dict({"text": TEXTS[40:45], "input_ids": [[5, 50_000]] * 5})
+    with pytest.raises(UserInputError, match=r"the holdout data \(a datasets.Dataset\) holds token id 50000 but the "
+                                             r"tokenizer has only 320 tokens: it was tokenised with another tokenizer"):
+        dm_of(tok, forget_ids=[0], holdout=other).setup()
+    fits = Dataset.from_dict({"text": TEXTS[40:45], "input_ids": [[5, 6]] * 5})
+    dm = dm_of(tok, forget_ids=[0], holdout=fits)
+    assert list(dm.split("holdout")[0]["input_ids"]) == tok(TEXTS[40], add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
+
+
+def test_missing_text_cell(tok, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,doc\nhello there,a\n,b\n")
+    with pytest.raises(UserInputError, match=r"example 1 of the train data has no text \(an empty cell or null in "
+                                             r"column 'text'\); fill it in or remove the row"):
+        dm_of(tok, train=path, forget_ids=[0]).setup()
 
 
 def test_span_mode_needs_a_span(tok):

@@ -7,6 +7,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from lightning_unlearn.data import ForgetRetainDataModule, load_source, train_bpe_tokenizer
+from lightning_unlearn.data.sources import check_utf8
+from lightning_unlearn.errors import UserInputError
 
 TEXTS = [f"record {i}: Ada Lovelace lives at {i} Elm Street, phone 0{i:03d} 555 0{i:02d}" for i in range(40)]
 
@@ -86,15 +88,74 @@ def test_corrupt_file(tmp_path):
 
 
 def test_missing_text_column(tmp_path, tokenizer):
+    """No `text` column: an error listing the columns, never a guess (even with a single string column)."""
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"body": t, "n": 1}) + "\n" for t in TEXTS[:5]))
     ds = load_source(path)
     assert ds.column_names == ["body", "n"]
-    dm = ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer)  # the only string column is taken
-    assert dm.forget_example_ids == [0]
+    with pytest.raises(UserInputError, match=r"train file '.*d.jsonl' has no text column 'text' \(columns: \['body', "
+                                             r"'n'\]\); pass text_column=<name>.*\(string columns: body\)"):
+        ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer).setup()
+    assert ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer, text_column="body").forget_example_ids \
+        == [0]
     path.write_text("".join(json.dumps({"a": t, "b": t}) + "\n" for t in TEXTS[:5]))
     with pytest.raises(ValueError, match="no text column 'text'.*pass text_column=<name>"):
         ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer).setup()
+
+
+def test_csv_without_text_column(tmp_path, tokenizer):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"body": TEXTS[:6], "doc": range(6)}).to_csv(path, index=False)
+    with pytest.raises(UserInputError, match=r"train file .*d.csv' has no text column 'text' \(columns: \['body', "
+                                             r"'doc'\]\); pass text_column=<name>"):
+        ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer).setup()
+    with pytest.raises(UserInputError, match="no text column 'txt'"):  # a wrong explicit name: the same error
+        ForgetRetainDataModule(path, forget_ids=[0], tokenizer=tokenizer, text_column="txt").setup()
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    good = json.dumps({"text": "fine"}) + "\n"
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((good * 2).encode() + '{"text": "caf\u00e9 secret"}\n'.encode("latin-1") + good.encode())
+    for streaming in (False, True):
+        with pytest.raises(UserInputError, match=r"train file '.*latin1.jsonl' is not valid UTF-8: line 3, byte "
+                                                 r"offset \d+ \(byte 0xe9.*re-encode the file as UTF-8") as err:
+            load_source(path, name="train", streaming=streaming)
+        assert "secret" not in str(err.value) and "caf" not in str(err.value)  # the line's text is not shown
+    csv = tmp_path / "d.csv"
+    csv.write_bytes(b"text\nok\nbad \xff\n")
+    with pytest.raises(UserInputError, match=r"d.csv' is not valid UTF-8: line 3"):
+        load_source(csv)
+
+
+def test_utf8_check_across_chunk_boundaries(tmp_path):
+    """A multi-byte character split between two reads is valid; a truncated one at the end is not."""
+    path = tmp_path / "d.txt"
+    path.write_bytes(("é" * 50 + "\n").encode() * 3)
+    for size in (1, 2, 3, 7, 64):
+        check_utf8(path, chunk_size=size)
+    path.write_bytes(("é" * 5 + "\n").encode() + "é".encode()[:1])
+    with pytest.raises(UserInputError, match="line 2, byte offset 11"):
+        check_utf8(path, chunk_size=4)
+    check_utf8(path, limit=7, chunk_size=2)  # only the first 7 bytes, the 4th é cut by the limit (streaming: a prefix)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_files_name_the_file(tmp_path, tokenizer, content):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:10]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    assert len(load_source(empty)) == 0
+    for role in ("train", "retain", "holdout"):
+        kw = {"forget": [TEXTS[0]], "retain": TEXTS[1:]} if role != "train" else {"forget_ids": [0]}
+        kw[role] = empty
+        with pytest.raises(UserInputError, match=rf"the {role} file '.*empty.jsonl' has no examples"):
+            ForgetRetainDataModule(tokenizer=tokenizer, **kw).setup()
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("text\n")
+    with pytest.raises(UserInputError, match=r"the forget set is empty: the forget file '.*h.csv' has no examples"):
+        ForgetRetainDataModule(train, forget=header_only, tokenizer=tokenizer).setup()
 
 
 def test_streaming_shards_across_processes(tmp_path, tokenizer):

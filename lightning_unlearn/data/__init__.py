@@ -8,11 +8,11 @@ from .selection import DEFAULT_MARKERS, strip_markers, text_sha256
 from .sources import load_source
 from .synthetic import synthetic_corpus, synthetic_dataset
 from .tokenize import IGNORE, Collate, Tokenise
-from .tokenizer import check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
+from .tokenizer import check_token_ids, check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "Canary", "CanaryRegistry", "CanarySpace", "Collate", "DEFAULT_MARKERS", "ForgetRetainDataModule", "IGNORE",
-    "Tokenise", "check_tokenizer_fits", "insert_canaries", "load_muse", "load_source", "load_tofu", "load_tokenizer",
-    "make_canaries", "muse_datamodule", "tofu_datamodule",
+    "Tokenise", "check_token_ids", "check_tokenizer_fits", "insert_canaries", "load_muse", "load_source", "load_tofu",
+    "load_tokenizer", "make_canaries", "muse_datamodule", "tofu_datamodule",
     "strip_markers", "synthetic_corpus", "synthetic_dataset", "text_sha256", "train_bpe_tokenizer",
 ]

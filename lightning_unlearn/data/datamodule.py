@@ -21,10 +21,11 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..errors import UserInputError
 from .selection import DEFAULT_MARKERS, Normaliser, Selection, SpanMode, sorted_ids
-from .sources import AnyDataset, Source, load_source, text_column_of
+from .sources import AnyDataset, Source, columns_of, describe, load_source, text_column_of
 from .tokenize import Collate, Overflow, Tokenise
-from .tokenizer import check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
+from .tokenizer import check_token_ids, check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
 
 SPLITS = ("forget", "retain", "full", "test", "holdout")
 CurvatureSplit = Literal["retain", "forget", "full"]
@@ -48,8 +49,11 @@ class ForgetRetainDataModule(L.LightningDataModule):
             texts are set aside by a seeded hash of the text (never trained on; holdout serves membership inference).
         span: "example" (whole-example forgetting), "offsets" (`spans` or `span_start`/`span_end` columns),
             "markers" (`span_markers` around the span in the text) or "regex" (the match, or its `span` group).
+        text_column: the column holding the text in every source (never guessed: a missing one is an error).
         tokenizer: a tokenizer, a local path or hub id; None trains a byte-level BPE of `vocab_size` on the
             training text and saves it to `tokenizer_dir` (default: `<trainer.default_root_dir>/tokenizer`).
+            This one tokenizer tokenises every split; a source's own `input_ids` column is ignored (the text is
+            re-tokenised), and refused when its ids do not fit this tokenizer (tokenised with another one).
         packing: pack retain/full/test/holdout into blocks of `max_length` (forget is never packed).
         on_overflow: "truncate" (with a warning) or "error" for examples longer than `max_length`.
         forget_not_in_train: "error" or "warn" when forget texts are not part of `train`.
@@ -96,26 +100,31 @@ class ForgetRetainDataModule(L.LightningDataModule):
         super().__init__()
         self.selection = Selection(ids=forget_ids, column=forget_column, regex=forget_regex)
         if train is None and forget is None:
-            raise ValueError("no data: give train=<training data> (and a forget selection), or forget=... and "
-                             "retain=...")
+            raise UserInputError("no data: give train=<training data> (and a forget selection), or forget=... and "
+                                 "retain=...")
         if forget is not None and not self.selection.empty:
-            raise ValueError("choose the forget set one way only: a forget source or forget_ids/forget_column/"
-                             "forget_regex, not both")
+            raise UserInputError("choose the forget set one way only: a forget source or forget_ids/forget_column/"
+                                 "forget_regex, not both")
         if train is None and not self.selection.empty:
-            raise ValueError("forget_ids/forget_column/forget_regex select inside the training data; give train=...")
+            raise UserInputError("forget_ids/forget_column/forget_regex select inside the training data; give "
+                                 "train=...")
         if train is None and retain is None:
-            raise ValueError("with no train source, give retain=... (the data that stays)")
+            raise UserInputError("with no train source, give retain=... (the data that stays)")
         if forget is None and self.selection.empty:
-            raise ValueError("no forget set: pass forget=<file>, forget_ids=[...], forget_column=<bool column> or "
-                             "forget_regex=<pattern>")
+            raise UserInputError("no forget set: pass forget=<file>, forget_ids=[...], forget_column=<bool column> or "
+                                 "forget_regex=<pattern>")
         if span not in ("example", "offsets", "markers", "regex"):
-            raise ValueError(f"span={span!r}; choose 'example', 'offsets', 'markers' or 'regex'")
+            raise UserInputError(f"span={span!r}; choose 'example', 'offsets', 'markers' or 'regex'")
         if on_overflow not in ("truncate", "error"):
-            raise ValueError(f"on_overflow={on_overflow!r}; choose 'truncate' or 'error'")
+            raise UserInputError(f"on_overflow={on_overflow!r}; choose 'truncate' or 'error'")
         if forget_not_in_train not in ("error", "warn"):
-            raise ValueError(f"forget_not_in_train={forget_not_in_train!r}; choose 'error' or 'warn'")
+            raise UserInputError(f"forget_not_in_train={forget_not_in_train!r}; choose 'error' or 'warn'")
         if not 0 <= test_fraction + holdout_fraction < 1:
-            raise ValueError("test_fraction + holdout_fraction must lie in [0, 1)")
+            raise UserInputError("test_fraction + holdout_fraction must lie in [0, 1)")
+        for key, value in (("max_length", max_length), ("batch_size", batch_size),
+                           ("forget_batch_size", forget_batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserInputError(f"{key}={value!r}; give a positive integer")
         self.train_source, self.forget_source, self.retain_source = train, forget, retain
         self.test_source, self.holdout_source = test, holdout
         self.test_fraction = 0.0 if test is not None else test_fraction
@@ -134,6 +143,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.texts: dict[str, AnyDataset] = {}  # normalised rows per split
         self.splits: dict[str, AnyDataset] = {}  # tokenised rows per split
+        self._pretokenised: dict[str, int] = {}  # source description -> the largest id of its own input_ids
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -142,6 +152,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             if not self.texts:
                 self._build_texts()
             self._ensure_tokenizer()
+            self._check_pretokenised()
             self._tokenise()
         model = getattr(self.trainer, "lightning_module", None) if self._trainer_attached() else None
         if model is not None:
@@ -156,17 +167,34 @@ class ForgetRetainDataModule(L.LightningDataModule):
             self.setup()
         check_tokenizer_fits(self.tokenizer, model)
 
-    def _load(self, source: Source, name: str, streaming: bool) -> AnyDataset:
+    def _load(self, source: Source, name: str, streaming: bool) -> tuple[AnyDataset, str]:
+        """Load one source; refuse an empty one or one without the text column, naming it."""
         ds = load_source(source, split=self.source_split, streaming=streaming, name=name)
-        return ds, text_column_of(ds, self.text_column, name)
+        where = describe(source, name)
+        col = text_column_of(ds, self.text_column, where)
+        empty = len(ds) == 0 if isinstance(ds, Dataset) else next(iter(ds), None) is None
+        if empty:
+            what = "the forget set is empty: " if name == "forget" else ""
+            raise UserInputError(f"{what}the {where} has no examples (an empty file, blank lines only, or a header "
+                                 "without rows); give data with at least one example")
+        if "input_ids" in columns_of(ds) and isinstance(ds, Dataset):
+            top = max((max(ids, default=-1) for ids in ds["input_ids"] if ids is not None), default=-1)
+            self._pretokenised[where] = int(top)
+        return ds, col
+
+    def _check_pretokenised(self) -> None:
+        """A source's own `input_ids` are not used (its text is re-tokenised by the one tokenizer); ids beyond
+        this tokenizer's vocabulary mean that source was tokenised with another tokenizer."""
+        for where, top in self._pretokenised.items():
+            check_token_ids(top, self.tokenizer, where)
 
     def _normalise(self, ds: AnyDataset, col: str, role: str, offset: int = 0) -> AnyDataset:
         fn = Normaliser(text_column=col, id_column=self.id_column, selection=self.selection, span=self.span,
                         markers=self.span_markers, seed=self.seed, test_fraction=self.test_fraction,
                         holdout_fraction=self.holdout_fraction, id_offset=offset, role=role)
         if self.id_column is not None and ds.column_names is not None and self.id_column not in ds.column_names:
-            raise ValueError(f"id_column {self.id_column!r} is not a column of the {role} data "
-                             f"(columns: {ds.column_names}); pass id_column=None to use row numbers")
+            raise UserInputError(f"id_column {self.id_column!r} is not a column of the {role} data "
+                                 f"(columns: {ds.column_names}); pass id_column=None to use row numbers")
         if isinstance(ds, Dataset):
             return ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=FEATURES,
                           load_from_cache_file=False, keep_in_memory=True)
@@ -178,9 +206,6 @@ class ForgetRetainDataModule(L.LightningDataModule):
         if self.forget_source is not None:
             fds, col = self._load(self.forget_source, "forget", streaming=False)
             forget_src = self._normalise(fds, col, "forget")
-            if len(forget_src) == 0:
-                raise ValueError("the forget set is empty: the forget source has no examples; give a file with at "
-                                 "least one example")
             self.selection.hashes = set(forget_src["text_sha256"]) if self.train_source is not None else None
         if self.train_source is not None:
             tds, col = self._load(self.train_source, "train", stream)
@@ -194,6 +219,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         hashes = set(forget["text_sha256"])
         if self.train_source is not None and self.retain_source is None:
             retain = self._filter(pool, lambda r: r["split"] == "train" and r["text_sha256"] not in hashes)
+            self._check_retain_left(forget, retain, n_train)
             full = self._filter(pool, lambda r: r["split"] in ("train", "forget"))
             if isinstance(pool, Dataset):
                 dropped = sum(1 for s, h in zip(pool["split"], pool["text_sha256"]) if s == "train" and h in hashes)
@@ -221,6 +247,26 @@ class ForgetRetainDataModule(L.LightningDataModule):
             else:
                 self.texts[name] = self._filter(pool, lambda r, n=name: r["split"] == n)
 
+    def _check_retain_left(self, forget: Dataset, retain: AnyDataset, n_train: int) -> None:
+        """Refuse a forget selection that leaves no retain data (e.g. a regex matching every text); the message
+        gives counts only, never the pattern or the ids."""
+        n_forget = len(forget)
+        if isinstance(retain, Dataset):
+            if len(retain) > 0:
+                return
+        elif n_forget < n_train:  # streaming: only "everything selected" is known before training
+            return
+        sel = self.selection
+        how = ("forget_regex" if sel.regex is not None else "forget_ids" if sel.ids is not None
+               else f"forget_column {sel.column!r}" if sel.column is not None else "the forget source")
+        rest = n_train - n_forget
+        tail = "" if rest == 0 else (f", and the other {rest} all went to test/holdout (test_fraction="
+                                     f"{self.test_fraction:g}, holdout_fraction={self.holdout_fraction:g})")
+        raise UserInputError(
+            f"retain is empty: the forget selection ({how}) selected {n_forget} of {n_train} training examples"
+            f"{tail}, so nothing would be kept (retain, test and holdout need the rest); select fewer examples "
+            f"(check {how}), or give retain=<the data that stays>")
+
     @staticmethod
     def _filter(ds: AnyDataset, fn) -> AnyDataset:
         if isinstance(ds, Dataset):
@@ -244,17 +290,17 @@ class ForgetRetainDataModule(L.LightningDataModule):
         if forget_src is None:
             if sel.ids is not None:
                 missing = set(sel._ids) - set(rows["key"])
-                if missing:
+                if missing:  # counts only: the ids may be secrets
                     where = f"column {self.id_column!r}" if self.id_column else \
                         "the row numbers (pass id_column=<name> to match a column)"
-                    raise ValueError(f"forget ids not found in the training data: {sorted_ids(missing)}; "
-                                     f"ids are matched against {where}")
+                    raise UserInputError(f"{len(missing)} of the {len(sel._ids)} forget_ids are not in the training "
+                                         f"data; ids are matched against {where}")
             if len(rows) == 0:
                 if sel.regex is not None:
-                    raise ValueError("forget_regex matched no training example; check the pattern (re.search on "
-                                     "each text, after span markers are removed)")
-                raise ValueError(f"the forget set is empty: column {sel.column!r} is false for every training "
-                                 "example; mark the examples to forget with a true value")
+                    raise UserInputError("forget_regex matched no training example; check the pattern (re.search on "
+                                         "each text, after span markers are removed)")
+                raise UserInputError(f"the forget set is empty: column {sel.column!r} is false for every training "
+                                     "example; mark the examples to forget with a true value")
             return rows
         train_id = {}
         for sha, eid in zip(rows["text_sha256"], rows["example_id"]):
@@ -265,7 +311,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                    "part of the training data, so there is nothing to unlearn for them; make the forget texts match "
                    "training texts exactly, or pass forget_not_in_train='warn'")
             if self.forget_not_in_train == "error" or len(missing) == len(forget_src):
-                raise ValueError(msg)
+                raise UserInputError(msg)
             warnings.warn(msg + " (they were kept in the forget set with negative example ids)", UserWarning,
                           stacklevel=3)
         return forget_src.map(lambda r, i: {"example_id": train_id.get(r["text_sha256"], -1 - i)}, with_indices=True,
@@ -278,12 +324,12 @@ class ForgetRetainDataModule(L.LightningDataModule):
         if isinstance(retain, Dataset):
             bad = [i for i, h in zip(retain["example_id"], retain["text_sha256"]) if h in hashes]
             if bad:
-                raise ValueError(msg.format(what=f"{len(bad)} retain example(s) (ids {sorted_ids(bad)}) have"))
+                raise UserInputError(msg.format(what=f"{len(bad)} retain example(s) (ids {sorted_ids(bad)}) have"))
             return retain
 
         def check(row: dict) -> dict:  # streaming: checked as rows arrive
             if row["text_sha256"] in hashes:
-                raise ValueError(msg.format(what=f"retain example {row['example_id']} has"))
+                raise UserInputError(msg.format(what=f"retain example {row['example_id']} has"))
             return row
 
         return retain.map(check)
@@ -335,7 +381,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def split(self, name: str) -> AnyDataset:
         """The tokenised split `name` (`input_ids`, `labels`, `example_id` rows)."""
         if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+            raise UserInputError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         self.setup()
         self._tokenise((name,))
         return self.splits[name]
@@ -348,20 +394,27 @@ class ForgetRetainDataModule(L.LightningDataModule):
         return 0, 1
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        """A loader over one split (`forget`, `retain`, `full`, `test`, `holdout`) of batch dicts."""
+        """A loader over one split (`forget`, `retain`, `full`, `test`, `holdout`) of batch dicts; an empty split
+        is an error naming it (instead of a loader of zero batches)."""
         ds = self.split(split)
+        if isinstance(ds, Dataset) and len(ds) == 0:
+            fix = {"test": "set test_fraction > 0 or give test=<data>",
+                   "holdout": "set holdout_fraction > 0 or give holdout=<data>"}.get(
+                       split, "check the data and the forget selection")
+            raise UserInputError(f"the {split} split is empty (0 examples), so it has no batch; {fix}")
         kwargs: dict[str, Any] = {}
         if shuffle and isinstance(ds, IterableDataset):
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         elif shuffle:
             kwargs = {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
-        return DataLoader(ds, batch_size=batch_size or self.batch_size, collate_fn=Collate(self.tokenizer.pad_token_id),
+        return DataLoader(ds, batch_size=batch_size or self.batch_size,
+                          collate_fn=Collate(self.tokenizer.pad_token_id, split=split),
                           num_workers=self.num_workers, **kwargs)
 
     def curvature_dataloader(self, split: CurvatureSplit = "retain", batch_size: int | None = None) -> DataLoader:
         """A deterministic, unshuffled loader for curvature statistics over `retain`, `forget` or `full`."""
         if split not in ("retain", "forget", "full"):
-            raise ValueError(f"curvature data {split!r} is not a split; choose 'retain', 'forget' or 'full'")
+            raise UserInputError(f"curvature data {split!r} is not a split; choose 'retain', 'forget' or 'full'")
         return self.dataloader(split, shuffle=False, batch_size=batch_size)
 
     def train_dataloader(self) -> CombinedLoader:

@@ -14,6 +14,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import UserInputError
+
 SpanMode = Literal["example", "offsets", "markers", "regex"]
 DEFAULT_MARKERS = ("⟦", "⟧")
 
@@ -33,7 +35,7 @@ def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS) -> tupl
             break
         end = text.find(close_m, start + len(open_m))
         if end < 0:
-            raise ValueError(f"unclosed span marker {open_m!r} at character {start}; close it with {close_m!r}")
+            raise UserInputError(f"unclosed span marker {open_m!r} at character {start}; close it with {close_m!r}")
         out.append(text[cursor:start])
         pos += start - cursor
         inner = text[start + len(open_m):end]
@@ -49,26 +51,30 @@ def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS) -> tupl
 class Selection:
     """How the forget set is chosen from the training data: by ids, by a truthy column, by a regex, or by texts."""
 
-    ids: Collection[Any] | None = None
+    # ids, pattern and hashes stay out of the repr: they may be secrets
+    ids: Collection[Any] | None = field(default=None, repr=False)
     column: str | None = None
-    regex: str | None = None
-    hashes: Collection[str] | None = None  # sha256 of the texts of a separate forget source
+    regex: str | None = field(default=None, repr=False)
+    hashes: Collection[str] | None = field(default=None, repr=False)  # sha256 of a separate forget source's texts
     _ids: set[str] = field(default_factory=set, init=False, repr=False)
     _pattern: re.Pattern | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         given = [n for n in ("ids", "column", "regex", "hashes") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"choose the forget set one way only; got {', '.join(given)}")
+            raise UserInputError(f"choose the forget set one way only; got {', '.join(given)}")
         if self.ids is not None:
             self._ids = {str(i) for i in self.ids}
             if not self._ids:
-                raise ValueError("the forget set is empty: forget_ids=[] selects nothing; give at least one id")
+                raise UserInputError("the forget set is empty: forget_ids=[] selects nothing; give at least one id")
         if self.regex is not None:
             try:
                 self._pattern = re.compile(self.regex)
-            except re.error as err:
-                raise ValueError(f"forget_regex {self.regex!r} is not a valid regular expression ({err})") from err
+            except re.error as err:  # never echo the pattern: it may be the secret itself
+                where = f" at position {err.pos}" if err.pos is not None else ""
+                raise UserInputError(f"forget_regex is not a valid regular expression: {err.msg}{where} (the "
+                                     "pattern is not shown: it may be a secret); fix the pattern, e.g. escape "
+                                     "literal brackets and dots with re.escape") from None
         if self.hashes is not None:
             self.hashes = set(self.hashes)
 
@@ -81,8 +87,8 @@ class Selection:
             return key in self._ids
         if self.column is not None:
             if self.column not in row:
-                raise ValueError(f"forget_column {self.column!r} is not a column of the training data "
-                                 f"(columns: {sorted(row)}); pass the name of a boolean column")
+                raise UserInputError(f"forget_column {self.column!r} is not a column of the training data "
+                                     f"(columns: {sorted(row)}); pass the name of a boolean column")
             return bool(row[self.column])
         if self._pattern is not None:
             return self._pattern.search(text) is not None
@@ -93,7 +99,7 @@ class Selection:
     def regex_spans(self, text: str) -> list[list[int]]:
         """Spans of the regex matches: the group named `span` when the pattern has one, else the whole match."""
         if self._pattern is None:
-            raise ValueError("span='regex' needs forget_regex=...; pass a pattern (with a (?P<span>...) group)")
+            raise UserInputError("span='regex' needs forget_regex=...; pass a pattern (with a (?P<span>...) group)")
         group = "span" if "span" in self._pattern.groupindex else 0
         return [[m.start(group), m.end(group)] for m in self._pattern.finditer(text) if m.start(group) >= 0]
 
@@ -120,9 +126,12 @@ class Normaliser:
 
     def __call__(self, row: dict, idx: int) -> dict:
         raw = row[self.text_column]
+        if raw is None:
+            raise UserInputError(f"example {idx + self.id_offset} of the {self.role} data has no text (an empty "
+                                 f"cell or null in column {self.text_column!r}); fill it in or remove the row")
         if not isinstance(raw, str):
-            raise ValueError(f"example {idx + self.id_offset}: column {self.text_column!r} holds "
-                             f"{type(raw).__name__}, not text; pass text_column=<a string column>")
+            raise UserInputError(f"example {idx + self.id_offset}: column {self.text_column!r} holds "
+                                 f"{type(raw).__name__}, not text; pass text_column=<a string column>")
         text, marked = strip_markers(raw, self.markers) if self.span == "markers" else (raw, [])
         example_id = idx + self.id_offset
         key = str(row[self.id_column]) if self.id_column else str(example_id)
@@ -155,11 +164,11 @@ class Normaliser:
         else:  # offsets
             spans = offsets_from_row(row)
         if not spans:
-            raise ValueError(f"forget example {example_id} has no sensitive span under span={self.span!r}; "
-                             "mark its span (markers, offsets or a regex match) or use span='example'")
+            raise UserInputError(f"forget example {example_id} has no sensitive span under span={self.span!r}; "
+                                 "mark its span (markers, offsets or a regex match) or use span='example'")
         for s, e in spans:
             if not 0 <= s < e <= len(text):
-                raise ValueError(f"forget example {example_id} has span [{s}, {e}) outside its text of "
+                raise UserInputError(f"forget example {example_id} has span [{s}, {e}) outside its text of "
                                  f"{len(text)} characters; give character offsets into the text")
         return [[int(s), int(e)] for s, e in spans]
 
@@ -172,8 +181,8 @@ def offsets_from_row(row: dict) -> list[list[int]]:
         if row["span_start"] is None or row["span_start"] < 0:
             return []
         return [[row["span_start"], row["span_end"]]]
-    raise ValueError("span='offsets' needs a 'spans' column (a list of [start, end] character offsets) or "
-                     "'span_start' and 'span_end' columns; add them or choose span='markers' / 'regex'")
+    raise UserInputError("span='offsets' needs a 'spans' column (a list of [start, end] character offsets) or "
+                         "'span_start' and 'span_end' columns; add them or choose span='markers' / 'regex'")
 
 
 def sorted_ids(values: Sequence[Any], limit: int = 5) -> str:

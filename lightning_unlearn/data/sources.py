@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+from ..errors import UserInputError
 
 Source = Union[str, Path, Dataset, IterableDataset, Sequence[str]]  # noqa: UP007 (a runtime alias on 3.10)
 AnyDataset = Union[Dataset, IterableDataset]  # noqa: UP007
@@ -21,6 +23,55 @@ FORMATS = {
     ".csv": "csv", ".tsv": "csv",
     ".parquet": "parquet", ".pq": "parquet",
 }
+TEXT_BUILDERS = ("text", "json", "csv")  # formats read as characters, so they must be valid UTF-8
+#: how much of a streamed file is checked for UTF-8 before streaming starts (a map-style file is checked whole)
+STREAM_UTF8_CHECK_BYTES = 256 * 2**20
+
+
+def describe(source: Any, name: str = "source") -> str:
+    """`name` and where the data comes from, for error messages: "train file '/x/d.jsonl'", "forget data (a list
+    of texts)". Never the data itself."""
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        kind = "folder" if path.is_dir() else "file" if path.exists() or _looks_local(source) else "dataset"
+        return f"{name} {kind} {str(source)!r}"
+    if isinstance(source, (Dataset, IterableDataset, DatasetDict, IterableDatasetDict)):
+        return f"{name} data (a datasets.{type(source).__name__})"
+    return f"{name} data (a list of texts)"
+
+
+def check_utf8(path: str | Path, name: str = "source", limit: int | None = None,
+               chunk_size: int = 16 * 2**20) -> None:
+    """Raise `UserInputError` naming the file, line and byte offset of the first invalid UTF-8 byte (its text is
+    not shown). Reads at most `limit` bytes (None: the whole file) in chunks."""
+    line, base, pending, read = 1, 0, b"", 0
+    with open(path, "rb") as f:
+        while True:
+            size = chunk_size if limit is None else min(chunk_size, limit - read)
+            if size <= 0:  # the limit: a character cut by it is not an error
+                return
+            chunk = f.read(size)
+            read += len(chunk)
+            data = pending + chunk
+            if not data:
+                return
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as err:
+                truncated = chunk and err.end == len(data) and "unexpected end" in err.reason
+                if not truncated:
+                    bad = line + data.count(b"\n", 0, err.start)
+                    raise UserInputError(
+                        f"{name} file {str(path)!r} is not valid UTF-8: line {bad}, byte offset {base + err.start} "
+                        f"(byte 0x{data[err.start]:02x}, {err.reason}); re-encode the file as UTF-8 (e.g. "
+                        "`iconv -f latin1 -t utf-8`) or fix that line") from None
+                good = err.start  # a character split across chunks: decode it with the next one
+            line += data.count(b"\n", 0, good)
+            base += good
+            pending = data[good:]
+            if not chunk:  # the end of the file
+                return
 
 
 def _looks_local(source: str | Path) -> bool:
@@ -32,7 +83,7 @@ def _looks_local(source: str | Path) -> bool:
 def _pick_split(ds, split: str, where: str):
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
         if split not in ds:
-            raise ValueError(f"{where} has splits {sorted(ds)} but not {split!r}; pass split=<one of them>")
+            raise UserInputError(f"{where} has splits {sorted(ds)} but not {split!r}; pass split=<one of them>")
         return ds[split]
     return ds
 
@@ -70,11 +121,12 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
         return _load_dir(path, split=split, streaming=streaming, name=name)
     builder = FORMATS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"{name} file {str(path)!r} has an unreadable format {path.suffix!r}; "
-                         f"use one of {', '.join(sorted(FORMATS))}, or load it yourself into a datasets.Dataset")
+        raise UserInputError(f"{name} file {str(path)!r} has an unreadable format {path.suffix!r}; "
+                             f"use one of {', '.join(sorted(FORMATS))}, or load it yourself into a datasets.Dataset")
     if path.stat().st_size == 0:  # `datasets` cannot infer a schema from nothing
-        ds = Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")}))
-        return ds.to_iterable_dataset() if streaming else ds
+        return _empty(streaming)
+    if builder in TEXT_BUILDERS:  # else `datasets` fails later, at the first access, without naming the file
+        check_utf8(path, name, limit=STREAM_UTF8_CHECK_BYTES if streaming else None)
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, **kwargs)
@@ -83,8 +135,16 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
         next(iter(ds), None)  # streaming reads lazily: surface a broken file now, not in the middle of training
         return ds
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, StopIteration) as err:
-        raise ValueError(f"{name} file {str(path)!r} could not be read as {builder} ({type(err).__name__}); "
-                         f"check that the file is valid {builder} or give it the right suffix") from err
+        if "corresponds to no data" in str(err):  # blank lines only, or a CSV header without rows
+            return _empty(streaming)
+        raise UserInputError(f"{name} file {str(path)!r} could not be read as {builder} ({type(err).__name__}); "
+                             f"check that the file is valid {builder} or give it the right suffix") from err
+
+
+def _empty(streaming: bool) -> AnyDataset:
+    """An empty text dataset (the data module says which source is empty)."""
+    ds = Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")}))
+    return ds.to_iterable_dataset() if streaming else ds
 
 
 def _load_dir(path: Path, *, split: str, streaming: bool, name: str) -> AnyDataset:
@@ -95,20 +155,32 @@ def _load_dir(path: Path, *, split: str, streaming: bool, name: str) -> AnyDatas
     try:
         return _pick_split(datasets.load_dataset(str(path), streaming=streaming), split, f"{name} folder {str(path)!r}")
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        raise ValueError(f"{name} folder {str(path)!r} is neither a save_to_disk dataset nor a folder of data files; "
-                         "give a file path or a folder written by Dataset.save_to_disk") from err
+        raise UserInputError(f"{name} folder {str(path)!r} is neither a save_to_disk dataset nor a folder of data "
+                             "files; give a file path or a folder written by Dataset.save_to_disk") from err
+
+
+def columns_of(ds: AnyDataset) -> list[str]:
+    """The column names (an `IterableDataset` with unknown features: those of its first row)."""
+    columns = ds.column_names
+    if columns is None:
+        first = next(iter(ds), None)
+        columns = list(first) if first else []
+    return list(columns)
 
 
 def text_column_of(ds: AnyDataset, text_column: str, name: str = "source") -> str:
-    """Check that `text_column` exists (or pick the only string column) and return it."""
-    columns = ds.column_names
-    if columns is None:  # an IterableDataset with unknown features: peek at the first row
-        first = next(iter(ds), None)
-        columns = list(first) if first else []
+    """Check that `text_column` exists and return it; never guesses another column (explicit is safer: a wrong
+    guess would unlearn or keep the wrong text)."""
+    columns = columns_of(ds)
     if text_column in columns:
         return text_column
     features = getattr(ds, "features", None) or {}
     strings = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-    if len(strings) == 1:
-        return strings[0]
-    raise ValueError(f"{name} has no text column {text_column!r} (columns: {columns}); pass text_column=<name>")
+    hint = f" (string columns: {', '.join(strings)})" if strings else ""
+    if "input_ids" in columns:
+        raise UserInputError(
+            f"{name} is pre-tokenised (an input_ids column, no {text_column!r} column; columns: {columns}): the data "
+            "module tokenises every split itself, with one tokenizer, so give the texts (a text column, or "
+            f"text_column=<name>){hint}")
+    raise UserInputError(f"{name} has no text column {text_column!r} (columns: {columns}); pass "
+                         f"text_column=<name> to say which column holds the text{hint}")

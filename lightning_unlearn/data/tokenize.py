@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UserInputError
 from .selection import sorted_ids
 
 IGNORE = -100
@@ -61,7 +62,7 @@ class Tokenise:
     def _overflow(self, too_long: list[int]) -> None:
         what = f"{len(too_long)} example(s) (ids {sorted_ids(too_long)}) are longer than max_length={self.max_length}"
         if self.on_overflow == "error":
-            raise ValueError(f"{what} tokens; raise max_length, set packing=True, or pass on_overflow='truncate'")
+            raise UserInputError(f"{what} tokens; raise max_length, set packing=True, or pass on_overflow='truncate'")
         warnings.warn(f"{what} tokens and were truncated; raise max_length, set packing=True, or pass "
                       "on_overflow='error' to make this an error", UserWarning, stacklevel=2)
 
@@ -76,11 +77,22 @@ class Tokenise:
 
 @dataclass
 class Collate:
-    """Pad a list of tokenised rows to the longest (right padding) into the batch dict of the conventions."""
+    """Pad a list of tokenised rows to the longest (right padding) into the batch dict of the conventions.
+
+    `split` only names the split in error messages."""
 
     pad_token_id: int
+    split: str = ""
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        where = f"the {self.split} split" if self.split else "the data"
+        if not rows:
+            raise UserInputError(f"an empty batch (0 rows) of {where}; the split has no examples: check the data "
+                                 "and the forget selection")
+        if any(len(r["input_ids"]) == 0 for r in rows):
+            ids = [int(r["example_id"]) for r in rows if len(r["input_ids"]) == 0]
+            raise UserInputError(f"{len(ids)} example(s) of {where} have no tokens (example ids {sorted_ids(ids)}); "
+                                 "remove empty texts or give the tokenizer an eos token")
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

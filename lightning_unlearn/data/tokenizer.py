@@ -8,6 +8,8 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..errors import UserInputError
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -21,7 +23,8 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 1024, min_fre
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 258:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least 258 (256 bytes + 2)")
+        raise UserInputError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least 258 (256 bytes "
+                             "+ 2)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,12 +51,12 @@ def load_tokenizer(name_or_path: str | Path | PreTrainedTokenizerBase) -> PreTra
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else text)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; add one with "
-                             "tokenizer.add_special_tokens({'pad_token': ...})")
+            raise UserInputError("the tokenizer has neither a pad nor an eos token; add one with "
+                                 "tokenizer.add_special_tokens({'pad_token': ...})")
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     if not getattr(tok, "is_fast", False):
-        raise ValueError("span-level forgetting and offsets need a fast tokenizer; load it with use_fast=True")
+        raise UserInputError("span-level forgetting and offsets need a fast tokenizer; load it with use_fast=True")
     return tok
 
 
@@ -80,6 +83,18 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -
     rows = embedding_rows(model)
     n = len(tokenizer)
     if rows is not None and n > rows:
-        raise ValueError(f"the tokenizer has {n} tokens but the model's embedding has only {rows} rows; build the "
-                         f"model with vocab_size >= {n} (e.g. small_causal_lm(vocab_size=len(tokenizer))), call "
-                         f"model.resize_token_embeddings({n}), or train a smaller tokenizer (vocab_size={rows})")
+        raise UserInputError(
+            f"the tokenizer has {n} tokens but the model's embedding has only {rows} rows; build the model with "
+            f"vocab_size >= {n} (e.g. small_causal_lm(vocab_size=len(tokenizer))), call "
+            f"model.resize_token_embeddings({n}), or train a smaller tokenizer (vocab_size={rows})")
+
+
+def check_token_ids(max_id: int, tokenizer: PreTrainedTokenizerBase | int, where: str = "the data") -> None:
+    """Raise when pre-tokenised data holds an id the tokenizer (or a vocabulary of that size) cannot produce: the
+    data was tokenised with another tokenizer. `where` names the data ("holdout file 'h.jsonl'")."""
+    n = tokenizer if isinstance(tokenizer, int) else len(tokenizer)
+    if max_id >= n:
+        raise UserInputError(
+            f"the {where} holds token id {max_id} but the tokenizer has only {n} tokens: it was tokenised with "
+            "another tokenizer; every split must use one tokenizer, so give texts (the data module tokenises them) "
+            "or re-tokenise it with this tokenizer")
