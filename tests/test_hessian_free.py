@@ -390,3 +390,86 @@ def test_warm_start_reuses_the_previous_solution():
     assert first > 1 and cg.last_solve["iterations"] <= 1 and cg.last_solve["converged"]
     for n in v:
         torch.testing.assert_close(x1[n], x2[n])
+
+
+# ---------------------------------------------------------------------------- attention implementations
+def _tiny_lm(arch: str, attn: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_unlearn.models import small_config
+
+    torch.manual_seed(0)
+    config = small_config(arch, vocab_size=16, hidden=8, layers=1, heads=2, max_positions=16)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.mark.filterwarnings("ignore:cg. not converged")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_products_under_sdpa_attention_equal_eager(arch):
+    """transformers' default attention (sdpa) has no forward-mode AD: CG switches the model to eager for its
+    products, gets the eager model's numbers, and hands the model back on sdpa."""
+    eager, sdpa = _tiny_lm(arch, "eager"), _tiny_lm(arch, "sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa"
+    batches = [lm_batch(pad=2), lm_batch(b=1, t=4, seed=3)]  # padded rows: the attention mask path too
+    for product in ("ggn", "hessian"):
+        out = {}
+        for name, model in (("eager", eager), ("sdpa", sdpa)):
+            cg = HessianFree(model, product=product, max_iter=5)  # a short solve: the same 5 steps on both
+            for b in batches:
+                cg.accumulate(b)
+            cg.finalize()
+            v = random_vector(cg)
+            out[name] = (cg.matvec(v),) + ((cg.inverse(v, damping=0.1),) if product == "ggn" else ())
+            assert model.config._attn_implementation == name  # restored after the products
+        for got, want in zip(out["sdpa"], out["eager"]):
+            for n in want:
+                torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
+    sdpa(input_ids=batches[0]["input_ids"])  # still runs on its own kernel afterwards
+
+
+def test_eager_attention_restores_on_error_and_refuses_models_that_cannot_switch():
+    from types import SimpleNamespace
+
+    from lightning_unlearn.curvature.hessian_free import eager_attention
+    from lightning_unlearn.errors import UserInputError
+
+    model = _tiny_lm("llama", "sdpa")
+    with pytest.raises(KeyError), eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+        raise KeyError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+    class Fused(nn.Module):  # an HF-like model without set_attn_implementation
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(_attn_implementation="flash_attention_2")
+            self.proj = nn.Linear(2, 2)
+
+    with pytest.raises(UserInputError, match=r"'flash_attention_2' attention, which has no forward-mode AD.*load the "
+                                             r'model with attn_implementation="eager"'), eager_attention(Fused()):
+        pass
+
+
+def test_fused_attention_outside_transformers_gets_a_clear_error():
+    """A plain module calling the fused kernel itself cannot be switched: the error says to use eager attention."""
+    from lightning_unlearn.errors import UserInputError
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.q, self.out = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16)
+
+        def forward(self, ids):
+            h = self.emb(ids)[:, None]
+            return self.out(torch.nn.functional.scaled_dot_product_attention(self.q(h), h, h, is_causal=True)[:, 0])
+
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    for product in ("ggn", "hessian"):
+        cg = HessianFree(Attn(), product=product)
+        cg.accumulate({"input_ids": ids, "labels": ids})
+        cg.finalize()
+        with pytest.raises(UserInputError, match=r"attention kernel has no forward-mode AD or double backward.*"
+                                                 r'attn_implementation="eager"'):
+            cg.matvec(random_vector(cg))

@@ -19,8 +19,11 @@ products of the summed per-position losses, passes the sum through `reduce` (one
 process makes the same calls: after the reduction all processes hold the same numbers and run the same CG
 iterations) and divides by the total number of valid positions. Products run through
 `torch.func.functional_call` on the unwrapped module (DDP `.module` / `torch.compile` `_orig_mod`) in eval
-mode (a CG solve needs one fixed linear operator, so dropout is switched off during the solve); models must
-use eager attention (fused kernels lack forward-mode AD and double backward).
+mode (a CG solve needs one fixed linear operator, so dropout is switched off during the solve) and with eager
+attention: fused kernels (transformers' default `sdpa`, flash attention) lack forward-mode AD and double backward,
+so every Hugging Face model inside the module is switched to `"eager"` for the products
+(`set_attn_implementation`) and back to its own implementation afterwards (`eager_attention`). A model that
+cannot switch gets a `UserInputError` saying to load it with `attn_implementation="eager"`.
 
 Covered parameters: by default those of `find_layers(model, include, exclude)` (linear/Conv1D layers without
 embeddings and LM head), the same set K-FAC covers, so the backends are comparable; `params=` names any
@@ -33,15 +36,17 @@ private training text), so a CG curvature is re-estimated from batches after loa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from ..errors import UserInputError
 from .base import Curvature, Vector, check_finite, eval_mode, tensor_bytes
 from .layers import covered_parameters, unwrap_model
 from .objective import Objective, model_logits
@@ -54,6 +59,47 @@ class NegativeCurvatureError(ArithmeticError):
     """CG met a direction `p` with `p^T (C + λI) p <= 0` (only possible with `product="hessian"` or after a
     subtraction that left the curvature indefinite)."""
 
+
+EAGER_HINT = ('load the model with attn_implementation="eager" (e.g. AutoModelForCausalLM.from_pretrained(..., '
+              'attn_implementation="eager"), or lightning_unlearn.models.load_causal_lm), or use curvature="kfac"')
+
+
+def _attn_implementation(module: nn.Module) -> str | None:
+    """The attention implementation of a Hugging Face model (None for other modules)."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run the block with every Hugging Face model inside `model` on eager attention (forward-mode AD and double
+    backward need it); each is switched back to its own implementation afterwards, also on error.
+
+    Raises `UserInputError` when a model cannot switch (transformers without `set_attn_implementation`, or a
+    model that does not support switching)."""
+    switched: list[tuple[nn.Module, str]] = []
+    try:
+        for module in model.modules():
+            original = _attn_implementation(module)
+            if original is None or original == "eager":  # not an HF model, or eager (also: a submodel, switched
+                continue                                # with its parent through the shared config)
+            setter = getattr(module, "set_attn_implementation", None)
+            if not callable(setter):
+                raise UserInputError(f"cg: the model uses {original!r} attention, which has no forward-mode AD, and "
+                                     f"this transformers version cannot switch it; {EAGER_HINT}")
+            try:
+                setter("eager")
+            except (ValueError, ImportError, NotImplementedError) as err:
+                raise UserInputError(f"cg: the model uses {original!r} attention, which has no forward-mode AD, and "
+                                     f"could not be switched to eager ({type(err).__name__}); {EAGER_HINT}") from err
+            switched.append((module, original))
+            if _attn_implementation(module) != "eager":
+                raise UserInputError(f"cg: the model uses {original!r} attention, which has no forward-mode AD, and "
+                                     f"does not support switching to eager; {EAGER_HINT}")
+        yield
+    finally:
+        for module, original in reversed(switched):
+            module.set_attn_implementation(original)
 
 
 
@@ -190,9 +236,16 @@ class HessianFree(Curvature):
         tangent = self._unflatten(flat)
         tangent = {n: t.to(params[n].dtype) for n, t in tangent.items()}
         total = torch.zeros_like(flat)
-        with eval_mode(self.model):
+        with eval_mode(self.model), eager_attention(self.model):
             for batch, sign in self.batches:
-                prod = self._batch_product(batch, tangent)
+                try:
+                    prod = self._batch_product(batch, tangent)
+                except (NotImplementedError, RuntimeError) as err:  # a fused kernel outside transformers' switch
+                    text = str(err)
+                    if "attention" not in text or ("forward AD" not in text and "not implemented" not in text):
+                        raise
+                    raise UserInputError(f"cg: the model's attention kernel has no forward-mode AD or double "
+                                         f"backward ({text.splitlines()[0]}); {EAGER_HINT}") from err
                 total += sign * self._flatten(prod)
         total = self.reduce(total) / float(self.count)
         offset = 0
