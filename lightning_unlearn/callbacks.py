@@ -28,12 +28,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from .checkpoint import CURVATURE_FILE_FORMAT as CURVATURE_FILE_FORMAT  # re-exported: public since the start
+from .checkpoint import curvature_header, load_curvature_state, save_curvature
 from .curvature import Curvature, Reduce, identity
 from .curvature.base import eval_mode
 from .curvature.objective import IGNORE_INDEX
-from .io import atomic_file
 
-CURVATURE_FILE_FORMAT = "lightning_unlearn.curvature/1"
 CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
 
 ModelGetter = Callable[[pl.LightningModule], nn.Module]
@@ -155,45 +155,8 @@ def snapshot(curvature: Curvature) -> Curvature:
     return copy.deepcopy(curvature, memo)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """`torch.save` to a temporary file in the target directory, then rename: readers never see half a file."""
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
-
-
 def _cpu(obj: Any) -> Any:
     return move_data_to_device(obj, torch.device("cpu"))
-
-
-def save_curvature(curvature: Curvature | Mapping[str, Any], path: str | Path, **meta: Any) -> Path:
-    """Write a finalized curvature (or its `state_dict`) as its own file, atomically, tensors on CPU."""
-    state = curvature.state_dict() if isinstance(curvature, Curvature) else dict(curvature)
-    return atomic_torch_save({"format": CURVATURE_FILE_FORMAT, "state": _cpu(state), "meta": meta}, path)
-
-
-def load_curvature_state(path: str | Path, key: str | None = None) -> dict[str, Any]:
-    """The curvature `state_dict` stored in `path`: a file written by `save_curvature`/`CurvatureCallback`, or a
-    Lightning checkpoint of a run with a `CurvatureCallback`/`Unlearn` (`key` picks the callback's state_key when
-    the checkpoint holds several)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"curvature checkpoint {str(path)!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, Mapping) and obj.get("format") == CURVATURE_FILE_FORMAT:
-        return dict(obj["state"])
-    if isinstance(obj, Mapping) and "callbacks" in obj:
-        found = {k: v for k, v in obj["callbacks"].items()
-                 if isinstance(v, Mapping) and v.get("curvature") is not None and (key is None or k == key)}
-        if len(found) == 1:
-            return dict(next(iter(found.values()))["curvature"])
-        what = "no" if not found else "several"
-        raise ValueError(
-            f"the Lightning checkpoint {path.name!r} holds {what} curvature state(s) "
-            f"({sorted(found) if found else 'keys: ' + str(sorted(obj['callbacks']))}); save it from a run with a"
-            " CurvatureCallback/Unlearn that accumulated statistics, or pass key=<the callback's state_key>"
-        )
-    raise ValueError(f"{path.name!r} is neither a curvature file nor a Lightning checkpoint")
 
 
 def _build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature:
@@ -249,8 +212,9 @@ class CurvatureCallback(Callback):
     The statistics run on the unwrapped model (``model_getter(pl_module)``, not the DDP wrapper) in eval mode, so
     they change neither the weights nor ``.grad``. The curvature state is part of ``state_dict()`` and thus of every
     Lightning checkpoint (unfinished statistics are finalized on a copy, on every rank, at checkpoint time); with
-    ``path`` it is also written on its own (``torch.save``, atomic) when training ends. Reload it with
-    ``load_curvature_state(path)`` (either file) to serve later deletion requests (``full_minus_forget``).
+    ``path`` it is also written on its own (one safetensors file, atomic: see ``lightning_unlearn.checkpoint``) when
+    training ends. Reload it with ``load_curvature_state(path)`` (either file; Lightning checkpoints are read with
+    ``weights_only=True``) to serve later deletion requests (``full_minus_forget``).
 
     Args:
         backend: curvature backend (``kfac``, ``cg``, ``woodfisher``, ``diagonal``).
@@ -336,6 +300,9 @@ class CurvatureCallback(Callback):
             state["curvature"] = _cpu(snapshot(self._curvature).finalize().state_dict())
         elif self._pending_state is not None:
             state["curvature"] = self._pending_state
+        if state["curvature"] is not None and self._curvature is not None:
+            # shapes and fingerprint for load_curvature_state's model check (plain values: weights_only loads them)
+            state["curvature_meta"] = curvature_header(self._curvature)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -409,7 +376,8 @@ class CurvatureCallback(Callback):
             return None
         curvature.finalize()
         if self.path is not None and trainer.is_global_zero:
-            save_curvature(curvature, self.path, backend=self.backend, batches=seen, global_step=trainer.global_step)
+            save_curvature(curvature, self.path, backend=self.backend, batches=seen, global_step=trainer.global_step,
+                           world_size=trainer.world_size)
         trainer.strategy.barrier("CurvatureCallback.finalize")
         return curvature
 
@@ -625,8 +593,10 @@ class Unlearn(CurvatureCallback):
                 " pass full_curvature=<file or Lightning checkpoint>, or accumulate one during training with"
                 " accumulate_every_n_batches=k"
             )
-        state = load_curvature_state(source) if isinstance(source, (str, Path)) else dict(source)
-        full = self.new_curvature(trainer, self.model_getter(pl_module))
+        model = self.model_getter(pl_module)
+        state = (load_curvature_state(source, model=model, backend=self.backend) if isinstance(source, (str, Path))
+                 else dict(source))
+        full = self.new_curvature(trainer, model)
         full.load_state_dict(move_data_to_device(state, next(self.model_getter(pl_module).parameters()).device))
         self.full_curvature = full
         return full

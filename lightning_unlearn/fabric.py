@@ -167,7 +167,8 @@ def _full(source: Any, backend: str, module: nn.Module, fabric: Fabric, reduce: 
                          " training data: Curvature, state_dict, curvature file or Lightning checkpoint>")
     from .methods import build_curvature
 
-    state = load_curvature_state(source) if isinstance(source, (str, Path)) else dict(source)
+    state = (load_curvature_state(source, model=module, backend=backend) if isinstance(source, (str, Path))
+             else dict(source))
     full = build_curvature(backend, module, reduce=reduce, gather=gather, **dict(curvature_kwargs))
     full.load_state_dict(move_data_to_device(state, fabric.device))
     return full

@@ -262,7 +262,8 @@ class UnlearningModule(pl.LightningModule):
     def _load_full_curvature(self, path: str, reduce: Any, gather: Any) -> Curvature:
         from .methods import build_curvature
 
-        state = move_data_to_device(load_curvature_state(path), self.device)
+        state = move_data_to_device(load_curvature_state(path, model=self.model, backend=self.curvature_backend),
+                                    self.device)
         full = build_curvature(self.curvature_backend, self.model, reduce=reduce, gather=gather,
                                **self.curvature_kwargs)
         full.load_state_dict(state)
