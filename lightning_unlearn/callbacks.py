@@ -33,6 +33,7 @@ from .checkpoint import curvature_header, load_curvature_state, save_curvature
 from .curvature import Curvature, Reduce, identity
 from .curvature.base import eval_mode
 from .curvature.objective import IGNORE_INDEX
+from .distributed import agree_on_batches, leave_process_group
 
 CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
 
@@ -201,6 +202,20 @@ def request_curvature(
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
+class ProcessGroupTeardown(Callback):
+    """Leave the process group together when a multi-process `fit`/`validate`/`test` ends.
+
+    Lightning leaves the default process group alive after `Trainer.fit`; a worker (`ddp_spawn`) or script that then
+    exits while gloo's threads still run can abort with SIGABRT after its work is done. Add this callback to a
+    multi-process Trainer whose processes end after the run (the `lightning-unlearn` command does); a later run on
+    the same Trainer initialises a new group. Does nothing on one process.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            leave_process_group()
+
+
 class CurvatureCallback(Callback):
     r"""Gathers curvature statistics of the training data on the batches it is told to, reduces them across
     processes through the strategy, finalizes at the end of training: a *curvature checkpoint*.
@@ -468,6 +483,9 @@ class Unlearn(CurvatureCallback):
         self.full_curvature = full_curvature
         self.unlearn_on_train_end = unlearn_on_train_end
         self.method_kwargs = dict(method_kwargs or {})
+        from .methods import check_method_settings
+
+        check_method_settings(method, self.method_kwargs)  # a typo fails here, before training
         self.history: list[Any] = []  # StepRecords of every request, in order
         self.last_summary: dict[str, Any] | None = None  # the method's summary() of the last request
         self.requests = 0
@@ -540,6 +558,11 @@ class Unlearn(CurvatureCallback):
         retain_batches = [prepare(b) for b in retain] if retain is not None else None
         held = prepare(held_retain) if held_retain is not None else (retain_batches[0] if retain_batches else None)
         holdout_batches = [prepare(b) for b in holdout] if holdout is not None else None
+        reduce = strategy_reduce(trainer) if trainer is not None else identity
+        gather = strategy_gather(trainer) if trainer is not None else identity
+        agree_on_batches(reduce, rank, world, "Unlearn", forget=len(forget_batches),
+                         retain=None if retain_batches is None else len(retain_batches),
+                         holdout=None if holdout_batches is None else len(holdout_batches))
         if not forget_batches:
             raise ValueError("Unlearn: the forget data yielded no batch")
         if holdout_batches is not None and not holdout_batches:
@@ -548,8 +571,6 @@ class Unlearn(CurvatureCallback):
             raise ValueError("Unlearn: curvature_data='retain' needs retain=<batches>; without retain data use"
                              " curvature_data='full_minus_forget' with a curvature checkpoint, or 'forget'")
 
-        reduce = strategy_reduce(trainer) if trainer is not None else identity
-        gather = strategy_gather(trainer) if trainer is not None else identity
         curvature = full = None
         if is_second_order(self.method):
             full = self._full_curvature(trainer, pl_module) if self.curvature_data == "full_minus_forget" else None

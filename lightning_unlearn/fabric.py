@@ -32,6 +32,7 @@ from .callbacks import (
     share,
 )
 from .curvature import Curvature, Reduce, identity
+from .distributed import agree_on_batches
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -112,6 +113,9 @@ def fabric_unlearn(
     retain = [_prepare(fabric, b) for b in retain_loader] if retain_loader is not None else None
     held = _prepare(fabric, held_retain_batch) if held_retain_batch is not None else (retain[0] if retain else None)
     holdout_batches = [_prepare(fabric, b) for b in holdout] if holdout is not None else None
+    agree_on_batches(reduce, rank, world, "fabric_unlearn", forget=len(forget),
+                     retain=None if retain is None else len(retain),
+                     holdout=None if holdout_batches is None else len(holdout_batches))
     if not forget:
         raise ValueError("fabric_unlearn: forget_loader yielded no batch")
     if holdout_batches is not None and not holdout_batches:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.callbacks import Unlearn, load_curvature_state
+from lightning_unlearn.callbacks import ProcessGroupTeardown, Unlearn, load_curvature_state
 from lightning_unlearn.methods import build_curvature
 from lightning_unlearn.models import small_causal_lm
 
@@ -61,7 +61,8 @@ def test_ddp_spawn_matches_single_process(tmp_path: Path) -> None:
     module = FrozenLM()
     start = {k: v.clone() for k, v in module.model.state_dict().items()}
     callback = make_unlearn(accumulate_every_n_batches=1, curvature_path=tmp_path / "curvature.pt")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, callbacks=[callback],
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1,
+                         callbacks=[callback, ProcessGroupTeardown()],
                          enable_progress_bar=False, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, loader(TRAIN, 2))  # each rank sees 2 batches of 2: half of the global data

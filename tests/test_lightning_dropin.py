@@ -105,7 +105,7 @@ def flat(state, prefix=""):
     return {}
 
 
-FIXED_STEP = {"damping": 0.1, "scale": 0.03, "steps": 1,
+FIXED_STEP = {"damping": 0.1, "scale": 0.02, "steps": 1,
               "method_kwargs": {"damping_mode": "absolute", "step_search": False}}
 
 
@@ -157,7 +157,7 @@ def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_pa
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
     # request 2, later, with no retain data at all: full-data curvature minus the forget curvature, the same
-    # holdout target; knobs set explicitly (the fixed step: absolute λ, η = 0.03, one step, no step search)
+    # holdout target; knobs set explicitly (the fixed step: absolute λ, η = 0.02, one step, no step search)
     f2_before, r_before = nll(module.model, FORGET2), nll(module.model, retain)
     weights = {k: v.clone() for k, v in module.model.state_dict().items()}
     results = {}
@@ -171,7 +171,8 @@ def test_dropin_unlearns_and_curvature_checkpoint_serves_a_second_request(tmp_pa
             second = Unlearn(curvature="kfac", curvature_data="full_minus_forget", full_curvature=source,
                              **FIXED_STEP)
             records = second.unlearn(module, forget=loader(FORGET2), holdout=loader(HOLDOUT))
-        assert records[-1].accepted and records[-1].retain_loss is None
+        # no retain data: the budget is measured on the holdout (the only never-trained data at hand)
+        assert records[-1].accepted and records[-1].retain_loss is not None
         assert second.last_summary["target_source"] == "holdout" and second.last_summary["steps_accepted"] >= 1
         results[name] = (nll(module.model, FORGET2), nll(module.model, retain))
     f2_after, r_after = results["file"]

@@ -163,8 +163,9 @@ def test_the_run_stops_itself_at_the_holdout_target(tmp_path: Path) -> None:
     logged = (Path(t.logger.log_dir) / "metrics.csv").read_text()
     assert "unlearn/status_code" in logged and "unlearn/target" in logged
 
-    # set_holdout_data wins over the datamodule; a target already met: no step at all
-    again = UnlearningModule(model, method="newton", curvature="kfac").set_holdout_data([forget])
+    # set_holdout_data wins over the datamodule; a target already met: no step at all (the unlearned canaries sit
+    # above every example of the trained retain batch)
+    again = UnlearningModule(model, method="newton", curvature="kfac").set_holdout_data([held])
     t2 = trainer(tmp_path / "again", max_steps=5)
     t2.fit(again, datamodule=data)
     assert again.status == "target_reached" and again.history == [] and t2.global_step == 0

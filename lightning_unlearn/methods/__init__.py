@@ -9,6 +9,7 @@ from .base import (
     Unlearner,
     build_curvature,
     build_unlearner,
+    check_method_settings,
 )
 from .first_order import NPO, FirstOrderUnlearner, GradientAscent, GradientDifference
 from .fisher import FisherForgetting, FisherRemoval
@@ -28,6 +29,7 @@ __all__ = [
     "GradientAscent",
     "GradientDifference",
     "Newton",
+    "check_method_settings",
     "SecondOrderUnlearner",
     "StepRecord",
     "Unlearner",

@@ -49,12 +49,18 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
 from ..curvature.objective import model_logits
+from .inputs import check_batches, check_finite_weights, check_keywords
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, token_nll
 
 Batch = Mapping[str, Tensor]
 
 #: how a run ended (`Unlearner.status`)
 STATUSES = ("target_reached", "budget_exhausted", "nothing_accepted")
+
+#: the trust region: no accepted step moves the updated parameters by more than this fraction of their norm
+DEFAULT_MAX_STEP_NORM = 1.0
+#: ... nor predicts (½ΔᵀCΔ, retain curvature) a retain increase above this multiple of the retain budget
+DEFAULT_PREDICTED_TRUST = 2.0
 #: the holdout's per-example losses are kept as a histogram (sums reduce across processes): bins over [0, max) nats
 HOLDOUT_BINS, HOLDOUT_MAX_NATS = 4096, 64.0
 
@@ -74,8 +80,10 @@ class StepRecord:
 
     `damping` is λ for curvature methods and the learning-rate divisor for first-order ones; `scale` is η
     (curvature methods) or the effective learning rate (first-order). `forget_loss`/`retain_loss` are the mean
-    token NLL on the forget set and on the held retain batch *after* the trial. `reason` is one of "accepted",
-    "target_reached" (accepted, forget target met), "retain_increase", "non_finite" (rolled back).
+    token NLL on the forget set and on the held retain batch *after* the trial (a retain-free request measures its
+    budget on the holdout instead: `retain_loss` is then the holdout's loss). `reason` is one of "accepted",
+    "target_reached" (accepted, forget target met), "retain_increase", "non_finite", "trust_region" (rolled back:
+    the step left the trust region, see `Unlearner`).
     `trial` counts retries within the step (0 = first try). With the step search (second-order methods),
     `scale` is the step length η chosen along the Newton direction, `evaluations` the number of points tried
     (each a forward pass over the forget set and the held retain batch), `target` the forget loss aimed at,
@@ -138,6 +146,7 @@ class Unlearner(ABC):
         scale: float = 1.0,
         relative_target: bool = True,
         target_score: float = 0.5,
+        max_step_norm: float | None = DEFAULT_MAX_STEP_NORM,
     ) -> None:
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -145,8 +154,17 @@ class Unlearner(ABC):
             raise ValueError(f"damping_growth must be > 1 (λ's factor after a rollback), got {damping_growth}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        if max_retain_increase is not None and max_retain_increase < 0:
-            raise ValueError(f"max_retain_increase must be >= 0 or None (no check), got {max_retain_increase}")
+        if max_retain_increase is not None and not (math.isfinite(float(max_retain_increase))
+                                                    and max_retain_increase >= 0):
+            raise ValueError(f"max_retain_increase must be a finite number >= 0 or None (no check), got "
+                             f"{max_retain_increase}")
+        if max_step_norm is not None and not (math.isfinite(float(max_step_norm)) and max_step_norm > 0):
+            raise ValueError(f"max_step_norm must be a finite number > 0 (the trust region: ‖Δθ‖ ≤ max_step_norm · "
+                             f"‖θ‖) or None (no trust region), got {max_step_norm}")
+        if not (math.isfinite(float(damping)) and float(damping) >= 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        if not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
         self.model = model
         self.forget_loss = check_forget_loss(forget_loss)
         self.steps = int(steps)
@@ -159,6 +177,7 @@ class Unlearner(ABC):
         self.initial_damping = float(damping)
         self.damping = float(damping)
         self.scale = float(scale)
+        self.max_step_norm = None if max_step_norm is None else float(max_step_norm)
         self.history: list[StepRecord] = []
         self.step_count = 0
         self._reference: tuple[Batch, float] | None = None
@@ -280,6 +299,20 @@ class Unlearner(ABC):
     def _snapshot(self) -> dict[str, Tensor]:
         return {n: p.detach().clone() for n, p in self.named_params().items()}
 
+    def relative_step(self, snapshot: Mapping[str, Tensor]) -> float:
+        """‖θ - θ₀‖ / ‖θ₀‖ over the updated parameters, from a `_snapshot()` θ₀ (0 when θ₀ = 0 and θ = θ₀)."""
+        params = self.named_params()
+        moved = sum(float((params[n].detach().double() - s.double()).pow(2).sum()) for n, s in snapshot.items())
+        size = sum(float(s.double().pow(2).sum()) for s in snapshot.values())
+        if size == 0.0:
+            return 0.0 if moved == 0.0 else math.inf
+        return math.sqrt(moved / size)
+
+    def outside_trust_region(self, snapshot: Mapping[str, Tensor]) -> bool:
+        """Whether the current weights moved further from `snapshot` than the trust region allows: a guard that
+        holds even when the held retain batch does not notice a huge step (e.g. an untrained or tiny model)."""
+        return self.max_step_norm is not None and self.relative_step(snapshot) > self.max_step_norm
+
     def _restore(self, snapshot: Mapping[str, Tensor]) -> None:
         params = self.named_params()
         with torch.no_grad():
@@ -356,7 +389,8 @@ class Unlearner(ABC):
             warnings.warn(
                 f"{self.name}: no step was accepted ({len(records)} trial(s) rolled back): the model is unchanged."
                 " Check the step records' reasons (retain_increase: raise max_retain_increase or give more retain"
-                " data; non_finite: lower the scale; no_progress: the forget loss cannot rise along this direction)",
+                " data; non_finite or trust_region: lower the scale; no_progress: the forget loss cannot rise along"
+                " this direction)",
                 NothingAcceptedWarning, stacklevel=3)
         else:
             self._status = "budget_exhausted"
@@ -375,6 +409,16 @@ class Unlearner(ABC):
                 "retain_loss_before": self._losses.get("retain_before"),
                 "retain_loss_after": self._losses.get("retain_after")}
 
+    def _held(self, held_retain_batch: Batch | None, retain: Sequence[Batch]) -> Batch | list[Batch] | None:
+        """What the retain budget is measured on: the held retain batch, else the first retain batch, else (a
+        retain-free request) the holdout, the only never-trained data at hand: without it the curvature's
+        prediction ½ΔᵀCΔ is the only guard, and it can under-predict a large step many times over."""
+        if held_retain_batch is not None:
+            return held_retain_batch
+        if retain:
+            return retain[0]
+        return self.holdout if self.holdout else None
+
     def _begin_step(self, forget_batch: Batch | Sequence[Batch], retain_batch: Batch | Sequence[Batch] | None,
                     held_retain_batch: Batch | None) -> tuple[list[Batch], list[Batch], Batch | None, float | None,
                                                               float | None, Any, int]:
@@ -384,7 +428,7 @@ class Unlearner(ABC):
         retain = _as_list(retain_batch)
         if not forget:
             raise ValueError("step() needs at least one forget batch")
-        held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
+        held = self._held(held_retain_batch, retain)
         reference = self.reference_retain_loss(held) if held is not None else None
         target = self.current_target()
         context = self._prepare(forget, retain)
@@ -417,6 +461,8 @@ class Unlearner(ABC):
                 finite = all(bool(torch.isfinite(p).all()) for p in self.named_params().values())
             if not finite:
                 reason = "non_finite"
+            elif self.outside_trust_region(snapshot):
+                reason = "trust_region"
             elif (reference is not None and retain_loss is not None and self.max_retain_increase is not None
                   and retain_loss > reference * (1.0 + self.max_retain_increase)):
                 reason = "retain_increase"
@@ -453,11 +499,16 @@ class Unlearner(ABC):
         retain = _as_list(retain_batches)
         if not forget:
             raise ValueError("fit() needs at least one forget batch")
+        check_finite_weights(self.model)
+        for what, batches in (("forget", forget), ("retain", retain),
+                              ("held retain", [held_retain_batch] if held_retain_batch is not None else []),
+                              ("holdout", _as_list(holdout_batches))):
+            check_batches(self.model, batches, what)
         if holdout_batches is not None:
             self.calibrate(holdout_batches)
         start = len(self.history)
         self._begin_fit(forget, retain)
-        held = held_retain_batch if held_retain_batch is not None else (retain[0] if retain else None)
+        held = self._held(held_retain_batch, retain)
         score, nll = self.forget_score(forget)
         self._losses = {"forget_before": nll, "score_before": score,
                         "retain_before": self.reference_retain_loss(held) if held is not None else None}
@@ -549,6 +600,7 @@ class SecondOrderUnlearner(Unlearner):
         protect_holdout: bool = True,
         protect_groups: int = 8,
         search_iters: int = 6,
+        predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,
         curvature_kwargs: Mapping[str, Any] | None = None,
         reduce: Reduce | None = None,
@@ -579,6 +631,9 @@ class SecondOrderUnlearner(Unlearner):
             raise ValueError(f"refresh_every must be >= 1 or None, got {refresh_every}")
         if int(search_iters) < 0:
             raise ValueError(f"search_iters must be >= 0, got {search_iters}")
+        if predicted_trust is not None and not (math.isfinite(float(predicted_trust)) and predicted_trust > 0):
+            raise ValueError(f"predicted_trust must be a finite number > 0 or None, got {predicted_trust}")
+        self.predicted_trust = None if predicted_trust is None else float(predicted_trust)
         self.curvature = curvature
         self.curvature_backend = curvature.name if curvature is not None else curvature_backend
         if full_curvature is not None and curvature is None:
@@ -597,6 +652,7 @@ class SecondOrderUnlearner(Unlearner):
         self.refresh_every = None if refresh_every is None else int(refresh_every)
         self.curvature_kwargs = dict(curvature_kwargs or {})
         self.gather = gather
+        self._fixed_step_budget: float | None = None  # set during a fixed step (`step_search=False`)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -750,16 +806,18 @@ class SecondOrderUnlearner(Unlearner):
         """One Newton step with the step-length search (see the class docstring); `step_search=False`: the fixed
         step `scale · d` under the base class's rollback rule."""
         if not self.step_search:
-            return super().step(forget_batch, retain_batch, held_retain_batch)
+            held = self._held(held_retain_batch, _as_list(retain_batch))
+            reference = self.reference_retain_loss(held) if held is not None else None
+            self._fixed_step_budget = self._predicted_budget(held, reference)
+            try:
+                return super().step(forget_batch, retain_batch, held_retain_batch)
+            finally:
+                self._fixed_step_budget = None
         forget, retain, held, reference, target, context, index = self._begin_step(
             forget_batch, retain_batch, held_retain_batch)
         forget_before = self.forget_score(forget)
         aim = self.stage_target(target, forget_before[0])
-        # without a held retain batch, the curvature's predicted increase is the guard (in nats)
-        predicted_budget = None
-        if held is None and self.max_retain_increase is not None:
-            level = self.forget_target if self.forget_target is not None else self.holdout_loss
-            predicted_budget = self.max_retain_increase * (level if level is not None else 1.0)
+        predicted_budget = self._predicted_budget(held, reference)
         record: StepRecord | None = None
         for trial in range(self.max_retries + 1):
             direction = self._direction(context)
@@ -773,7 +831,9 @@ class SecondOrderUnlearner(Unlearner):
             curvature_norm = self.curvature.quadratic(direction) if predicted_budget is not None else None
             search = _LineSearch(self, direction, offset, forget, held, reference, aim, forget_before,
                                  predicted_budget, curvature_norm)
-            eta, point, reason = search.run(self.scale, self.search_iters)
+            eta, point, reason = search.run(min(self.scale, self._largest_trusted_step(direction, predicted_budget,
+                                                                                     curvature_norm)),
+                                            self.search_iters)
             if reason == "target_reached" and target is not None and point[0][0] < target:
                 reason = "accepted"  # this step's stage, not yet the target
             if eta is not None:
@@ -796,6 +856,45 @@ class SecondOrderUnlearner(Unlearner):
         return record
 
 
+    def _predicted_budget(self, held: Batch | None, reference: float | None) -> float | None:
+        """The bound on the curvature's predicted retain increase ½ΔᵀCΔ (nats) of one step: the guard itself without
+        a held retain batch (`max_retain_increase` × the holdout loss), a trust region (`predicted_trust` × the
+        budget) with one, when C is a retain curvature; None where neither applies."""
+        if self.max_retain_increase is None:
+            return None
+        if held is None:
+            level = self.forget_target if self.forget_target is not None else self.holdout_loss
+            return self.max_retain_increase * (level if level is not None else 1.0)
+        if self.predicted_trust is not None and reference is not None and self.curvature_data != "forget":
+            return self.predicted_trust * self.max_retain_increase * reference
+        return None
+
+    def outside_trust_region(self, snapshot: Mapping[str, Tensor]) -> bool:
+        """The base class's bound on ‖Δθ‖ and, for the fixed step, the bound on ½ΔᵀCΔ (`_predicted_budget`)."""
+        if super().outside_trust_region(snapshot):
+            return True
+        budget = getattr(self, "_fixed_step_budget", None)
+        if budget is None or self.curvature is None:
+            return False
+        params = self.named_params()
+        delta = {n: (params[n].detach().float() - s.float()) for n, s in snapshot.items()}
+        return 0.5 * self.curvature.quadratic(delta) > budget
+
+    def _largest_trusted_step(self, direction: Vector, predicted_budget: float | None,
+                              curvature_norm: float | None) -> float:
+        """The largest η inside both trust regions, where they bound it: ½η²dᵀCd ≤ the predicted budget and
+        η‖d‖ ≤ max_step_norm · ‖θ‖ (the search starts there when `scale` is larger)."""
+        largest = math.inf
+        if predicted_budget is not None and curvature_norm is not None and curvature_norm > 0:
+            largest = math.sqrt(2.0 * predicted_budget / curvature_norm)
+        if self.max_step_norm is not None:
+            size = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.named_params().values()))
+            length = math.sqrt(sum(float(d.double().pow(2).sum()) for d in direction.values()))
+            if length > 0 and size > 0:
+                largest = min(largest, self.max_step_norm * size / length)
+        return largest
+
+
 class _LineSearch:
     """Step lengths η along a fixed direction: θ(η) = θ₀ + offset + η d, each point one forward pass over the forget
     set and the held retain batch (no gradient, no curvature). See `SecondOrderUnlearner`."""
@@ -816,6 +915,7 @@ class _LineSearch:
         #: η -> ((forget score, forget loss), retain loss, within budget, target reached); scores compare first,
         #: the loss breaks ties (a score stuck at 0 still shows progress)
         self.points: dict[float, tuple[tuple[float, float], float | None, bool, bool]] = {}
+        self.refused: set[float] = set()  # step lengths outside the trust region
 
     def apply(self, eta: float) -> None:
         params = self.owner.named_params()
@@ -838,8 +938,15 @@ class _LineSearch:
         if self.predicted_budget is not None and 0.5 * eta**2 * float(self.curvature_norm) > self.predicted_budget:
             nan = float("nan")
             point = ((nan, nan), None, False, False)  # outside the curvature's trust region: not even tried
+            self.refused.add(eta)
         else:
             self.apply(eta)
+            if owner.outside_trust_region(self.snapshot):
+                nan = float("nan")
+                point = ((nan, nan), None, False, False)  # moved the weights too far: not even measured
+                self.refused.add(eta)
+                self.points[eta] = point
+                return point
             forget = owner.forget_score(self.forget)
             retain = owner.measure(self.held) if self.held is not None else None
             finite = all(map(math.isfinite, forget)) and (retain is None or math.isfinite(retain))
@@ -894,13 +1001,17 @@ class _LineSearch:
             forget, retain, _, _ = self.points[best]
             if forget > self.forget_before:
                 # a larger step was out of the retain budget: this step spends it
-                spent = any(not p[2] and e > best for e, p in self.points.items())
+                spent = any(not p[2] and e > best and e not in self.refused for e, p in self.points.items())
                 return best, (forget, retain), "retain_budget" if spent else "accepted"
         nan = float("nan")
         probe = self.points.get(lo if lo is not None else hi, ((nan, nan), None, False, False))  # type: ignore[arg-type]
         failed = [p for p in self.points.values() if not math.isfinite(p[0][1])]
-        reason = "non_finite" if failed and len(failed) == len(self.points) else (
-            "retain_increase" if not ok_points else "no_progress")
+        if self.refused and len(self.refused) == len(self.points):
+            reason = "trust_region"
+        elif failed and len(failed) == len(self.points):
+            reason = "non_finite"
+        else:
+            reason = "retain_increase" if not ok_points else "no_progress"
         return None, (probe[0], probe[1]), reason
 
 
@@ -918,13 +1029,20 @@ def register(name: str) -> Callable[[type[Unlearner]], type[Unlearner]]:
     return wrap
 
 
-def build_unlearner(method: str, model: nn.Module, **kwargs: Any) -> Unlearner:
-    """Construct the method named `method` (a key of `METHODS`) for `model`."""
+def check_method_settings(method: str, settings: Mapping[str, Any] | None = None) -> type[Unlearner]:
+    """The class of `method`, after checking that it exists and accepts every key of `settings` (a driver's
+    `method_kwargs`): drivers call it when they are built, so a typo fails before any work."""
     from . import first_order, fisher, newton  # noqa: F401  (registration)
 
     if method not in METHODS:
         raise ValueError(f"unknown unlearning method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[method](model, **kwargs)
+    check_keywords(METHODS[method], settings or {}, f"method {method!r}")
+    return METHODS[method]
+
+
+def build_unlearner(method: str, model: nn.Module, **kwargs: Any) -> Unlearner:
+    """Construct the method named `method` (a key of `METHODS`) for `model`."""
+    return check_method_settings(method, kwargs)(model, **kwargs)
 
 
 def build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature:

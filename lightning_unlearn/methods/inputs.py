@@ -1,0 +1,103 @@
+"""Checks of what a deletion request starts from: the batches and the model's weights.
+
+Bad input found here would otherwise fail deep inside a forward pass ("index out of range in self" for a tokenizer
+larger than the embedding) or produce silent rollbacks (NaN weights); each check raises `UserInputError` naming the
+batch or parameter and the fix. Messages never contain token ids or text: forget data may be secret.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserInputError
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (Hugging Face `get_input_embeddings`, else the first nn.Embedding)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = None
+    if callable(getter):
+        try:
+            embedding = getter()
+        except (NotImplementedError, AttributeError):
+            embedding = None
+    if embedding is None:
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    weight = getattr(embedding, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
+
+
+def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], what: str) -> None:
+    """Every batch has `input_ids` with at least one row, token ids inside the model's vocabulary, and `labels` of the
+    same shape; `what` names the data in the message ("forget", "retain", "holdout")."""
+    vocab = vocabulary_size(model)
+    for i, batch in enumerate(batches):
+        where = f"{what} batch {i}"
+        if not isinstance(batch, Mapping):
+            raise UserInputError(f"{where} is a {type(batch).__name__}, not a dict of tensors; batches are dicts of "
+                                 "input_ids, attention_mask and labels (use the data module or tokenize the texts)")
+        if "input_ids" not in batch:  # a custom objective's inputs (e.g. "inputs"): only check it has rows
+            first = next((v for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0), None)
+            if first is not None and first.shape[0] == 0:
+                raise UserInputError(f"{where} is empty (no rows); drop empty batches")
+            continue
+        ids = batch["input_ids"]
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise UserInputError(f"{where}: input_ids must be a 2-d tensor [batch, time], got "
+                                 f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise UserInputError(f"{where} is empty (shape {tuple(ids.shape)}); drop empty batches (an empty file or "
+                                 "split, or a filter that removed every example)")
+        labels = batch.get("labels")
+        if isinstance(labels, Tensor) and labels.shape != ids.shape:
+            raise UserInputError(f"{where}: labels have shape {tuple(labels.shape)}, input_ids {tuple(ids.shape)}; "
+                                 "labels must align with input_ids (-100 where no loss is taken)")
+        if vocab is not None and ids.numel():
+            top, bottom = int(ids.max()), int(ids.min())
+            if top >= vocab or bottom < 0:
+                raise UserInputError(
+                    f"{where} holds token ids outside the model's embedding (ids in [{bottom}, {top}], the embedding "
+                    f"has {vocab} rows): the data was tokenised with another (larger) tokenizer than the model's; "
+                    "use the model's own tokenizer (data.tokenizer = the model folder)")
+
+
+def check_finite_weights(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Refuse a model whose weights (those in `names`, default all) hold NaN or inf, naming the first one."""
+    wanted = None if names is None else set(names)
+    for name, param in model.named_parameters():
+        if (wanted is None or name in wanted) and not bool(torch.isfinite(param.detach()).all()):
+            raise UserInputError(f"the model's weights are not finite (NaN or inf in {name!r}): unlearning cannot "
+                                 "start from a broken model; load the checkpoint the model was trained to")
+
+
+def check_keywords(cls: type, kwargs: Mapping[str, Any], what: str) -> None:
+    """Refuse keyword arguments that no `__init__` in `cls`'s hierarchy accepts (a typo in `method_kwargs`), naming
+    the unknown key and the valid ones."""
+    valid: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        valid.update(n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break  # this __init__ passes nothing further up
+    valid -= {"self", "model"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise UserInputError(f"{what}: unknown setting {unknown[0]!r}; valid settings: {', '.join(sorted(valid))}")
+
+
+def check_positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
+    """A finite number > 0 (or >= 0), named in the message."""
+    if value is None:
+        return
+    ok = math.isfinite(float(value)) and (float(value) >= 0 if allow_zero else float(value) > 0)
+    if not ok:
+        raise UserInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")

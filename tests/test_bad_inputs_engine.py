@@ -1,0 +1,198 @@
+"""Bad input to the engine (the unlearning methods), from a user's saved model and data: each case fails with an error
+that names the problem, or is refused by a guard, and the user's model folder and training data stay byte-identical."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from bad_input_fixtures import FORGET_IDS, make_project, run_cli
+from lightning.fabric import Fabric
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_unlearn.errors import UserInputError
+from lightning_unlearn.methods import build_unlearner
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module")
+def loaded(project):
+    """(model, tokenizer, forget batch, retain batches, holdout batch) from the saved project, untrained weights."""
+    model = AutoModelForCausalLM.from_pretrained(project.model)
+    tok = AutoTokenizer.from_pretrained(project.model)
+    rows = [json.loads(line) for line in project.data.read_text().splitlines()]
+
+    def batch(texts):
+        enc = tok(texts, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+
+    forget = batch([r["text"] for r in rows if r["id"] in FORGET_IDS])
+    others = [r["text"] for r in rows if r["id"] not in FORGET_IDS]
+    retain = [batch(others[i:i + 8]) for i in range(0, 24, 8)]
+    holdout = batch(others[24:32])
+    return model, tok, forget, retain, holdout
+
+
+@pytest.fixture
+def untouched(project):
+    """Asserts after the test that the saved model and the training data were not changed."""
+    before = project.snapshot()
+    yield
+    assert project.snapshot() == before, "the user's model folder or training data changed"
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def same_weights(model, before) -> bool:
+    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_huge_fixed_step_on_an_untrained_model_is_refused_by_the_trust_region(loaded, untouched):
+    """scale 1e6 on an untrained model: the held retain loss does not move (3.783 before and after, weights at
+    4.7e6), the trust region refuses it."""
+    model, _, forget, retain, _ = loaded
+    model = copy.deepcopy(model)
+    before = weights(model)
+    u = build_unlearner("newton", model, scale=1e6, step_search=False, steps=1, max_retries=1)
+    with pytest.warns(UserWarning, match="no step was accepted"):
+        records = u.fit([forget], retain)
+    assert [r.reason for r in records] == ["trust_region", "trust_region"]
+    assert u.status == "nothing_accepted" and same_weights(model, before)
+
+
+def test_huge_first_step_of_the_search_stays_inside_the_trust_region(loaded, untouched):
+    model, _, forget, retain, _ = loaded
+    model = copy.deepcopy(model)
+    u = build_unlearner("newton", model, scale=1e12, steps=1)
+    records = u.fit([forget], retain)
+    accepted = [r for r in records if r.accepted]
+    assert accepted, [r.reason for r in records]
+    start = loaded[0]
+    moved = sum(float((p.detach() - q.detach()).double().pow(2).sum())
+                for (n, p), (_, q) in zip(model.named_parameters(), start.named_parameters()) if n in u.param_names)
+    size = sum(float(q.detach().double().pow(2).sum()) for n, q in start.named_parameters() if n in u.param_names)
+    assert math.sqrt(moved / size) <= u.max_step_norm + 1e-9
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_curvature_trust_region_bounds_the_predicted_retain_increase(loaded, untouched):
+    """½ΔᵀCΔ of the accepted step stays within predicted_trust × the retain budget, whatever `scale` asks for."""
+    model, _, forget, retain, _ = loaded
+    model = copy.deepcopy(model)
+    u = build_unlearner("newton", model, scale=1e6, steps=1, predicted_trust=0.01)
+    reference = u.measure(retain[0])
+    records = u.fit([forget], retain)
+    accepted = [r for r in records if r.accepted]
+    assert accepted and accepted[-1].predicted_increase is not None
+    assert accepted[-1].predicted_increase <= 0.01 * 0.05 * reference * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(("setting", "value", "named"), [
+    ("scale", float("nan"), "scale"),
+    ("scale", -1.0, "scale"),
+    ("scale", 0.0, "scale"),
+    ("damping", -0.1, "damping"),
+    ("damping", float("inf"), "damping"),
+    ("max_retain_increase", float("nan"), "max_retain_increase"),
+    ("max_step_norm", 0.0, "max_step_norm"),
+    ("predicted_trust", -1.0, "predicted_trust"),
+    ("steps", 0, "steps"),
+])
+def test_nonsense_settings_are_refused_at_configuration(loaded, untouched, setting, value, named):
+    model = loaded[0]
+    with pytest.raises(ValueError, match=named):
+        build_unlearner("newton", model, **{setting: value})
+
+
+def test_a_typo_in_the_method_settings_names_the_key(loaded, untouched):
+    with pytest.raises(UserInputError, match="'stepz'.*valid settings:.*steps"):
+        build_unlearner("newton", loaded[0], stepz=3)
+
+
+def test_an_unknown_forget_loss_lists_the_choices(loaded, untouched):
+    with pytest.raises(ValueError, match="unknown forget_loss 'hinge'; choose one of"):
+        build_unlearner("gradient_ascent", loaded[0], forget_loss="hinge")
+
+
+def test_nan_in_the_model_weights_names_the_parameter(loaded, untouched):
+    model, _, forget, retain, _ = loaded
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(UserInputError, match=r"not finite .*'transformer\.h\.0\.mlp\.c_fc\.weight'"):
+        build_unlearner("newton", model).fit([forget], retain)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_named(loaded, untouched):
+    """Data tokenised by another (larger) tokenizer: today's failure would be 'index out of range in self'."""
+    model, _, forget, retain, _ = loaded
+    vocab = model.get_input_embeddings().weight.shape[0]
+    big = dict(forget, input_ids=forget["input_ids"].clone())
+    big["input_ids"][0, 1] = vocab + 5
+    with pytest.raises(UserInputError, match=rf"outside the model's embedding .*{vocab} rows.*tokenizer"):
+        build_unlearner("newton", copy.deepcopy(model)).fit([big], retain)
+
+
+def test_a_zero_row_batch_is_named(loaded, untouched):
+    model, _, forget, retain, _ = loaded
+    empty = {k: v[:0] for k, v in forget.items()}
+    with pytest.raises(UserInputError, match="forget batch 1 is empty"):
+        build_unlearner("newton", copy.deepcopy(model)).fit([forget, empty], retain)
+
+
+def test_labels_that_do_not_align_with_the_inputs_are_named(loaded, untouched):
+    model, _, forget, retain, _ = loaded
+    bad = dict(retain[0], labels=retain[0]["labels"][:, :-1])
+    with pytest.raises(UserInputError, match="retain batch 0: labels have shape"):
+        build_unlearner("newton", copy.deepcopy(model)).fit([forget], [bad])
+
+
+def test_a_batch_that_is_not_a_dict_is_named(loaded, untouched):
+    model, _, forget, retain, _ = loaded
+    with pytest.raises(UserInputError, match="holdout batch 0 is a Tensor"):
+        build_unlearner("newton", copy.deepcopy(model)).fit([forget], retain, holdout_batches=[forget["input_ids"]])
+
+
+def test_a_typo_in_method_kwargs_fails_through_the_command_before_any_work(project, untouched):
+    code, out, err = run_cli(["fit", "--config", str(project.config), "--model.method_kwargs", '{"stepz": 3}'],
+                             cwd=project.root)
+    assert code != 0 and "'stepz'" in out + err and "valid settings" in out + err
+    assert not project.output.exists()
+
+
+def _rank_without_forget(fabric: Fabric, out: Path) -> None:
+    from lightning_unlearn.distributed import leave_process_group
+    from lightning_unlearn.fabric import fabric_unlearn
+    from lightning_unlearn.models import small_causal_lm
+
+    torch.set_num_threads(1)
+    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    forget = [batch] if fabric.global_rank == 0 else []  # rank 1's share of the forget set is empty
+    try:
+        fabric_unlearn(fabric, small_causal_lm("gpt2", seed=0), forget, [batch])
+        message = "no error"
+    except Exception as err:  # noqa: BLE001 - the test records what each rank saw
+        message = f"{type(err).__name__}: {err}"
+    (out / f"rank{fabric.global_rank}.txt").write_text(message)
+    leave_process_group()
+
+
+def test_a_process_without_forget_batches_fails_the_same_way_on_every_process(tmp_path, untouched):
+    """Not "Connection closed by peer" on the other process: both raise the same clear error."""
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_rank_without_forget, tmp_path)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1], messages
+    assert "UserInputError: fabric_unlearn: process 1 of 2 got no forget batch" in messages[0]
+    assert "forget batches per process: [1, 0]" in messages[0]
