@@ -6,8 +6,11 @@ and for the retrained model, and writes the report (json, md, png) and the unlea
 The output directory appears only when the run succeeds (it is built in a temporary sibling and renamed).
 
 Output: `report.json`, `report.md`, PNG plots, `model/` (unlearned), `original/` and `retrained/` (with the
-tokenizer), `data/train.jsonl` (the training text with its canaries, for `configs/unlearn_*.yaml`) and
-`data/canaries.json` (the canary registry: it holds the secrets, for evaluation only; never logged).
+tokenizer), `data/train.jsonl` (the training text with its canaries, for `configs/unlearn_*.yaml`),
+`data/canaries.json` (the canary registry: it holds the secrets, for evaluation only; never logged) and `run.json`
+(status, steps accepted, exit status, start and end). The output is checked before any work (`check_output`: an
+existing non-empty folder needs `overwrite`, an empty one is fine); an earlier demo output there says
+`finished: false` in its `run.json` until the new one replaces it.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import EXIT_NOTHING_ACCEPTED
 from .experiment import Experiment, ExperimentConfig, UnlearnSettings, _atomic_save_pretrained, summarize
-from .io import atomic_directory
+from .io import atomic_directory, check_output, mark_running, utc_now, write_manifest
 
 #: the demo's unlearning run: the method's default recipe (no damping, scale, steps or forget loss set), its target
 #: calibrated on the experiment's holdout data (never-inserted canaries)
@@ -28,21 +33,34 @@ DEFAULT_SETTINGS = UnlearnSettings(method="newton", curvature="kfac", curvature_
 
 def run_demo(output: str | Path = "runs/demo", *, config: ExperimentConfig | None = None,
              settings: UnlearnSettings | None = None, progress: bool = True, overwrite: bool = False,
-             cache: str | Path | None = None) -> dict[str, Any]:
+             cache: str | Path | None = None, protected: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the demo into `output` and return the report's headline (`summary`).
 
     `cache`: a folder whose trained models are reused across runs (default: inside the run's temporary folder,
-    so every demo trains from scratch).
+    so every demo trains from scratch). `protected`: paths `output` must not be nor contain (the cache is one);
+    a refused output raises `UserInputError` before any work (see `lightning_unlearn.io.check_output`).
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(output)!r} already exists; pass --overwrite or another "
-                              "--output")
+    output = check_output(output, overwrite, {"--cache": cache, **(protected or {})})
     config = config or ExperimentConfig()
     settings = settings or DEFAULT_SETTINGS
-    with atomic_directory(output) as work:
-        summary = _run(work, config, settings, progress, Path(cache) if cache else None)
-        shutil.rmtree(work / "cache", ignore_errors=True)
+    record: dict[str, Any] = {"command": "demo", "status": "running", "steps_accepted": None, "exit_code": None,
+                              "started": utc_now(), "ended": None}
+    marked = mark_running(output, **record)
+    try:
+        with atomic_directory(output) as work:
+            summary = _run(work, config, settings, progress, Path(cache) if cache else None)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            status = summary.get("status")
+            record.update(status=status, steps_accepted=(summary.get("unlearning") or {}).get("steps_accepted"),
+                          exit_code=EXIT_NOTHING_ACCEPTED if status == "nothing_accepted" else 0, ended=utc_now())
+            write_manifest(work, **record, finished=True)
+    except BaseException as err:
+        if marked and output.is_dir():  # the older output stays, marked as not this run's
+            interrupted = not isinstance(err, Exception)
+            record.update(status="interrupted" if interrupted else "failed", ended=utc_now(),
+                          exit_code=getattr(err, "code", None) if interrupted else None)
+            write_manifest(output, **record, finished=False)
+        raise
     return summary
 
 

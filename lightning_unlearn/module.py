@@ -47,25 +47,74 @@ from .metrics import ExtractionStrength, MembershipInference
 
 SPLITS = ("forget", "retain")
 TEST_SPLITS = ("forget", "retain", "test", "holdout")
+#: every split an evaluation loader may be named after (`ForgetRetainDataModule`'s splits)
+EVAL_SPLITS = ("forget", "retain", "test", "holdout", "full")
+#: the dtypes `build_model` loads or casts a model in
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "generation_config.json")
 
 
 def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -> nn.Module:
-    """An `nn.Module` from a saved directory / hub id (`load_causal_lm`), a transformers config, or a module."""
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    """An `nn.Module` from a saved directory / hub id (`load_causal_lm`), a transformers config, or a module.
+
+    An unknown `dtype` and an unreadable saved model (a corrupt or truncated `*.safetensors`, a broken
+    `config.json`) raise `UserInputError` naming the value or the file."""
+    torch_dtype = _torch_dtype(dtype) if isinstance(dtype, str) else dtype
     if isinstance(model, nn.Module):
         return model if torch_dtype is None else model.to(torch_dtype)
     if isinstance(model, (str, Path)):
         from .models import load_causal_lm
 
-        return load_causal_lm(model, dtype=torch_dtype)
+        try:
+            return load_causal_lm(model, dtype=torch_dtype)
+        except Exception as err:
+            problem = _unreadable_model(Path(model).expanduser(), err)
+            if problem is None:
+                raise
+            from .errors import UserInputError
+
+            raise UserInputError(problem) from err
     if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
         from transformers import AutoModelForCausalLM
 
         built = AutoModelForCausalLM.from_config(model, attn_implementation="eager")
         return built if torch_dtype is None else built.to(torch_dtype)
     raise TypeError(f"model must be a path, a transformers config or an nn.Module, got {type(model).__name__}")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from .errors import UserInputError
+
+    value = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserInputError(f"model.dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return value
+
+
+def _unreadable_model(path: Path, err: Exception) -> str | None:
+    """The message for a local saved model that cannot be read (which file, and why), or None when `err` is not
+    about the files of a local model (then it is re-raised as it is)."""
+    if not path.is_dir():
+        return None
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # pragma: no cover - transformers requires safetensors
+        return None
+    if isinstance(err, SafetensorError):
+        for file in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except (SafetensorError, OSError) as bad:
+                reason = " ".join(str(bad).split()) or type(bad).__name__
+                return (f"model.model: cannot read {str(file)!r} ({reason}): the file is corrupt or truncated; "
+                        "save or copy the model again")
+        return f"model.model: cannot read the safetensors weights in {str(path)!r} ({' '.join(str(err).split())})"
+    if isinstance(err, (OSError, ValueError)):
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        return f"model.model: cannot load a model from {str(path)!r}: {reason}"
+    return None
 
 
 class UnlearningModule(pl.LightningModule):
@@ -134,10 +183,10 @@ class UnlearningModule(pl.LightningModule):
         self.curvature_kwargs = dict(curvature_kwargs or {})
         if fisher_type is not None:
             self.curvature_kwargs["fisher_type"] = fisher_type
-        self.val_loss = nn.ModuleDict({s: MeanMetric() for s in SPLITS})
-        self.val_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in SPLITS})
-        self.test_loss = nn.ModuleDict({s: MeanMetric() for s in TEST_SPLITS})
-        self.test_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in TEST_SPLITS})
+        self.val_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
+        self.val_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in EVAL_SPLITS})
+        self.test_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
+        self.test_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in EVAL_SPLITS})
         self.test_mia = MembershipInference()
         self.test_extraction = ExtractionStrength()
         self.unlearner: Any = None
@@ -344,26 +393,40 @@ class UnlearningModule(pl.LightningModule):
                 "forget_loss_after": accepted[-1].forget_loss if accepted else self._losses.get("forget_before")}
 
     # ------------------------------------------------------------------ validation and test
+    def _loader_names(self, stage: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """The split name of each evaluation loader: the keys of a named `CombinedLoader` (the data module's
+        `{"forget": ..., "test": ...}`), else `default` by position."""
+        trainer = self._trainer
+        loaders = getattr(trainer, f"{stage}_dataloaders", None) if trainer is not None else None
+        if isinstance(loaders, Mapping) and loaders and all(name in EVAL_SPLITS for name in loaders):
+            return tuple(loaders)
+        return default
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if isinstance(batch, Mapping) and any(s in batch for s in SPLITS):
-            parts = {s: batch[s] for s in SPLITS if batch.get(s) is not None}
+        """Loss and perplexity of each validation split, logged as `val/<split>_loss` and `val/<split>_ppl` under the
+        split's own name: the data module validates on forget and test (`val/test_*`), a list of two loaders is
+        [forget, retain]."""
+        if isinstance(batch, Mapping) and any(s in batch for s in EVAL_SPLITS):
+            parts = {s: batch[s] for s in EVAL_SPLITS if batch.get(s) is not None}
         else:
-            if dataloader_idx >= len(SPLITS):
+            names = self._loader_names("val", SPLITS)
+            if dataloader_idx >= len(names):
                 raise ValueError("UnlearningModule validates on two loaders: [forget, retain] (or a CombinedLoader"
-                                 " of {'forget': ..., 'retain': ...})")
-            parts = {SPLITS[dataloader_idx]: batch}
+                                 " of named splits, e.g. {'forget': ..., 'test': ...})")
+            parts = {names[dataloader_idx]: batch}
         for split, part in parts.items():
             self._loss_and_perplexity("val", split, self._prepare(part))
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and perplexity of forget, retain, test and holdout (the data module's test loaders, in this order);
         membership inference (forget vs holdout) and extraction strength at the end of the epoch."""
-        if isinstance(batch, Mapping) and any(s in batch for s in TEST_SPLITS):
-            parts = {s: batch[s] for s in TEST_SPLITS if batch.get(s) is not None}
+        if isinstance(batch, Mapping) and any(s in batch for s in EVAL_SPLITS):
+            parts = {s: batch[s] for s in EVAL_SPLITS if batch.get(s) is not None}
         else:
-            if dataloader_idx >= len(TEST_SPLITS):
+            names = self._loader_names("test", TEST_SPLITS)
+            if dataloader_idx >= len(names):
                 raise ValueError(f"UnlearningModule tests on up to four loaders: {list(TEST_SPLITS)}")
-            parts = {TEST_SPLITS[dataloader_idx]: batch}
+            parts = {names[dataloader_idx]: batch}
         for split, part in parts.items():
             part = self._prepare(part)
             logits = self._loss_and_perplexity("test", split, part)
@@ -404,9 +467,10 @@ class UnlearningModule(pl.LightningModule):
         return full
 
     # ------------------------------------------------------------------ export
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, extra_files: Mapping[str, str] | None = None) -> Path:
         """Write the (unlearned) model with `save_pretrained` (safetensors), atomically: into a temporary directory
-        beside `path`, then renamed; tokenizer files of the source directory are copied along. The source
+        beside `path`, then renamed; tokenizer files of the source directory are copied along, and `extra_files`
+        (name -> text, e.g. the command's `run.json`) are written in before the folder appears. The source
         checkpoint is never overwritten. Only global rank 0 writes."""
         path = Path(path).expanduser().resolve()
         if self.source_path is not None and path == self.source_path:
@@ -425,6 +489,8 @@ class UnlearningModule(pl.LightningModule):
                 for name in TOKENIZER_FILES:
                     if (self.source_path / name).is_file() and not (tmp / name).exists():
                         shutil.copy2(self.source_path / name, tmp / name)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         return path
 
 
