@@ -10,7 +10,8 @@ loss `-log(1 - p)` of `lightning_unlearn.methods.losses`) and `θ ← θ − lr 
 
 `closure` (optional) re-evaluates and returns the **held retain loss** (it is called without gradients). With it,
 `step` is guarded Levenberg-Marquardt style: a trial whose retain loss rises more than `max_retain_increase`
-(relative, against the value before the step) or that is non-finite is rolled back (weights restored bit for bit)
+(relative, against the value before the step), that is non-finite, or that moves the covered parameters by more
+than `max_step_norm` × their norm (the trust region) is rolled back (weights restored bit for bit)
 and retried with λ × `damping_growth`, at most `max_retries` times; on success λ shrinks back towards its initial
 value. Without a closure only non-finite steps are refused. Parameters that the curvature does not cover (e.g. the
 embeddings under K-FAC) are left untouched. Usable in plain PyTorch and in Lightning manual optimisation::
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .curvature.base import Curvature, check_damping
-from .methods.base import StepRecord
+from .methods.base import DEFAULT_MAX_STEP_NORM, StepRecord
 
 
 class NewtonUnlearner(torch.optim.Optimizer):
@@ -49,6 +50,7 @@ class NewtonUnlearner(torch.optim.Optimizer):
         max_retain_increase: float | None = 0.05,
         damping_growth: float = 10.0,
         max_retries: int = 4,
+        max_step_norm: float | None = DEFAULT_MAX_STEP_NORM,
         log: Callable[[StepRecord], None] | None = None,
     ) -> None:
         if not curvature.finalized:
@@ -56,6 +58,11 @@ class NewtonUnlearner(torch.optim.Optimizer):
         check_damping(damping)
         if damping_growth <= 1:
             raise ValueError(f"damping_growth must be > 1, got {damping_growth}")
+        if not (math.isfinite(float(lr)) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        if max_step_norm is not None and not (math.isfinite(float(max_step_norm)) and max_step_norm > 0):
+            raise ValueError(f"max_step_norm must be a finite number > 0 or None, got {max_step_norm}")
+        self.max_step_norm = None if max_step_norm is None else float(max_step_norm)
         defaults = dict(lr=float(lr), damping=float(damping), initial_damping=float(damping), maximize=maximize,
                         steps=0)
         super().__init__(params, defaults)
@@ -98,6 +105,18 @@ class NewtonUnlearner(torch.optim.Optimizer):
         sign = 1.0 if group["maximize"] else -1.0
         return {id(p): sign * group["lr"] * direction[n] for n, p in params.items()}
 
+    def _outside_trust_region(self, snapshot: dict[int, Tensor]) -> bool:
+        """‖θ - θ₀‖ > max_step_norm · ‖θ₀‖ over the covered parameters (θ₀ = `snapshot`)."""
+        if self.max_step_norm is None:
+            return False
+        moved = size = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in snapshot:
+                    moved += float((p.detach().double() - snapshot[id(p)].double()).pow(2).sum())
+                    size += float(snapshot[id(p)].double().pow(2).sum())
+        return moved > (self.max_step_norm**2) * size
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor | float] | None = None) -> float | None:  # type: ignore[override]
         """One guarded Newton step. Returns the held retain loss after the step (closure given) or None."""
@@ -123,6 +142,8 @@ class NewtonUnlearner(torch.optim.Optimizer):
             retain = float(closure()) if (finite and closure is not None) else None
             if not finite or (retain is not None and not math.isfinite(retain)):
                 reason = "non_finite"
+            elif self._outside_trust_region(snapshot):
+                reason = "trust_region"
             elif (reference is not None and retain is not None and self.max_retain_increase is not None
                   and retain > reference * (1.0 + self.max_retain_increase)):
                 reason = "retain_increase"

@@ -196,3 +196,19 @@ def test_a_process_without_forget_batches_fails_the_same_way_on_every_process(tm
     assert messages[0] == messages[1], messages
     assert "UserInputError: fabric_unlearn: process 1 of 2 got no forget batch" in messages[0]
     assert "forget batches per process: [1, 0]" in messages[0]
+
+
+def test_the_newton_optimizer_refuses_a_huge_step_too(loaded, untouched):
+    from lightning_unlearn.methods import build_curvature
+    from lightning_unlearn.methods.losses import token_nll
+    from lightning_unlearn.optim import NewtonUnlearner
+
+    model, _, forget, retain, _ = loaded
+    model = copy.deepcopy(model)
+    curvature = build_curvature("kfac", model).fit(retain)
+    opt = NewtonUnlearner(model.parameters(), curvature, lr=1e6, damping=1e-3, max_retries=1)
+    before = weights(model)
+    opt.zero_grad()
+    token_nll(model(**{k: v for k, v in forget.items() if k != "labels"}).logits, forget)[0].mean().backward()
+    opt.step()
+    assert [r.reason for r in opt.history] == ["trust_region", "trust_region"] and same_weights(model, before)
