@@ -117,8 +117,10 @@ def check_output(path: str | Path, overwrite: bool = False, protected: Mapping[s
         raise UserInputError(f"{key} {given!r} cannot be created: {str(parent)!r} is a file, not a folder")
     try:
         fd, name = tempfile.mkstemp(prefix=".write-check.", dir=parent)
-        os.close(fd)
-        os.unlink(name)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(name)
     except OSError as err:
         raise UserInputError(f"{key} {given!r} cannot be written: folder {str(parent)!r} is not writable "
                              f"({err.strerror or type(err).__name__}); choose another output folder") from None
