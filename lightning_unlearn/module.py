@@ -15,6 +15,7 @@ or the datamodule's `holdout` split. Constructor arguments are plain types (Ligh
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,7 @@ from .callbacks import (
 )
 from .curvature import Curvature, model_logits
 from .curvature.objective import IGNORE_INDEX
+from .distributed import agree_on_batches
 from .io import atomic_directory
 from .metrics import ExtractionStrength, MembershipInference
 
@@ -177,6 +179,9 @@ class UnlearningModule(pl.LightningModule):
         self.model = build_model(model, dtype)
         self.automatic_optimization = False
         is_second_order(method)  # fails early, naming the choices
+        from .methods import check_method_settings
+
+        check_method_settings(method, method_kwargs)  # a typo in method_kwargs fails before any work
         self.method = method
         self.curvature_backend = curvature
         self.curvature_data = curvature_data
@@ -270,6 +275,13 @@ class UnlearningModule(pl.LightningModule):
         reduce, gather = strategy_reduce(trainer), strategy_gather(trainer)
         hp = self.hparams
         curvature = full = None
+        source = self._curvature_source() if is_second_order(self.method) else None
+        holdout = self._holdout_source()
+        planned = trainer.num_training_batches
+        agree_on_batches(reduce, trainer.global_rank, trainer.world_size, "UnlearningModule",
+                         required=("forget", "curvature") if source is not None else ("forget",),
+                         forget=int(planned) if math.isfinite(planned) else 1,
+                         curvature=None if source is None else len(source), holdout=len(holdout) or None)
         if is_second_order(self.method):
             if self.curvature_data == "full_minus_forget":
                 if hp.full_curvature is None:
@@ -278,7 +290,7 @@ class UnlearningModule(pl.LightningModule):
                 full = self._load_full_curvature(hp.full_curvature, reduce, gather)
             # every process reads the whole curvature source and keeps its share; the backend sums across them
             curvature = request_curvature(self.model, self.curvature_backend, self.curvature_data,
-                                          self._curvature_source(), full=full, reduce=reduce, gather=gather,
+                                          source or [], full=full, reduce=reduce, gather=gather,
                                           rank=trainer.global_rank, world_size=trainer.world_size,
                                           curvature_kwargs=self.curvature_kwargs)
         kwargs: dict[str, Any] = {"max_retain_increase": hp.max_retain_increase}
@@ -296,7 +308,6 @@ class UnlearningModule(pl.LightningModule):
         )
         self.history = []
         self._done, self._held, self._losses = None, None, {}
-        holdout = self._holdout_source()
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
             self.unlearner.calibrate(share(holdout, trainer.global_rank, trainer.world_size))
 
