@@ -483,9 +483,10 @@ class Unlearn(CurvatureCallback):
         self.full_curvature = full_curvature
         self.unlearn_on_train_end = unlearn_on_train_end
         self.method_kwargs = dict(method_kwargs or {})
-        from .methods import check_method_settings
+        from .methods import check_method_settings, check_settings
 
         check_method_settings(method, self.method_kwargs)  # a typo fails here, before training
+        check_settings(damping=damping, scale=scale, max_retain_increase=max_retain_increase)
         self.history: list[Any] = []  # StepRecords of every request, in order
         self.last_summary: dict[str, Any] | None = None  # the method's summary() of the last request
         self.requests = 0

@@ -45,6 +45,7 @@ from .curvature import Curvature, model_logits
 from .curvature.objective import IGNORE_INDEX
 from .distributed import agree_on_batches
 from .io import atomic_directory
+from .methods.inputs import check_finite_weights
 from .metrics import ExtractionStrength, MembershipInference
 
 SPLITS = ("forget", "retain")
@@ -176,12 +177,14 @@ class UnlearningModule(pl.LightningModule):
         is_path = isinstance(model, (str, Path))
         self.save_hyperparameters(ignore=[] if is_path else ["model"])
         self.source_path = Path(model).expanduser().resolve() if is_path and Path(model).exists() else None
+        from .methods import check_method_settings, check_settings
+
+        check_method_settings(method, method_kwargs)  # a typo in method_kwargs fails before the model is loaded
+        check_settings(damping=damping, scale=scale, max_retain_increase=max_retain_increase,
+                       forget_loss=forget_loss)
         self.model = build_model(model, dtype)
         self.automatic_optimization = False
         is_second_order(method)  # fails early, naming the choices
-        from .methods import check_method_settings
-
-        check_method_settings(method, method_kwargs)  # a typo in method_kwargs fails before any work
         self.method = method
         self.curvature_backend = curvature
         self.curvature_data = curvature_data
@@ -275,6 +278,7 @@ class UnlearningModule(pl.LightningModule):
         reduce, gather = strategy_reduce(trainer), strategy_gather(trainer)
         hp = self.hparams
         curvature = full = None
+        check_finite_weights(self.model)  # a broken model fails here, not as rollbacks
         source = self._curvature_source() if is_second_order(self.method) else None
         holdout = self._holdout_source()
         planned = trainer.num_training_batches

@@ -212,3 +212,62 @@ def test_the_newton_optimizer_refuses_a_huge_step_too(loaded, untouched):
     token_nll(model(**{k: v for k, v in forget.items() if k != "labels"}).logits, forget)[0].mean().backward()
     opt.step()
     assert [r.reason for r in opt.history] == ["trust_region", "trust_region"] and same_weights(model, before)
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    (["--model.scale", ".nan"], "scale must be a finite number > 0"),  # YAML for NaN
+    (["--model.scale", "-1"], "scale must be a finite number > 0"),
+    (["--model.damping", "-0.5"], "damping must be a finite number > 0"),
+    (["--model.forget_loss", "hinge"], "unknown forget_loss 'hinge'"),
+])
+def test_nonsense_settings_fail_through_the_command_as_one_line(project, untouched, override, named):
+    code, out, err = run_cli(["fit", "--config", str(project.config), *override], cwd=project.root)
+    assert code == 2 and named in err, (code, err[-2000:])
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [err.strip().splitlines()[-1]]
+    assert "Traceback" not in err
+    assert not project.output.exists()
+
+
+def _variant(project, name: str, edit) -> Path:
+    """A copy of the project's saved model, changed by `edit(state_dict, config) -> (state_dict, config)`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = project.root / name
+    if not folder.exists():
+        shutil.copytree(project.model, folder)
+        state = load_file(folder / "model.safetensors")
+        config = json.loads((folder / "config.json").read_text())
+        state, config = edit(state, config)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_nan_weights_in_a_saved_model_fail_through_the_command(project, untouched):
+    def poison(state, config):
+        key = next(k for k in state if k.endswith("mlp.c_fc.weight"))
+        state[key] = state[key].clone()
+        state[key][0, 0] = float("nan")
+        return state, config
+
+    broken = _variant(project, "nan_model", poison)
+    before = {p.name: p.read_bytes() for p in broken.iterdir()}
+    code, out, err = run_cli(["fit", "--config", str(project.config), "--model.model", str(broken)], cwd=project.root)
+    assert code == 2 and "not finite" in err and "c_fc.weight" in err, err[-2000:]
+    assert {p.name: p.read_bytes() for p in broken.iterdir()} == before and not project.output.exists()
+
+
+def test_a_tokenizer_larger_than_the_model_fails_through_the_command(project, untouched):
+    def shrink(state, config):
+        vocab = 20
+        for key in [k for k in state if k.endswith("wte.weight") or k.endswith("lm_head.weight")]:
+            state[key] = state[key][:vocab].clone()
+        config["vocab_size"] = vocab
+        return state, config
+
+    small = _variant(project, "small_vocab_model", shrink)
+    code, out, err = run_cli(["fit", "--config", str(project.config), "--model.model", str(small)], cwd=project.root)
+    assert code == 2 and "tokenizer has 44 tokens" in err and "only 20 rows" in err, err[-2000:]
+    assert not project.output.exists()

@@ -13,6 +13,7 @@ from .base import (
 )
 from .first_order import NPO, FirstOrderUnlearner, GradientAscent, GradientDifference
 from .fisher import FisherForgetting, FisherRemoval
+from .inputs import check_settings
 from .losses import DEFAULT_FORGET_LOSS, FORGET_LOSSES
 from .newton import Newton
 
@@ -30,6 +31,7 @@ __all__ = [
     "GradientDifference",
     "Newton",
     "check_method_settings",
+    "check_settings",
     "SecondOrderUnlearner",
     "StepRecord",
     "Unlearner",

@@ -428,6 +428,8 @@ class Unlearner(ABC):
         retain = _as_list(retain_batch)
         if not forget:
             raise ValueError("step() needs at least one forget batch")
+        for what, batches in (("forget", forget), ("retain", retain)):
+            check_batches(self.model, batches, what)
         held = self._held(held_retain_batch, retain)
         reference = self.reference_retain_loss(held) if held is not None else None
         target = self.current_target()

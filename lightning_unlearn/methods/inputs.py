@@ -101,3 +101,19 @@ def check_positive(name: str, value: float | None, *, allow_zero: bool = False) 
     ok = math.isfinite(float(value)) and (float(value) >= 0 if allow_zero else float(value) > 0)
     if not ok:
         raise UserInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+
+
+def check_settings(*, damping: float | None = None, scale: float | None = None,
+                   max_retain_increase: float | None = None, forget_loss: str | None = None) -> None:
+    """The values a driver takes before it builds a method (None: not set), checked when the driver is built: a
+    NaN or negative scale fails at configuration, not after the curvature pass."""
+    from .losses import check_forget_loss
+
+    check_positive("damping", damping)
+    check_positive("scale", scale)
+    check_positive("max_retain_increase", max_retain_increase, allow_zero=True)
+    if forget_loss is not None:
+        try:
+            check_forget_loss(forget_loss)
+        except ValueError as err:
+            raise UserInputError(str(err)) from None
