@@ -115,9 +115,8 @@ def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
     from lightning_unlearn.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    env = {"LIGHTNING_UNLEARN_LOG_DIR": str(Path(cwd) / "logs")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = dict(os.environ)  # Lightning and wandb set variables (WANDB_SERVICE, WANDB_MODE=dryrun, PL_GLOBAL_SEED)
+    os.environ["LIGHTNING_UNLEARN_LOG_DIR"] = str(Path(cwd) / "logs")
     code: Any = 0
     try:
         with in_dir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -125,12 +124,9 @@ def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
                 main(list(args))
             except SystemExit as exit_:
                 code = exit_.code
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    finally:  # leave the environment as it was: later tests start subprocesses from it
+        os.environ.clear()
+        os.environ.update(saved)
     if code is None:
         code = 0
     return (code if isinstance(code, int) else 1), out.getvalue(), err.getvalue()
