@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,12 @@ import yaml
 from text_fixtures import char_tokenizer
 
 FORGET_IDS = ["doc-0", "doc-3", "doc-7"]
+_PROJECTS: list[Project] = []
+
+
+def created_projects() -> list[Project]:
+    """Every project `make_project` made in this process (for a check after each case)."""
+    return list(_PROJECTS)
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
 
@@ -29,6 +35,7 @@ class Project:
     data: Path
     config: Path
     output: Path
+    initial: dict[str, str] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         return yaml.safe_load(self.config.read_text())
@@ -52,6 +59,11 @@ class Project:
     def snapshot(self) -> dict[str, str]:
         """sha256 of every file under the model and data folders (the things a run must never touch)."""
         return snapshot(self.model, self.data.parent)
+
+    def changed_files(self) -> list[str]:
+        """The user's files (those present when the project was made) that are gone or changed since then."""
+        now = self.snapshot()
+        return [path for path, digest in self.initial.items() if now.get(path) != digest]
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -97,7 +109,10 @@ def make_project(root: Path, *, layers: int = 1, hidden: int = 32) -> Project:
     }
     path = root / "fit.yaml"
     path.write_text(yaml.safe_dump(config))
-    return Project(root=root, model=model_dir, data=data_dir / "train.jsonl", config=path, output=output)
+    project = Project(root=root, model=model_dir, data=data_dir / "train.jsonl", config=path, output=output)
+    project.initial = project.snapshot()
+    _PROJECTS.append(project)
+    return project
 
 
 @contextlib.contextmanager
