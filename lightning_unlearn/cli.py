@@ -330,6 +330,7 @@ def _lightning_cli(args: Sequence[str]) -> int:
     """Run `fit`/`validate`/`test`; returns the exit status (0, or 3 when `fit` accepted no step)."""
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+    from .callbacks import ProcessGroupTeardown
     from .data import ForgetRetainDataModule
     from .io import MANIFEST, check_output
     from .module import UnlearningModule
@@ -420,7 +421,9 @@ def _lightning_cli(args: Sequence[str]) -> int:
             UnlearnCLI(
                 UnlearningModule, ForgetRetainDataModule, args=list(args),
                 trainer_defaults={"logger": _loggers(save_dir), "accelerator": "auto", "enable_checkpointing": False,
-                                  "log_every_n_steps": 1},
+                                  "log_every_n_steps": 1,
+                                  # multi-process runs leave the process group together (a clean exit)
+                                  "callbacks": [ProcessGroupTeardown()]},
                 save_config_callback=RedactedSaveConfig, save_config_kwargs={"overwrite": True},
                 parser_kwargs={**no_exit, **{sub: dict(no_exit) for sub in ("fit", "validate", "test", "predict")}},
             )
