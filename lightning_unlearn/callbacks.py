@@ -8,16 +8,20 @@
 Thin drivers: every computation is the engine's (`lightning_unlearn.curvature`, `lightning_unlearn.methods`).
 This module only decides *when* (cadence, `should_accumulate`, `should_unlearn`), *on what* (the unwrapped model
 returned by `model_getter`, batches moved to the module's device, curvature batches sharded across ranks) and
-*how statistics meet* (the strategy's all-reduce as the engine's `reduce`). Texts never reach a logger: only
+*how statistics meet* (the strategy's all-reduce as the engine's `reduce`); a deletion request is
+`lightning_unlearn.request.serve_request`, the same function every driver calls, with the settings of
+`lightning_unlearn.settings.UnlearnSettings` (whose defaults are this callback's). Texts never reach a logger: only
 the numbers of each `StepRecord` are logged.
+
+The helpers that used to live here are importable from here still: `strategy_reduce`, `strategy_gather`,
+`gather_with`, `share`, `shard` (`lightning_unlearn.distributed`), `check_strategy`, `UnsupportedStrategyError`
+(`lightning_unlearn.strategies`), `request_curvature`, `make_unlearner`, `default_batch_transform`, `snapshot`,
+`summary_numbers`, `STATUS_CODES` (`lightning_unlearn.request`), `is_second_order` (`lightning_unlearn.methods`).
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,80 +32,29 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from .checkpoint import CURVATURE_FILE_FORMAT as CURVATURE_FILE_FORMAT  # re-exported: public since the start
-from .checkpoint import curvature_header, load_curvature_state, save_curvature
-from .curvature import Curvature, Reduce, identity
+# re-exported below: these names were public here before they moved beside what they belong to
+from .checkpoint import CURVATURE_FILE_FORMAT as CURVATURE_FILE_FORMAT
+from .checkpoint import curvature_header, save_curvature
+from .checkpoint import load_curvature_state as load_curvature_state
+from .curvature import Curvature, identity
 from .curvature.base import eval_mode
-from .curvature.objective import IGNORE_INDEX
-from .distributed import agree_on_batches, leave_process_group
-
-CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
+from .curvature.registry import build_curvature
+from .distributed import gather_with as gather_with
+from .distributed import leave_process_group, shard, strategy_gather, strategy_reduce
+from .distributed import share as share
+from .methods import CURVATURE_DATA as CURVATURE_DATA
+from .methods import is_second_order as is_second_order
+from .request import STATUS_CODES as STATUS_CODES
+from .request import RequestResult, record_numbers, serve_request, snapshot, summary_numbers
+from .request import default_batch_transform as default_batch_transform
+from .request import make_unlearner as make_unlearner
+from .request import request_curvature as request_curvature
+from .settings import FullCurvature, UnlearnSettings, setting
+from .strategies import UnsupportedStrategyError as UnsupportedStrategyError
+from .strategies import check_strategy
 
 ModelGetter = Callable[[pl.LightningModule], nn.Module]
 BatchTransform = Callable[[Any], Mapping[str, Tensor]]
-
-
-class UnsupportedStrategyError(RuntimeError):
-    """The trainer's strategy shards the weights, which curvature statistics cannot work with yet."""
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def check_strategy(strategy: Any, who: str = "lightning-unlearn") -> None:
-    """Raise `UnsupportedStrategyError` for strategies that shard parameters (DeepSpeed, FSDP, model parallel).
-
-    Curvature backends read whole weight matrices and their input/output statistics on every process; sharded
-    parameters would give each rank a piece of a layer. DDP (any launcher) and single-device strategies work.
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
-    try:  # Fabric strategies, when the check runs for a Fabric driver
-        from lightning.fabric.strategies import DeepSpeedStrategy as FabricDeepSpeed
-        from lightning.fabric.strategies import FSDPStrategy as FabricFSDP
-        from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
-
-        unsupported += (FabricDeepSpeed, FabricFSDP, FabricModelParallel)
-    except ImportError:  # pragma: no cover - older Lightning
-        pass
-    if isinstance(strategy, unsupported):
-        raise UnsupportedStrategyError(
-            f"{who} does not support the {type(strategy).__name__} strategy yet: curvature statistics need every"
-            " layer's full, unsharded weights on each process. Use strategy='ddp' (or 'ddp_spawn', or a single"
-            " device); DeepSpeed and FSDP/model-parallel sharding are not supported for now."
-        )
-
-
-def strategy_reduce(trainer: pl.Trainer) -> Reduce:
-    """The engine's `reduce` for this trainer: a sum over processes through the strategy (identity on one)."""
-    if trainer.world_size <= 1:
-        return identity
-    strategy = trainer.strategy
-
-    def reduce(tensor: Tensor) -> Tensor:
-        return strategy.reduce(tensor, reduce_op="sum")
-
-    return reduce
-
-
-def gather_with(all_gather: Callable[[Tensor], Tensor], world_size: int) -> Reduce:
-    """The engine's `gather` (concatenate along dim 0 across processes) from an `all_gather` that stacks
-    `[world, ...]`; rows may differ in number between processes (padded for the collective, then trimmed)."""
-    if world_size <= 1:
-        return identity
-
-    def gather(tensor: Tensor) -> Tensor:
-        sizes = all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1).tolist()
-        longest = int(max(sizes))
-        pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
-        stacked = all_gather(torch.cat([tensor, pad]).contiguous())
-        return torch.cat([stacked[r, : int(n)] for r, n in enumerate(sizes)])
-
-    return gather
-
-
-def strategy_gather(trainer: pl.Trainer) -> Reduce:
-    """The engine's `gather` for this trainer (identity on one process)."""
-    return gather_with(trainer.strategy.all_gather, trainer.world_size)
 
 
 def default_model_getter(pl_module: nn.Module) -> nn.Module:
@@ -110,95 +63,8 @@ def default_model_getter(pl_module: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else pl_module
 
 
-def default_batch_transform(batch: Any) -> dict[str, Tensor]:
-    """A training batch in the project's format (see docs/CONVENTIONS.md).
-
-    Accepts a dict with `input_ids` (labels default to the inputs with padding masked to -100), a tensor of token
-    ids, or a `(input_ids, labels)` pair. Anything else needs a `batch_transform`.
-    """
-    if isinstance(batch, Mapping) and "input_ids" in batch:
-        out = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-        if "labels" not in out:
-            labels = out["input_ids"].clone()
-            if "attention_mask" in out:
-                labels[out["attention_mask"] == 0] = IGNORE_INDEX
-            out["labels"] = labels
-        return out
-    if isinstance(batch, Tensor) and not batch.is_floating_point():
-        return {"input_ids": batch, "labels": batch}
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-        return {"input_ids": batch[0], "labels": batch[1]}
-    raise TypeError(
-        f"cannot read a training batch of type {type(batch).__name__} as token ids; give a dict with 'input_ids'"
-        " (and optionally 'labels', 'attention_mask'), a LongTensor of ids, an (input_ids, labels) pair, or pass"
-        " batch_transform=fn returning such a dict"
-    )
-
-
-def shard(batches: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
-    """This process's share of `batches` (every world_size-th, from `rank`): curvature sums are then reduced."""
-    return itertools.islice(iter(batches), rank, None, world_size) if world_size > 1 else iter(batches)
-
-
-def share(batches: list[Any], rank: int, world_size: int) -> list[Any]:
-    """This process's share of a list of batches for the engine, whose sums and counts are reduced across
-    processes: every world_size-th batch when each process gets one, else all of them (replicated statistics sum
-    to the same means)."""
-    return batches[rank::world_size] if world_size > 1 and len(batches) >= world_size else list(batches)
-
-
-def snapshot(curvature: Curvature) -> Curvature:
-    """A copy of a curvature object's statistics that shares the model (finalize or subtract it freely)."""
-    model = curvature.model
-    memo: dict[int, Any] = {id(m): m for m in model.modules()}
-    memo.update({id(p): p for p in model.parameters()})
-    memo.update({id(b): b for b in model.buffers()})
-    return copy.deepcopy(curvature, memo)
-
-
 def _cpu(obj: Any) -> Any:
     return move_data_to_device(obj, torch.device("cpu"))
-
-
-def _build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature:
-    from .methods import build_curvature
-
-    return build_curvature(backend, model, **kwargs)
-
-
-def request_curvature(
-    model: nn.Module,
-    backend: str,
-    curvature_data: str,
-    source: list[Mapping[str, Tensor]],
-    *,
-    full: Curvature | None = None,
-    reduce: Reduce = identity,
-    gather: Reduce = identity,
-    rank: int = 0,
-    world_size: int = 1,
-    limit: int | None = None,
-    curvature_kwargs: Mapping[str, Any] | None = None,
-) -> Curvature:
-    """The finalized curvature for one deletion request, from this process's share of `source` (the retain
-    batches for `retain`, the forget batches otherwise; at most `limit`); for `full_minus_forget`, a copy of the
-    checkpoint `full` minus the forget curvature (the checkpoint is left as it was). Statistics are summed
-    across processes by `reduce`."""
-    if curvature_data not in CURVATURE_DATA:
-        raise ValueError(f"curvature_data must be one of {CURVATURE_DATA}, got {curvature_data!r}")
-    if curvature_data == "full_minus_forget" and (full is None or not full.finalized):
-        raise ValueError("curvature_data='full_minus_forget' needs a finalized curvature checkpoint of the training"
-                         " data (full_curvature=<file, Lightning checkpoint or Curvature>)")
-    if not source:
-        raise ValueError(f"curvature_data={curvature_data!r} needs "
-                         f"{'retain' if curvature_data == 'retain' else 'forget'} batches to fit the curvature on")
-    batches = list(source[:limit] if limit else source)
-    curvature = _build_curvature(backend, model, reduce=reduce, gather=gather, **dict(curvature_kwargs or {}))
-    fitted = curvature.fit(share(batches, rank, world_size))
-    if curvature_data == "full_minus_forget":
-        assert full is not None
-        return snapshot(full).subtract(fitted)
-    return fitted
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -337,7 +203,7 @@ class CurvatureCallback(Callback):
         """A fresh backend object on `model` whose reductions go through the trainer's strategy."""
         reduce = strategy_reduce(trainer) if trainer is not None else identity
         gather = strategy_gather(trainer) if trainer is not None else identity
-        return _build_curvature(self.backend, model, reduce=reduce, gather=gather, **self.curvature_kwargs)
+        return build_curvature(self.backend, model, reduce=reduce, gather=gather, **self.curvature_kwargs)
 
     def prepare(self, batch: Any, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """A batch in the project's format, on the module's device."""
@@ -401,19 +267,20 @@ class Unlearn(CurvatureCallback):
     r"""Drop-in unlearning for an existing ``Trainer.fit`` of any LightningModule whose model yields logits.
 
     At ``on_train_end`` (or after any training batch where ``should_unlearn()`` says so) the ``forget`` batches are
-    unlearned with ``method`` (see ``lightning_unlearn.methods``) on the unwrapped model; every ``StepRecord`` is
-    logged through the trainer's loggers under ``unlearn/`` (numbers only, never texts). With
-    ``accumulate_every_n_batches`` the callback also keeps a curvature checkpoint of the training data (saved in the
-    Lightning checkpoint and, with ``curvature_path``, as its own file) that later requests use with
-    ``curvature_data="full_minus_forget"`` and no retain data: ``Unlearn(forget=..., curvature_data=
-    "full_minus_forget", full_curvature=path).unlearn(pl_module)``.
+    unlearned with ``method`` (see ``lightning_unlearn.methods``) on the unwrapped model, through
+    ``lightning_unlearn.request.serve_request``; every ``StepRecord`` is logged through the trainer's loggers under
+    ``unlearn/`` (numbers only, never texts). With ``accumulate_every_n_batches`` the callback also keeps a curvature
+    checkpoint of the training data (saved in the Lightning checkpoint and, with ``curvature_path``, as its own file)
+    that later requests use with ``curvature_data="full_minus_forget"`` and no retain data: ``Unlearn(forget=...,
+    curvature_data="full_minus_forget", full_curvature=path).unlearn(pl_module)``.
 
-    The default recipe of the second-order methods applies unless a knob is set (``damping``, ``scale`` and
-    ``steps`` are passed to the method only when given): relative damping, a step-length search, up to 5 steps,
-    stopping as soon as the forget set cannot be told from ``holdout`` data (never-trained data of the forget set's
-    kind; see ``lightning_unlearn.methods.base`` for the target).
-    After each request ``last_summary`` holds the method's ``summary()`` (status, target, losses) and the loggers
-    get ``unlearn/status_code`` (0 target_reached, 1 budget_exhausted, 2 nothing_accepted) and ``unlearn/target``.
+    The default recipe of the second-order methods applies unless a knob is set (``damping``, ``scale``,
+    ``steps``, ``forget_loss`` are passed to the method only when given): relative damping, a step-length search,
+    up to 5 steps, stopping as soon as the forget set cannot be told from ``holdout`` data (never-trained data of the
+    forget set's kind; see ``lightning_unlearn.methods.base`` for the target).
+    After each request ``last_summary`` holds the method's ``summary()`` (status, target, losses), ``last_result``
+    the ``RequestResult``, and the loggers get ``unlearn/status_code`` (0 target_reached, 1 budget_exhausted,
+    2 nothing_accepted) and ``unlearn/target``.
 
     Args:
         forget: the forget batches (every process reads all of them and keeps its share; losses and gradients
@@ -423,17 +290,16 @@ class Unlearn(CurvatureCallback):
         held_retain: a held-out retain batch for the safety check (default: the first retain batch, if any).
         holdout: never-trained batches of the forget set's kind (e.g. the data module's ``holdout`` split,
             labelled like the forget batches): the run aims at the forget set looking like them (sharded like
-            ``forget``). Without it (and without ``forget_target`` in ``method_kwargs``) there is no target and
-            each step takes the largest step within the retain budget.
-        method, curvature, curvature_data, damping, scale, steps, max_retain_increase: see ``build_unlearner``;
-            ``None`` (the default for damping, scale, steps) keeps the method's default.
-        curvature_batches: at most this many batches for the curvature fit (default: all).
-        full_curvature: for ``full_minus_forget``: a curvature file, a Lightning checkpoint, a finalized
-            ``Curvature`` or a ``state_dict``; default: this callback's own curvature checkpoint.
+            ``forget``). Without it (and without ``forget_target``) there is no target and each step takes the
+            largest step within the retain budget.
+        method, curvature, curvature_data, curvature_batches, holdout_batches, damping, scale, steps, forget_loss,
+            max_retain_increase, forget_target, fisher_type, full_curvature, refresh_every, method_kwargs,
+            curvature_kwargs: the request's settings, see ``UnlearnSettings`` (their defaults are its defaults; at
+            most 16 curvature and 16 holdout batches). ``full_curvature`` defaults to this callback's own curvature
+            checkpoint.
         accumulate_every_n_batches, accumulate_from_epoch, max_accumulate_batches, curvature_path: the curvature
             checkpoint cadence (see ``CurvatureCallback``); off by default.
         unlearn_on_train_end: unlearn ``forget`` when training ends (unless a request already did).
-        method_kwargs, curvature_kwargs: extra arguments for the method and the backend.
     """
 
     def __init__(
@@ -443,15 +309,15 @@ class Unlearn(CurvatureCallback):
         retain: Iterable[Any] | None = None,
         held_retain: Any | None = None,
         holdout: Iterable[Any] | None = None,
-        method: str = "newton",
-        curvature: str = "kfac",
-        curvature_data: str = "retain",
-        damping: float | None = None,
-        scale: float | None = None,
-        steps: int | None = None,
-        max_retain_increase: float | None = 0.05,
-        curvature_batches: int | None = None,
-        full_curvature: str | Path | Curvature | Mapping[str, Any] | None = None,
+        method: str = UnlearnSettings.method,
+        curvature: str = UnlearnSettings.curvature,
+        curvature_data: str = UnlearnSettings.curvature_data,
+        damping: float | None = UnlearnSettings.damping,
+        scale: float | None = UnlearnSettings.scale,
+        steps: int | None = UnlearnSettings.steps,
+        max_retain_increase: float | None = UnlearnSettings.max_retain_increase,
+        curvature_batches: int | None = UnlearnSettings.curvature_batches,
+        full_curvature: FullCurvature = UnlearnSettings.full_curvature,
         accumulate_every_n_batches: int | None = None,
         accumulate_from_epoch: int = 0,
         max_accumulate_batches: int | None = None,
@@ -461,36 +327,46 @@ class Unlearn(CurvatureCallback):
         batch_transform: BatchTransform | None = None,
         method_kwargs: Mapping[str, Any] | None = None,
         curvature_kwargs: Mapping[str, Any] | None = None,
+        holdout_batches: int | None = UnlearnSettings.holdout_batches,
+        forget_loss: str | None = UnlearnSettings.forget_loss,
+        forget_target: float | None = UnlearnSettings.forget_target,
+        fisher_type: str | None = UnlearnSettings.fisher_type,
+        refresh_every: int | None = UnlearnSettings.refresh_every,
     ) -> None:
+        # checked first: a typo or a nonsense value fails here, before training
+        settings = UnlearnSettings(
+            method=method, curvature=curvature, curvature_data=curvature_data, curvature_batches=curvature_batches,
+            holdout_batches=holdout_batches, damping=damping, scale=scale, steps=steps, forget_loss=forget_loss,
+            max_retain_increase=max_retain_increase, forget_target=forget_target, fisher_type=fisher_type,
+            full_curvature=full_curvature, refresh_every=refresh_every, method_kwargs=dict(method_kwargs or {}),
+            curvature_kwargs=dict(curvature_kwargs or {}))
         super().__init__(
             curvature, every_n_batches=accumulate_every_n_batches, start_epoch=accumulate_from_epoch,
             max_batches=max_accumulate_batches, path=curvature_path, model_getter=model_getter,
-            batch_transform=batch_transform, curvature_kwargs=curvature_kwargs,
+            batch_transform=batch_transform, curvature_kwargs=settings.backend_kwargs(),
         )
-        if curvature_data not in CURVATURE_DATA:
-            raise ValueError(f"curvature_data must be one of {CURVATURE_DATA}, got {curvature_data!r}")
+        self.settings = settings
         self.forget = forget
         self.retain = retain
         self.held_retain = held_retain
         self.holdout = holdout
-        self.method = method
-        self.curvature_data = curvature_data
-        self.damping = damping
-        self.scale = scale
-        self.steps = steps
-        self.max_retain_increase = max_retain_increase
-        self.curvature_batches = curvature_batches
-        self.full_curvature = full_curvature
         self.unlearn_on_train_end = unlearn_on_train_end
-        self.method_kwargs = dict(method_kwargs or {})
-        from .methods import check_method_settings, check_settings
-
-        check_method_settings(method, self.method_kwargs)  # a typo fails here, before training
-        check_settings(damping=damping, scale=scale, max_retain_increase=max_retain_increase)
         self.history: list[Any] = []  # StepRecords of every request, in order
         self.last_summary: dict[str, Any] | None = None  # the method's summary() of the last request
+        self.last_result: RequestResult | None = None  # the last request's records, summary and method
         self.requests = 0
         self._done_forget = False
+        self._loaded_full: Curvature | None = None  # `full_curvature` read from its file, once
+
+    method = setting("method")
+    curvature_data = setting("curvature_data")
+    damping = setting("damping")
+    scale = setting("scale")
+    steps = setting("steps")
+    max_retain_increase = setting("max_retain_increase")
+    curvature_batches = setting("curvature_batches")
+    full_curvature = setting("full_curvature")
+    method_kwargs = setting("method_kwargs")
 
     def should_unlearn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether a deletion request should run now (checked after every training batch; any rank saying yes
@@ -534,10 +410,10 @@ class Unlearn(CurvatureCallback):
         retain: Iterable[Any] | None = None,
         held_retain: Any | None = None,
         holdout: Iterable[Any] | None = None,
-    ) -> list[Any]:
-        """Serve one deletion request now: unlearn `forget` (default: the callback's) and return its StepRecords;
-        `holdout` (default: the callback's) sets the forget loss to reach. The method's `summary()` is kept in
-        `last_summary`.
+    ) -> RequestResult:
+        """Serve one deletion request now (`serve_request`): unlearn `forget` (default: the callback's) and return
+        its StepRecords (a `RequestResult`: a list with `status`, `summary` and the method); `holdout` (default: the
+        callback's) sets the forget loss to reach. The summary is also kept in `last_summary`.
 
         Without a trainer (after `fit`, or outside Lightning) it runs on one process with no loggers.
         """
@@ -555,79 +431,47 @@ class Unlearn(CurvatureCallback):
         def prepare(batch: Any) -> dict[str, Tensor]:
             return move_data_to_device(dict(self.batch_transform(batch)), device)
 
-        forget_batches = [prepare(b) for b in forget]
-        retain_batches = [prepare(b) for b in retain] if retain is not None else None
-        held = prepare(held_retain) if held_retain is not None else (retain_batches[0] if retain_batches else None)
-        holdout_batches = [prepare(b) for b in holdout] if holdout is not None else None
-        reduce = strategy_reduce(trainer) if trainer is not None else identity
-        gather = strategy_gather(trainer) if trainer is not None else identity
-        agree_on_batches(reduce, rank, world, "Unlearn", forget=len(forget_batches),
-                         retain=None if retain_batches is None else len(retain_batches),
-                         holdout=None if holdout_batches is None else len(holdout_batches))
-        if not forget_batches:
-            raise ValueError("Unlearn: the forget data yielded no batch")
-        if holdout_batches is not None and not holdout_batches:
-            raise ValueError("Unlearn: the holdout data yielded no batch; pass holdout=None for no target")
-        if self.curvature_data == "retain" and not retain_batches and is_second_order(self.method):
-            raise ValueError("Unlearn: curvature_data='retain' needs retain=<batches>; without retain data use"
-                             " curvature_data='full_minus_forget' with a curvature checkpoint, or 'forget'")
-
-        curvature = full = None
-        if is_second_order(self.method):
-            full = self._full_curvature(trainer, pl_module) if self.curvature_data == "full_minus_forget" else None
-            source = retain_batches if self.curvature_data == "retain" else forget_batches
-            curvature = request_curvature(model, self.backend, self.curvature_data, source, full=full, reduce=reduce,
-                                          gather=gather, rank=rank, world_size=world, limit=self.curvature_batches,
-                                          curvature_kwargs=self.curvature_kwargs)
-
-        kwargs: dict[str, Any] = {"max_retain_increase": self.max_retain_increase}
-        if self.steps is not None:
-            kwargs["steps"] = self.steps
-        kwargs.update(self.method_kwargs)
-        unlearner = make_unlearner(
-            self.method, model, curvature=curvature, full_curvature=full, backend=self.backend,
-            curvature_data=self.curvature_data, damping=self.damping, scale=self.scale, reduce=reduce, gather=gather,
-            curvature_kwargs=self.curvature_kwargs, **kwargs)
-        # every process keeps its share of forget and holdout: the engine sums losses across processes
-        records = unlearner.fit(share(forget_batches, rank, world),
-                                share(retain_batches, rank, world) if retain_batches else None, held,
-                                holdout_batches=share(holdout_batches, rank, world) if holdout_batches else None)
-        if trainer is not None and trainer.world_size > 1:
-            _broadcast_parameters(model, trainer)
+        result = serve_request(
+            model, forget, retain, holdout, settings=self.settings, held_retain=held_retain,
+            full_curvature=self._full_curvature(trainer, pl_module),
+            reduce=strategy_reduce(trainer) if trainer is not None else identity,
+            gather=strategy_gather(trainer) if trainer is not None else identity,
+            rank=rank, world_size=world, prepare=prepare, who="Unlearn")
+        loaded = getattr(result.unlearner, "full_curvature", None)
+        if isinstance(loaded, Curvature) and not isinstance(self.settings.full_curvature, Curvature):
+            self._loaded_full = loaded  # read (and checked) once; later requests reuse it
         self.requests += 1
         if own_forget:
             self._done_forget = True
-        self.history.extend(records)
-        self.last_summary = unlearner.summary()
+        self.history.extend(result)
+        self.last_summary = result.summary
+        self.last_result = result
         if trainer is not None:
-            self._log(trainer, records, self.last_summary)
-        return records
+            self._log(trainer, result, self.last_summary)
+        return result
 
-    def _full_curvature(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> Curvature:
-        source = self.full_curvature
-        if isinstance(source, Curvature):
-            return source
-        if source is None:
-            if self.has_curvature or self._pending_state is not None:
-                return self._ensure_curvature(trainer, pl_module)  # type: ignore[arg-type]
-            raise ValueError(
-                "Unlearn: curvature_data='full_minus_forget' needs a curvature checkpoint of the training data:"
-                " pass full_curvature=<file or Lightning checkpoint>, or accumulate one during training with"
-                " accumulate_every_n_batches=k"
-            )
-        model = self.model_getter(pl_module)
-        state = (load_curvature_state(source, model=model, backend=self.backend) if isinstance(source, (str, Path))
-                 else dict(source))
-        full = self.new_curvature(trainer, model)
-        full.load_state_dict(move_data_to_device(state, next(self.model_getter(pl_module).parameters()).device))
-        self.full_curvature = full
-        return full
+    def _full_curvature(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> FullCurvature:
+        """The training data's curvature for `full_minus_forget` (None when the request does not need one): the
+        `full_curvature` setting (read once), else this callback's own curvature checkpoint."""
+        if self.settings.curvature_data != "full_minus_forget" or not self.settings.second_order:
+            return None
+        if self._loaded_full is not None:
+            return self._loaded_full
+        if self.settings.full_curvature is not None:
+            return self.settings.full_curvature
+        if self.has_curvature or self._pending_state is not None:
+            return self._ensure_curvature(trainer, pl_module)  # type: ignore[arg-type]
+        raise ValueError(
+            "Unlearn: curvature_data='full_minus_forget' needs a curvature checkpoint of the training data:"
+            " pass full_curvature=<file or Lightning checkpoint>, or accumulate one during training with"
+            " accumulate_every_n_batches=k"
+        )
 
     def _log(self, trainer: pl.Trainer, records: list[Any], summary: Mapping[str, Any] | None = None) -> None:
         request = self.requests
         for logger in trainer.loggers:
             for record in records:
-                metrics = {f"unlearn/{k}": float(v) for k, v in _record_numbers(record).items()}
+                metrics = {f"unlearn/{k}": float(v) for k, v in record_numbers(record).items()}
                 metrics["unlearn/request"] = float(request)
                 logger.log_metrics(metrics, step=int(record.step))
             if summary is not None:
@@ -635,82 +479,3 @@ class Unlearn(CurvatureCallback):
                 end["unlearn/request"] = float(request)
                 logger.log_metrics(end, step=int(records[-1].step) if records else 0)
             logger.save()
-
-
-#: `unlearn/status_code` of each status of a run (the method's `status`)
-STATUS_CODES = {"target_reached": 0, "budget_exhausted": 1, "nothing_accepted": 2}
-
-
-def summary_numbers(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The loggable numbers of a method's `summary()`: `status_code` (see `STATUS_CODES`) and `target` (when
-    there is one)."""
-    out: dict[str, float] = {}
-    status = summary.get("status")
-    if status in STATUS_CODES:
-        out["status_code"] = float(STATUS_CODES[status])
-    target = summary.get("target")
-    if target is not None and math.isfinite(float(target)):
-        out["target"] = float(target)
-    return out
-
-
-def _record_numbers(record: Any) -> dict[str, float]:
-    out = {}
-    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted", "target", "evaluations",
-                  "predicted_increase"):
-        value = getattr(record, field, None)
-        if value is None:
-            continue
-        value = float(value)
-        if math.isfinite(value):
-            out[field] = value
-    return out
-
-
-def is_second_order(method: str) -> bool:
-    """Whether the method named `method` uses curvature (raises naming the choices for an unknown one)."""
-    from .methods import METHODS, SecondOrderUnlearner
-
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    return issubclass(METHODS[method], SecondOrderUnlearner)
-
-
-def make_unlearner(
-    method: str,
-    model: nn.Module,
-    *,
-    curvature: Curvature | None = None,
-    full_curvature: Curvature | None = None,
-    backend: str = "kfac",
-    curvature_data: str = "retain",
-    damping: float | None = None,
-    scale: float | None = None,
-    reduce: Reduce = identity,
-    gather: Reduce = identity,
-    curvature_kwargs: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> Any:
-    """`build_unlearner` with a driver's reductions; curvature arguments only for second-order methods, `damping`
-    and `scale` only when set (None: the method's default recipe)."""
-    from .methods import build_unlearner
-
-    kw: dict[str, Any] = dict(reduce=reduce)
-    if is_second_order(method):
-        kw.update(curvature=curvature, curvature_backend=backend, curvature_data=curvature_data,
-                  full_curvature=full_curvature, gather=gather, curvature_kwargs=dict(curvature_kwargs or {}))
-        if damping is not None:
-            kw["damping"] = damping
-        if scale is not None:
-            kw["scale"] = scale
-    kw.update(kwargs)
-    return build_unlearner(method, model, **kw)
-
-
-def _broadcast_parameters(model: nn.Module, trainer: pl.Trainer) -> None:
-    """Keep every process bit-identical after an update (accept/reject decisions could in principle differ)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return
-    with torch.no_grad():
-        for p in model.parameters():
-            torch.distributed.broadcast(p.data, src=0)

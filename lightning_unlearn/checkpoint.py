@@ -298,7 +298,7 @@ def check_curvature_state(
             raise UserInputError(f"{source} holds NaN/inf in {where!r}: its statistics are unusable; {_RESAVE}")
     saved_backend = state.get("backend")
     if backend is not None:
-        from .methods.base import BACKEND_ALIASES
+        from .curvature.registry import BACKEND_ALIASES
 
         wanted = BACKEND_ALIASES.get(backend, backend)
         if saved_backend != wanted:

@@ -123,9 +123,9 @@ def _check_choices(config: Any) -> None:
             raise ConfigError(f"model.{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
     dtype = model.get("dtype")
     if isinstance(dtype, str):
-        from .module import _torch_dtype
+        from .module import parse_dtype
 
-        _torch_dtype(dtype)  # raises UserInputError naming the valid dtypes
+        parse_dtype(dtype)  # raises UserInputError naming the valid dtypes
 
 
 REDACTED_KEYS = ("data.forget_regex", "data.forget_ids")

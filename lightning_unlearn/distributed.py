@@ -1,4 +1,10 @@
-"""Agreement between processes before the first collective of a deletion request.
+"""How the processes of a deletion request meet: reductions, shares of the batches, agreement, broadcast, exit.
+
+The engine sums statistics, gradients and losses through an injected `reduce` (and concatenates through `gather`);
+this module makes them from a Lightning trainer (`strategy_reduce`, `strategy_gather`) or any `all_gather`
+(`gather_with`), splits batch lists into each process's share (`share`, `shard`), and keeps the processes together
+(`agree_on_batches`, `broadcast_parameters`, `leave_process_group`). Lightning is imported only by the functions that
+take a trainer, so the engine's drivers without Lightning (the experiment, `serve_request`) need torch only.
 
 Every process of a multi-process request runs the same collectives (all-reduces of statistics, losses, histograms).
 When one process has no batch of some kind, raising on that process alone leaves the others waiting in a collective
@@ -8,14 +14,81 @@ counts of every process in one all-reduce, so that every process raises the same
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import UserInputError
 
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
 Reduce = Callable[[Tensor], Tensor]
+T = TypeVar("T")
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def strategy_reduce(trainer: pl.Trainer) -> Reduce:
+    """The engine's `reduce` for this trainer: a sum over processes through the strategy (identity on one)."""
+    if trainer.world_size <= 1:
+        return _identity
+    strategy = trainer.strategy
+
+    def reduce(tensor: Tensor) -> Tensor:
+        return strategy.reduce(tensor, reduce_op="sum")
+
+    return reduce
+
+
+def gather_with(all_gather: Callable[[Tensor], Tensor], world_size: int) -> Reduce:
+    """The engine's `gather` (concatenate along dim 0 across processes) from an `all_gather` that stacks
+    `[world, ...]`; rows may differ in number between processes (padded for the collective, then trimmed)."""
+    if world_size <= 1:
+        return _identity
+
+    def gather(tensor: Tensor) -> Tensor:
+        sizes = all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1).tolist()
+        longest = int(max(sizes))
+        pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
+        stacked = all_gather(torch.cat([tensor, pad]).contiguous())
+        return torch.cat([stacked[r, : int(n)] for r, n in enumerate(sizes)])
+
+    return gather
+
+
+def strategy_gather(trainer: pl.Trainer) -> Reduce:
+    """The engine's `gather` for this trainer (identity on one process)."""
+    return gather_with(trainer.strategy.all_gather, trainer.world_size)
+
+
+def shard(batches: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
+    """This process's share of `batches` (every world_size-th, from `rank`): curvature sums are then reduced."""
+    return itertools.islice(iter(batches), rank, None, world_size) if world_size > 1 else iter(batches)
+
+
+def share(batches: list[T], rank: int, world_size: int) -> list[T]:
+    """This process's share of a list of batches for the engine, whose sums and counts are reduced across
+    processes: every world_size-th batch when each process gets one, else all of them (replicated statistics sum
+    to the same means)."""
+    return batches[rank::world_size] if world_size > 1 and len(batches) >= world_size else list(batches)
+
+
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Copy process `src`'s parameters to every process (a no-op without an initialised process group).
+
+    The engine takes the same decisions on every process (all its sums are reduced), so this only guards against
+    rounding differences: after a request every process holds bit-identical weights (DDP then stays in sync)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, src=src)
 
 #: a count of batches that was not given at all (e.g. no retain data), as opposed to given but empty (0)
 NOT_GIVEN = -1

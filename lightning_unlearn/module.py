@@ -9,8 +9,9 @@
 
 Manual optimisation: each `training_step` runs the chosen method's `step` (a trial update with the safety check)
 on the combined forget/retain batch. The curvature is fitted once at `on_train_start` from `set_curvature_data(...)`
-or the datamodule's `curvature_dataloader(split)`; the target is calibrated there too, on `set_holdout_data(...)`
-or the datamodule's `holdout` split. Constructor arguments are plain types (LightningCLI-friendly).
+or the datamodule's `curvature_dataloader(split)`, by `lightning_unlearn.request.prepare_request` (the first half of
+every driver's request); the target is calibrated there too, on `set_holdout_data(...)` or the datamodule's `holdout`
+split. Constructor arguments are plain types (LightningCLI-friendly) with `UnlearnSettings`'s defaults.
 """
 
 from __future__ import annotations
@@ -29,24 +30,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from .callbacks import (
-    STATUS_CODES,
-    check_strategy,
-    default_batch_transform,
-    is_second_order,
-    load_curvature_state,
-    make_unlearner,
-    request_curvature,
-    share,
-    strategy_gather,
-    strategy_reduce,
-)
-from .curvature import Curvature, model_logits
+from .curvature import model_logits
 from .curvature.objective import IGNORE_INDEX
-from .distributed import agree_on_batches
+from .distributed import broadcast_parameters, share, strategy_gather, strategy_reduce
 from .io import atomic_directory
-from .methods.inputs import check_finite_weights
 from .metrics import ExtractionStrength, MembershipInference
+from .request import STATUS_CODES, default_batch_transform, prepare_request, record_numbers
+from .settings import UnlearnSettings, setting
+from .strategies import check_strategy
 
 SPLITS = ("forget", "retain")
 TEST_SPLITS = ("forget", "retain", "test", "holdout")
@@ -63,7 +54,7 @@ def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -
 
     An unknown `dtype` and an unreadable saved model (a corrupt or truncated `*.safetensors`, a broken
     `config.json`) raise `UserInputError` naming the value or the file."""
-    torch_dtype = _torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if isinstance(model, nn.Module):
         return model if torch_dtype is None else model.to(torch_dtype)
     if isinstance(model, (str, Path)):
@@ -86,7 +77,8 @@ def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -
     raise TypeError(f"model must be a path, a transformers config or an nn.Module, got {type(model).__name__}")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype:
+    """The floating-point torch dtype named `name` ("bfloat16", ...); `UserInputError` naming the valid ones."""
     from .errors import UserInputError
 
     value = getattr(torch, name, None) if name.isidentifier() else None
@@ -125,16 +117,13 @@ class UnlearningModule(pl.LightningModule):
 
     Args:
         model: a saved model directory (or hub id), a transformers config, or an `nn.Module` mapping ids to logits.
-        method: a key of `lightning_unlearn.methods.METHODS` (newton, fisher_removal, fisher_forgetting,
-            gradient_ascent, gradient_difference, npo).
-        curvature: the curvature backend of second-order methods (kfac, cg, woodfisher, diagonal).
-        curvature_data: retain | forget | full_minus_forget (the latter with `full_curvature`, a curvature file or a
-            Lightning checkpoint written by `CurvatureCallback`/`Unlearn`).
-        damping, scale, max_retain_increase, forget_loss, forget_target, refresh_every: see the methods; damping,
-            scale and forget_loss are passed only when set (None: the method's default recipe: relative damping
-            and a step-length search, see `SecondOrderUnlearner`).
-        curvature_batches: at most this many batches for the curvature fit.
-        holdout_batches: at most this many holdout batches for the target (0: no holdout target).
+        method, curvature, curvature_data, damping, scale, max_retain_increase, forget_loss, forget_target,
+            refresh_every, curvature_batches, holdout_batches, full_curvature, fisher_type, method_kwargs,
+            curvature_kwargs: the request's settings, see `UnlearnSettings` (their defaults are its defaults: the
+            method's default recipe, relative damping and a step-length search, see `SecondOrderUnlearner`; at most
+            16 curvature and 16 holdout batches). `full_curvature` is a curvature file or a Lightning checkpoint
+            written by `CurvatureCallback`/`Unlearn`. The step budget is the trainer's `max_steps`.
+        dtype: load/cast the model in this torch dtype ("float32", "bfloat16", ...).
 
     The target: `set_holdout_data(batches)` (never-trained data of the forget set's kind, labelled like the forget
     batches) or else the datamodule's `holdout` split (`datamodule.dataloader("holdout")`) calibrates the method at
@@ -145,28 +134,25 @@ class UnlearningModule(pl.LightningModule):
     span-level forgetting, a data module's holdout split of whole unseen texts is a proxy of the level; pass
     `set_holdout_data(<unseen texts labelled on their spans>)` or `forget_target=` for the exact one.
     After the fit, `status` tells how the run ended and `summary()` gives the numbers.
-        fisher_type: the backend's Fisher type (mc or empirical) where it has one; None for its default.
-        method_kwargs, curvature_kwargs: further arguments for the method and the backend.
-        dtype: load/cast the model in this torch dtype ("float32", "bfloat16", ...).
     """
 
     def __init__(
         self,
         model: str | Any = None,
         *,
-        method: str = "newton",
-        curvature: str = "kfac",
-        curvature_data: str = "retain",
-        damping: float | None = None,
-        scale: float | None = None,
-        max_retain_increase: float | None = 0.05,
-        forget_loss: str | None = None,
-        forget_target: float | None = None,
-        refresh_every: int | None = None,
-        curvature_batches: int | None = 16,
-        holdout_batches: int | None = 16,
-        full_curvature: str | None = None,
-        fisher_type: str | None = None,
+        method: str = UnlearnSettings.method,
+        curvature: str = UnlearnSettings.curvature,
+        curvature_data: str = UnlearnSettings.curvature_data,
+        damping: float | None = UnlearnSettings.damping,
+        scale: float | None = UnlearnSettings.scale,
+        max_retain_increase: float | None = UnlearnSettings.max_retain_increase,
+        forget_loss: str | None = UnlearnSettings.forget_loss,
+        forget_target: float | None = UnlearnSettings.forget_target,
+        refresh_every: int | None = UnlearnSettings.refresh_every,
+        curvature_batches: int | None = UnlearnSettings.curvature_batches,
+        holdout_batches: int | None = UnlearnSettings.holdout_batches,
+        full_curvature: str | None = UnlearnSettings.full_curvature,  # type: ignore[assignment]
+        fisher_type: str | None = UnlearnSettings.fisher_type,
         method_kwargs: dict[str, Any] | None = None,
         curvature_kwargs: dict[str, Any] | None = None,
         dtype: str | None = None,
@@ -177,20 +163,15 @@ class UnlearningModule(pl.LightningModule):
         is_path = isinstance(model, (str, Path))
         self.save_hyperparameters(ignore=[] if is_path else ["model"])
         self.source_path = Path(model).expanduser().resolve() if is_path and Path(model).exists() else None
-        from .methods import check_method_settings, check_settings
-
-        check_method_settings(method, method_kwargs)  # a typo in method_kwargs fails before the model is loaded
-        check_settings(damping=damping, scale=scale, max_retain_increase=max_retain_increase,
-                       forget_loss=forget_loss)
+        # checked before the model is loaded: a typo or a nonsense value fails in a second, not after the load
+        self.settings = UnlearnSettings(
+            method=method, curvature=curvature, curvature_data=curvature_data, curvature_batches=curvature_batches,
+            holdout_batches=holdout_batches, damping=damping, scale=scale, forget_loss=forget_loss,
+            max_retain_increase=max_retain_increase, forget_target=forget_target, fisher_type=fisher_type,
+            full_curvature=full_curvature, refresh_every=refresh_every, method_kwargs=dict(method_kwargs or {}),
+            curvature_kwargs=dict(curvature_kwargs or {}))
         self.model = build_model(model, dtype)
         self.automatic_optimization = False
-        is_second_order(method)  # fails early, naming the choices
-        self.method = method
-        self.curvature_backend = curvature
-        self.curvature_data = curvature_data
-        self.curvature_kwargs = dict(curvature_kwargs or {})
-        if fisher_type is not None:
-            self.curvature_kwargs["fisher_type"] = fisher_type
         self.val_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
         self.val_ppl = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in EVAL_SPLITS})
         self.test_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
@@ -204,6 +185,15 @@ class UnlearningModule(pl.LightningModule):
         self._held: Mapping[str, Tensor] | None = None
         self._done: str | None = None  # set when a step ended the run (its reason), or "already_reached"
         self._losses: dict[str, float | None] = {}
+
+    method = setting("method")
+    curvature_backend = setting("curvature")
+    curvature_data = setting("curvature_data")
+
+    @property
+    def curvature_kwargs(self) -> dict[str, Any]:
+        """The backend's arguments: `curvature_kwargs` with `fisher_type` (see `UnlearnSettings.backend_kwargs`)."""
+        return self.settings.backend_kwargs()
 
     # ------------------------------------------------------------------ data
     def set_curvature_data(self, batches: Iterable[Any]) -> UnlearningModule:
@@ -221,7 +211,7 @@ class UnlearningModule(pl.LightningModule):
     def _holdout_source(self) -> list[dict[str, Tensor]]:
         """This process's holdout batches for the target ([] for none): `set_holdout_data`, else the datamodule's
         `holdout` split (a `holdout_dataloader()` or `dataloader("holdout")`), at most `holdout_batches`."""
-        limit = self.hparams.holdout_batches
+        limit = self.settings.holdout_batches
         if limit == 0:
             return []
         batches = self._holdout_data
@@ -253,7 +243,7 @@ class UnlearningModule(pl.LightningModule):
                 f"UnlearningModule: no curvature data for curvature_data={self.curvature_data!r}; call"
                 f" module.set_curvature_data(<{split} batches>) or use a datamodule with curvature_dataloader(split)"
             )
-        limit = self.hparams.curvature_batches
+        limit = self.settings.curvature_batches
         out = []
         for batch in batches:
             if limit is not None and len(out) >= limit:
@@ -274,46 +264,24 @@ class UnlearningModule(pl.LightningModule):
         return MethodStep([p for p in self.model.parameters() if p.requires_grad])
 
     def on_train_start(self) -> None:
+        """Fit the curvature and build the method (`prepare_request`, the first half of every driver's request),
+        then calibrate the target on this process's share of the holdout batches."""
         trainer = self.trainer
-        reduce, gather = strategy_reduce(trainer), strategy_gather(trainer)
-        hp = self.hparams
-        curvature = full = None
-        check_finite_weights(self.model)  # a broken model fails here, not as rollbacks
-        source = self._curvature_source() if is_second_order(self.method) else None
+        rank, world = trainer.global_rank, trainer.world_size
+        source = self._curvature_source() if self.settings.second_order else None
         holdout = self._holdout_source()
         planned = trainer.num_training_batches
-        agree_on_batches(reduce, trainer.global_rank, trainer.world_size, "UnlearningModule",
-                         required=("forget", "curvature") if source is not None else ("forget",),
-                         forget=int(planned) if math.isfinite(planned) else 1,
-                         curvature=None if source is None else len(source), holdout=len(holdout) or None)
-        if is_second_order(self.method):
-            if self.curvature_data == "full_minus_forget":
-                if hp.full_curvature is None:
-                    raise ValueError("curvature_data='full_minus_forget' needs full_curvature=<curvature file or"
-                                     " Lightning checkpoint written by CurvatureCallback/Unlearn>")
-                full = self._load_full_curvature(hp.full_curvature, reduce, gather)
-            # every process reads the whole curvature source and keeps its share; the backend sums across them
-            curvature = request_curvature(self.model, self.curvature_backend, self.curvature_data,
-                                          source or [], full=full, reduce=reduce, gather=gather,
-                                          rank=trainer.global_rank, world_size=trainer.world_size,
-                                          curvature_kwargs=self.curvature_kwargs)
-        kwargs: dict[str, Any] = {"max_retain_increase": hp.max_retain_increase}
-        if hp.forget_loss is not None:
-            kwargs["forget_loss"] = hp.forget_loss
-        if hp.forget_target is not None:
-            kwargs["forget_target"] = hp.forget_target
-        if hp.refresh_every is not None and is_second_order(self.method):
-            kwargs["refresh_every"] = hp.refresh_every
-        kwargs.update(hp.method_kwargs or {})
-        self.unlearner = make_unlearner(
-            self.method, self.model, curvature=curvature, full_curvature=full, backend=self.curvature_backend,
-            curvature_data=self.curvature_data, damping=hp.damping, scale=hp.scale, reduce=reduce, gather=gather,
-            curvature_kwargs=self.curvature_kwargs, steps=self._planned_steps(), **kwargs,
-        )
+        counts = {"forget": int(planned) if math.isfinite(planned) else 1,
+                  "curvature": None if source is None else len(source), "holdout": len(holdout) or None}
+        self.unlearner = prepare_request(
+            self.model, settings=self.settings, curvature_source=source, reduce=strategy_reduce(trainer),
+            gather=strategy_gather(trainer), rank=rank, world_size=world, batch_counts=counts,
+            required=("forget", "curvature") if source is not None else ("forget",), who=type(self).__name__,
+            steps=self._planned_steps())
         self.history = []
         self._done, self._held, self._losses = None, None, {}
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
-            self.unlearner.calibrate(share(holdout, trainer.global_rank, trainer.world_size))
+            self.unlearner.calibrate(share(holdout, rank, world))
 
     def _planned_steps(self) -> int:
         """The method's step budget: the trainer's `max_steps` (Lightning drives the steps; a staged recipe spreads its
@@ -322,16 +290,6 @@ class UnlearningModule(pl.LightningModule):
 
         max_steps = self.trainer.max_steps
         return int(max_steps) if max_steps is not None and max_steps > 0 else DEFAULT_NEWTON_STEPS
-
-    def _load_full_curvature(self, path: str, reduce: Any, gather: Any) -> Curvature:
-        from .methods import build_curvature
-
-        state = move_data_to_device(load_curvature_state(path, model=self.model, backend=self.curvature_backend),
-                                    self.device)
-        full = build_curvature(self.curvature_backend, self.model, reduce=reduce, gather=gather,
-                               **self.curvature_kwargs)
-        full.load_state_dict(state)
-        return full
 
     def _split(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         if isinstance(batch, Mapping) and "forget" in batch:
@@ -342,11 +300,11 @@ class UnlearningModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         forget, retain = self._split(batch)
-        every = self.hparams.refresh_every
-        if every and self.global_step > 0 and self.global_step % every == 0 and is_second_order(self.method):
+        every = self.settings.refresh_every
+        if every and self.global_step > 0 and self.global_step % every == 0 and self.settings.second_order:
             # iterative Newton: re-estimate the curvature at the current weights (the method's fit() does this
-            # in its own loop; here Lightning drives the steps)
-            self.unlearner.fit_curvature(self._curvature_source())
+            # in its own loop; here Lightning drives the steps), from this process's share like the first fit
+            self.unlearner.fit_curvature(share(self._curvature_source(), self.global_rank, self.trainer.world_size))
         if retain is not None and self._held is None:
             self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
         size = forget["input_ids"].shape[0]
@@ -366,12 +324,14 @@ class UnlearningModule(pl.LightningModule):
         if not record.accepted or record.reason in ("target_reached", "retain_budget"):
             self._done = record.reason  # the run is done: the rule of the method's own fit()
             self.trainer.should_stop = True
-        numbers = {f"unlearn/{k}": v for k, v in _numbers(record).items()}
+        numbers = {f"unlearn/{k}": v for k, v in record_numbers(record).items()}
         numbers["unlearn/status_code"] = float(STATUS_CODES[self.status])  # how the run would end now
         self.log_dict(numbers, on_step=True, on_epoch=False, batch_size=size)
         return torch.tensor(record.forget_loss)
 
     def on_train_end(self) -> None:
+        if self.trainer.world_size > 1:
+            broadcast_parameters(self.model)  # every process ends with the same weights (see serve_request)
         if self._done != "already_reached" and self.status == "nothing_accepted":
             from .methods.base import NothingAcceptedWarning
 
@@ -520,13 +480,3 @@ class MethodStep(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("MethodStep.step needs closure=<a call of the unlearning method's step>")
         return closure()
-
-
-def _numbers(record: Any) -> dict[str, float]:
-    out = {}
-    for field in ("damping", "scale", "forget_loss", "retain_loss", "accepted", "target", "evaluations",
-                  "predicted_increase"):
-        value = getattr(record, field, None)
-        if value is not None and float(value) == float(value):
-            out[field] = float(value)
-    return out

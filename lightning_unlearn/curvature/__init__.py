@@ -6,9 +6,12 @@ from .hessian_free import HessianFree, NegativeCurvatureError
 from .kfac import KFAC
 from .layers import TrackedLayer, find_layers
 from .objective import IGNORE_INDEX, CrossEntropyObjective, MSEObjective, Objective, model_logits
+from .registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature, curvature_class
 from .woodfisher import WoodFisher
 
 __all__ = [
+    "BACKEND_ALIASES",
+    "CURVATURE_BACKENDS",
     "IGNORE_INDEX",
     "KFAC",
     "CrossEntropyObjective",
@@ -22,6 +25,8 @@ __all__ = [
     "TrackedLayer",
     "Vector",
     "WoodFisher",
+    "build_curvature",
+    "curvature_class",
     "find_layers",
     "gradient",
     "identity",

@@ -49,6 +49,9 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
 from ..curvature.objective import model_logits
+from ..curvature.registry import BACKEND_ALIASES as BACKEND_ALIASES  # re-exported: public since the start
+from ..curvature.registry import CURVATURE_BACKENDS as CURVATURE_BACKENDS
+from ..curvature.registry import build_curvature as build_curvature
 from .inputs import check_batches, check_finite_weights, check_keywords
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, token_nll
 
@@ -68,9 +71,7 @@ HOLDOUT_BINS, HOLDOUT_MAX_NATS = 4096, 64.0
 class NothingAcceptedWarning(UserWarning):
     """A run accepted no step: the model is unchanged (every trial was rolled back)."""
 
-CURVATURE_BACKENDS = ("kfac", "cg", "woodfisher", "diagonal")
-#: names a curvature object may carry (`Curvature.name`) -> the backend key
-BACKEND_ALIASES = {"hessian_free": "cg", "hf": "cg", "wood_fisher": "woodfisher"}
+#: where a second-order method's curvature comes from (`SecondOrderUnlearner`)
 CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
 
 
@@ -1042,27 +1043,18 @@ def check_method_settings(method: str, settings: Mapping[str, Any] | None = None
     return METHODS[method]
 
 
+def is_second_order(method: str) -> bool:
+    """Whether the method named `method` uses curvature (a `SecondOrderUnlearner`); raises naming the choices for an
+    unknown one. The one list of second-order methods: the registry itself."""
+    return issubclass(check_method_settings(method), SecondOrderUnlearner)
+
+
+def second_order_methods() -> tuple[str, ...]:
+    """The names of the registered methods that use curvature, sorted."""
+    check_method_settings("newton")  # registration
+    return tuple(sorted(name for name, cls in METHODS.items() if issubclass(cls, SecondOrderUnlearner)))
+
+
 def build_unlearner(method: str, model: nn.Module, **kwargs: Any) -> Unlearner:
     """Construct the method named `method` (a key of `METHODS`) for `model`."""
     return check_method_settings(method, kwargs)(model, **kwargs)
-
-
-def build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature:
-    """Construct an (unfitted) curvature backend: "kfac" | "cg" | "woodfisher" | "diagonal". kwargs (e.g. `reduce`,
-    `gather`, `objective`, `fisher_type`) go to the backend's constructor."""
-    backend = BACKEND_ALIASES.get(backend, backend)
-    if backend not in CURVATURE_BACKENDS:
-        raise ValueError(f"unknown curvature backend {backend!r}; choose one of {', '.join(CURVATURE_BACKENDS)}")
-    try:
-        if backend == "diagonal":
-            from ..curvature.diagonal import DiagonalFisher as cls
-        elif backend == "kfac":
-            from ..curvature.kfac import KFAC as cls
-        elif backend == "cg":
-            from ..curvature.hessian_free import HessianFree as cls
-        else:
-            from ..curvature.woodfisher import WoodFisher as cls
-    except ImportError as err:  # a backend not installed in this checkout
-        raise ImportError(f"curvature backend {backend!r} is not available ({err}); use one of the installed "
-                          "backends, e.g. 'diagonal'") from err
-    return cls(model, **kwargs)

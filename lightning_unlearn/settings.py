@@ -1,0 +1,195 @@
+"""`UnlearnSettings`: the knobs of one deletion request, with the one set of defaults every driver reads.
+
+The `Unlearn` callback, `UnlearningModule` (and so the `lightning-unlearn` command), `fabric_unlearn`, the demo,
+the experiments and the benchmarks all build one of these and hand it to `lightning_unlearn.request`; their
+constructors take the same fields with the defaults read from this class, so a default is changed in one place.
+Torch only (no Lightning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .curvature.base import Curvature, Reduce
+from .curvature.registry import backend_key, curvature_class
+from .errors import UserInputError
+from .methods import CURVATURE_DATA, check_method_settings, check_settings, is_second_order
+from .methods.inputs import check_keywords
+
+#: what `full_curvature` may be: a curvature file or Lightning checkpoint, a finalized `Curvature`, or its state_dict
+FullCurvature = str | Path | Curvature | Mapping[str, Any] | None
+
+
+@dataclass
+class UnlearnSettings:
+    """The settings of one deletion request; a knob left at None takes the method's own default (for the
+    second-order methods: the default recipe of `SecondOrderUnlearner`: relative damping ρ = 0.1, a step-length
+    search to the holdout target, up to 5 steps).
+
+    Attributes:
+        method: a key of `lightning_unlearn.methods.METHODS` (newton, fisher_removal, fisher_forgetting,
+            gradient_ascent, gradient_difference, npo).
+        curvature: the backend of second-order methods (kfac, cg, woodfisher, diagonal).
+        curvature_data: where the curvature comes from: retain | forget | full_minus_forget (the latter with
+            `full_curvature`, a curvature checkpoint of the training data).
+        curvature_batches: at most this many batches of that source for the curvature fit (None: all). 16 by
+            default: each batch costs a forward and backward pass (a CG product per batch and iteration), and 16
+            batches already give stable K-FAC factors on the tested models, while "all" made a request's cost grow
+            with whatever retain loader was passed (a whole training set's, by accident); the demo measured 8 as
+            enough on its 1M-parameter model (`demo.DEFAULT_SETTINGS`).
+        holdout_batches: at most this many holdout batches for the target (0: no holdout target; None: all); 16 by
+            default, for the same reason.
+        damping, scale, steps: λ (ρ with relative damping), the first step length η, the step budget; None: the
+            method's default.
+        forget_loss: the forget objective (unlikelihood, nll, ...); None: the method's default.
+        max_retain_increase: the retain budget (relative rise of the held retain loss; None: no check).
+        forget_target: a forget loss (nats) to reach instead of the holdout target.
+        fisher_type: the backend's Fisher type (mc, empirical, type2) where it has one; None: its default.
+        full_curvature: for `full_minus_forget`: a curvature file, a Lightning checkpoint, a finalized `Curvature`
+            or its state_dict.
+        refresh_every: re-estimate the curvature every k steps (second-order methods; None: never).
+        method_kwargs, curvature_kwargs: further arguments of the method and of the backend (typos are refused).
+
+    Invalid values raise `UserInputError` at construction (and on `dataclasses.replace`), before any work.
+    """
+
+    method: str = "newton"
+    curvature: str = "kfac"
+    curvature_data: str = "retain"
+    curvature_batches: int | None = 16
+    holdout_batches: int | None = 16
+    damping: float | None = None
+    scale: float | None = None
+    steps: int | None = None
+    forget_loss: str | None = None
+    max_retain_increase: float | None = 0.05
+    forget_target: float | None = None
+    fisher_type: str | None = None
+    full_curvature: FullCurvature = None
+    refresh_every: int | None = None
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    curvature_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.method_kwargs = dict(self.method_kwargs or {})
+        self.curvature_kwargs = dict(self.curvature_kwargs or {})
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise `UserInputError` naming the first invalid field and the valid values."""
+        try:
+            check_method_settings(self.method, self.method_kwargs)
+        except UserInputError:
+            raise
+        except ValueError as err:  # an unknown method: the registry's message names the choices
+            raise UserInputError(str(err)) from None
+        try:
+            backend_key(self.curvature)
+        except ValueError as err:
+            raise UserInputError(str(err)) from None
+        if self.curvature_data not in CURVATURE_DATA:
+            raise UserInputError(f"curvature_data must be one of {CURVATURE_DATA}, got {self.curvature_data!r}")
+        check_settings(damping=self.damping, scale=self.scale, max_retain_increase=self.max_retain_increase,
+                       forget_loss=self.forget_loss)
+        _check_count("curvature_batches", self.curvature_batches, minimum=1, none="all batches")
+        _check_count("holdout_batches", self.holdout_batches, minimum=0, none="all batches; 0: no holdout target")
+        _check_count("steps", self.steps, minimum=1, none="the method's default")
+        _check_count("refresh_every", self.refresh_every, minimum=1, none="never")
+        if self.forget_target is not None and not _finite(self.forget_target):
+            raise UserInputError(f"forget_target must be a finite number of nats or None, got {self.forget_target}")
+        if self.fisher_type is not None and not (isinstance(self.fisher_type, str) and self.fisher_type):
+            raise UserInputError(f"fisher_type must be a name (mc, empirical, type2) or None, got {self.fisher_type!r}")
+        if self.second_order:
+            check_keywords(curvature_class(self.curvature), self.backend_kwargs(), f"curvature {self.curvature!r}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def second_order(self) -> bool:
+        """Whether the method uses curvature (then the curvature fields apply)."""
+        return is_second_order(self.method)
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """The backend's constructor arguments: `curvature_kwargs`, plus `fisher_type` when set."""
+        kwargs = dict(self.curvature_kwargs)
+        if self.fisher_type is not None:
+            kwargs["fisher_type"] = self.fisher_type
+        return kwargs
+
+    def kwargs(self, *, curvature: Curvature | None = None, full_curvature: Curvature | None = None,
+               reduce: Reduce | None = None, gather: Reduce | None = None, **request: Any) -> dict[str, Any]:
+        """The method's constructor arguments: every knob that is set (None: the method's default), curvature
+        arguments for second-order methods only, then `method_kwargs`, then `request` (a driver's own arguments,
+        e.g. `log`, or the module's `steps`: Lightning's `max_steps`). `curvature`, `full_curvature`, `reduce` and
+        `gather` are the request's objects (given by `lightning_unlearn.request`; absent for a plain method)."""
+        kw: dict[str, Any] = {"max_retain_increase": self.max_retain_increase}
+        for key in ("damping", "scale", "steps", "forget_loss", "forget_target"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key)
+        if reduce is not None:
+            kw["reduce"] = reduce
+        if self.second_order:
+            kw.update(curvature_backend=self.curvature, curvature_data=self.curvature_data,
+                      curvature_kwargs=self.backend_kwargs())
+            if self.refresh_every is not None:
+                kw["refresh_every"] = self.refresh_every
+            if curvature is not None:
+                kw["curvature"] = curvature
+            if full_curvature is not None:
+                kw["full_curvature"] = full_curvature
+            if gather is not None:
+                kw["gather"] = gather
+        kw.update(self.method_kwargs)
+        kw.update(request)
+        return kw
+
+    def replace(self, **changes: Any) -> UnlearnSettings:
+        """A copy with `changes` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for reports and logs: a `full_curvature` object is named, never copied."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        full = out["full_curvature"]
+        if isinstance(full, Path):
+            out["full_curvature"] = str(full)
+        elif isinstance(full, Curvature):
+            out["full_curvature"] = f"<{type(full).__name__} curvature>"
+        elif isinstance(full, Mapping):
+            out["full_curvature"] = "<curvature state_dict>"
+        out["method_kwargs"] = dict(self.method_kwargs)
+        out["curvature_kwargs"] = dict(self.curvature_kwargs)
+        return out
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default value (the one set of defaults of every driver)."""
+        return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)}
+
+
+def setting(name: str) -> property:
+    """A driver's read-only attribute `name` that reads `self.settings.<name>`: the settings stay the one source."""
+    return property(lambda self: getattr(self.settings, name), doc=f"`settings.{name}` (see `UnlearnSettings`)")
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_count(name: str, value: Any, *, minimum: int, none: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserInputError(f"{name} must be a whole number >= {minimum} or None ({none}), got {value!r}")
+
+
+__all__ = ["FullCurvature", "UnlearnSettings", "setting"]
