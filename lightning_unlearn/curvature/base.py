@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .objective import CrossEntropyObjective, Objective, model_logits
+from .objective import CrossEntropyObjective, Objective, Positions, model_logits, position_keys
 
 Vector = dict[str, Tensor]
 Reduce = Callable[[Tensor], Tensor]
@@ -88,7 +88,9 @@ class Curvature(ABC):
     """Base of every backend: statistics from batches -> finalize -> apply `(C + λI)^p`.
 
     Subclasses implement `_accumulate`, `_finalize`, `_apply`, `_state`, `_load_state` and `memory_footprint`,
-    and set `param_names` in their constructor.
+    and set `param_names` in their constructor. `seed` fixes the Monte-Carlo labels (`sample_targets`): they are a
+    function of the seed and the example only, so any split of the data over processes and batches gives the same
+    curvature; it is recorded in `state_dict()`.
     """
 
     name: str = "curvature"
@@ -108,8 +110,8 @@ class Curvature(ABC):
         self.objective = objective if objective is not None else CrossEntropyObjective()
         self.reduce: Reduce = reduce if reduce is not None else identity
         self.gather: Reduce = gather if gather is not None else identity
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.param_names: tuple[str, ...] = ()
         self.finalized = False
         self._scales: dict[str, float] | None = None
@@ -219,11 +221,17 @@ class Curvature(ABC):
         """The model's logits on `batch` (see `objective.model_logits`)."""
         return model_logits(self.model, batch)
 
+    def sample_targets(self, pos: Positions, batch: Mapping[str, Tensor], draw: int = 0) -> Tensor:
+        """Labels for the valid positions `pos` of `batch` drawn from the model (the Monte-Carlo Fisher), keyed by
+        (`seed`, example, position, `draw`): the same labels on 1 or N processes, in any batching or order."""
+        keys = position_keys(batch, pos.mask, self.seed, draw)
+        return self.objective.sample_targets(pos.outputs, keys=keys).to(pos.outputs.device)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to `apply` later: statistics, counts, configuration."""
         if not self.finalized:
             raise RuntimeError(f"{self.name}: state_dict() before finalize(); finalize first")
-        return {"backend": self.name, "param_names": list(self.param_names), **self._state()}
+        return {"backend": self.name, "param_names": list(self.param_names), "seed": self.seed, **self._state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a finalized curvature saved with `state_dict()` (for the same model architecture)."""
@@ -232,6 +240,7 @@ class Curvature(ABC):
         if list(state["param_names"]) != list(self.param_names):
             raise ValueError(f"{self.name}: saved curvature covers other parameters than this model's tracked ones")
         self._load_state(state)
+        self.seed = int(state.get("seed", self.seed))  # files from before the seed was recorded keep the argument
         self.finalized = True
         self._scales = None
 

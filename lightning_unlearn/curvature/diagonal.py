@@ -53,8 +53,7 @@ class DiagonalFisher(Curvature):
         pos = self.objective.positions(self.logits(batch), batch)
         if pos.count == 0:
             return
-        targets = pos.targets if self.fisher_type == "empirical" else self.objective.sample_targets(
-            pos.outputs, self.generator)
+        targets = pos.targets if self.fisher_type == "empirical" else self.sample_targets(pos, batch)
         losses = self.objective.per_position_loss(pos.outputs, targets.to(pos.outputs.device))
         example = pos.example_index
         per_example = torch.zeros(int(example.max()) + 1, dtype=losses.dtype, device=losses.device)

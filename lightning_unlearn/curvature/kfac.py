@@ -25,6 +25,17 @@ which is exact damping and any real power p. With the EK-FAC eigenvalue correcti
 `s_G s_A^T` is replaced by the second moments of the *per-position* gradients projected into that eigenbasis,
 `E_n[(U_G^T g_n a_n^T U_A)^2]` (per-position, consistent with the expand convention; per-example moments would
 also count cross-position terms, and cost a [B, out, in] tensor per batch).
+
+What is kept after `finalize` (memory, measured on GPT-2-small shapes by `python -m benchmarks.kfac_memory`):
+- `keep_factors=True` (default) keeps A and G next to their eigendecompositions; `keep_factors=False` keeps only
+  the eigenbases and eigenvalues. `subtract` (full_minus_forget) and `factor()` then rebuild a factor as
+  `U diag(s) Uᵀ` (one matmul; the factor's PSD projection, equal to it up to float error since A and G are PSD).
+- `storage_dtype=torch.bfloat16` stores everything in bf16 (computations stay in float32).
+- `wide_layer="diagonal"` / `"block"`: for layers with `out > wide_ratio × (in+1)` (attention QKV, MLP
+  up-projection, an included LM head) G — out × out, the dominant piece — is kept as its diagonal, or as diagonal
+  blocks of `wide_block` outputs (default: the layer's input width, so the blocks hold as many numbers as the
+  weight). Then `C ≈ A ⊗ blockdiag(G_1..G_m)`, whose eigenbasis is `U_A ⊗ blockdiag(U_1..U_m)`: `apply` stays
+  exact damping and any power, for that structured G.
 """
 
 from __future__ import annotations
@@ -47,6 +58,51 @@ FISHER_TYPES = ("mc", "empirical", "type2")
 KFAC_APPROX = ("expand", "reduce")
 #: the largest output dimension for which `type2` (one backward pass per output) is allowed
 TYPE2_MAX_OUTPUTS = 512
+#: how G of a wide layer is kept: None (dense, every layer), "diagonal", or "block" (block-diagonal)
+WIDE_LAYER = (None, "diagonal", "block")
+STORAGE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is <= `at_most` (>= 1)."""
+    return next(k for k in range(max(1, min(n, at_most)), 0, -1) if n % k == 0)
+
+
+def g_rows_to_basis(u: Tensor | None, g: Tensor) -> Tensor:
+    """Rows `g` [n, out] expressed in G's eigenbasis, `g U_G`, for a dense `u` [out, out], block-diagonal
+    `u` [m, k, k] or diagonal G (`u` None: the identity)."""
+    if u is None:
+        return g
+    if u.dim() == 2:
+        return g @ u
+    m, k, _ = u.shape
+    return torch.einsum("nmi,mij->nmj", g.reshape(-1, m, k), u).reshape(g.shape)
+
+
+def g_to_basis(u: Tensor | None, x: Tensor) -> Tensor:
+    """`U_Gᵀ x` for columns `x` [out, c] (see `g_rows_to_basis` for the forms of `u`)."""
+    if u is None:
+        return x
+    if u.dim() == 2:
+        return u.T @ x
+    m, k, _ = u.shape
+    return (u.transpose(1, 2) @ x.reshape(m, k, -1)).reshape(x.shape)
+
+
+def g_from_basis(u: Tensor | None, y: Tensor) -> Tensor:
+    """`U_G y` for columns `y` [out, c]: the inverse of `g_to_basis`."""
+    if u is None:
+        return y
+    if u.dim() == 2:
+        return u @ y
+    m, k, _ = u.shape
+    return (u @ y.reshape(m, k, -1)).reshape(y.shape)
+
+
+def g_structure(u: Tensor | None) -> str:
+    """"dense", "block" or "diagonal": how a layer's G is kept, read from its eigenbasis."""
+    return "diagonal" if u is None else ("block" if u.dim() == 3 else "dense")
 
 
 class _Capture:
@@ -67,9 +123,16 @@ class KFAC(Curvature):
         kfac_approx: "expand" (every token position a sample, default) or "reduce".
         include, exclude: regular expressions on module names choosing the tracked layers (see `find_layers`).
         eigenvalue_correction: run `correct_eigenvalues(batches)` after `finalize()` for EK-FAC.
-        storage_dtype: dtype of the stored factors and eigen-decompositions (e.g. torch.bfloat16); computations
-            run in float32 (float64 for float64 models).
-        objective, reduce, gather, seed: see `Curvature`.
+        storage_dtype: dtype of the stored factors and eigen-decompositions (e.g. torch.bfloat16 or "bf16");
+            computations run in float32 (float64 for float64 models).
+        keep_factors: keep A and G after finalize (True, default) or only their eigendecompositions (False: less
+            memory; `subtract` and `factor()` rebuild them as `U diag(s) Uᵀ`).
+        wide_layer: None (dense G everywhere, default), "diagonal" or "block": how G is kept for layers with
+            `out > wide_ratio × (in + 1)` (see the module docstring).
+        wide_ratio: the output/input ratio above which a layer counts as wide.
+        wide_block: outputs per diagonal block of G for `wide_layer="block"` (default: the layer's input width);
+            the largest divisor of `out` not above it is used.
+        objective, reduce, gather, seed: see `Curvature` (`seed` fixes the sampled labels of "mc").
     """
 
     name = "kfac"
@@ -85,7 +148,11 @@ class KFAC(Curvature):
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
         eigenvalue_correction: bool = False,
-        storage_dtype: torch.dtype | None = None,
+        storage_dtype: torch.dtype | str | None = None,
+        keep_factors: bool = True,
+        wide_layer: str | None = None,
+        wide_ratio: float = 2.0,
+        wide_block: int | None = None,
         objective: Objective | None = None,
         **kwargs: Any,
     ) -> None:
@@ -96,16 +163,38 @@ class KFAC(Curvature):
             raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
         if int(mc_samples) < 1 or (fisher_type != "mc" and int(mc_samples) != 1):
             raise ValueError(f"mc_samples must be >= 1, and 1 unless fisher_type='mc'; got {mc_samples}")
+        if wide_layer not in WIDE_LAYER:
+            raise ValueError(f"wide_layer must be one of {WIDE_LAYER}, got {wide_layer!r}")
+        if not (isinstance(wide_ratio, (int, float)) and math.isfinite(wide_ratio) and wide_ratio >= 0):
+            raise ValueError(f"wide_ratio must be a finite number >= 0, got {wide_ratio!r}")
+        if wide_block is not None and (isinstance(wide_block, bool) or int(wide_block) < 1):
+            raise ValueError(f"wide_block must be a positive integer or None, got {wide_block!r}")
+        if isinstance(storage_dtype, str):
+            if storage_dtype not in STORAGE_DTYPES:
+                raise ValueError(f"storage_dtype must be a torch dtype or one of {sorted(STORAGE_DTYPES)}, "
+                                 f"got {storage_dtype!r}")
+            storage_dtype = STORAGE_DTYPES[storage_dtype]
         self.fisher_type = fisher_type
         self.mc_samples = int(mc_samples)
         self.kfac_approx = kfac_approx
         self.eigenvalue_correction = bool(eigenvalue_correction)
+        self.keep_factors = bool(keep_factors)
+        self.wide_layer, self.wide_ratio, self.wide_block = wide_layer, float(wide_ratio), wide_block
         self.layers: list[TrackedLayer] = find_layers(model, include, exclude)
         self.param_names = tuple(n for layer in self.layers for n in layer.param_names)
         dtype = self.layers[0].module.weight.dtype
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.storage_dtype = storage_dtype if storage_dtype is not None else self.compute_dtype
         self._reset()
+
+    def _configured_block(self, layer: TrackedLayer) -> int:
+        """The block size of G that the constructor's `wide_*` options give `layer`."""
+        d_in, d_out = layer.in_features + int(layer.has_bias), layer.out_features
+        if self.wide_layer is None or d_out <= self.wide_ratio * d_in:
+            return d_out
+        if self.wide_layer == "diagonal":
+            return 1
+        return _largest_divisor(d_out, int(self.wide_block) if self.wide_block is not None else layer.in_features)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KFAC:
         """Copy the statistics; the tracked layers are re-resolved by name in the (copied or shared) model.
@@ -122,13 +211,16 @@ class KFAC(Curvature):
 
     # ------------------------------------------------------------------ statistics
     def _reset(self) -> None:
+        #: outputs per diagonal block of each layer's G: `out` (dense), 1 (diagonal) or in between (block)
+        self.g_block: dict[str, int] = {layer.name: self._configured_block(layer) for layer in self.layers}
         self.a_sums: dict[str, Tensor] = {}
         self.g_sums: dict[str, Tensor] = {}
         self.a_counts: dict[str, Tensor] = {}  # samples behind A (positions, or sequences for "reduce")
         self.count = torch.zeros((), dtype=torch.float64)  # valid positions N (behind G)
-        self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # normalised (A, G)
+        self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # normalised (A, G) (G as kept: see `g_block`)
         self.factor_counts: dict[str, float] = {}  # A's sample count after finalize
-        self.eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # (U_A, s_A, U_G, s_G)
+        # (U_A, s_A, U_G, s_G); U_G is [out, out], [m, k, k] (block-diagonal) or None (diagonal G)
+        self.eigen: dict[str, tuple[Tensor, Tensor, Tensor | None, Tensor]] = {}
         self.corrected: dict[str, Tensor] = {}  # EK-FAC eigenvalues [out, in+1]
 
     def _forward_with_hooks(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, _Capture]]:
@@ -155,14 +247,14 @@ class KFAC(Curvature):
             )
         return logits, captures
 
-    def _backward_terms(self, pos) -> list[tuple[Tensor, float]]:
+    def _backward_terms(self, pos, batch: Mapping[str, Tensor]) -> list[tuple[Tensor, float]]:
         """Scalars whose gradients w.r.t. the layer outputs are the per-position gradients `g`, with weights."""
         if self.fisher_type == "empirical":
             return [(self.objective.per_position_loss(pos.outputs, pos.targets).sum(), 1.0)]
         if self.fisher_type == "mc":
             terms = []
-            for _ in range(self.mc_samples):
-                y = self.objective.sample_targets(pos.outputs, self.generator).to(pos.outputs.device)
+            for draw in range(self.mc_samples):
+                y = self.sample_targets(pos, batch, draw)
                 terms.append((self.objective.per_position_loss(pos.outputs, y).sum(), 1.0 / self.mc_samples))
             return terms
         c = pos.outputs.shape[-1]
@@ -195,12 +287,12 @@ class KFAC(Curvature):
             return a
         return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
 
-    def _layer_stats(self, pos, captures: dict[str, _Capture]):
+    def _layer_stats(self, pos, captures: dict[str, _Capture], batch: Mapping[str, Tensor]):
         """Yield per layer and per call: (layer, a-rows, [(g-rows, weight)]) with the convention applied."""
         mask = pos.mask
         outputs = [(layer, i) for layer in self.layers for i in range(len(captures[layer.name].outputs))]
         out_tensors = [captures[layer.name].outputs[i] for layer, i in outputs]
-        terms = self._backward_terms(pos)
+        terms = self._backward_terms(pos, batch)
         grads_per_term = []
         for t, (scalar, w) in enumerate(terms):
             grads = torch.autograd.grad(scalar, out_tensors, retain_graph=t < len(terms) - 1, allow_unused=True)
@@ -226,14 +318,29 @@ class KFAC(Curvature):
                 gs = [(g.sum(dims)[seq_valid], w) for g, w in gs]
             yield layer, a, gs
 
+    def _g_moment(self, layer: TrackedLayer, g: Tensor) -> Tensor:
+        """Σ_n g_n g_nᵀ in the form this layer keeps: [out, out], its diagonal blocks [m, k, k], or its diagonal."""
+        k = self.g_block[layer.name]
+        if k == layer.out_features:
+            return g.T @ g
+        if k == 1:
+            return g.pow(2).sum(0)
+        blocks = g.reshape(g.shape[0], -1, k).transpose(0, 1)  # [m, n, k]
+        return blocks.transpose(1, 2) @ blocks
+
+    def _g_zeros(self, layer: TrackedLayer, device: torch.device) -> Tensor:
+        d, k = layer.out_features, self.g_block[layer.name]
+        shape = (d, d) if k == d else ((d,) if k == 1 else (d // k, k, k))
+        return torch.zeros(shape, dtype=self.compute_dtype, device=device)
+
     def _accumulate(self, batch: Mapping[str, Tensor]) -> None:
         logits, captures = self._forward_with_hooks(batch)
         pos = self.objective.positions(logits, batch)
         if pos.count == 0:
             return
-        for layer, a, gs in self._layer_stats(pos, captures):
+        for layer, a, gs in self._layer_stats(pos, captures, batch):
             a_sum = a.T @ a
-            g_sum = sum(w * (g.T @ g) for g, w in gs)
+            g_sum = sum(w * self._g_moment(layer, g) for g, w in gs)
             self.a_sums[layer.name] = a_sum if layer.name not in self.a_sums else self.a_sums[layer.name] + a_sum
             self.g_sums[layer.name] = g_sum if layer.name not in self.g_sums else self.g_sums[layer.name] + g_sum
             cnt = torch.tensor(float(a.shape[0]), dtype=torch.float64)
@@ -246,14 +353,46 @@ class KFAC(Curvature):
         s, u = torch.linalg.eigh((m + m.T) / 2)
         return u, s.clamp_min(0)
 
-    def _store(self, x: Tensor) -> Tensor:
-        return x.to(self.storage_dtype)
+    def _eigh_g(self, g: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(U_G, s_G) of G as kept: dense [out, out], blocks [m, k, k] (batched), or the diagonal (U_G None)."""
+        if g.dim() == 1:
+            return None, g.to(self.compute_dtype).clamp_min(0)
+        if g.dim() == 2:
+            return self._eigh(g)
+        m = g.to(self.compute_dtype)
+        s, u = torch.linalg.eigh((m + m.transpose(1, 2)) / 2)
+        return u, s.clamp_min(0).reshape(-1)
 
-    def _decompose(self, name: str, a: Tensor, g: Tensor) -> None:
+    def _store(self, x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(self.storage_dtype)
+
+    def _decompose(self, name: str, a: Tensor, g: Tensor, *, psd_factors: bool = False) -> None:
+        """Eigendecompose A and G; keep the factors too when `keep_factors` (their PSD projections when
+        `psd_factors`)."""
         u_a, s_a = self._eigh(a)
-        u_g, s_g = self._eigh(g)
+        u_g, s_g = self._eigh_g(g)
         self.eigen[name] = (self._store(u_a), self._store(s_a), self._store(u_g), self._store(s_g))
-        self.factors[name] = (self._store(a), self._store(g))
+        if not self.keep_factors:
+            self.factors.pop(name, None)
+        elif psd_factors:
+            self.factors[name] = (self._store((u_a * s_a) @ u_a.T), self._store(self._rebuild_g(u_g, s_g)))
+        else:
+            self.factors[name] = (self._store(a), self._store(g))
+
+    def _rebuild_g(self, u: Tensor | None, s: Tensor) -> Tensor:
+        """G (in its kept form) from its eigendecomposition."""
+        if u is None:
+            return s
+        if u.dim() == 2:
+            return (u * s) @ u.T
+        return (u * s.reshape(u.shape[0], 1, -1)) @ u.transpose(1, 2)
+
+    def _kept_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, G in its kept form) in the compute dtype: stored, or rebuilt from the eigendecomposition."""
+        if name in self.factors:
+            return tuple(t.to(self.compute_dtype) for t in self.factors[name])  # type: ignore[return-value]
+        u_a, s_a, u_g, s_g = (None if t is None else t.to(self.compute_dtype) for t in self.eigen[name])
+        return (u_a * s_a) @ u_a.T, self._rebuild_g(u_g, s_g)
 
     def _finalize(self) -> None:
         device = self.layers[0].module.weight.device
@@ -261,8 +400,7 @@ class KFAC(Curvature):
         for layer in self.layers:  # fixed order on every process: layer order, then A, G, A's count
             d_in = layer.in_features + int(layer.has_bias)
             a = self.a_sums.get(layer.name, torch.zeros(d_in, d_in, dtype=self.compute_dtype, device=device))
-            g = self.g_sums.get(layer.name, torch.zeros(layer.out_features, layer.out_features,
-                                                         dtype=self.compute_dtype, device=device))
+            g = self.g_sums.get(layer.name, self._g_zeros(layer, device))
             c = self.a_counts.get(layer.name, torch.zeros((), dtype=torch.float64))
             sums.append((self.reduce(a.clone()), self.reduce(g.clone()), float(self.reduce(c.clone()))))
         count = float(self.reduce(self.count.clone()))
@@ -291,10 +429,10 @@ class KFAC(Curvature):
             pos = self.objective.positions(logits, batch)
             if pos.count == 0:
                 continue
-            for layer, a, gs in self._layer_stats(pos, captures):
-                u_a, _, u_g, _ = (t.to(self.compute_dtype) for t in self.eigen[layer.name])
+            for layer, a, gs in self._layer_stats(pos, captures, batch):
+                u_a, _, u_g, _ = (None if t is None else t.to(self.compute_dtype) for t in self.eigen[layer.name])
                 pa = (a @ u_a).pow(2)  # [n, in+1]
-                s = sum(w * ((g @ u_g).pow(2).T @ pa) for g, w in gs)
+                s = sum(w * (g_rows_to_basis(u_g, g).pow(2).T @ pa) for g, w in gs)
                 sums[layer.name] = s if layer.name not in sums else sums[layer.name] + s
             count += pos.count
         total = float(self.reduce(count.clone()))
@@ -339,12 +477,18 @@ class KFAC(Curvature):
                 out[layer.name] = float(s_g.double().mean() * s_a.double().mean())
         return out
 
+    def _bases(self, name: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """(U_A, U_G) of a layer on `device` in the compute dtype."""
+        u_a, _, u_g, _ = self.eigen[name]
+        u_a = u_a.to(device=device, dtype=self.compute_dtype)
+        return u_a, None if u_g is None else u_g.to(device=device, dtype=self.compute_dtype)
+
     def _quadratic(self, vector: Vector) -> float:
         total = 0.0
         for layer in self.layers:
             v = layer.to_matrix(vector)
-            u_a, _, u_g, _ = (t.to(device=v.device, dtype=self.compute_dtype) for t in self.eigen[layer.name])
-            m = u_g.T @ v.to(self.compute_dtype) @ u_a
+            u_a, u_g = self._bases(layer.name, v.device)
+            m = g_to_basis(u_g, v.to(self.compute_dtype)) @ u_a
             total += float((m.pow(2) * self._eigenvalues(layer.name).to(m.device)).sum())
         return total
 
@@ -355,11 +499,11 @@ class KFAC(Curvature):
         out: Vector = {}
         for layer in self.layers:
             v = layer.to_matrix(vector)
-            u_a, _, u_g, _ = (t.to(device=v.device, dtype=self.compute_dtype) for t in self.eigen[layer.name])
+            u_a, u_g = self._bases(layer.name, v.device)
             s = self._eigenvalues(layer.name).to(v.device)
-            m = u_g.T @ v.to(self.compute_dtype) @ u_a
+            m = g_to_basis(u_g, v.to(self.compute_dtype)) @ u_a
             m = m * (s + damping(layer.name)).pow(power)
-            result = (u_g @ m @ u_a.T).to(v.dtype)
+            result = g_from_basis(u_g, m @ u_a.T).to(v.dtype)
             out.update(layer.from_matrix(result))
         return out
 
@@ -373,47 +517,58 @@ class KFAC(Curvature):
         if self.corrected:
             warnings.warn("kfac: subtract() drops the EK-FAC eigenvalue correction; call correct_eigenvalues() "
                           "again on retain batches if you need it", stacklevel=3)
+        mismatched = [layer.name for layer in self.layers
+                      if g_structure(self.eigen[layer.name][2]) != g_structure(other.eigen[layer.name][2])
+                      or self.eigen[layer.name][3].shape != other.eigen[layer.name][3].shape
+                      or (self.eigen[layer.name][2] is not None
+                          and self.eigen[layer.name][2].shape != other.eigen[layer.name][2].shape)]
+        if mismatched:
+            raise ValueError(f"kfac: cannot subtract: layer(s) {mismatched[:3]} keep G in another form in the two "
+                             "curvatures; build both with the same wide_layer/wide_ratio/wide_block")
         for layer in self.layers:
             na, na_o = self.factor_counts[layer.name], other.factor_counts[layer.name]
             if na_o >= na:
                 raise ValueError(f"kfac: layer {layer.name!r}: cannot remove {na_o:.0f} samples from {na:.0f}")
-            a, g = (t.to(self.compute_dtype) for t in self.factors[layer.name])
-            a_o, g_o = (t.to(device=a.device, dtype=self.compute_dtype) for t in other.factors[layer.name])
+            # stored factors, or rebuilt from the eigendecomposition (keep_factors=False): U diag(s) Uᵀ
+            a, g = self._kept_factors(layer.name)
+            a_o, g_o = (t.to(a.device) for t in other._kept_factors(layer.name))
             a = (na * a - na_o * a_o) / (na - na_o)
             g = (n * g - n_o * g_o) / (n - n_o)
             # keep PSD: project each factor onto the PSD cone (negative eigenvalues -> 0)
-            u_a, s_a = self._eigh(a)
-            u_g, s_g = self._eigh(g)
-            a, g = (u_a * s_a) @ u_a.T, (u_g * s_g) @ u_g.T
-            self.eigen[layer.name] = tuple(self._store(t) for t in (u_a, s_a, u_g, s_g))
-            self.factors[layer.name] = (self._store(a), self._store(g))
+            self._decompose(layer.name, a, g, psd_factors=True)
             self.factor_counts[layer.name] = na - na_o
         self.corrected = {}
         self.count = torch.tensor(n - n_o, dtype=torch.float64)
 
     # ------------------------------------------------------------------ persistence, memory
     def factor(self, layer_name: str) -> tuple[Tensor, Tensor]:
-        """The normalised Kronecker factors `(A, G)` of a tracked layer (after finalize)."""
+        """The normalised Kronecker factors `(A, G)` of a tracked layer (after finalize), as dense matrices.
+
+        The stored tensors when `keep_factors` and G is dense; otherwise built on demand (from the eigendecomposition
+        when the factors were not kept; a diagonal or block-diagonal G expanded to its dense matrix)."""
         if not self.finalized:
             raise RuntimeError("kfac: factor() before finalize(); accumulate batches, then call finalize()")
-        return self.factors[layer_name]
+        if layer_name in self.factors and self.factors[layer_name][1].dim() == 2:
+            return self.factors[layer_name]
+        a, g = self._kept_factors(layer_name)
+        if g.dim() == 1:
+            g = torch.diag(g)
+        elif g.dim() == 3:
+            g = torch.block_diag(*g.contiguous().unbind(0))
+        dtype = self.storage_dtype
+        return a.to(dtype), g.to(dtype)
 
     def _state(self) -> dict[str, Any]:
-        return {
-            "fisher_type": self.fisher_type,
-            "kfac_approx": self.kfac_approx,
-            "count": self.count.clone(),
-            "layers": {
-                layer.name: {
-                    "A": self.factors[layer.name][0],
-                    "G": self.factors[layer.name][1],
-                    "a_count": self.factor_counts[layer.name],
-                    "eigen": self.eigen[layer.name],
-                    "corrected": self.corrected.get(layer.name),
-                }
-                for layer in self.layers
-            },
-        }
+        layers: dict[str, dict[str, Any]] = {}
+        for layer in self.layers:
+            entry: dict[str, Any] = {}
+            if layer.name in self.factors:  # absent with keep_factors=False: load_state_dict rebuilds them if asked
+                entry["A"], entry["G"] = self.factors[layer.name]
+            entry.update({"a_count": self.factor_counts[layer.name], "eigen": self.eigen[layer.name],
+                          "corrected": self.corrected.get(layer.name)})
+            layers[layer.name] = entry
+        return {"fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx, "count": self.count.clone(),
+                "layers": layers}
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         names = [layer.name for layer in self.layers]
@@ -424,18 +579,27 @@ class KFAC(Curvature):
         self.kfac_approx = state["kfac_approx"]
         self.count = torch.as_tensor(state["count"], dtype=torch.float64)
         device = self.layers[0].module.weight.device
-        for name in names:
+        for layer in self.layers:
+            name = layer.name
             entry = state["layers"][name]
-            self.factors[name] = (self._store(entry["A"].to(device)), self._store(entry["G"].to(device)))
             self.factor_counts[name] = float(entry["a_count"])
-            self.eigen[name] = tuple(self._store(t.to(device)) for t in entry["eigen"])
+            self.eigen[name] = tuple(None if t is None else self._store(t.to(device)) for t in entry["eigen"])
+            # how G is kept comes from the state (a checkpoint describes itself), not from this instance's options
+            u_g = self.eigen[name][2]
+            self.g_block[name] = {"dense": layer.out_features, "diagonal": 1}.get(
+                g_structure(u_g), u_g.shape[-1] if u_g is not None else 1)
+            if self.keep_factors:
+                if entry.get("A") is not None and entry.get("G") is not None:
+                    self.factors[name] = (self._store(entry["A"].to(device)), self._store(entry["G"].to(device)))
+                else:  # saved with keep_factors=False: rebuild A and G from the eigendecomposition
+                    self.factors[name] = tuple(self._store(t) for t in self._kept_factors(name))
             if entry.get("corrected") is not None:
                 self.corrected[name] = self._store(entry["corrected"].to(device))
 
     def memory_footprint(self) -> dict[str, int]:
         factors = tensor_bytes(*(t for pair in self.factors.values() for t in pair))
         factors += tensor_bytes(*self.a_sums.values(), *self.g_sums.values())
-        eigvecs = tensor_bytes(*(e[i] for e in self.eigen.values() for i in (0, 2)))
+        eigvecs = tensor_bytes(*(e[i] for e in self.eigen.values() for i in (0, 2)))  # None (diagonal G): 0
         eigvals = tensor_bytes(*(e[i] for e in self.eigen.values() for i in (1, 3)), *self.corrected.values())
         return {"factors": factors, "eigenvectors": eigvecs, "eigenvalues": eigvals,
                 "total": factors + eigvecs + eigvals}

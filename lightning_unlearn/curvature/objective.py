@@ -5,10 +5,17 @@ Two objectives: `CrossEntropyObjective` (causal LM with the Hugging Face shift, 
 and `MSEObjective` (regression; K-FAC is exact for one linear layer under it, which the tests use).
 The batch loss is always the *mean* of the per-position losses over valid positions; curvature backends
 keep unnormalised sums plus the number of positions so that sums from several processes or batches add up.
+
+Sampled labels (the Monte-Carlo Fisher) are a function of `(seed, example, position in the example, draw)` only:
+`position_keys` hashes each valid position to a 32-bit counter from the example's own tokens (padding excluded)
+and its `example_id` when the batch carries one, and `sample_targets(outputs, keys=...)` turns counters into
+labels by inverse-CDF sampling. So 1, 2 or N processes, any batch size and any order draw the same labels for
+the same example, and the curvature does not depend on how the data was split.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +25,107 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+#: batch keys holding one stable id per example (the data module's collate writes `example_id`; < 0 = none)
+EXAMPLE_ID_KEYS = ("example_id", "ids")
+_M32 = 0xFFFFFFFF
+#: rows × classes per chunk of the float64 inverse-CDF (bounds its temporary memory to 32 MiB)
+_CDF_CHUNK = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------- counter hashing
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """`(x * c) mod 2^32` for int64 `x` in [0, 2^32), without int64 overflow (split in 16-bit halves)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * (c & 0xFFFF)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of each element of an int64 tensor (taken mod 2^32).
+
+    Pure integer arithmetic: the same result on every device, process and batch layout."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _combine(h: Tensor, v: Tensor | int) -> Tensor:
+    """Hash of the pair (h, v), order-sensitive."""
+    return mix32(h ^ mix32(v + 0x9E3779B9 if isinstance(v, int) else (v & _M32) + 0x9E3779B9))
+
+
+def _as_int64(x: Tensor) -> Tensor:
+    """Integer tokens as they are; floating inputs by their float32 bit pattern (stable hashing of any input)."""
+    if x.is_floating_point() or x.is_complex():
+        return x.detach().float().contiguous().view(torch.int32).to(torch.int64) & _M32
+    return x.detach().to(torch.int64)
+
+
+def example_keys(batch: Mapping[str, Tensor]) -> Tensor:
+    """One 32-bit key per example (batch row), the same whichever process, batch or order sees the example.
+
+    The key hashes the example's tokens at attended positions (`attention_mask`, so the padding width and side of
+    the batch do not matter), each with its index among them, and the example's `example_id` when the batch has
+    one (>= 0; packed blocks carry -1). Ids alone could collide across sources (a retain file numbered from 0 next
+    to a forget file numbered from 0); tokens alone cannot tell apart two copies of a text with different ids.
+    """
+    inputs = batch["input_ids"] if "input_ids" in batch else batch["inputs"]
+    b = inputs.shape[0]
+    tokens = _as_int64(inputs).reshape(b, -1)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    mask = batch.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.shape[0] == b and tokens.shape[1] % max(mask[0].numel(), 1) == 0:
+        per = tokens.shape[1] // max(mask[0].numel(), 1)  # features per attended position
+        valid = mask.reshape(b, -1).bool().repeat_interleave(per, dim=1)
+    index = valid.long().cumsum(1) - 1
+    h = _combine(mix32(tokens), index)
+    h = torch.where(valid, h, torch.zeros_like(h)).sum(1) & _M32  # < 2^63: at most 2^31 terms of < 2^32
+    key = _combine(h, valid.sum(1))
+    for name in EXAMPLE_ID_KEYS:
+        ids = batch.get(name)
+        if isinstance(ids, Tensor) and ids.dim() == 1 and ids.shape[0] == b and not ids.is_floating_point():
+            ids = ids.to(device=key.device, dtype=torch.int64)
+            with_id = _combine(_combine(key, ids & _M32), (ids >> 32) & _M32)
+            key = torch.where(ids >= 0, with_id, key)
+            break
+    return key
+
+
+def position_in_example(batch: Mapping[str, Tensor], mask: Tensor) -> Tensor:
+    """For `mask` over `logits.shape[:-1]` (dim 0 = example), each entry's index within its example, counted over
+    attended positions when `attention_mask` matches the mask's layout (so left or right padding does not shift it)."""
+    if mask.dim() == 1:
+        return torch.zeros_like(mask, dtype=torch.int64)
+    b = mask.shape[0]
+    att = batch.get("attention_mask")
+    if isinstance(att, Tensor) and att.numel() == mask.numel():
+        index = att.reshape(b, -1).to(device=mask.device, dtype=torch.int64).cumsum(1) - 1
+    else:
+        index = torch.arange(mask[0].numel(), device=mask.device).expand(b, -1)
+    return index.reshape(mask.shape)
+
+
+def position_keys(batch: Mapping[str, Tensor], mask: Tensor, seed: int, draw: int = 0) -> Tensor:
+    """[N] 32-bit counters, one per valid position of `mask` (in `logits[mask]` order): a function of `seed`, the
+    example (`example_keys`), the position within it and the draw `draw` only. Feed them to
+    `Objective.sample_targets(outputs, keys=...)`."""
+    seed = int(seed)
+    keys = example_keys(batch).to(mask.device)
+    rows = mask.nonzero()[:, 0]
+    pos = position_in_example(batch, mask)[mask]
+    h = _combine(mix32(torch.full_like(pos, seed & _M32)), (seed >> 32) & _M32)
+    h = _combine(_combine(h, int(draw) & _M32), keys[rows])
+    return _combine(h, pos)
+
+
+def uniforms(keys: Tensor, stream: int = 0) -> Tensor:
+    """A float64 uniform in (0, 1) per counter (48 random bits), for stream `stream` of the counter."""
+    h1 = _combine(_combine(keys, 2 * stream + 1), 0x5BD1E995)
+    h2 = _combine(_combine(keys, 2 * stream + 2), 0x1B873593)
+    bits = (h1 >> 8) * (1 << 24) + (h2 >> 8)
+    return (bits.double() + 0.5) / float(1 << 48)
 
 
 def model_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -81,8 +189,12 @@ class Objective(ABC):
         """l(s_n, y_n) for each row of `outputs` [N, C]; returns [N]."""
 
     @abstractmethod
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Targets drawn from the model's predictive distribution (for the Monte-Carlo / true Fisher)."""
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None, *,
+                       keys: Tensor | None = None) -> Tensor:
+        """Targets drawn from the model's predictive distribution (for the Monte-Carlo / true Fisher).
+
+        With `keys` (one counter per row, see `position_keys`) the draw is a function of the counters and the
+        outputs only (deterministic whatever the batching); otherwise it uses `generator`."""
 
     @abstractmethod
     def hessian_vector(self, outputs: Tensor, vector: Tensor) -> Tensor:
@@ -130,8 +242,11 @@ class CrossEntropyObjective(Objective):
     def per_position_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None, *,
+                       keys: Tensor | None = None) -> Tensor:
         probs = torch.softmax(outputs.detach().float(), dim=-1)
+        if keys is not None:
+            return inverse_cdf(probs, uniforms(keys.to(probs.device)))
         if generator is not None and generator.device != probs.device:  # a CPU generator with a GPU model
             return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(outputs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -166,9 +281,15 @@ class MSEObjective(Objective):
     def per_position_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return (outputs - targets).pow(2).mean(-1)
 
-    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None, *,
+                       keys: Tensor | None = None) -> Tensor:
         # y ~ N(s, (C/2) I) makes E[g g^T] equal the output Hessian (2/C) I.
         c = outputs.shape[-1]
+        if keys is not None:  # Box-Muller on two counter streams per class
+            k = keys.to(outputs.device)[:, None] * c + torch.arange(c, device=outputs.device)  # < 2^63
+            k = mix32(k) ^ mix32(k >> 32)
+            z = torch.sqrt(-2 * torch.log(uniforms(k, 0))) * torch.cos(2 * math.pi * uniforms(k, 1))
+            return outputs.detach() + z.to(outputs.dtype) * (c / 2) ** 0.5
         device = generator.device if generator is not None else outputs.device  # a CPU generator with a GPU model
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=device).to(outputs.device)
         return outputs.detach() + noise * (c / 2) ** 0.5
@@ -180,3 +301,33 @@ class MSEObjective(Objective):
         n, c = outputs.shape
         eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device) * (2.0 / c) ** 0.5
         return eye.expand(n, c, c)
+
+
+def inverse_cdf(probs: Tensor, u: Tensor, block: int = 256) -> Tensor:
+    """Class index per row of `probs` [N, C] (unnormalised is fine) with `u` [N] in (0, 1): the first class whose
+    cumulative probability reaches `u` × the row's total.
+
+    Two levels, so that the cost stays near one pass over `probs` (a float64 cumulative sum over a 50k vocabulary
+    costs several softmaxes): float64 sums of blocks of `block` classes pick the block, then a float64 cumulative
+    sum inside that block picks the class. Rows are processed in chunks to bound temporary memory.
+    """
+    n, c = probs.shape
+    out = torch.empty(n, dtype=torch.int64, device=probs.device)
+    full = (c // block) * block
+    offsets = torch.arange(block, device=probs.device)
+    step = max(1, _CDF_CHUNK // max(c, 1))
+    for i in range(0, n, step):
+        p = probs[i:i + step]
+        sums = [p[:, :full].view(p.shape[0], -1, block).sum(-1, dtype=torch.float64)] if full else []
+        if full < c:
+            sums.append(p[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
+        block_sums = torch.cat(sums, dim=1)  # [m, blocks]
+        block_cdf = block_sums.cumsum(-1)
+        target = u[i:i + step, None].to(device=p.device, dtype=torch.float64) * block_cdf[:, -1:]
+        b = torch.searchsorted(block_cdf, target).clamp_max(block_cdf.shape[1] - 1)  # [m, 1]
+        rest = target - (block_cdf.gather(1, b) - block_sums.gather(1, b))
+        cols = b * block + offsets  # [m, block]
+        inside = p.gather(1, cols.clamp_max(c - 1)).double().masked_fill(cols >= c, 0.0).cumsum(-1)
+        j = torch.searchsorted(inside, rest).clamp_max(block - 1)
+        out[i:i + step] = (b * block + j).squeeze(-1).clamp_max(c - 1)
+    return out

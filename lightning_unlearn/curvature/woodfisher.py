@@ -107,7 +107,7 @@ class WoodFisher(Curvature):
             if self.fisher_type == "empirical":
                 targets = pos.targets
             else:
-                targets = self.objective.sample_targets(pos.outputs, self.generator).to(pos.outputs.device)
+                targets = self.sample_targets(pos, batch)
             losses = self.objective.per_position_loss(pos.outputs, targets)
             example = pos.example_index
             per_example = torch.zeros(int(example.max()) + 1, dtype=losses.dtype, device=losses.device)
