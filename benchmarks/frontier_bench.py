@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 
+from lightning_unlearn.demo import DEFAULT_SETTINGS
 from lightning_unlearn.methods import build_curvature, build_unlearner
 from lightning_unlearn.methods.base import DEFAULT_RELATIVE_DAMPING
+from lightning_unlearn.request import serve_request
 
 #: the first-order baselines the default recipe's curve is compared with (`frontier_wins`)
 FIRST_ORDER = ("gradient_ascent", "gradient_difference", "npo")
@@ -154,13 +156,13 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
         say(f"  {method} {knob}: {privacy}, mia {row['mia_auc']:.3f}, ppl {row['dppl_percent']:+.2f} %")
         return row
 
-    # the default recipe: no knob set, the target calibrated on the holdout data
+    # the default recipe: no knob set, the target calibrated on the holdout data; the demo's request (its settings,
+    # 8 curvature batches) through the path of every driver
     model = copy.deepcopy(original)
-    unlearner = build_unlearner("newton", model)
     start = time.perf_counter()
-    unlearner.fit(forget, retain[:8], held_retain_batch=held, holdout_batches=holdout)
+    result = serve_request(model, forget, retain[:8], holdout, settings=DEFAULT_SETTINGS, held_retain=held)
     seconds = time.perf_counter() - start
-    summary = unlearner.summary()
+    unlearner, summary = result.unlearner, result.summary
     point("newton_kfac", "default", model, default=True, seconds=seconds, status=summary["status"],
           target=summary["target"], steps_accepted=summary["steps_accepted"], tau=unlearner.target_score,
           rho=DEFAULT_RELATIVE_DAMPING)
@@ -364,10 +366,10 @@ def _task(kind: str, config: Any, cache: str, small: bool, threads: int, resume:
     if resume and path.exists():
         return json.loads(path.read_text())
 
-    from lightning_unlearn.demo import _quiet_libraries
+    from lightning_unlearn.demo import quiet_libraries
 
     torch.set_num_threads(threads)
-    _quiet_libraries()
+    quiet_libraries()
     start = time.perf_counter()
 
     def say(msg: str) -> None:

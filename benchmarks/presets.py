@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lightning_unlearn.experiment import ExperimentConfig, UnlearnSettings
+from lightning_unlearn.experiment import ExperimentConfig
+from lightning_unlearn.methods import second_order_methods
 from lightning_unlearn.qa_experiment import QAConfig
+from lightning_unlearn.settings import UnlearnSettings
 
-SECOND_ORDER = ("newton", "fisher_removal", "fisher_forgetting")
+#: the methods that use curvature (the method registry's list)
+SECOND_ORDER = second_order_methods()
 
 
 @dataclass
@@ -60,14 +63,16 @@ class Preset:
 
 def _newton(curv: str, damping: float, scale: float = 1.0, steps: int = 1, batches: int = 8,
             loss: str = "unlikelihood", method: str = "newton", **extra) -> UnlearnSettings:
+    curvature_kwargs = extra.pop("curvature_kwargs", {})
     return UnlearnSettings(method=method, curvature=curv, curvature_data="retain", curvature_batches=batches,
-                           damping=damping, scale=scale, steps=steps, forget_loss=loss, extra=extra)
+                           damping=damping, scale=scale, steps=steps, forget_loss=loss, method_kwargs=extra,
+                           curvature_kwargs=curvature_kwargs)
 
 
 def _first(method: str, lr: float, steps: int, loss: str = "unlikelihood", **extra) -> UnlearnSettings:
     # damping is the learning-rate divisor of first-order methods (1 = the given lr); no curvature
     return UnlearnSettings(method=method, curvature_batches=1, damping=1.0, scale=1.0, steps=steps,
-                           forget_loss=loss, extra={"lr": lr, **extra})
+                           forget_loss=loss, method_kwargs={"lr": lr, **extra})
 
 
 def _cg(**kw) -> dict:

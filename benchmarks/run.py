@@ -8,7 +8,7 @@ A run trains (or loads from `--cache`) the original model with canaries and the 
 the forget set, runs every method of the preset's sweep on a copy of the original, evaluates every metric with the
 retrained model as the reference (KS forget quality, privleak), and writes `benchmarks/results/<preset>/`:
 `results.json` ({"methods": [rows], ...}), `results.md` and PNG plots. Files are written atomically and checked
-for canary secrets and forget texts (`report._atomic_write`); rows hold numbers and settings only.
+for canary secrets and forget texts (`report.atomic_write`); rows hold numbers and settings only.
 
 Definitions (also in results.md):
 - `time_over_fwd_bwd`: unlearn_seconds / the seconds of one forward+backward pass over the forget set plus the
@@ -39,7 +39,9 @@ from typing import Any
 import torch
 
 from benchmarks.presets import PRESETS, SECOND_ORDER, Preset
-from lightning_unlearn.experiment import Experiment, UnlearnSettings
+from lightning_unlearn.experiment import Experiment
+from lightning_unlearn.request import serve_request
+from lightning_unlearn.settings import UnlearnSettings
 
 ROOT = Path(__file__).resolve().parent
 COLORS = {"newton_kfac": "tab:blue", "newton_cg": "tab:cyan", "newton_woodfisher": "tab:purple",
@@ -113,31 +115,28 @@ def settings_text(s: UnlearnSettings) -> str:
     if s.method in SECOND_ORDER:
         parts += [f"λ={s.damping:g}", f"η={s.scale:g}", f"curv_batches={s.curvature_batches}"]
     else:
-        parts += [f"lr={s.extra.get('lr', 0):g}"]
+        parts += [f"lr={s.method_kwargs.get('lr', 0):g}"]
     parts += [f"steps≤{s.steps}" if s.forget_target is not None else f"steps={s.steps}", s.forget_loss]
-    parts += [f"{k}={v:g}" for k, v in s.extra.items() if k in ("mu",)]
+    parts += [f"{k}={v:g}" for k, v in s.method_kwargs.items() if k in ("mu",)]
     return " ".join(parts)
 
 
 def run_method(exp: Experiment, original: torch.nn.Module, settings: UnlearnSettings) -> dict[str, Any]:
-    """`Experiment.unlearn`, inlined to keep the unlearner (its curvature's footprint) and to sample memory."""
-    from lightning_unlearn.methods import build_unlearner
-
+    """One request through `serve_request` (the path of every driver) on a copy of `original`, with no holdout
+    target (the sweep's settings set their own stop), its peak memory sampled; the method is kept for its
+    curvature's footprint."""
     model = copy.deepcopy(original).eval()
-    kwargs = settings.kwargs()
-    if settings.method == "npo":
-        kwargs.setdefault("reference", copy.deepcopy(model))
-    torch.manual_seed(exp.config.seed)
-    unlearner = build_unlearner(settings.method, model, **kwargs)
     forget = exp.forget_batches()
     retain = exp.retain_batches(settings.curvature_batches)
     held = exp.held_retain_batch()
     curvature_batches = retain if settings.method in SECOND_ORDER else []
     fwd_bwd = fwd_bwd_seconds(model, forget + curvature_batches)
+    torch.manual_seed(exp.config.seed)
     with PeakRSS() as mem:
         start = time.perf_counter()
-        history = unlearner.fit(forget, retain, held_retain_batch=held)
+        result = serve_request(model, forget, retain, settings=settings, held_retain=held)
         seconds = time.perf_counter() - start
+    history, unlearner = list(result), result.unlearner
     curvature = getattr(unlearner, "curvature", None)
     out: dict[str, Any] = {
         "unlearn_seconds": seconds, "fwd_bwd_seconds": fwd_bwd, "peak_rss_mb": mem.peak_mb,
@@ -202,15 +201,13 @@ def method_rows(exp: Experiment, preset: Preset, say: Callable[[str], None],
                  "time_over_retrain": 1.0})
     level = after_retrain["exposure/mean"] + preset.level_bits
     for i, run in enumerate(preset.runs):
-        settings = dataclasses.replace(run.settings, extra=dict(run.settings.extra))
-        if run.target:
-            settings.forget_target = target
+        settings = run.settings.replace(forget_target=target) if run.target else run.settings.replace()
         say(f"[{i + 1}/{len(preset.runs)}] {run.label}: {settings_text(settings)}")
         out = run_method(exp, original, settings)
         model = out.pop("model")
         result = exp.evaluate(model, reference=retrained)
         row = {"method": run.label, "setting": settings_text(settings),
-               "hyperparameters": dataclasses.asdict(settings), **metrics_row(result, before_ppl), **out}
+               "hyperparameters": settings.to_dict(), **metrics_row(result, before_ppl), **out}
         row["time_over_fwd_bwd"] = out["unlearn_seconds"] / out["fwd_bwd_seconds"]
         row["time_over_retrain"] = out["unlearn_seconds"] / retrain_seconds
         row["time_over_retrain_same_process"] = out["unlearn_seconds"] / retrain_same_process
@@ -423,9 +420,9 @@ def targets(rows: list[dict], ttf: dict[str, dict], gpt2: dict[str, Any]) -> lis
 
 # ---------------------------------------------------------------------------------------------------- plots
 def _fig_bytes(fig) -> bytes:
-    from lightning_unlearn.report import _figure_bytes
+    from lightning_unlearn.report import figure_bytes
 
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def _plt():
@@ -621,13 +618,13 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
     `scaling_only`: measure the GPT-2-small K-FAC memory and the scaling curves only, into `scaling.json` (no model is
     trained); `reuse_scaling`: take them from that file instead of measuring them again (so that the two parts can run
     at the same time)."""
-    from lightning_unlearn.demo import _quiet_libraries
-    from lightning_unlearn.report import _atomic_write, _clean
+    from lightning_unlearn.demo import quiet_libraries
+    from lightning_unlearn.report import atomic_write, json_safe
 
     preset = PRESETS[preset_name]
     output = Path(output) if output is not None else ROOT / "results" / preset_name
     start = time.perf_counter()
-    _quiet_libraries()
+    quiet_libraries()
 
     def say(msg: str) -> None:
         if progress:
@@ -638,7 +635,7 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
                 "scaling": scaling(preset, say), "environment": {"torch_threads": torch.get_num_threads()}}
         part["seconds"] = time.perf_counter() - start
         output.mkdir(parents=True, exist_ok=True)
-        _atomic_write(output / "scaling.json", json.dumps(_clean(part), indent=1).encode(), [])
+        atomic_write(output / "scaling.json", json.dumps(json_safe(part), indent=1).encode(), [])
         say(f"wrote {output / 'scaling.json'} in {part['seconds']:.0f} s")
         return part
     if preset.frontier:
@@ -651,7 +648,7 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
     partial = output / "results.partial.json"
 
     def on_row(rows: list[dict]) -> None:  # rows so far, in case the run is interrupted
-        _atomic_write(partial, json.dumps(_clean({"preset": preset_name, "methods": rows}), indent=1).encode(),
+        atomic_write(partial, json.dumps(json_safe({"preset": preset_name, "methods": rows}), indent=1).encode(),
                       secrets)
 
     rows, context = method_rows(exp, preset, say, on_row)
@@ -680,9 +677,9 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         plots["scaling.png"] = plot_scaling(scale)
     result["plots"] = list(plots)
     for name, data in plots.items():
-        _atomic_write(output / name, data, secrets)
-    _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
-    _atomic_write(output / "results.md", markdown(result).encode(), secrets)
+        atomic_write(output / name, data, secrets)
+    atomic_write(output / "results.json", json.dumps(json_safe(result), indent=1).encode(), secrets)
+    atomic_write(output / "results.md", markdown(result).encode(), secrets)
     partial.unlink(missing_ok=True)
     say(f"wrote {output} in {result['runtime_seconds']:.0f} s")
     return result
@@ -705,7 +702,7 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
     """The frontier presets: every method's curve on canaries and QA over the preset's seeds (see
     `benchmarks/frontier_bench.py`), the default recipe and its targets, plus K-FAC memory and scaling."""
     from benchmarks import frontier_bench
-    from lightning_unlearn.report import _atomic_write, _clean
+    from lightning_unlearn.report import atomic_write, json_safe
 
     configs = {"canaries": [dataclasses.replace(preset.experiment, seed=s) for s in preset.seeds],
                "qa": [dataclasses.replace(preset.qa, seed=s) for s in preset.seeds]}
@@ -744,9 +741,9 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
         markdown_memory_scaling(result)) + "\n"
     output.mkdir(parents=True, exist_ok=True)
     for name, data in plots.items():
-        _atomic_write(output / name, data, secrets)
-    _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
-    _atomic_write(output / "results.md", md.encode(), secrets)
+        atomic_write(output / name, data, secrets)
+    atomic_write(output / "results.json", json.dumps(json_safe(result), indent=1).encode(), secrets)
+    atomic_write(output / "results.md", md.encode(), secrets)
     say(f"wrote {output} in {result['runtime_seconds']:.0f} s")
     return result
 
@@ -755,7 +752,7 @@ def finalize_partial(preset_name: str, output: str | Path | None = None, cache: 
                      ) -> dict[str, Any]:
     """Write results.json/md and plots from `results.partial.json` (+ `scaling.json`) of an interrupted run: the rows
     measured so far, marked as partial. Nothing is re-measured."""
-    from lightning_unlearn.report import _atomic_write, _clean
+    from lightning_unlearn.report import atomic_write, json_safe
 
     preset = PRESETS[preset_name]
     output = Path(output) if output is not None else ROOT / "results" / preset_name
@@ -791,9 +788,9 @@ def finalize_partial(preset_name: str, output: str | Path | None = None, cache: 
              "time_to_forget.png": plot_time_to_forget(ttf, context), "scaling.png": plot_scaling(scale)}
     result["plots"] = list(plots)
     for name, data in plots.items():
-        _atomic_write(output / name, data, secrets)
-    _atomic_write(output / "results.json", json.dumps(_clean(result), indent=1).encode(), secrets)
-    _atomic_write(output / "results.md", markdown(result).encode(), secrets)
+        atomic_write(output / name, data, secrets)
+    atomic_write(output / "results.json", json.dumps(json_safe(result), indent=1).encode(), secrets)
+    atomic_write(output / "results.md", markdown(result).encode(), secrets)
     return result
 
 

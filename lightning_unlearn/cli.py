@@ -555,6 +555,10 @@ def load_demo_config(path: str | None):
             setattr(target, key, tuple(value) if isinstance(default, tuple) else value)
     _check_choices({"model": {"method": settings.method, "curvature": settings.curvature,
                               "curvature_data": settings.curvature_data}})
+    try:
+        settings = settings.replace()  # every field checked again, together (`UnlearnSettings.validate`)
+    except UserInputError as err:
+        raise ConfigError(f"unlearning: {err}") from None
     return config, settings
 
 

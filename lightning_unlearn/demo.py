@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EXIT_NOTHING_ACCEPTED
-from .experiment import Experiment, ExperimentConfig, UnlearnSettings, _atomic_save_pretrained, summarize
+from .experiment import Experiment, ExperimentConfig, atomic_save_pretrained, summarize
 from .io import atomic_directory, check_output, mark_running, utc_now, write_manifest
+from .settings import UnlearnSettings
 
-#: the demo's unlearning run: the method's default recipe (no damping, scale, steps or forget loss set), its target
-#: calibrated on the experiment's holdout data (never-inserted canaries)
-DEFAULT_SETTINGS = UnlearnSettings(method="newton", curvature="kfac", curvature_data="retain", curvature_batches=8)
+#: the demo's unlearning run: `UnlearnSettings`' defaults (the method's default recipe: no damping, scale, steps or
+#: forget loss set; the target calibrated on the experiment's holdout data, never-inserted canaries) with 8 curvature
+#: batches, which the demo's 1M-parameter model needs no more than (and which keep it a laptop-sized run)
+DEFAULT_SETTINGS = UnlearnSettings(curvature_batches=8)
 
 
 def run_demo(output: str | Path = "runs/demo", *, config: ExperimentConfig | None = None,
@@ -69,7 +71,7 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
     from .report import hash_state_dict, write_report
 
     start = time.perf_counter()
-    _quiet_libraries()
+    quiet_libraries()
     exp = Experiment(config, cache if cache is not None else work, progress=progress)
     _say(progress, f"building the corpus ({config.corpus_bytes / 1e6:.1f} MB) and the tokenizer")
     data = exp.data
@@ -85,10 +87,10 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
     run = dict(getattr(exp, "last_summary", None) or {})  # the method's summary(): status, target, losses
     _say(progress, "evaluating the unlearned model")
     after = exp.evaluate(unlearned, reference=retrained)
-    _atomic_save_pretrained(unlearned, work / "model", tokenizer=data.tokenizer)
+    atomic_save_pretrained(unlearned, work / "model", tokenizer=data.tokenizer)
     # what a LightningCLI run (configs/unlearn_*.yaml) needs to unlearn the same model again, another way
-    _atomic_save_pretrained(original, work / "original", tokenizer=data.tokenizer)
-    _atomic_save_pretrained(retrained, work / "retrained", tokenizer=data.tokenizer)
+    atomic_save_pretrained(original, work / "original", tokenizer=data.tokenizer)
+    atomic_save_pretrained(retrained, work / "retrained", tokenizer=data.tokenizer)
     (work / "data").mkdir(exist_ok=True)
     exp.train_dataset.to_json(str(work / "data" / "train.jsonl"), lines=True)
     exp.registry.save(work / "data" / "canaries.json")
@@ -98,8 +100,7 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
     timing = {"train_seconds": exp.timings["train_seconds"], "retrain_seconds": exp.timings["retrain_seconds"],
               "unlearn_seconds": unlearn_seconds, "total_seconds": time.perf_counter() - start}
     summary = {
-        "curvature": settings.curvature if settings.method in ("newton", "fisher_removal", "fisher_forgetting")
-        else None,
+        "curvature": settings.curvature if settings.second_order else None,
         "before": summarize(before), "after": summarize(after), "retrain": summarize(retrain),
         "timing": timing,
         "steps": [r.to_dict() for r in history],
@@ -108,15 +109,15 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
         "unlearning": run,
     }
     write_report(work, after=after, before=before, reference=retrain, method=settings.method,
-                 hyperparameters={"unlearning": dataclasses.asdict(settings), "experiment": dataclasses.asdict(config)},
+                 hyperparameters={"unlearning": settings.to_dict(), "experiment": dataclasses.asdict(config)},
                  timings=timing, seed=config.seed, forget_sha256=_forget_sha256(data),
                  weights_before_sha256=hash_state_dict(original), weights_after_sha256=hash_state_dict(unlearned),
-                 secrets=secrets, summary={**summary, "method_settings": dataclasses.asdict(settings)})
+                 secrets=secrets, summary={**summary, "method_settings": settings.to_dict()})
     summary["method"] = settings.method
     return summary
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the terminal to our own progress: no per-map bars from datasets, no load reports from transformers."""
     import warnings
 

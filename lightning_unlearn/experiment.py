@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from torch import nn
 
 from .curvature.base import Curvature
 from .io import atomic_directory
+from .request import RequestResult, serve_request
+from .settings import UnlearnSettings as UnlearnSettings  # re-exported: its home before every driver shared it
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +62,7 @@ class ExperimentConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-@dataclass
-class UnlearnSettings:
-    """The unlearning run: a method of `lightning_unlearn.methods` and its knobs. A knob left at None takes the
-    method's own default (for the second-order methods: the default recipe, see `SecondOrderUnlearner`)."""
-
-    method: str = "newton"
-    curvature: str = "kfac"
-    curvature_data: str = "retain"
-    curvature_batches: int = 8
-    damping: float | None = None
-    scale: float | None = None
-    steps: int | None = None
-    forget_loss: str | None = None
-    max_retain_increase: float | None = 0.05
-    forget_target: float | None = None
-    #: calibrate the target on the experiment's holdout data (`Experiment.holdout_batches`)
-    use_holdout: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def kwargs(self) -> dict[str, Any]:
-        """Constructor arguments of the method (first-order methods take no curvature arguments)."""
-        kw: dict[str, Any] = dict(max_retain_increase=self.max_retain_increase, forget_target=self.forget_target)
-        for key in ("steps", "forget_loss", "damping", "scale"):
-            if getattr(self, key) is not None:
-                kw[key] = getattr(self, key)
-        if self.method in ("newton", "fisher_removal", "fisher_forgetting"):
-            kw.update(curvature_backend=self.curvature, curvature_data=self.curvature_data)
-        kw.update(self.extra)
-        return kw
-
-
-def _atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
+def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
     """`save_pretrained` (safetensors) into a temporary sibling folder, then renamed: no half-written model."""
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -111,6 +82,7 @@ class Experiment:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.last_summary: dict[str, Any] = {}
+        self.last_result: RequestResult | None = None
         self._data = None
         self._registry = None
         self.train_dataset = None  # the training text with canaries (columns text, canary_id, spans)
@@ -191,11 +163,11 @@ class Experiment:
                     rows.append(row)
         return [{k: torch.stack([r[k] for r in rows[i:i + 64]]) for k in rows[0]} for i in range(0, len(rows), 64)]
 
-    def retain_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
-        """The first `n` batches of the deterministic retain curvature loader."""
+    def retain_batches(self, n: int | None) -> list[dict[str, torch.Tensor]]:
+        """The first `n` batches of the deterministic retain curvature loader (None: all of them)."""
         out = []
         for i, b in enumerate(self.data.curvature_dataloader("retain")):
-            if i >= n:
+            if n is not None and i >= n:
                 break
             out.append(b)
         return out
@@ -243,7 +215,7 @@ class Experiment:
         trainer.fit(module, train_dataloaders=self.data.dataloader(split, shuffle=True))
         seconds = time.perf_counter() - start
         model = module.model.eval()
-        _atomic_save_pretrained(model, path)
+        atomic_save_pretrained(model, path)
         meta.write_text(json.dumps({"seconds": seconds, "steps": c.train_steps, "split": split}))
         self.timings[timing] = seconds
         return model
@@ -251,26 +223,24 @@ class Experiment:
     # ------------------------------------------------------------------ unlearning and evaluation
     def unlearn(self, model: nn.Module, settings: UnlearnSettings, *, full_curvature: Curvature | None = None,
                 log: Callable[[Any], None] | None = None) -> tuple[nn.Module, list[Any], float]:
-        """Run `settings.method` on a copy of `model`; returns (unlearned copy, step records, seconds)."""
-        from .methods import build_unlearner
-
+        """Run the request of `settings` on a copy of `model` with `serve_request` (the path of every driver): the
+        forget batches, `settings.curvature_batches` retain batches (curvature and retain term), the held retain
+        batch and the holdout batches (the target; `settings.holdout_batches=0` for none). Returns (unlearned copy,
+        step records, seconds of the request); `last_result` keeps the `RequestResult` (its method and curvature),
+        `last_summary` the method's summary."""
         model = copy.deepcopy(model).eval()
-        kwargs = settings.kwargs()
-        if full_curvature is not None:
-            kwargs["full_curvature"] = full_curvature
-        if settings.method == "npo":
-            kwargs.setdefault("reference", copy.deepcopy(model))
-        unlearner = build_unlearner(settings.method, model, log=log, **kwargs)
         forget = self.forget_batches()
         retain = self.retain_batches(settings.curvature_batches)
         held = self.held_retain_batch()
-        holdout = self.holdout_batches() if settings.use_holdout else None
+        holdout = self.holdout_batches() if settings.holdout_batches != 0 else None
         start = time.perf_counter()
-        history = unlearner.fit(forget, retain, held_retain_batch=held, holdout_batches=holdout)
+        result = serve_request(model, forget, retain, holdout, settings=settings, held_retain=held,
+                               full_curvature=full_curvature, log=log)
         seconds = time.perf_counter() - start
-        #: the last run's `Unlearner.summary()` (status, target, losses before/after)
-        self.last_summary = unlearner.summary()
-        return model, history, seconds
+        #: the last run's request: its records, `Unlearner.summary()` (status, target, losses) and method
+        self.last_result = result
+        self.last_summary = result.summary
+        return model, list(result), seconds
 
     def evaluate(self, model: nn.Module, reference: nn.Module | None = None, **kwargs: Any) -> Any:
         """Every metric of `lightning_unlearn.metrics.evaluate`, with canaries as forget / references as holdout."""

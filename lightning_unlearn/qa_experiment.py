@@ -1,7 +1,8 @@
 """A TOFU-style question-answering unlearning experiment on fictitious people, offline.
 
 The sibling of the canary experiment (`experiment.Experiment`): same caching of the original and retrained models
-under `<output>/cache/<key>/`, same `train(split)` and `unlearn(...)`; only the data side differs. The forget set
+under `<output>/cache/<key>/`, same `train(split)` and `unlearn(...)` (a `serve_request` with `UnlearnSettings`, like
+every driver's); only the data side differs. The forget set
 is every training QA pair of the forget people, with span-level forgetting on the answer (the question is context).
 Holdout people (never trained on, same generator) calibrate "unseen": membership inference compares forget with
 holdout answers, and the forget quality (TOFU) is the KS test between the per-example forget losses of the unlearned
@@ -147,8 +148,9 @@ class QAExperiment(Experiment):
         """One batch of retain QA pairs (training phrasing, labels on the answer), a seeded sample over people."""
         return next(iter(self.qa_loader(self._sample(self.corpus.retain, 32, "held"), batch_size=32)))
 
-    def retain_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
-        """The first `n` batches of the deterministic (unshuffled, packed) retain loader: QA and background."""
+    def retain_batches(self, n: int | None) -> list[dict[str, torch.Tensor]]:
+        """The first `n` batches of the deterministic (unshuffled, packed) retain loader: QA and background (None:
+        all)."""
         return super().retain_batches(n)
 
     # ------------------------------------------------------------------ evaluation

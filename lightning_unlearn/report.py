@@ -76,14 +76,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe values: NaN/inf -> None, tensors -> numbers, unknown objects -> str."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if value is None or isinstance(value, (bool, int, str)):
@@ -91,7 +91,7 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def _atomic_write(path: Path, data: bytes, secrets: Sequence[bytes]) -> Path:
+def atomic_write(path: Path, data: bytes, secrets: Sequence[bytes]) -> Path:
     """Write through a temporary file in the same folder and `os.replace`, after checking for secrets."""
     for secret in secrets:
         if secret and secret in data:
@@ -165,7 +165,8 @@ def _markdown(report: dict[str, Any], plots: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure_bytes(fig) -> bytes:
+def figure_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (no software tag: the same figure gives the same bytes); closes it."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -202,7 +203,7 @@ def plot_exposure(before: Mapping[str, list] | None, after: Mapping[str, list]) 
     ax.set_xlabel("inserted canary (id, repetitions)")
     ax.set_title("Canary exposure: lower is better, the reference band is the target")
     ax.legend(fontsize=7)
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def plot_loss_histograms(panels: Mapping[str, Mapping[str, list]]) -> bytes:
@@ -221,7 +222,7 @@ def plot_loss_histograms(panels: Mapping[str, Mapping[str, list]]) -> bytes:
         ax.set_title(title)
         ax.set_xlabel("mean token loss (nats)")
         ax.legend(fontsize=7)
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def plot_privacy_utility(runs: Sequence[Mapping[str, Any]], privacy: str, utility: str) -> bytes:
@@ -241,7 +242,7 @@ def plot_privacy_utility(runs: Sequence[Mapping[str, Any]], privacy: str, utilit
     ax.set_xlabel(f"{utility} ({direction(utility)[0]})")
     ax.set_ylabel(f"{privacy} ({direction(privacy)[0]})")
     ax.set_title("Privacy against utility")
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def write_report(
@@ -280,39 +281,39 @@ def write_report(
     per = {name: getattr(m, "per_example", None) for name, m in
            (("before", before), ("after", after), ("reference", reference))}
     if per["after"] and per["after"].get("exposure/canary"):
-        files["exposure_plot"] = _atomic_write(out / "exposure.png", plot_exposure(per["before"], per["after"]), guard)
+        files["exposure_plot"] = atomic_write(out / "exposure.png", plot_exposure(per["before"], per["after"]), guard)
         plots.append("exposure.png")
     panels = {name: p for name, p in per.items() if p and p.get("forget/loss") and p.get("holdout/loss")}
     if panels:
-        files["loss_plot"] = _atomic_write(out / "loss_histograms.png", plot_loss_histograms(panels), guard)
+        files["loss_plot"] = atomic_write(out / "loss_histograms.png", plot_loss_histograms(panels), guard)
         plots.append("loss_histograms.png")
     if runs and len(runs) >= 2:
         keys = set().union(*(r["metrics"] for r in runs))
         privacy = privacy_metric or next((k for k in ("exposure/mean", "mia/min_k/auroc", "mia/loss/auroc")
                                           if k in keys), None)
         if privacy is not None:
-            files["privacy_utility_plot"] = _atomic_write(
+            files["privacy_utility_plot"] = atomic_write(
                 out / "privacy_utility.png", plot_privacy_utility(runs, privacy, utility_metric), guard)
             plots.append("privacy_utility.png")
     report = {
         "schema_version": 1,
         "method": method,
-        "hyperparameters": _clean(hyperparameters or {}),
+        "hyperparameters": json_safe(hyperparameters or {}),
         "seed": seed,
-        "timings_s": _clean(timings or {}),
+        "timings_s": json_safe(timings or {}),
         "hashes": {"forget_set_sha256": forget_sha256, "weights_before_sha256": weights_before_sha256,
                    "weights_after_sha256": weights_after_sha256},
         "versions": library_versions(),
-        "metrics": {"before": _clean(dict(before or {})), "after": _clean(dict(after)),
-                    "reference": _clean(dict(reference or {}))},
-        "runs": _clean([{"name": r.get("name"), "metrics": dict(r["metrics"])} for r in runs or []]),
+        "metrics": {"before": json_safe(dict(before or {})), "after": json_safe(dict(after)),
+                    "reference": json_safe(dict(reference or {}))},
+        "runs": json_safe([{"name": r.get("name"), "metrics": dict(r["metrics"])} for r in runs or []]),
         "plots": plots,
     }
     clash = set(summary or {}) & set(report)
     if clash:
         raise ValueError(f"summary keys {sorted(clash)} clash with the report's own keys; rename them")
-    report.update(_clean(dict(summary or {})))
-    files["json"] = _atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode(),
+    report.update(json_safe(dict(summary or {})))
+    files["json"] = atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode(),
                                   guard)
-    files["markdown"] = _atomic_write(out / "report.md", _markdown(report, plots).encode("utf-8"), guard)
+    files["markdown"] = atomic_write(out / "report.md", _markdown(report, plots).encode("utf-8"), guard)
     return files

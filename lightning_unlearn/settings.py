@@ -25,6 +25,20 @@ from .methods.inputs import check_keywords
 FullCurvature = str | Path | Curvature | Mapping[str, Any] | None
 
 
+#: method arguments that a request sets itself, so they are refused in `method_kwargs` (the request would fit one
+#: curvature and the method be told of another)
+REQUEST_KEYWORDS = {
+    "curvature": "the request fits the curvature (set curvature, curvature_data, curvature_batches)",
+    "full_curvature": "give full_curvature= as a setting of its own",
+    "curvature_backend": "give curvature= as a setting of its own",
+    "curvature_data": "give curvature_data= as a setting of its own",
+    "curvature_kwargs": "give curvature_kwargs= as a setting of its own",
+    "reduce": "the driver sets it (its strategy's all-reduce)",
+    "gather": "the driver sets it (its strategy's all-gather)",
+    "log": "the driver sets it",
+}
+
+
 @dataclass
 class UnlearnSettings:
     """The settings of one deletion request; a knob left at None takes the method's own default (for the
@@ -83,6 +97,10 @@ class UnlearnSettings:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise `UserInputError` naming the first invalid field and the valid values."""
+        taken = sorted(set(self.method_kwargs) & set(REQUEST_KEYWORDS))
+        if taken:
+            raise UserInputError(f"method_kwargs: {taken[0]!r} is not a method setting here: "
+                                 f"{REQUEST_KEYWORDS[taken[0]]}")
         try:
             check_method_settings(self.method, self.method_kwargs)
         except UserInputError:
