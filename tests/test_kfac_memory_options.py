@@ -201,3 +201,20 @@ def g_kinds(kfac: KFAC) -> dict[str, str]:
     from lightning_unlearn.curvature.kfac import g_structure
 
     return {layer.name.split(".", 3)[-1]: g_structure(kfac.eigen[layer.name][2]) for layer in kfac.layers}
+
+
+def test_memory_benchmark_measures_the_closed_form_and_keeps_results_md(tmp_path: Path) -> None:
+    from benchmarks import kfac_memory
+
+    result = kfac_memory.measure(blocks=1, hidden=32, say=lambda m: None)
+    for row in result["rows"]:
+        for storage in ("fp32", "bf16"):
+            assert row[storage]["measured"] == pytest.approx(row[storage]["closed_form"], rel=1e-12)
+    rows = {r["option"]: r for r in result["rows"]}
+    assert rows["default: A, G and their eigendecompositions"]["fp32"]["direction_cosine"] == pytest.approx(1.0)
+    (tmp_path / "results.md").write_text("# Results\n\n## K-FAC memory on GPT-2-small shapes\n\nold\n\n## Plots\n\nx\n")
+    for _ in range(2):  # the section is inserted once, then replaced
+        kfac_memory.write(result, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert text.count(kfac_memory.SECTION) == 1 and "old" in text and text.index("old") < text.index(
+        kfac_memory.SECTION) < text.index("## Plots")
