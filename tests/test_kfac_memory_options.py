@@ -102,6 +102,22 @@ def test_state_round_trips_between_kept_and_dropped_factors(tmp_path: Path, save
     close(other.apply(v, 1e-2, -1.0), saved.apply(v, 1e-2, -1.0), rtol=0, atol=0)
 
 
+def test_diagonal_g_in_bf16_round_trips_through_the_checkpoint_file(tmp_path: Path) -> None:
+    """A diagonal G has no eigenbasis (None in the state): the safetensors format keeps it."""
+    model = wide_mlp()
+    saved = fit(model, batch(1), batch(2), keep_factors=False, wide_layer="diagonal", storage_dtype=torch.bfloat16)
+    path = save_curvature(saved, tmp_path / "curvature.safetensors")
+    state = load_curvature_state(path, model=model, backend="kfac")
+    assert state["layers"]["0"]["eigen"][2] is None and state["layers"]["0"]["eigen"][0].dtype == torch.bfloat16
+    loaded = KFAC(model, objective=CrossEntropyObjective(shift=False), keep_factors=False,
+                  storage_dtype=torch.bfloat16)
+    loaded.load_state_dict(state)
+    assert loaded.g_block == {"0": 1, "2": 4}
+    assert loaded.memory_footprint() == saved.memory_footprint()
+    v = vector(saved)
+    close(loaded.apply(v, 1e-2, -1.0), saved.apply(v, 1e-2, -1.0), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- wide layers
 def dense_structured(dense: KFAC, name: str, kind: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, G with its off-structure entries zeroed) from a dense K-FAC: what a wide-layer K-FAC must hold."""
