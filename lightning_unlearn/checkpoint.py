@@ -152,16 +152,21 @@ def save_curvature(curvature: Curvature | Mapping[str, Any], path: str | Path, *
     """Write a finalized curvature (or its `state_dict`) as one safetensors file, atomically (see the module doc).
 
     `model` (default: the curvature's) gives the parameter shapes and fingerprint recorded for the load-time check;
-    `world_size` and `scope` ("full", the reduced state, by default) are recorded as such; the rest of `meta` must
-    be JSON-able and is kept under `meta`.
+    `world_size` and `scope` ("full", the reduced state, by default; "rank" and the state's world size for one
+    process's share, e.g. K-FAC with `shard_factors=True`: each process writes its own file) are recorded as such;
+    the rest of `meta` must be JSON-able and is kept under `meta`.
     """
     if isinstance(curvature, Curvature):
         state = curvature.state_dict()
         model = curvature.model if model is None else model
     else:
         state = dict(curvature)
-    world_size = int(meta.pop("world_size", 1))
-    scope = str(meta.pop("scope", "full"))
+    shard = state.get("shard")  # one process's share (K-FAC with shard_factors=True): a per-rank checkpoint
+    world_size = int(meta.pop("world_size", shard["world_size"] if shard else 1))
+    scope = str(meta.pop("scope", "rank" if shard else "full"))
+    if shard and (scope != "rank" or world_size != int(shard["world_size"])):
+        raise ValueError(f"save_curvature: this state is process {shard['rank']}'s share of {shard['world_size']} "
+                         "processes; save it with scope='rank' and that world size (each process its own file)")
     if world_size < 1 or scope not in SCOPES:
         raise ValueError(f"save_curvature: world_size must be >= 1 and scope one of {SCOPES}, got {world_size},"
                          f" {scope!r}")

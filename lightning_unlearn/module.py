@@ -16,6 +16,7 @@ split. Constructor arguments are plain types (LightningCLI-friendly) with `Unlea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import warnings
@@ -33,6 +34,7 @@ from torchmetrics.text import Perplexity
 from .curvature import model_logits
 from .curvature.objective import IGNORE_INDEX
 from .distributed import broadcast_parameters, share, strategy_gather, strategy_reduce
+from .fsdp import full_parameters, gathered_state_dict, is_sharded, shard_model
 from .io import atomic_directory
 from .metrics import ExtractionStrength, MembershipInference
 from .request import STATUS_CODES, default_batch_transform, prepare_request, record_numbers
@@ -263,10 +265,23 @@ class UnlearningModule(pl.LightningModule):
         while Lightning counts optimizer steps (`global_step`, `max_steps`, logging and checkpoint cadence)."""
         return MethodStep([p for p in self.model.parameters() if p.requires_grad])
 
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy` (FSDP2): shard the model over the data-parallel mesh
+        (`lightning_unlearn.fsdp.shard_model`: every transformer block, then the whole model), unless it is sharded
+        already. Other strategies: nothing to do."""
+        mesh = getattr(self._trainer.strategy, "device_mesh", None) if self._trainer is not None else None
+        if mesh is None or is_sharded(self.model):
+            return
+        check_strategy(self.trainer.strategy, type(self).__name__)
+        shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
+
     def on_train_start(self) -> None:
         """Fit the curvature and build the method (`prepare_request`, the first half of every driver's request),
-        then calibrate the target on this process's share of the holdout batches."""
+        then calibrate the target on this process's share of the holdout batches. An FSDP2-sharded model works on
+        its gathered parameters until the end of the run (`lightning_unlearn.fsdp.full_parameters`)."""
         trainer = self.trainer
+        self._full_parameters = contextlib.ExitStack()
+        self._full_parameters.enter_context(full_parameters(self.model))
         rank, world = trainer.global_rank, trainer.world_size
         source = self._curvature_source() if self.settings.second_order else None
         holdout = self._holdout_source()
@@ -332,12 +347,26 @@ class UnlearningModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.trainer.world_size > 1:
             broadcast_parameters(self.model)  # every process ends with the same weights (see serve_request)
+        if is_sharded(self.model) and self.trainer.is_global_zero:  # full values for save_pretrained on rank 0
+            self._gathered_state = gathered_state_dict(self.model)
+        self._leave_full_parameters(None)
         if self._done != "already_reached" and self.status == "nothing_accepted":
             from .methods.base import NothingAcceptedWarning
 
             warnings.warn(f"UnlearningModule: {self.method} accepted no step ({len(self.history)} trial(s) rolled "
                           "back): the model is unchanged. Check the step records' reasons in `history`",
                           NothingAcceptedWarning, stacklevel=2)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._leave_full_parameters(exception)  # the shards keep their values from before the run
+
+    def _leave_full_parameters(self, error: BaseException | None) -> None:
+        stack, self._full_parameters = getattr(self, "_full_parameters", None), None
+        if stack is not None:
+            if error is None:
+                stack.close()
+            else:
+                stack.__exit__(type(error), error, error.__traceback__)
 
     # ------------------------------------------------------------------ outcome
     @property
@@ -453,9 +482,17 @@ class UnlearningModule(pl.LightningModule):
                              " to another directory")
         if self._trainer is not None and not self.trainer.is_global_zero:
             return path
+        gathered = getattr(self, "_gathered_state", None) if is_sharded(self.model) else None
+        if is_sharded(self.model) and gathered is None:
+            raise RuntimeError("UnlearningModule.save_pretrained: the model is sharded (FSDP2) and no gathered copy of "
+                               "its weights is at hand; save after a fit on this module (rank 0 keeps one)")
         with atomic_directory(path) as tmp:
             if hasattr(self.model, "save_pretrained"):
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered)
+            elif gathered is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in gathered.items()}, str(tmp / "model.safetensors"))
             else:
                 from safetensors.torch import save_model
 

@@ -35,6 +35,7 @@ from .curvature.objective import IGNORE_INDEX
 from .curvature.registry import build_curvature
 from .distributed import agree_on_batches, broadcast_parameters, share
 from .errors import UserInputError
+from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
 from .methods.inputs import check_finite_weights
 from .settings import FullCurvature, UnlearnSettings
@@ -220,6 +221,15 @@ def make_unlearner(
         curvature=curvature, full_curvature=full_curvature, reduce=reduce, gather=gather, **request))
 
 
+def sharded_backend_kwargs(settings: UnlearnSettings, model: nn.Module, world_size: int) -> dict[str, Any]:
+    """The backend's arguments for this request: `settings.backend_kwargs()`, plus `shard_factors=True` for K-FAC on
+    an FSDP2-sharded model across several processes (each keeps 1/N of the factors) unless set explicitly."""
+    kwargs = dict(settings.backend_kwargs())
+    if settings.curvature == "kfac" and world_size > 1 and is_sharded(model):
+        kwargs.setdefault("shard_factors", True)
+    return kwargs
+
+
 def prepare_request(
     model: nn.Module,
     *,
@@ -249,16 +259,17 @@ def prepare_request(
     curvature = full = None
     if settings.second_order:
         data = settings.curvature_data
+        backend_kwargs = sharded_backend_kwargs(settings, model, world_size)
         if data == "retain" and not curvature_source:
             raise UserInputError(f"{who}: curvature_data='retain' needs retain=<batches>; without retain data use "
                                  "curvature_data='full_minus_forget' with a curvature checkpoint, or 'forget'")
         if data == "full_minus_forget":
             full = load_full_curvature(settings.full_curvature if full_curvature is None else full_curvature, model,
                                        settings.curvature, reduce=reduce, gather=gather,
-                                       curvature_kwargs=settings.backend_kwargs(), who=who)
+                                       curvature_kwargs=backend_kwargs, who=who)
         curvature = request_curvature(model, settings.curvature, data, list(curvature_source or []), full=full,
                                       reduce=reduce, gather=gather, rank=rank, world_size=world_size,
-                                      limit=settings.curvature_batches, curvature_kwargs=settings.backend_kwargs())
+                                      limit=settings.curvature_batches, curvature_kwargs=backend_kwargs)
     if log is not None:
         request["log"] = log
     return make_unlearner(settings, model, curvature=curvature, full_curvature=full, reduce=reduce, gather=gather,
@@ -292,6 +303,16 @@ def serve_request(
     shards: counts are agreed first) and keeps its share; `reduce`/`gather` sum/concatenate across processes.
     `prepare` turns a batch into the project's dict on the model's device (default: `batch_preparer(model)`)."""
     settings = settings if settings is not None else UnlearnSettings()
+    with full_parameters(model):  # FSDP2: the engine works on the gathered parameters, written back at the end
+        return _serve(model, forget, retain, holdout, settings=settings, held_retain=held_retain,
+                      full_curvature=full_curvature, reduce=reduce, gather=gather, rank=rank, world_size=world_size,
+                      log=log, prepare=prepare, who=who)
+
+
+def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None, holdout: Iterable[Any] | None, *,
+           settings: UnlearnSettings, held_retain: Any | None, full_curvature: FullCurvature, reduce: Reduce,
+           gather: Reduce, rank: int, world_size: int, log: Callable[[StepRecord], None] | None,
+           prepare: Prepare | None, who: str) -> RequestResult:
     prepare = prepare or batch_preparer(model)
     forget_batches = [prepare(b) for b in forget]
     retain_batches = [prepare(b) for b in retain] if retain is not None else None

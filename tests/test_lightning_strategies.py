@@ -36,8 +36,9 @@ def test_fsdp_is_refused_at_setup(callback) -> None:
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     # FSDP needs a GPU to be built by a Trainer; the check only reads the strategy's type
     trainer._accelerator_connector.strategy = FSDPStrategy()
-    with pytest.raises(UnsupportedStrategyError, match=r"does not support the FSDPStrategy strategy yet.*"
-                                                       r"strategy='ddp'"):
+    with pytest.raises(UnsupportedStrategyError, match=r"does not support the FSDPStrategy strategy.*"
+                                                       r"ModelParallelStrategy\(data_parallel_size=N, "
+                                                       r"tensor_parallel_size=1\) with .*fully_shard"):
         callback.setup(trainer, TinyLM(), "fit")
     module = UnlearningModule(small_causal_lm("gpt2"))
     module.trainer = trainer

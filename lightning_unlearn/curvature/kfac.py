@@ -105,6 +105,20 @@ def g_structure(u: Tensor | None) -> str:
     return "diagonal" if u is None else ("block" if u.dim() == 3 else "dense")
 
 
+def partition_layers(layers: Iterable[TrackedLayer], world_size: int) -> dict[str, int]:
+    """{layer name: owning process} for `shard_factors`: by the size of the factors (`(in+1)² + out²`), largest first,
+    each to the least loaded process (ties: the lowest rank); deterministic, so every process computes the same."""
+    loads = [0] * world_size
+    owner: dict[str, int] = {}
+    sized = [(-(layer.in_features + int(layer.has_bias)) ** 2 - layer.out_features ** 2, i, layer)
+             for i, layer in enumerate(layers)]
+    for _, _, layer in sorted(sized, key=lambda t: (t[0], t[1])):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[layer.name] = rank
+        loads[rank] += (layer.in_features + int(layer.has_bias)) ** 2 + layer.out_features ** 2
+    return {layer.name: owner[layer.name] for layer in layers}
+
+
 class _Capture:
     """What a forward hook saw of one layer during one forward: inputs (detached) and outputs (in the graph)."""
 
@@ -132,6 +146,11 @@ class KFAC(Curvature):
         wide_ratio: the output/input ratio above which a layer counts as wide.
         wide_block: outputs per diagonal block of G for `wide_layer="block"` (default: the layer's input width);
             the largest divisor of `out` not above it is used.
+        shard_factors: keep each layer's factors and eigendecomposition on one process only (its owner; layers are
+            partitioned by the size of their factors, largest first, to the least loaded process), so that each of
+            N processes stores about 1/N of the state (FSDP2 runs). The owner computes its layers' part of `apply`
+            and `quadratic`, which `reduce` then sums, so every process gets the full result. Needs
+            `torch.distributed` to be initialised for more than one process (otherwise: every layer is owned).
         objective, reduce, gather, seed: see `Curvature` (`seed` fixes the sampled labels of "mc").
     """
 
@@ -153,6 +172,7 @@ class KFAC(Curvature):
         wide_layer: str | None = None,
         wide_ratio: float = 2.0,
         wide_block: int | None = None,
+        shard_factors: bool = False,
         objective: Objective | None = None,
         **kwargs: Any,
     ) -> None:
@@ -180,6 +200,10 @@ class KFAC(Curvature):
         self.eigenvalue_correction = bool(eigenvalue_correction)
         self.keep_factors = bool(keep_factors)
         self.wide_layer, self.wide_ratio, self.wide_block = wide_layer, float(wide_ratio), wide_block
+        self.shard_factors = bool(shard_factors)
+        if self.shard_factors and self.eigenvalue_correction:
+            raise ValueError("kfac: shard_factors=True does not support eigenvalue_correction (EK-FAC projects every "
+                             "process's data on every layer's eigenbasis, which only its owner holds); use one of them")
         self.layers: list[TrackedLayer] = find_layers(model, include, exclude)
         self.param_names = tuple(n for layer in self.layers for n in layer.param_names)
         dtype = self.layers[0].module.weight.dtype
@@ -222,6 +246,9 @@ class KFAC(Curvature):
         # (U_A, s_A, U_G, s_G); U_G is [out, out], [m, k, k] (block-diagonal) or None (diagonal G)
         self.eigen: dict[str, tuple[Tensor, Tensor, Tensor | None, Tensor]] = {}
         self.corrected: dict[str, Tensor] = {}  # EK-FAC eigenvalues [out, in+1]
+        #: the layers whose factors this process keeps (all of them unless `shard_factors`; set at finalize/load)
+        self.owned: tuple[str, ...] = tuple(layer.name for layer in self.layers)
+        self.shard: tuple[int, int] = (0, 1)  # (rank, world size) of the partition
 
     def _forward_with_hooks(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, _Capture]]:
         captures = {layer.name: _Capture() for layer in self.layers}
@@ -406,7 +433,10 @@ class KFAC(Curvature):
         count = float(self.reduce(self.count.clone()))
         if count <= 0:
             raise RuntimeError("kfac: no valid position was seen; accumulate batches with labels != -100 first")
+        self._partition()
         for layer, (a, g, c) in zip(self.layers, sums):
+            if layer.name not in self.owned:
+                continue  # another process owns this layer's factors
             a, g = a / max(c, 1.0), g / count
             check_finite(f"layer {layer.name!r}", a)
             check_finite(f"layer {layer.name!r}", g)
@@ -414,6 +444,28 @@ class KFAC(Curvature):
             self.factor_counts[layer.name] = c
         self.count = torch.tensor(count, dtype=torch.float64)
         self.a_sums, self.g_sums, self.a_counts = {}, {}, {}
+
+    def _partition(self) -> None:
+        """Set `owned` and `shard`: every layer (one process, or `shard_factors=False`), else this process's share of
+        a partition of the layers by factor size (largest first, each to the least loaded process; ties to the
+        lowest rank), the same on every process."""
+        rank, world = 0, 1
+        if self.shard_factors and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.shard = (rank, world)
+        if world == 1:
+            self.owned = tuple(layer.name for layer in self.layers)
+            return
+        self.owned = tuple(name for name, owner in partition_layers(self.layers, world).items() if owner == rank)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the factors are split across processes (each keeps its `owned` layers)."""
+        return self.shard[1] > 1
+
+    def _owned_layers(self) -> list[TrackedLayer]:
+        owned = set(self.owned)
+        return [layer for layer in self.layers if layer.name in owned]
 
     def correct_eigenvalues(self, batches: Iterable[Mapping[str, Tensor]]) -> KFAC:
         """EK-FAC: replace `s_G s_A^T` by `E_n[(U_G^T g_n a_n^T U_A)^2]` over the valid positions of `batches`.
@@ -469,12 +521,16 @@ class KFAC(Curvature):
             raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
                                "correct_eigenvalues(batches) after finalize() (fit(batches) does it)")
         out = {}
-        for layer in self.layers:
+        for layer in self._owned_layers():
             if layer.name in self.corrected:
                 out[layer.name] = float(self.corrected[layer.name].float().mean())
             else:
                 _, s_a, _, s_g = self.eigen[layer.name]
                 out[layer.name] = float(s_g.double().mean() * s_a.double().mean())
+        if self.sharded:  # every process needs every layer's scale (the floor of `damping_scales` uses them all)
+            values = torch.tensor([out.get(layer.name, 0.0) for layer in self.layers], dtype=torch.float64)
+            values = self.reduce(values)
+            out = {layer.name: float(v) for layer, v in zip(self.layers, values)}
         return out
 
     def _bases(self, name: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -485,11 +541,13 @@ class KFAC(Curvature):
 
     def _quadratic(self, vector: Vector) -> float:
         total = 0.0
-        for layer in self.layers:
+        for layer in self._owned_layers():
             v = layer.to_matrix(vector)
             u_a, u_g = self._bases(layer.name, v.device)
             m = g_to_basis(u_g, v.to(self.compute_dtype)) @ u_a
             total += float((m.pow(2) * self._eigenvalues(layer.name).to(m.device)).sum())
+        if self.sharded:  # each process summed its own layers
+            total = float(self.reduce(torch.tensor(total, dtype=torch.float64)))
         return total
 
     def _apply(self, vector: Vector, damping, power: float) -> Vector:
@@ -497,14 +555,20 @@ class KFAC(Curvature):
             raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
                                "correct_eigenvalues(batches) after finalize() (and again after subtract())")
         out: Vector = {}
+        owned = set(self.owned)
         for layer in self.layers:
             v = layer.to_matrix(vector)
+            if layer.name not in owned:  # its owner computes it; the sum below brings it here
+                out.update(layer.from_matrix(torch.zeros_like(v)))
+                continue
             u_a, u_g = self._bases(layer.name, v.device)
             s = self._eigenvalues(layer.name).to(v.device)
             m = g_to_basis(u_g, v.to(self.compute_dtype)) @ u_a
             m = m * (s + damping(layer.name)).pow(power)
             result = g_from_basis(u_g, m @ u_a.T).to(v.dtype)
             out.update(layer.from_matrix(result))
+        if self.sharded:  # every layer is non-zero on its owner only: the sum is the whole result on every process
+            out = {name: self.reduce(t.contiguous()) for name, t in out.items()}
         return out
 
     # ------------------------------------------------------------------ full_minus_forget
@@ -517,7 +581,10 @@ class KFAC(Curvature):
         if self.corrected:
             warnings.warn("kfac: subtract() drops the EK-FAC eigenvalue correction; call correct_eigenvalues() "
                           "again on retain batches if you need it", stacklevel=3)
-        mismatched = [layer.name for layer in self.layers
+        if other.owned != self.owned:
+            raise ValueError("kfac: cannot subtract curvatures whose factors are split differently across processes; "
+                             "fit both with the same shard_factors setting and number of processes")
+        mismatched = [layer.name for layer in self._owned_layers()
                       if g_structure(self.eigen[layer.name][2]) != g_structure(other.eigen[layer.name][2])
                       or self.eigen[layer.name][3].shape != other.eigen[layer.name][3].shape
                       or (self.eigen[layer.name][2] is not None
@@ -525,7 +592,7 @@ class KFAC(Curvature):
         if mismatched:
             raise ValueError(f"kfac: cannot subtract: layer(s) {mismatched[:3]} keep G in another form in the two "
                              "curvatures; build both with the same wide_layer/wide_ratio/wide_block")
-        for layer in self.layers:
+        for layer in self._owned_layers():
             na, na_o = self.factor_counts[layer.name], other.factor_counts[layer.name]
             if na_o >= na:
                 raise ValueError(f"kfac: layer {layer.name!r}: cannot remove {na_o:.0f} samples from {na:.0f}")
@@ -548,6 +615,9 @@ class KFAC(Curvature):
         when the factors were not kept; a diagonal or block-diagonal G expanded to its dense matrix)."""
         if not self.finalized:
             raise RuntimeError("kfac: factor() before finalize(); accumulate batches, then call finalize()")
+        if layer_name not in self.owned and any(layer.name == layer_name for layer in self.layers):
+            raise ValueError(f"kfac: layer {layer_name!r} is owned by another process (shard_factors=True); ask its "
+                             "owner, or fit with shard_factors=False for every factor on every process")
         if layer_name in self.factors and self.factors[layer_name][1].dim() == 2:
             return self.factors[layer_name]
         a, g = self._kept_factors(layer_name)
@@ -560,26 +630,43 @@ class KFAC(Curvature):
 
     def _state(self) -> dict[str, Any]:
         layers: dict[str, dict[str, Any]] = {}
-        for layer in self.layers:
+        for layer in self._owned_layers():
             entry: dict[str, Any] = {}
             if layer.name in self.factors:  # absent with keep_factors=False: load_state_dict rebuilds them if asked
                 entry["A"], entry["G"] = self.factors[layer.name]
             entry.update({"a_count": self.factor_counts[layer.name], "eigen": self.eigen[layer.name],
                           "corrected": self.corrected.get(layer.name)})
             layers[layer.name] = entry
-        return {"fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx, "count": self.count.clone(),
-                "layers": layers}
+        state = {"fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx, "count": self.count.clone(),
+                 "layers": layers}
+        if self.sharded:  # one process's share: readable by the same process of the same number of processes
+            state["shard"] = {"rank": self.shard[0], "world_size": self.shard[1]}
+        return state
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
-        names = [layer.name for layer in self.layers]
-        if list(state["layers"]) != names:
-            raise ValueError("kfac: saved curvature covers other layers than this model's tracked ones")
+        shard = state.get("shard")
         self._reset()
+        if shard is not None:
+            rank, world = int(shard["rank"]), int(shard["world_size"])
+            here = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                    if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1))
+            if (rank, world) != here:
+                raise ValueError(f"kfac: this curvature state is process {rank}'s share of {world} processes "
+                                 f"(shard_factors=True), but this is process {here[0]} of {here[1]}; load it with "
+                                 f"the same number of processes, each its own file")
+            self.shard = (rank, world)
+            self.owned = tuple(name for name, owner in partition_layers(self.layers, world).items() if owner == rank)
+        elif self.shard_factors:
+            self._partition()  # a full state (any number of processes wrote it), split across these processes
+        names = list(self.owned)
+        saved = list(state["layers"])
+        if (saved != names) if shard is not None else (saved != [layer.name for layer in self.layers]):
+            raise ValueError("kfac: saved curvature covers other layers than this model's tracked ones")
         self.fisher_type = state["fisher_type"]
         self.kfac_approx = state["kfac_approx"]
         self.count = torch.as_tensor(state["count"], dtype=torch.float64)
         device = self.layers[0].module.weight.device
-        for layer in self.layers:
+        for layer in self._owned_layers():
             name = layer.name
             entry = state["layers"][name]
             self.factor_counts[name] = float(entry["a_count"])

@@ -1,0 +1,140 @@
+"""FSDP2 (`fully_shard`) on 2 CPU processes (gloo): the drop-in callback and `UnlearningModule` under Lightning's
+`ModelParallelStrategy`, and `fabric_unlearn` under Fabric's, each give the single-process update for K-FAC with the
+default (mc) Fisher, for the diagonal Fisher and for CG; K-FAC keeps each layer's factors on one process; per-rank
+curvature checkpoints load on the same number of processes only; strategies that cannot work are refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_unlearn.strategies import UnsupportedStrategyError, check_strategy
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def run_worker(out: Path, driver: str, world: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(WORKER), str(out), driver, str(world)], cwd=out.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{driver} on {world} process(es) failed:\n{done.stderr[-4000:]}"
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("driver", ["callback", "module", "fabric"])
+def test_fsdp_model_parallel_request_equals_one_process(tmp_path, driver):
+    one = run_worker(tmp_path / "one.pt", driver, 1)
+    two = run_worker(tmp_path / "two.pt", driver, 2)
+    start = {n: p.detach() for n, p in __import__("lightning_unlearn.models", fromlist=["x"]).small_causal_lm(
+        "gpt2", seed=0).named_parameters()}
+    for backend in ("kfac", "diagonal", "cg"):
+        a, b = one[backend], two[backend]
+        assert b["sharded"] and not a["sharded"], backend
+        moved = max(float((a["weights"][n] - start[n]).abs().max()) for n in start)
+        diff = max(float((a["weights"][n] - b["weights"][n]).abs().max()) for n in start)
+        print(f"{driver} {backend}: moved {moved:.2e}, 2 processes vs 1: max |Δw| {diff:.1e}, state per process "
+              f"{b['memory'] / a['memory']:.3f} of one process's")
+        assert moved > 1e-3, (backend, moved)  # the request did something
+        assert diff <= 1e-5, (backend, diff)
+    # K-FAC keeps each layer's factors on one process: each of 2 stores about half
+    assert two["kfac"]["memory"] <= 0.6 * one["kfac"]["memory"], (two["kfac"]["memory"], one["kfac"]["memory"])
+
+
+# ---------------------------------------------------------------------------------------------- K-FAC sharding
+def _sharded_kfac(rank: int, world: int, init: str, out: str) -> None:
+    from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
+    from lightning_unlearn.curvature.kfac import KFAC
+    from lightning_unlearn.distributed import leave_process_group
+    from lightning_unlearn.models import small_causal_lm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+
+    def reduce(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    model = small_causal_lm("gpt2", seed=0).double()  # float64: the comparison is exact, not float32 noise
+    x = torch.randint(0, 120, (8, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x[rank::world], "attention_mask": torch.ones_like(x[rank::world]),
+             "labels": x[rank::world].clone()}
+    kfac = KFAC(model, reduce=reduce, shard_factors=True, fisher_type="empirical").fit([batch])
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+         for n, p in model.named_parameters() if n in kfac.param_names}
+    direction = kfac.apply(v, 0.1, mode="relative")
+    quadratic = kfac.quadratic(v)
+    path = Path(out) / f"kfac.rank{rank}.safetensors"
+    save_curvature(kfac, path)
+    again = KFAC(model, reduce=reduce, shard_factors=True, fisher_type="empirical")
+    again.load_state_dict(load_curvature_state(path, model=model, world_size=world))
+    reloaded = again.apply(v, 0.1, mode="relative")
+    if rank == 0:
+        torch.save({"direction": direction, "quadratic": quadratic, "owned": kfac.owned, "memory":
+                    kfac.memory_footprint()["total"], "reloaded": reloaded}, Path(out) / "two.pt")
+    else:
+        torch.save({"owned": kfac.owned}, Path(out) / "rank1.pt")
+    leave_process_group()
+
+
+def test_fsdp_kfac_factors_owned_per_process_match_one_process_and_checkpoint_per_rank(tmp_path):
+    from lightning_unlearn.checkpoint import load_curvature_state
+    from lightning_unlearn.curvature.kfac import KFAC
+    from lightning_unlearn.models import small_causal_lm
+
+    mp.spawn(_sharded_kfac, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    two, other = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "rank1.pt")
+    model = small_causal_lm("gpt2", seed=0).double()
+    x = torch.randint(0, 120, (8, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    kfac = KFAC(model, fisher_type="empirical").fit([batch])
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+         for n, p in model.named_parameters() if n in kfac.param_names}
+    direction = kfac.apply(v, 0.1, mode="relative")
+    # the layers are split between the processes, none twice, none left out
+    assert set(two["owned"]).isdisjoint(other["owned"])
+    assert set(two["owned"]) | set(other["owned"]) == {layer.name for layer in kfac.layers}
+    assert two["memory"] <= 0.6 * kfac.memory_footprint()["total"]
+    for name, value in direction.items():  # the owners' parts, summed: the whole direction on every process
+        assert float((two["direction"][name] - value).norm() / value.norm()) <= 1e-9, name
+        torch.testing.assert_close(two["reloaded"][name], two["direction"][name])  # per-rank file, same world
+    assert two["quadratic"] == pytest.approx(kfac.quadratic(v), rel=1e-4)
+    # one process's share cannot be loaded by another number of processes
+    with pytest.raises(ValueError, match="one process.s share of a run with world size 2, but this run has 1"):
+        load_curvature_state(tmp_path / "kfac.rank0.safetensors", model=model, world_size=1)
+
+
+def test_fsdp_layers_are_partitioned_by_size_largest_first():
+    from lightning_unlearn.curvature.kfac import KFAC, partition_layers
+    from lightning_unlearn.models import small_causal_lm
+
+    layers = KFAC(small_causal_lm("gpt2", hidden=32, layers=2)).layers
+    owners = partition_layers(layers, 2)
+    loads = [sum((la.in_features + int(la.has_bias)) ** 2 + la.out_features ** 2 for la in layers
+                 if owners[la.name] == r) for r in (0, 1)]
+    assert set(owners.values()) == {0, 1} and max(loads) <= 0.6 * sum(loads)
+    assert partition_layers(layers, 2) == owners  # deterministic: every process computes the same
+
+
+# ---------------------------------------------------------------------------------------------- refused strategies
+def test_model_parallel_tensor_parallel_and_deepspeed_are_refused_naming_what_works():
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))  # FSDP2: accepted
+    with pytest.raises(UnsupportedStrategyError, match=r"tensor parallelism \(tensor_parallel_size=2\).*"
+                                                       r"data_parallel_size=N, tensor_parallel_size=1"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    with pytest.raises(UnsupportedStrategyError, match="tensor parallelism"):
+        check_strategy(FabricModelParallel(parallelize_fn=lambda m, mesh: m, data_parallel_size=1,
+                                           tensor_parallel_size=2), "fabric_unlearn")
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # building one needs the deepspeed package
+    with pytest.raises(UnsupportedStrategyError, match=r"DeepSpeedStrategy strategy.*ModelParallelStrategy"):
+        check_strategy(deepspeed)
