@@ -28,7 +28,7 @@ from torch import nn
 
 from .curvature.base import Curvature
 from .io import atomic_directory
-from .request import RequestResult, serve_request
+from .request import RequestResult, serve_request, to_device
 from .settings import UnlearnSettings as UnlearnSettings  # re-exported: its home before every driver shared it
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,24 @@ def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) 
     return path
 
 
+def resolve_device(accelerator: str) -> torch.device:
+    """The torch device of a Lightning accelerator name: "auto" is CUDA when available, else the CPU."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator in ("auto", "cpu"):
+        return torch.device("cpu")
+    raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}")
+
+
 class Experiment:
     """The data, the two trained models and the evaluation of one configuration (see the module docstring)."""
 
     def __init__(self, config: ExperimentConfig | None = None, output: str | Path = "runs/experiment",
-                 *, progress: bool = True) -> None:
+                 *, progress: bool = True, accelerator: str = "auto") -> None:
         self.config = config or ExperimentConfig()
+        #: where the models train and the requests run: Lightning's accelerator name ("auto": a GPU when there is one)
+        self.accelerator = accelerator
+        self.device = resolve_device(accelerator)
         self.output = Path(output)
         self.cache = self.output / "cache" / self.config.key()
         self.progress = progress
@@ -161,7 +173,8 @@ class Experiment:
                 if key not in seen:
                     seen.add(key)
                     rows.append(row)
-        return [{k: torch.stack([r[k] for r in rows[i:i + 64]]) for k in rows[0]} for i in range(0, len(rows), 64)]
+        return [to_device({k: torch.stack([r[k] for r in rows[i:i + 64]]) for k in rows[0]}, self.device)
+                for i in range(0, len(rows), 64)]
 
     def retain_batches(self, n: int | None) -> list[dict[str, torch.Tensor]]:
         """The first `n` batches of the deterministic retain curvature loader (None: all of them)."""
@@ -169,16 +182,16 @@ class Experiment:
         for i, b in enumerate(self.data.curvature_dataloader("retain")):
             if n is not None and i >= n:
                 break
-            out.append(b)
+            out.append(to_device(b, self.device))
         return out
 
     def holdout_batches(self) -> list[dict[str, torch.Tensor]]:
         """The unlearning target's holdout: batches of the calibration canaries (see `calibration_canaries`)."""
-        return list(self.canary_loader("calibration"))
+        return [to_device(b, self.device) for b in self.canary_loader("calibration")]
 
     def held_retain_batch(self) -> dict[str, torch.Tensor]:
         """A retain batch the unlearning step is checked on (from the test split: never used to fit anything)."""
-        return next(iter(self.data.dataloader("test", batch_size=32)))
+        return to_device(next(iter(self.data.dataloader("test", batch_size=32))), self.device)
 
     # ------------------------------------------------------------------ models
     def new_model(self) -> nn.Module:
@@ -203,18 +216,18 @@ class Experiment:
         meta = path / "training.json"
         if meta.exists():
             self.timings[timing] = json.loads(meta.read_text())["seconds"]
-            return load_causal_lm(path).eval()
+            return load_causal_lm(path).eval().to(self.device)
         c = self.config
         L.seed_everything(c.seed, verbose=False)
         module = CausalLMModule(self.new_model(), lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.train_steps)
-        trainer = L.Trainer(max_steps=c.train_steps, accelerator="cpu", devices=1, logger=False,
+        trainer = L.Trainer(max_steps=c.train_steps, accelerator=self.accelerator, devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=self.progress,
                             enable_model_summary=False, callbacks=_progress_callbacks(self.progress),
                             default_root_dir=str(self.output))
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=self.data.dataloader(split, shuffle=True))
         seconds = time.perf_counter() - start
-        model = module.model.eval()
+        model = module.model.eval().to(self.device)
         atomic_save_pretrained(model, path)
         meta.write_text(json.dumps({"seconds": seconds, "steps": c.train_steps, "split": split}))
         self.timings[timing] = seconds

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .experiment import Experiment
+from .request import to_device
 
 
 @dataclass
@@ -67,8 +68,9 @@ class QAExperiment(Experiment):
     """The QA benchmark: `Experiment` with the data-side methods replaced (see the module docstring)."""
 
     def __init__(self, config: QAConfig | None = None, output: str | Path = "runs/qa_experiment",
-                 *, progress: bool = True) -> None:
-        super().__init__(config or QAConfig(), output, progress=progress)  # type: ignore[arg-type]
+                 *, progress: bool = True, accelerator: str = "auto") -> None:
+        super().__init__(config or QAConfig(), output, progress=progress,  # type: ignore[arg-type]
+                         accelerator=accelerator)
         self._corpus = None
 
     # ------------------------------------------------------------------ data
@@ -138,15 +140,17 @@ class QAExperiment(Experiment):
 
     def forget_batches(self) -> list[dict[str, torch.Tensor]]:
         """The forget QA pairs (the data module's forget split), labels on the answer tokens only."""
-        return list(self.data.dataloader("forget", batch_size=self.config.eval_batch_size))
+        return [to_device(b, self.device)
+                for b in self.data.dataloader("forget", batch_size=self.config.eval_batch_size)]
 
     def holdout_batches(self) -> list[dict[str, torch.Tensor]]:
         """The holdout people's QA pairs, tokenised like the forget batches: what "unseen" is calibrated on."""
-        return list(self.qa_loader(self.corpus.holdout))
+        return [to_device(b, self.device) for b in self.qa_loader(self.corpus.holdout)]
 
     def held_retain_batch(self) -> dict[str, torch.Tensor]:
         """One batch of retain QA pairs (training phrasing, labels on the answer), a seeded sample over people."""
-        return next(iter(self.qa_loader(self._sample(self.corpus.retain, 32, "held"), batch_size=32)))
+        return to_device(next(iter(self.qa_loader(self._sample(self.corpus.retain, 32, "held"), batch_size=32))),
+                         self.device)
 
     def retain_batches(self, n: int | None) -> list[dict[str, torch.Tensor]]:
         """The first `n` batches of the deterministic (unshuffled, packed) retain loader: QA and background (None:
