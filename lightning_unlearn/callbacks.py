@@ -42,6 +42,7 @@ from .curvature.registry import build_curvature
 from .distributed import gather_with as gather_with
 from .distributed import leave_process_group, shard, strategy_gather, strategy_reduce
 from .distributed import share as share
+from .fsdp import full_parameters
 from .methods import CURVATURE_DATA as CURVATURE_DATA
 from .methods import is_second_order as is_second_order
 from .request import STATUS_CODES as STATUS_CODES
@@ -230,7 +231,9 @@ class CurvatureCallback(Callback):
         if self.has_curvature or not self.should_accumulate(trainer, pl_module, batch, batch_idx):
             return
         curvature = self._ensure_curvature(trainer, pl_module)
-        with torch.enable_grad(), eval_mode(self.model_getter(pl_module)):
+        model = self.model_getter(pl_module)
+        # FSDP2: statistics need the full weights (gathered for the batch, then resharded; a no-op otherwise)
+        with torch.enable_grad(), eval_mode(model), full_parameters(model):
             curvature.accumulate(self.prepare(batch, pl_module))
         self.batches_seen += 1
 
@@ -247,7 +250,8 @@ class CurvatureCallback(Callback):
         if self.dataloader is not None:
             mine = shard(self.dataloader, trainer.global_rank, trainer.world_size)
             batches = (self.prepare(b, pl_module) for b in mine)
-            with torch.enable_grad(), eval_mode(self.model_getter(pl_module)):
+            model = self.model_getter(pl_module)
+            with torch.enable_grad(), eval_mode(model), full_parameters(model):
                 for batch in batches:
                     curvature.accumulate(batch)
                     self.batches_seen += 1

@@ -1,7 +1,7 @@
 """One deletion request per curvature backend on a tiny GPT-2, through one driver, on 1 process or on N processes
 with the model sharded by FSDP2 (`fully_shard`, `ModelParallelStrategy`): the script `tests/test_fsdp.py` runs.
 
-    python tests/fsdp_worker.py OUT DRIVER WORLD      # DRIVER: callback | module | fabric
+    python tests/fsdp_worker.py OUT DRIVER WORLD      # DRIVER: callback | module | fabric | curvature
 
 Every process sees its share of the same global data; the fixed step (absolute λ, no step search) makes the update a
 continuous function of the reduced statistics, so N processes must equal 1. Process 0 writes, for each backend, the
@@ -22,7 +22,7 @@ from lightning.fabric import Fabric  # noqa: E402
 from lightning.pytorch.utilities import CombinedLoader  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lightning_unlearn.callbacks import Unlearn  # noqa: E402
+from lightning_unlearn.callbacks import CurvatureCallback, ProcessGroupTeardown, Unlearn  # noqa: E402
 from lightning_unlearn.distributed import leave_process_group  # noqa: E402
 from lightning_unlearn.fabric import fabric_unlearn  # noqa: E402
 from lightning_unlearn.fsdp import is_sharded, shard_model  # noqa: E402
@@ -138,8 +138,23 @@ def fabric_run(world: int) -> tuple[dict, int]:
     return results, rank
 
 
+def curvature_run(out: Path, world: int) -> None:
+    """A diagonal-Fisher checkpoint accumulated during training by `CurvatureCallback` (written to `out`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
+    callback = CurvatureCallback("diagonal", every_n_batches=1, path=out)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=1, logger=False,
+                         callbacks=[callback, ProcessGroupTeardown()], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Frozen(), DataLoader(RETAIN, batch_size=2))
+
+
 if __name__ == "__main__":
     out, driver, world = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    if driver == "curvature":
+        curvature_run(out, world)
+        sys.exit(0)
     results, rank = fabric_run(world) if driver == "fabric" else lightning_run(driver, world)
     if rank == 0:
         torch.save(results, out)

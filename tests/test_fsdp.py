@@ -47,6 +47,23 @@ def test_fsdp_model_parallel_request_equals_one_process(tmp_path, driver):
     assert two["kfac"]["memory"] <= 0.6 * one["kfac"]["memory"], (two["kfac"]["memory"], one["kfac"]["memory"])
 
 
+def test_fsdp_curvature_checkpoint_accumulated_during_training_equals_one_process(tmp_path):
+    """`CurvatureCallback` under ModelParallelStrategy: each training batch's statistics on the gathered weights (the
+    diagonal Fisher needs gradients of the parameters themselves, which FSDP2 does not give for its shards)."""
+    from lightning_unlearn.checkpoint import load_curvature_state
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    for world in (1, 2):
+        done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / f"diag{world}.safetensors"), "curvature",
+                               str(world)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    one, two = (load_curvature_state(tmp_path / f"diag{w}.safetensors")["diagonal"] for w in (1, 2))
+    assert one.keys() == two.keys() and len(one) > 10
+    for name, value in one.items():
+        assert float(value.abs().max()) > 0, name
+        torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- K-FAC sharding
 def _sharded_kfac(rank: int, world: int, init: str, out: str) -> None:
     from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
