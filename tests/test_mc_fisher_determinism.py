@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_unlearn.callbacks import ProcessGroupTeardown, Unlearn
 from lightning_unlearn.curvature import KFAC, DiagonalFisher
@@ -101,36 +100,8 @@ def test_seed_is_recorded_in_the_state() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- DDP
-SEQ = 16
-FORGET = ["zq7 kx9 vv2 pq4", "wm3 hh6 xr1 bt5"]
-HELD = ["a dog runs home", "the sun is red"]
-
-
-def encode(text: str) -> dict[str, torch.Tensor]:
-    ids = [ord(c) % 127 for c in text[:SEQ]]
-    n = len(ids)
-    return {"input_ids": torch.tensor(ids + [127] * (SEQ - n)),
-            "attention_mask": torch.tensor([1] * n + [0] * (SEQ - n)),
-            "labels": torch.tensor(ids + [-100] * (SEQ - n))}
-
-
-def loader(texts: list[str], batch_size: int) -> DataLoader:
-    return DataLoader([encode(t) for t in texts], batch_size=batch_size, shuffle=False)
-
-
-class FrozenLM(pl.LightningModule):
-    """Trains with lr 0, so both runs unlearn from the same weights; the curvature sees every training batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = small_causal_lm("gpt2", seed=0)
-
-    def training_step(self, batch, batch_idx):
-        torch.set_num_threads(1)
-        return self.model(**batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+# the data and the frozen module of the empirical-Fisher DDP test, this time with the default Monte-Carlo Fisher
+from test_lightning_ddp import FORGET, HELD, FrozenLM, loader  # noqa: E402
 
 
 def make_unlearn(**kw) -> Unlearn:
