@@ -124,12 +124,23 @@ def agree_on_batches(reduce: Reduce, rank: int, world_size: int, who: str, requi
 
 
 def leave_process_group() -> None:
-    """Wait for every process, then destroy the default process group (when one is initialised).
+    """Wait for every process, let gloo's threads finish their last work, then destroy the default process group
+    (when one is initialised).
 
     A process that exits while gloo's threads still run can abort ("terminate called without an active exception",
-    SIGABRT) after its work is done; leaving the group together first makes the exit clean."""
+    SIGABRT) after its work is done; leaving the group together first makes the exit clean. The pause after the
+    barrier matters too: a gloo worker thread releases its finished work (which may hold tensors owned by Python,
+    e.g. the parameters of a broadcast) only when it gets the GIL; if the group's last reference is dropped while the
+    main thread holds the GIL (a DDP wrapper freed after this call), its destructor joins that thread and both wait
+    for ever (seen once in 20-odd suite runs: `~ProcessGroupGloo` joining a thread blocked in `decref`). Drop
+    DDP-wrapped models before calling this when you can."""
+    import gc
+    import time
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        gc.collect()
+        time.sleep(0.2)  # the worker threads take the GIL and release their finished work
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ from lightning.fabric import Fabric
 from torch.utils.data import DataLoader
 
 from lightning_unlearn.callbacks import UnsupportedStrategyError, check_strategy
+from lightning_unlearn.distributed import leave_process_group
 from lightning_unlearn.fabric import fabric_curvature, fabric_unlearn
 from lightning_unlearn.models import small_causal_lm
 
@@ -52,9 +53,9 @@ def run(fabric: Fabric, out: Path) -> None:
               "status": records.status}
     if fabric.is_global_zero:  # a file: the spawn launcher's return queue blocks on large results
         torch.save(result, out)
-    fabric.barrier()  # leave together, and tear gloo down before exit (a live gloo thread can abort the process)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # leave together, the DDP wrapper (whose reducer holds the process group) dropped first: see leave_process_group
+    del model, full, records, result
+    leave_process_group()
 
 
 def load(path: Path) -> dict:

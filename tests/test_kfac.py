@@ -297,7 +297,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         if rank == 0:
             torch.save({"count": kfac.count, "factors": kfac.factors}, out_file)
     finally:
-        dist.destroy_process_group()
+        from lightning_unlearn.distributed import leave_process_group
+
+        leave_process_group()  # together, after gloo's threads released their work
 
 
 def test_two_processes_sum_to_the_whole_batch():
