@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.strategies import UnsupportedStrategyError, check_strategy
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -32,8 +33,7 @@ def run_worker(out: Path, driver: str, world: int) -> dict:
 def test_fsdp_model_parallel_request_equals_one_process(tmp_path, driver):
     one = run_worker(tmp_path / "one.pt", driver, 1)
     two = run_worker(tmp_path / "two.pt", driver, 2)
-    start = {n: p.detach() for n, p in __import__("lightning_unlearn.models", fromlist=["x"]).small_causal_lm(
-        "gpt2", seed=0).named_parameters()}
+    start = {n: p.detach() for n, p in small_causal_lm("gpt2", seed=0).named_parameters()}
     for backend in ("kfac", "diagonal", "cg"):
         a, b = one[backend], two[backend]
         assert b["sharded"] and not a["sharded"], backend

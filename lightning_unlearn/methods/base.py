@@ -876,7 +876,7 @@ class SecondOrderUnlearner(Unlearner):
         """The base class's bound on ‖Δθ‖ and, for the fixed step, the bound on ½ΔᵀCΔ (`_predicted_budget`)."""
         if super().outside_trust_region(snapshot):
             return True
-        budget = getattr(self, "_fixed_step_budget", None)
+        budget = self._fixed_step_budget
         if budget is None or self.curvature is None:
             return False
         params = self.named_params()

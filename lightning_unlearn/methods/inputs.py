@@ -67,11 +67,10 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
                     "use the model's own tokenizer (data.tokenizer = the model folder)")
 
 
-def check_finite_weights(model: nn.Module, names: Sequence[str] | None = None) -> None:
-    """Refuse a model whose weights (those in `names`, default all) hold NaN or inf, naming the first one."""
-    wanted = None if names is None else set(names)
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose weights hold NaN or inf, naming the first such parameter."""
     for name, param in model.named_parameters():
-        if (wanted is None or name in wanted) and not bool(torch.isfinite(param.detach()).all()):
+        if not bool(torch.isfinite(param.detach()).all()):
             raise UserInputError(f"the model's weights are not finite (NaN or inf in {name!r}): unlearning cannot "
                                  "start from a broken model; load the checkpoint the model was trained to")
 
