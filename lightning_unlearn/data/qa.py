@@ -86,10 +86,21 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] 
 ROLES = ("forget", "retain", "holdout")
 
 
+def qa_prompt(question: str) -> str:
+    """The prompt every QA text of the project starts with (training, unlearning and evaluation alike)."""
+    return f"Question: {question}\nAnswer: "
+
+
+def qa_text(question: str, answer: str) -> tuple[str, list[int]]:
+    """One QA text (`qa_prompt(question) + answer`) and the [start, end) character offsets of the answer in it."""
+    prefix = qa_prompt(question)
+    return prefix + answer, [len(prefix), len(prefix) + len(answer)]
+
+
 def render(template: str, name: str, answer: str) -> tuple[str, list[int]]:
     """One QA text and the [start, end) character offsets of the answer inside it."""
-    prefix = f"Question: {template.format(n=name)}\nAnswer: "
-    return f"{prefix}{answer}.", [len(prefix), len(prefix) + len(answer)]
+    text, span = qa_text(template.format(n=name), answer)
+    return f"{text}.", span
 
 
 def _names(r: random.Random, n: int) -> list[str]:
