@@ -47,7 +47,7 @@ class UnlearnSettings:
 
     Attributes:
         method: a key of `lightning_unlearn.methods.METHODS` (newton, fisher_removal, fisher_forgetting,
-            gradient_ascent, gradient_difference, npo).
+            gradient_ascent, gradient_difference, npo, simnpo).
         curvature: the backend of second-order methods (kfac, cg, woodfisher, diagonal).
         curvature_data: where the curvature comes from: retain | forget | full_minus_forget (the latter with
             `full_curvature`, a curvature checkpoint of the training data).

@@ -157,4 +157,4 @@ def test_unknown_method_and_backend_errors_name_the_choices():
         x = torch.randint(0, 31, (2, 8))
         build_unlearner("newton", model).fit([batch(x)])
     assert set(METHODS) == {"newton", "fisher_removal", "fisher_forgetting", "gradient_ascent",
-                            "gradient_difference", "npo"}
+                            "gradient_difference", "npo", "simnpo"}

@@ -215,12 +215,22 @@ class Objective(ABC):
 class CrossEntropyObjective(Objective):
     """Token cross-entropy. With `shift=True` (causal LM, Hugging Face convention) logits at t predict
     `labels[t + 1]`; labels equal to -100 (padding, text outside a forget span) are not counted.
-    For non-sequence classifiers use `shift=False` with logits [B, C] and labels [B]."""
+    For non-sequence classifiers use `shift=False` with logits [B, C] and labels [B].
+
+    `temperature=T > 1` measures the curvature of the *softened* predictions `q = softmax(z / T)` (the per-position
+    loss is `T · CE(z / T, y)`, labels are sampled from `q`, and the output Hessian and the Fisher are both
+    `diag(q) - q qᵀ`): the second-order term of a KL constraint between softened outputs, as in distillation.
+    Why: on memorised data `p → one-hot` and `diag(p) - p pᵀ → 0`, so the plain Fisher/GGN does not see the
+    directions that memorised retain knowledge depends on until the loss has already jumped; softened predictions
+    keep them visible. `T = 1` is the plain cross-entropy."""
 
     name = "cross_entropy"
 
-    def __init__(self, shift: bool = True) -> None:
+    def __init__(self, shift: bool = True, temperature: float = 1.0) -> None:
+        if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (1: the plain cross-entropy), got {temperature}")
         self.shift = shift
+        self.temperature = float(temperature)
 
     def valid_mask(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(mask over logits.shape[:-1], aligned targets of the same shape)."""
@@ -240,11 +250,14 @@ class CrossEntropyObjective(Objective):
         return Positions(outputs=logits[mask], targets=targets[mask], mask=mask)
 
     def per_position_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs, targets, reduction="none")
+        t = self.temperature
+        if t == 1.0:
+            return F.cross_entropy(outputs, targets, reduction="none")
+        return t * F.cross_entropy(outputs / t, targets, reduction="none")
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None = None, *,
                        keys: Tensor | None = None) -> Tensor:
-        probs = torch.softmax(outputs.detach().float(), dim=-1)
+        probs = torch.softmax(outputs.detach().float() / self.temperature, dim=-1)
         if keys is not None:
             return inverse_cdf(probs, uniforms(keys.to(probs.device)))
         if generator is not None and generator.device != probs.device:  # a CPU generator with a GPU model
@@ -252,11 +265,13 @@ class CrossEntropyObjective(Objective):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def hessian_vector(self, outputs: Tensor, vector: Tensor) -> Tensor:
-        p = torch.softmax(outputs, dim=-1)
+        """`(diag(q) - q qᵀ) v`, q the (softened) predictions: the output Hessian of `T · CE(z / T, y)` times T,
+        so that it equals the Fisher of the sampled labels (the two agree at T = 1)."""
+        p = torch.softmax(outputs / self.temperature, dim=-1)
         return p * vector - p * (p * vector).sum(-1, keepdim=True)
 
     def hessian_sqrt(self, outputs: Tensor) -> Tensor:
-        p = torch.softmax(outputs, dim=-1)
+        p = torch.softmax(outputs / self.temperature, dim=-1)
         sq = p.sqrt()
         # (diag(p) - p p^T) = (diag(sqrt p) - p sqrt(p)^T)(diag(sqrt p) - p sqrt(p)^T)^T since sum(p) = 1
         return torch.diag_embed(sq) - p.unsqueeze(-1) * sq.unsqueeze(-2)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
-from ..curvature.objective import model_logits
+from ..curvature.objective import CrossEntropyObjective, model_logits
 from ..curvature.registry import BACKEND_ALIASES as BACKEND_ALIASES  # re-exported: public since the start
 from ..curvature.registry import CURVATURE_BACKENDS as CURVATURE_BACKENDS
 from ..curvature.registry import build_curvature as build_curvature
@@ -130,6 +130,8 @@ class Unlearner(ABC):
     """
 
     name: str = "unlearner"
+    #: whether a step that spends the retain budget ends `fit` (second-order methods make it a setting)
+    stop_at_budget: bool = True
 
     def __init__(
         self,
@@ -525,7 +527,8 @@ class Unlearner(ABC):
             self._before_step(i, forget, retain)
             step_retain = [retain[i % len(retain)]] if retain else []
             record = self.step(forget, step_retain, held)
-            if not record.accepted or record.reason in ("target_reached", "retain_budget"):
+            if not record.accepted or record.reason == "target_reached" or (
+                    record.reason == "retain_budget" and self.stop_at_budget):
                 break
         records = self.history[start:]
         self._losses["score_after"], self._losses["forget_after"] = self.forget_score(forget)
@@ -602,6 +605,9 @@ class SecondOrderUnlearner(Unlearner):
         staged: bool = True,
         protect_holdout: bool = True,
         protect_groups: int = 8,
+        retain_repair: float = 0.0,
+        stop_at_budget: bool = True,
+        curvature_temperature: float = 1.0,
         search_iters: int = 6,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,
@@ -648,6 +654,15 @@ class SecondOrderUnlearner(Unlearner):
         self.staged = bool(staged)
         self.protect_holdout = bool(protect_holdout)
         self.protect_groups = int(protect_groups)
+        self.retain_repair = float(retain_repair)
+        self.stop_at_budget = bool(stop_at_budget)
+        if not (math.isfinite(float(curvature_temperature)) and float(curvature_temperature) > 0):
+            raise ValueError(f"curvature_temperature must be a finite number > 0 (1: the plain Fisher/GGN), got "
+                             f"{curvature_temperature}")
+        self.curvature_temperature = float(curvature_temperature)
+        self._retain_gradient: Vector | None = None
+        self._repair_data: list[Batch] = []
+        self._repair_origin: Vector | None = None
         self._holdout_gradients: list[Vector] = []
         self.search_iters = int(search_iters)
         self._stage_origin = 0  # step_count when the current run began
@@ -667,6 +682,8 @@ class SecondOrderUnlearner(Unlearner):
     def _new_curvature(self) -> Curvature:
         kwargs = dict(self.curvature_kwargs)
         kwargs.setdefault("reduce", self.reduce)
+        if self.curvature_temperature != 1.0:
+            kwargs.setdefault("objective", CrossEntropyObjective(temperature=self.curvature_temperature))
         if self.gather is not None:
             kwargs.setdefault("gather", self.gather)
         return build_curvature(self.curvature_backend, self.model, **kwargs)
@@ -700,6 +717,7 @@ class SecondOrderUnlearner(Unlearner):
 
     def _begin_fit(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
         self._stage_origin, self._stage_start = self.step_count, None
+        self._repair_data, self._repair_origin = list(retain), None
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
 
@@ -734,6 +752,11 @@ class SecondOrderUnlearner(Unlearner):
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
                                "use fit(), which fits it on the curvature_data source")
         self._holdout_gradients = self.holdout_gradients() if self.protect_holdout and self.holdout else []
+        if self.retain_repair and self._repair_data:
+            g = self.forget_gradient(self._repair_data, kind="nll")
+            if self._repair_origin is None:
+                self._repair_origin = g
+            self._retain_gradient = {n: g[n] - self._repair_origin[n] for n in g}
         return self.forget_gradient(forget)
 
     def holdout_gradients(self) -> list[Vector]:
@@ -791,10 +814,21 @@ class SecondOrderUnlearner(Unlearner):
         """A fixed part of the update that does not scale with η (Fisher Forgetting's noise); None here."""
         return None
 
+    def _full_offset(self, context: Any) -> Vector | None:
+        """`_offset` plus the retain repair `-retain_repair · (C + λI)⁻¹ ∇L_retain` (None when neither applies)."""
+        offset = self._offset(context)
+        if self._retain_gradient is None:
+            return offset
+        repair = self.newton_direction(self._retain_gradient)
+        repair = {n: -self.retain_repair * r for n, r in repair.items()}
+        if offset is None:
+            return repair
+        return {n: repair[n] + offset[n].to(repair[n].dtype) for n in repair}
+
     def _propose(self, context: Any) -> Vector:
         direction = self._direction(context)
         update = {n: self.scale * d for n, d in direction.items()}
-        offset = self._offset(context)
+        offset = self._full_offset(context)
         if offset is not None:
             update = {n: update[n] + offset[n].to(update[n].dtype) for n in update}
         return update
@@ -824,7 +858,7 @@ class SecondOrderUnlearner(Unlearner):
         record: StepRecord | None = None
         for trial in range(self.max_retries + 1):
             direction = self._direction(context)
-            offset = self._offset(context)
+            offset = self._full_offset(context)
             if not all(bool(torch.isfinite(d).all()) for d in direction.values()):
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=float("nan"),
                                                forget_loss=float("nan"), retain_loss=None, accepted=False,

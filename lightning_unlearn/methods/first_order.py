@@ -4,6 +4,8 @@
 - `gradient_difference`: U + `retain_weight` · NLL on retain batches (descent on retain).
 - `npo`: negative preference optimisation against a frozen copy of the model taken at construction
   (or `reference=`), plus an optional retain NLL term.
+- `simnpo`: SimNPO (Fan et al., 2024), reference-free, length-normalised NPO (`beta`, margin `gamma`), plus the same
+  optional retain NLL term.
 
 Each `step` is one optimizer step under the same safety check as the Newton methods; after a rollback the
 weights and the optimizer's moments are restored and the learning rate is divided by `damping_growth`
@@ -13,6 +15,7 @@ weights and the optimizer's moments are restored and the learning rate is divide
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +25,8 @@ from torch import Tensor, nn
 from ..curvature.layers import trainable_parameters
 from ..curvature.objective import model_logits
 from .base import Batch, Unlearner, eval_mode, register
-from .losses import forget_objective, npo_objective, token_nll
+from .inputs import check_positive
+from .losses import forget_objective, npo_objective, simnpo_objective, token_nll
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -139,3 +143,28 @@ class NPO(FirstOrderUnlearner):
 
     def forget_term(self, batch: Batch, params: list[Tensor]) -> tuple[Tensor, int]:
         return npo_objective(self.model, self.reference, batch, self.beta)
+
+
+@register("simnpo")
+class SimNPO(FirstOrderUnlearner):
+    """SimNPO (Fan et al., 2024): NPO without a reference model, on the length-normalised log-likelihood:
+    `mean_i -(2/β) log σ(-(β/|y_i|) log π_θ(y_i|x_i) - γ)` over forget examples, + `retain_weight` × retain NLL
+    (default 0, like `npo`).
+
+    Defaults: `beta=2.5`, `gamma=0.0` (the authors' TOFU config, OPTML-Group/Unlearn-Simple `TOFU/config/forget.yaml`;
+    open-unlearning's `configs/trainer/SimNPO.yaml` uses β = 4.5, δ = 0). The authors' code and open-unlearning
+    subtract their margin inside the β product, `β (NLL/|y| - δ)`: their δ is this `gamma / beta`. Their
+    `simnpo_grad_diff` weighs forget by 0.1375 (open-unlearning: 0.125) and retain NLL by 1: `retain_weight` ≈ 7.3
+    (8) here, up to the scale of the learning rate. `|y|` counts the labelled positions that are predicted (after the
+    shift); theirs counts `labels != -100` before it, one more when the first position is labelled."""
+
+    def __init__(self, model: nn.Module, *, beta: float = 2.5, gamma: float = 0.0, **kw: Any) -> None:
+        check_positive("simnpo: beta (the inverse temperature of the length-normalised NPO loss)", beta)
+        if not math.isfinite(float(gamma)):
+            raise ValueError(f"simnpo: gamma (the reward margin) must be a finite number, got {gamma}")
+        super().__init__(model, **kw)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def forget_term(self, batch: Batch, params: list[Tensor]) -> tuple[Tensor, int]:
+        return simnpo_objective(self.model, batch, self.beta, self.gamma)

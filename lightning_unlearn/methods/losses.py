@@ -119,3 +119,26 @@ def npo_objective(
     log_ratio = (logp - ref_logp)[rows]
     loss = (2.0 / beta) * F.softplus(beta * log_ratio).mean()
     return loss, len(rows)
+
+
+def simnpo_objective(
+    model: nn.Module, batch: Mapping[str, Tensor], beta: float, gamma: float = 0.0
+) -> tuple[Tensor, int]:
+    """SimNPO (Fan et al., 2024), reference-free and length-normalised NPO:
+    `mean_i -(2/β) log σ(-(β/|y_i|) log π_θ(y_i|x_i) - γ)`, with `log π(y|x)` the sum of example i's labelled
+    tokens' log-likelihoods and `|y_i|` their number (so `-log π/|y|` is the example's mean token NLL). Returns
+    (loss, examples).
+
+    Its gradient is `2σ(γ - β·mean NLL_i)` times example i's NLL-ascent gradient: a weight that fades as the example
+    is forgotten (bounded loss), not one that grows on saturated tokens (see docs/recipe.md §5)."""
+    logits = model_logits(model, batch)
+    nll, example = token_nll(logits, batch)
+    if nll.numel() == 0:
+        return logits.sum() * 0.0, 0
+    n_rows = int(example.max()) + 1
+    nll_sum = nll.new_zeros(n_rows).index_add(0, example, nll)
+    length = nll.new_zeros(n_rows).index_add(0, example, torch.ones_like(nll))
+    rows = example.unique()
+    mean_nll = nll_sum[rows] / length[rows]
+    loss = -(2.0 / beta) * F.logsigmoid(beta * mean_nll - gamma).mean()
+    return loss, len(rows)
