@@ -3,6 +3,7 @@
     lightning-unlearn demo [--output runs/demo]              # the whole pipeline on the embedded default
     lightning-unlearn fit --config configs/unlearn_kfac.yaml  # unlearning as a LightningCLI run
     lightning-unlearn validate|test --config ...              # forget / retain loss and perplexity
+    lightning-unlearn evaluate --model DIR --tofu DIR         # TOFU / MUSE metrics as JSON (evaluate_command.py)
 
 `fit`/`validate`/`test` are `LightningCLI` (jsonargparse) over `UnlearningModule` and `ForgetRetainDataModule`;
 after `fit`, `--output DIR` receives the unlearned model (`save_pretrained`, safetensors) and its `run.json`.
@@ -642,7 +643,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     restore = _install_signal_handlers()
     try:
-        code = _demo(args[1:]) if args and args[0] == "demo" else _lightning_cli(args)
+        if args and args[0] == "evaluate":
+            from .evaluate_command import run as _evaluate
+
+            code = _evaluate(args[1:])
+        else:
+            code = _demo(args[1:]) if args and args[0] == "demo" else _lightning_cli(args)
     except Interrupted as err:
         print(f"lightning-unlearn: interrupted by {err.name}: stopped, no output of this run was written",
               file=sys.stderr)

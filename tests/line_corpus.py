@@ -57,7 +57,8 @@ def memorise_lines(arch: str, *, seed: int = 0, n_lines: int = 128, n_forget: in
     g = torch.Generator().manual_seed(seed)
     trans = torch.softmax(torch.randn(WORDS, WORDS, generator=g) * 2, -1)
     people = lines(n_lines + n_forget + n_holdout, g)
-    forget, holdout, retain_lines = people[:n_forget], people[n_forget:n_forget + n_holdout], people[n_forget + n_holdout:]
+    forget, holdout = people[:n_forget], people[n_forget:n_forget + n_holdout]
+    retain_lines = people[n_forget + n_holdout:]
     text, held, check = prose(n_prose, g, trans), prose(64, g, trans), prose(64, g, trans)
     model = small_causal_lm(arch, vocab_size=V, hidden=hidden, heads=4, seed=seed, tie_embeddings=False).train()
     data = torch.cat([text, retain_lines, forget])

@@ -1,6 +1,6 @@
 """Forget and retain data: the DataModule, Secret-Sharer canaries, the embedded synthetic corpus, adapters."""
 
-from .adapters import load_muse, load_tofu, muse_datamodule, tofu_datamodule
+from .adapters import load_muse, load_muse_privleak, load_tofu, load_tofu_eval, muse_datamodule, tofu_datamodule
 from .canaries import Canary, CanaryRegistry, CanarySpace, insert_canaries, make_canaries
 from .datamodule import ForgetRetainDataModule
 from .qa import QACorpus, make_qa_corpus  # noqa: F401  (the TOFU-style QA benchmark)
@@ -13,6 +13,7 @@ from .tokenizer import check_token_ids, check_tokenizer_fits, load_tokenizer, tr
 __all__ = [
     "Canary", "CanaryRegistry", "CanarySpace", "Collate", "DEFAULT_MARKERS", "ForgetRetainDataModule", "IGNORE",
     "Tokenise", "check_token_ids", "check_tokenizer_fits", "insert_canaries", "load_muse", "load_source", "load_tofu",
+    "load_muse_privleak", "load_tofu_eval",
     "load_tokenizer", "make_canaries", "muse_datamodule", "tofu_datamodule",
     "strip_markers", "synthetic_corpus", "synthetic_dataset", "text_sha256", "train_bpe_tokenizer",
 ]
