@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .curvature.base import Curvature, check_damping
-from .methods.base import DEFAULT_MAX_STEP_NORM, StepRecord
+from .methods.base import DEFAULT_MAX_STEP_NORM, StepRecord, over_retain_budget
 
 
 class NewtonUnlearner(torch.optim.Optimizer):
@@ -144,8 +144,8 @@ class NewtonUnlearner(torch.optim.Optimizer):
                 reason = "non_finite"
             elif self._outside_trust_region(snapshot):
                 reason = "trust_region"
-            elif (reference is not None and retain is not None and self.max_retain_increase is not None
-                  and retain > reference * (1.0 + self.max_retain_increase)):
+            elif reference is not None and retain is not None and over_retain_budget(retain, reference,
+                                                                                   self.max_retain_increase):
                 reason = "retain_increase"
             else:
                 reason = "accepted"

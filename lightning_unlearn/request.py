@@ -37,6 +37,7 @@ from .distributed import agree_on_batches, broadcast_parameters, share
 from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
+from .methods.base import held_out_retain
 from .methods.inputs import check_finite_weights
 from .settings import FullCurvature, UnlearnSettings
 
@@ -316,7 +317,9 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
     prepare = prepare or batch_preparer(model)
     forget_batches = [prepare(b) for b in forget]
     retain_batches = [prepare(b) for b in retain] if retain is not None else None
-    held = prepare(held_retain) if held_retain is not None else (retain_batches[0] if retain_batches else None)
+    held = prepare(held_retain) if held_retain is not None else None
+    if held is None and retain_batches:
+        retain_batches, held = held_out_retain(retain_batches)
     holdout_batches = None
     if holdout is not None and settings.holdout_batches != 0:
         holdout_batches = [prepare(b) for b in itertools.islice(holdout, settings.holdout_batches)]

@@ -68,6 +68,21 @@ DEFAULT_PREDICTED_TRUST = 2.0
 HOLDOUT_BINS, HOLDOUT_MAX_NATS = 4096, 64.0
 
 
+def retain_budget_nats(max_retain_increase: float, reference: float | None = None) -> float:
+    """The retain budget as a rise of the held retain loss in nats: the larger of `log(1 + max_retain_increase)`
+    (the held retain *perplexity*, or answer probability on QA, changes by at most that fraction) and
+    `max_retain_increase × reference` (the loss itself rises by at most that fraction). The first keeps the budget
+    from vanishing on memorised retain data (a relative rise of a 0.003-nat loss allows 0.00015 nats); the second
+    is the budget on text the model has not memorised (a 3.6-nat loss: 0.18 nats)."""
+    nats = math.log1p(float(max_retain_increase))
+    return nats if reference is None else max(nats, float(max_retain_increase) * float(reference))
+
+
+def over_retain_budget(loss: float, reference: float, max_retain_increase: float | None) -> bool:
+    """Whether the held retain loss `loss` spends more than the budget above `reference` (its value at the start)."""
+    return max_retain_increase is not None and loss > reference + retain_budget_nats(max_retain_increase, reference)
+
+
 class NothingAcceptedWarning(UserWarning):
     """A run accepted no step: the model is unchanged (every trial was rolled back)."""
 
@@ -111,6 +126,15 @@ class StepRecord:
         return asdict(self)
 
 
+
+
+def held_out_retain(retain: Sequence[Batch]) -> tuple[list[Batch], Batch]:
+    """(curvature and step batches, the held batch of the retain budget) from retain batches when no held batch is
+    given: the last batch is held out when there are two or more, so that the budget is read on retain data that
+    neither the curvature nor the steps have seen (read on curvature data it under-reports the damage: +4.6 % on the
+    budget batch against +7.6 % on all retain answers, measured on a QA set); with one batch it serves both."""
+    retain = list(retain)
+    return (retain[:-1], retain[-1]) if len(retain) >= 2 else (retain, retain[0])
 
 
 def _as_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
@@ -468,8 +492,8 @@ class Unlearner(ABC):
                 reason = "non_finite"
             elif self.outside_trust_region(snapshot):
                 reason = "trust_region"
-            elif (reference is not None and retain_loss is not None and self.max_retain_increase is not None
-                  and retain_loss > reference * (1.0 + self.max_retain_increase)):
+            elif (reference is not None and retain_loss is not None
+                  and over_retain_budget(retain_loss, reference, self.max_retain_increase)):
                 reason = "retain_increase"
             elif target is not None and score >= target:
                 reason = "target_reached"
@@ -511,6 +535,8 @@ class Unlearner(ABC):
             check_batches(self.model, batches, what)
         if holdout_batches is not None:
             self.calibrate(holdout_batches)
+        if held_retain_batch is None and retain:
+            retain, held_retain_batch = held_out_retain(retain)
         start = len(self.history)
         self._begin_fit(forget, retain)
         held = self._held(held_retain_batch, retain)
@@ -895,15 +921,14 @@ class SecondOrderUnlearner(Unlearner):
 
     def _predicted_budget(self, held: Batch | None, reference: float | None) -> float | None:
         """The bound on the curvature's predicted retain increase ½ΔᵀCΔ (nats) of one step: the guard itself without
-        a held retain batch (`max_retain_increase` × the holdout loss), a trust region (`predicted_trust` × the
-        budget) with one, when C is a retain curvature; None where neither applies."""
+        a held retain batch (the retain budget in nats, `retain_budget_nats`), a trust region (`predicted_trust` ×
+        the budget) with one, when C is a retain curvature; None where neither applies."""
         if self.max_retain_increase is None:
             return None
         if held is None:
-            level = self.forget_target if self.forget_target is not None else self.holdout_loss
-            return self.max_retain_increase * (level if level is not None else 1.0)
+            return retain_budget_nats(self.max_retain_increase)
         if self.predicted_trust is not None and reference is not None and self.curvature_data != "forget":
-            return self.predicted_trust * self.max_retain_increase * reference
+            return self.predicted_trust * retain_budget_nats(self.max_retain_increase, reference)
         return None
 
     def outside_trust_region(self, snapshot: Mapping[str, Tensor]) -> bool:
@@ -989,8 +1014,7 @@ class _LineSearch:
             finite = all(map(math.isfinite, forget)) and (retain is None or math.isfinite(retain))
             finite = finite and all(bool(torch.isfinite(p).all()) for p in owner.named_params().values())
             ok = finite and not (self.reference is not None and retain is not None
-                                 and owner.max_retain_increase is not None
-                                 and retain > self.reference * (1.0 + owner.max_retain_increase))
+                                 and over_retain_budget(retain, self.reference, owner.max_retain_increase))
             reached = ok and self.target is not None and forget[0] >= self.target
             point = (forget, retain, ok, reached)
         self.points[eta] = point

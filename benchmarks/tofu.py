@@ -1,0 +1,333 @@
+"""The TOFU-faithful benchmark: forget quality and model utility as TOFU computes them, every method's curve.
+
+For each seed and each forget split (forget01, forget05, forget10) of `lightning_unlearn.tofu_experiment`
+(a pretrained base, the original = base finetuned on every author, the retain model = base finetuned on the retain
+authors only), every method is evaluated with `lightning_unlearn.metrics.tofu_evaluation` (forget quality = KS
+p-value of the forget truth ratios against the retain model's; model utility = harmonic mean of the 9 scores;
+privleak of the Min-K% attack against the retain model's AUC):
+
+- the **default recipe**: `serve_request` with `UnlearnSettings()` (no knob set), holdout authors as the target;
+- the **second-order curve** (`newton_kfac`): the default recipe with the target score τ swept;
+- **first-order baselines** tuned as the field tunes them: gradient ascent, gradient difference, NPO and SimNPO,
+  learning rate × steps (checkpoints along each run), no retain budget.
+
+`frontier_wins.tofu[baseline]` is true when, at every forget-quality level ≥ 0.05 that the baseline reaches
+(median over seeds of the best model utility among the points at or above the level, per split), the default
+recipe's curve has model utility at least the baseline's. Rows hold numbers only: no question or answer text.
+
+    python -m benchmarks.tofu                       # 3 seeds x 3 splits; models cached under runs/tofu_experiment
+    python -m benchmarks.tofu --preset smoke        # tiny sizes, a minute (what the tests run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_unlearn.methods import build_unlearner
+from lightning_unlearn.metrics.qa_scoring import reference_statistics, tofu_evaluation
+from lightning_unlearn.report import atomic_write
+from lightning_unlearn.request import serve_request
+from lightning_unlearn.settings import UnlearnSettings
+from lightning_unlearn.tofu_experiment import TofuConfig, TofuExperiment
+
+SPLITS = ("forget01", "forget05", "forget10")
+BASELINES = ("gradient_ascent", "gradient_difference", "npo", "simnpo")
+#: the forget-quality levels at which curves are compared (KS p-values; 0.05 is "not distinguishable")
+FQ_LEVELS = (0.05, 0.1, 0.2, 0.5)
+OURS = "newton_kfac"
+
+
+@dataclass
+class TofuPlan:
+    """What one benchmark run sweeps."""
+
+    name: str
+    config: TofuConfig
+    seeds: Sequence[int] = (0, 1, 2)
+    splits: Sequence[str] = SPLITS
+    taus: Sequence[float] = (0.35, 0.65)
+    lrs: Sequence[float] = (3e-4, 1e-3)
+    checkpoints: Sequence[int] = (5, 10, 20, 40)
+    baselines: Sequence[str] = BASELINES
+    eval_retain: int = 100  # retain questions scored per evaluation (a seeded sample)
+    retain_weight: float = 1.0  # the retain term of gradient difference (and of NPO/SimNPO: 0, as the papers' plain)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(name: str) -> TofuPlan:
+    if name == "smoke":
+        return TofuPlan("smoke", TofuConfig.smoke(), seeds=(0,), splits=("forget10",), taus=(), lrs=(1e-3,),
+                        checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16)
+    if name == "cpu-small":
+        return TofuPlan("cpu-small", TofuConfig())
+    raise ValueError(f"unknown preset {name!r}; choose smoke or cpu-small")
+
+
+def _sample(rows: Sequence[dict], n: int, salt: str) -> list[dict]:
+    if len(rows) <= n:
+        return list(rows)
+    keep = sorted(random.Random(salt).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+class SplitBench:
+    """One seed and one split: the data, the models, the reference statistics and `evaluate(model)`."""
+
+    def __init__(self, exp: TofuExperiment, split: str, eval_retain: int) -> None:
+        self.exp, self.split = exp, split
+        self.tokenizer = exp.tokenizer
+        seed = exp.config.seed
+        self.parts = {"forget": exp.rows("forget", split),
+                      "retain": _sample(exp.rows("retain", split), eval_retain, f"tofu-eval:{seed}:{split}"),
+                      "real_authors": exp.rows("real_authors"), "world_facts": exp.rows("world_facts")}
+        self.holdout_rows = exp.rows("holdout")
+        self.original = exp.original_model().eval()
+        retain_model = exp.retain_model(split).eval()
+        self.reference = reference_statistics(retain_model, self.tokenizer, self.parts, holdout_rows=self.holdout_rows)
+        self.retain_model = retain_model
+        self.forget = exp.forget_batches(split)
+        self.holdout = exp.holdout_batches(split)
+        self.held = exp.held_retain_batch(split)
+        self.retain = exp.retain_batches(split, 16)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        result = tofu_evaluation(model, self.tokenizer, self.parts,
+                                 retain_model_truth_ratios=self.reference["forget_truth_ratios"],
+                                 retain_model_privleak_auc=self.reference["privleak_auc"],
+                                 holdout_rows=self.holdout_rows)
+        return {k: float(v) for k, v in result.items()}
+
+
+def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every point of every method on one seed and split."""
+    base = {"seed": bench.exp.config.seed, "split": bench.split}
+    rows: list[dict[str, Any]] = []
+
+    def point(method: str, knob: str, model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        row = {**base, "method": method, "knob": knob, **bench.evaluate(model), **extra,
+               "eval_seconds": time.perf_counter() - start}
+        rows.append(row)
+        say(f"  {bench.split} seed {base['seed']} {method} {knob}: FQ {row['forget_quality']:.3g}, MU "
+            f"{row['model_utility']:.3f}, privleak {row['privleak']:+.1f}")
+        return row
+
+    point("retain", "-", bench.retain_model)
+    point("original", "-", bench.original)
+
+    def newton(knob: str, settings: UnlearnSettings, default: bool = False) -> None:
+        model = copy.deepcopy(bench.original)
+        start = time.perf_counter()
+        result = serve_request(model, bench.forget, bench.retain, bench.holdout, settings=settings,
+                               held_retain=bench.held)
+        seconds = time.perf_counter() - start
+        s = result.summary
+        point(OURS, knob, model, default=default, seconds=seconds, status=s["status"],
+              steps_accepted=s["steps_accepted"], forget_score=s["forget_score_after"])
+
+    newton("default", UnlearnSettings(), default=True)
+    for tau in p.taus:
+        newton(f"tau={tau:g}", UnlearnSettings(method_kwargs={"target_score": tau}))
+
+    for method in p.baselines:
+        for lr in p.lrs:
+            model = copy.deepcopy(bench.original)
+            kwargs: dict[str, Any] = dict(lr=lr, steps=1, max_retain_increase=None)
+            if method in ("gradient_ascent", "gradient_difference"):
+                kwargs["forget_loss"] = "nll"  # the field's GA / GradDiff ascend the NLL
+            if method == "gradient_difference":
+                kwargs["retain_weight"] = p.retain_weight
+            if method == "npo":
+                kwargs["reference"] = copy.deepcopy(bench.original)
+            unlearner = build_unlearner(method, model, **kwargs)
+            torch.manual_seed(base["seed"])
+            start, done, seconds = time.perf_counter(), 0, 0.0
+            for checkpoint in p.checkpoints:
+                for i in range(done, checkpoint):
+                    unlearner.step(bench.forget, [bench.retain[i % len(bench.retain)]], bench.held)
+                done = checkpoint
+                seconds += time.perf_counter() - start
+                point(method, f"lr={lr:g} steps={checkpoint}", model, seconds=seconds, lr=lr, steps=checkpoint)
+                start = time.perf_counter()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+def _median(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.median(vals) if vals else None
+
+
+def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
+    """`default_recipe.tofu`: per split the seeds, the medians of forget quality, model utility (and the retain
+    model's), privleak, and each seed's status."""
+    out: dict[str, Any] = {}
+    for split in sorted({r["split"] for r in rows}):
+        mine = [r for r in rows if r["split"] == split and r.get("default")]
+        ref = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "retain"}
+        out[split] = {
+            "seeds": [r["seed"] for r in mine],
+            "forget_quality": _median([r["forget_quality"] for r in mine]),
+            "model_utility": _median([r["model_utility"] for r in mine]),
+            "model_utility_retain": _median([ref[r["seed"]]["model_utility"] for r in mine]),
+            "privleak": _median([r["privleak"] for r in mine]),
+            "status": [r["status"] for r in mine],
+            "steps_accepted": [r["steps_accepted"] for r in mine],
+            "seconds": _median([r["seconds"] for r in mine]),
+            "forget_quality_per_seed": [r["forget_quality"] for r in mine],
+            "model_utility_per_seed": [r["model_utility"] for r in mine],
+        }
+    return out
+
+
+def best_utility(rows: Sequence[dict], method: str, split: str, seed: int, level: float) -> float | None:
+    """The best model utility among `method`'s points with forget quality ≥ `level` (None: none reaches it)."""
+    vals = [r["model_utility"] for r in rows if r["method"] == method and r["split"] == split and r["seed"] == seed
+            and r["forget_quality"] >= level]
+    return max(vals) if vals else None
+
+
+def matched(rows: Sequence[dict], methods: Sequence[str]) -> dict[str, Any]:
+    """Per split and forget-quality level: each method's median over seeds of its best model utility there."""
+    table: dict[str, Any] = {}
+    for split in sorted({r["split"] for r in rows}):
+        seeds = sorted({r["seed"] for r in rows if r["split"] == split})
+        table[split] = {}
+        for level in FQ_LEVELS:
+            entry = {}
+            for method in methods:
+                best = [best_utility(rows, method, split, s, level) for s in seeds]
+                reached = [b for b in best if b is not None]
+                # a seed that does not reach the level counts as utility 0 at it (the median decides)
+                entry[method] = (statistics.median([b if b is not None else 0.0 for b in best])
+                                 if len(reached) * 2 > len(seeds) else None)
+            table[split][str(level)] = entry
+    return table
+
+
+def frontier_wins(table: dict[str, Any], baselines: Sequence[str]) -> dict[str, bool]:
+    """True for a baseline when at every level it reaches (median over seeds), ours has at least its utility."""
+    wins = {}
+    for b in baselines:
+        ok, compared = True, 0
+        for levels in table.values():
+            for entry in levels.values():
+                theirs, ours = entry.get(b), entry.get(OURS)
+                if theirs is None:
+                    continue
+                compared += 1
+                ok = ok and ours is not None and ours >= theirs
+        wins[b] = bool(ok and compared > 0) if compared else True
+    return wins
+
+
+def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool], p: TofuPlan) -> str:
+    lines = [f"# TOFU-faithful benchmark ({p.name}): seeds {list(p.seeds)}", "",
+             "Forget quality (KS p of forget truth ratios vs the retain model), model utility (harmonic mean of 9),",
+             "privleak (Min-K% AUC vs the retain model's), medians over seeds.", "",
+             "| split | forget quality | model utility | retain model's utility | privleak | status |",
+             "|---|---|---|---|---|---|"]
+    for split, r in recipe.items():
+        def f(x: Any, d: int = 3) -> str:
+            return "-" if x is None else f"{x:.{d}g}"
+        lines.append(f"| {split} | {f(r['forget_quality'])} | {f(r['model_utility'])} | "
+                     f"{f(r['model_utility_retain'])} | {f(r['privleak'])} | {', '.join(r['status'])} |")
+    lines += ["", "Best model utility at forget quality ≥ level (median over seeds; - = not reached):", ""]
+    methods = [OURS, *p.baselines]
+    lines += ["| split | level | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for split, levels in table.items():
+        for level, entry in levels.items():
+            cells = " | ".join("-" if entry.get(m) is None else f"{entry[m]:.3f}" for m in methods)
+            lines.append(f"| {split} | {level} | {cells} |")
+    lines += ["", "frontier_wins.tofu: " + ", ".join(f"{k}: {v}" for k, v in wins.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], path: Path, methods: Sequence[str], secrets: Sequence[bytes]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({r["split"] for r in rows})
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for method in [OURS, *methods]:
+            pts = [r for r in rows if r["split"] == split and r["method"] == method]
+            if pts:
+                ax.scatter([max(r["forget_quality"], 1e-12) for r in pts], [r["model_utility"] for r in pts],
+                           s=14, label=method, alpha=0.7)
+        for ref, marker in (("retain", "*"), ("original", "x")):
+            pts = [r for r in rows if r["split"] == split and r["method"] == ref]
+            ax.scatter([max(r["forget_quality"], 1e-12) for r in pts], [r["model_utility"] for r in pts],
+                       marker=marker, s=80, c="k", label=ref)
+        ax.set_xscale("log")
+        ax.axvline(0.05, ls=":", c="grey")
+        ax.set_title(split)
+        ax.set_xlabel("forget quality (KS p)")
+        ax.set_ylabel("model utility")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    from lightning_unlearn.report import figure_bytes
+
+    atomic_write(path, figure_bytes(fig), secrets)
+
+
+def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    secrets: set[bytes] = set()  # the forget answers: no file written here may contain one
+    start = time.perf_counter()
+    for seed in p.seeds:
+        exp = TofuExperiment(TofuConfig(**{**asdict(p.config), "seed": seed}), cache)
+        for split in p.splits:
+            bench = SplitBench(exp, split, p.eval_retain)
+            secrets.update(r["answer"].encode() for r in bench.parts["forget"])
+            rows.extend(split_rows(bench, p, say))
+    recipe = default_recipe(rows)
+    table = matched(rows, [OURS, *p.baselines])
+    wins = frontier_wins(table, p.baselines)
+    results = {"preset": p.name, "seeds": list(p.seeds), "splits": list(p.splits),
+               "default_recipe": {"tofu": recipe}, "frontier_wins": {"tofu": wins}, "matched": table,
+               "seconds": time.perf_counter() - start, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    listed = sorted(secrets)
+    atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode(), listed)
+    atomic_write(out / "results.md", markdown(recipe, table, wins, p).encode(), listed)
+    plot(rows, out / "frontier_tofu.png", p.baselines, listed)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu-small", choices=("smoke", "cpu-small"))
+    parser.add_argument("--cache", default="runs/tofu_experiment")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/tofu-<preset>")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--splits", nargs="*", default=None, choices=SPLITS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("LIGHTNING_UNLEARN_THREADS", "1")))
+    p = plan(args.preset)
+    if args.seeds:
+        p.seeds = tuple(args.seeds)
+    if args.splits:
+        p.splits = tuple(args.splits)
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"tofu-{p.name}"
+    results = run(p, Path(args.cache), out)
+    print(markdown(results["default_recipe"]["tofu"], results["matched"], results["frontier_wins"]["tofu"], p))
+
+
+if __name__ == "__main__":
+    main()
