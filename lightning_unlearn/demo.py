@@ -7,8 +7,10 @@ The output directory appears only when the run succeeds (it is built in a tempor
 
 Output: `report.json`, `report.md`, PNG plots, `model/` (unlearned), `original/` and `retrained/` (with the
 tokenizer), `data/train.jsonl` (the training text with its canaries, for `configs/unlearn_*.yaml`),
-`data/canaries.json` (the canary registry: it holds the secrets, for evaluation only; never logged) and `run.json`
-(status, steps accepted, exit status, start and end). The output is checked before any work (`check_output`: an
+`data/holdout.jsonl` (never-inserted canaries labelled on their secret: the configs' `data.holdout`, the target
+this run calibrates on), `data/references.jsonl` (the evaluation's never-inserted canaries), `data/canaries.json`
+(the canary registry: it holds the secrets, for evaluation only; never logged) and `run.json` (status, steps
+accepted, exit status, start and end). The output is checked before any work (`check_output`: an
 existing non-empty folder needs `overwrite`, an empty one is fine); an earlier demo output there says
 `finished: false` in its `run.json` until the new one replaces it.
 """
@@ -93,6 +95,11 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
     atomic_save_pretrained(retrained, work / "retrained", tokenizer=data.tokenizer)
     (work / "data").mkdir(exist_ok=True)
     exp.train_dataset.to_json(str(work / "data" / "train.jsonl"), lines=True)
+    # never-inserted canaries labelled on their secret (a `spans` column), the forget set's kind: the holdout the
+    # unlearning target is calibrated on (`data.holdout` of the configs: the same target as this run's), and the
+    # evaluation's references (membership inference against them, as in the report)
+    write_canaries(exp.calibration_canaries, work / "data" / "holdout.jsonl")
+    write_canaries(exp.registry.references, work / "data" / "references.jsonl")
     exp.registry.save(work / "data" / "canaries.json")
     registry = exp.registry
     secrets = [c.secret for c in registry.inserted + registry.references]
@@ -115,6 +122,16 @@ def _run(work: Path, config: ExperimentConfig, settings: UnlearnSettings, progre
                  secrets=secrets, summary={**summary, "method_settings": settings.to_dict()})
     summary["method"] = settings.method
     return summary
+
+
+def write_canaries(canaries: list[Any], path: Path) -> Path:
+    """Canaries as JSON lines `{"text", "spans": [[start, end]] of the secret, "canary_id"}`: a data source for
+    `ForgetRetainDataModule(holdout=..., span="offsets")`."""
+    import json
+
+    rows = [{"text": c.text, "spans": [list(c.secret_span)], "canary_id": c.id} for c in canaries]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def quiet_libraries() -> None:

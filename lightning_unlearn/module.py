@@ -133,8 +133,9 @@ class UnlearningModule(pl.LightningModule):
     cannot be told from the holdout any more (the method's target, see `lightning_unlearn.methods.base`), when a
     step spends the retain budget, or when a step is rolled back after all retries, the rule of the method's own
     `fit`. `trainer.max_steps` is then only a cap (5 is plenty). For
-    span-level forgetting, a data module's holdout split of whole unseen texts is a proxy of the level; pass
-    `set_holdout_data(<unseen texts labelled on their spans>)` or `forget_target=` for the exact one.
+    span-level forgetting the holdout must be labelled on its spans too (never-inserted canaries on their secret):
+    `ForgetRetainDataModule.holdout_dataloader` refuses a holdout of whole texts (or none), naming the fix; pass
+    `holdout=` to the data module, `set_holdout_data(...)`, or `holdout_batches=0` for no holdout target.
     After the fit, `status` tells how the run ended and `summary()` gives the numbers.
     """
 

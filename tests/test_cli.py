@@ -71,7 +71,7 @@ def test_demo_writes_the_report_the_model_and_the_summary(tiny_demo):
     assert f"- status: `{report['status']}`" in (out / "report.md").read_text()
     assert all(v > 0 for v in report["timing"].values())
     for name in ("report.md", "exposure.png", "loss_histograms.png", "model/model.safetensors",
-                 "original/model.safetensors", "data/train.jsonl"):
+                 "original/model.safetensors", "data/train.jsonl", "data/holdout.jsonl", "data/references.jsonl"):
         assert (out / name).exists(), name
     assert "exposure_inserted_mean" in result.stdout  # the summary table
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
@@ -95,11 +95,14 @@ def test_tiny_lightning_config_end_to_end_through_the_command(tiny_demo):
     config = yaml.safe_load((ROOT / "configs" / "unlearn_kfac.yaml").read_text())
     config["data"].update(max_length=64, batch_size=8)
     config["model"]["curvature_batches"] = 2
+    # the tiny demo's 40 training steps memorise no canary: against its never-inserted canaries (data.holdout) the
+    # target is met at the start (0 steps, rightly); without a holdout target every step is taken
+    config["model"]["holdout_batches"] = 0
     (work / "kfac.yaml").write_text(yaml.safe_dump(config))
     original = (work / "runs/demo/original/model.safetensors").read_bytes()
     result = run_command(["fit", "--config", "kfac.yaml"], cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "unlearning status: " in result.stdout and "source holdout" in result.stdout, result.stdout[-2000:]
+    assert "unlearning status: " in result.stdout and "source none" in result.stdout, result.stdout[-2000:]
     from safetensors.torch import load_file
 
     before = load_file(work / "runs/demo/original/model.safetensors")
@@ -154,3 +157,77 @@ def test_bad_demo_config_names_the_key(tmp_path):
     with pytest.raises(SystemExit):
         main(["demo", "--config", str(bad), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the target's holdout, through the command
+
+
+@pytest.fixture(scope="module")
+def memorised_canaries(tmp_path_factory):
+    """A tiny GPT-2 that memorised 2 canaries' PINs (each inserted 8 times into 44 short texts, ~6 s of training),
+    written as `lightning-unlearn demo` writes its outputs: model/ (with its tokenizer), train.jsonl (`canary_id`,
+    `spans`) and holdout.jsonl (never-inserted canaries labelled on their PIN); whole.jsonl holds the same
+    never-inserted canaries without spans. Returns the folder and a config for the command."""
+    import torch
+
+    from lightning_unlearn.data import insert_canaries, make_canaries, synthetic_corpus, train_bpe_tokenizer
+    from lightning_unlearn.demo import write_canaries
+    from lightning_unlearn.models import small_causal_lm
+
+    root = tmp_path_factory.mktemp("canaries")
+    registry = make_canaries(2, (8,), template="my PIN is {d} {d} {d} {d}", length=4, n_references=12, seed=0)
+    train = insert_canaries(synthetic_corpus(12_000, seed=0), registry, seed=0)
+    tok = train_bpe_tokenizer(train["text"], vocab_size=300)
+    model = small_causal_lm("gpt2", vocab_size=len(tok), hidden=32, layers=1, heads=2, max_positions=64, seed=0,
+                            eos_token_id=tok.eos_token_id).train()
+    rows = [tok(t, add_special_tokens=False)["input_ids"][:63] + [tok.eos_token_id] for t in train["text"]]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        batch = [rows[i] for i in torch.randint(len(rows), (16,), generator=generator)]
+        width = max(map(len, batch))
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in batch])
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in batch])
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(root / "model")
+    tok.save_pretrained(str(root / "model"))
+    train.to_json(str(root / "train.jsonl"), lines=True)
+    write_canaries(registry.references, root / "holdout.jsonl")
+    (root / "whole.jsonl").write_text("".join(json.dumps({"text": c.text}) + "\n" for c in registry.references))
+    config = {"seed_everything": 0,
+              "model": {"model": "model", "method": "newton", "curvature": "kfac", "curvature_batches": 2},
+              "data": {"train": "train.jsonl", "forget_column": "canary_id", "span": "offsets",
+                       "holdout": "holdout.jsonl", "tokenizer": "model", "max_length": 64, "packing": True,
+                       "batch_size": 8, "forget_batch_size": 64},
+              "trainer": {"max_steps": 3, "accelerator": "cpu", "logger": False, "enable_progress_bar": False}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_span_forget_set_with_a_span_labelled_holdout_takes_steps(memorised_canaries, monkeypatch, capsys):
+    """The command on a span-labelled forget set (the PINs) with a holdout of never-inserted canaries labelled on
+    their PIN: the target is not met at the start, so at least one step is accepted and the model changes (the
+    demo's configs, calibrated on prose labelled on every token, ended `target_reached` after 0 steps)."""
+    monkeypatch.chdir(memorised_canaries)
+    main(["fit", "--config", "config.yaml", "--output", "out/span", "--overwrite"])
+    printed = capsys.readouterr().out
+    assert "source holdout" in printed, printed[-2000:]
+    run = json.loads((memorised_canaries / "out/span/run.json").read_text())
+    assert run["steps_accepted"] >= 1 and run["status"] in ("target_reached", "budget_exhausted"), run
+
+
+@pytest.mark.parametrize("holdout", ["whole.jsonl", "null"], ids=["whole-text holdout", "default split"])
+def test_span_forget_set_with_a_whole_text_holdout_is_refused(memorised_canaries, monkeypatch, capsys, holdout):
+    """A whole-text holdout (a file without spans, or the default split of training texts) with a span-level forget
+    set: exit 2 before any step, one line naming the fix, nothing written."""
+    monkeypatch.chdir(memorised_canaries)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "config.yaml", "--data.holdout", holdout, "--output", "out/refused"])
+    assert info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-unlearn: error:")]
+    assert len(error) == 1 and "the forget set is labelled on its spans (span='offsets') but" in error[0], error
+    assert "labelled on every token" in error[0] and "give holdout=" in error[0] and "holdout_batches=0" in error[0]
+    assert not (memorised_canaries / "out/refused").exists()

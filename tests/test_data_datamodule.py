@@ -331,3 +331,57 @@ def test_missing_text_cell(tok, tmp_path):
 def test_span_mode_needs_a_span(tok):
     with pytest.raises(ValueError, match="has no sensitive span under span='markers'"):
         dm_of(tok, forget_ids=[0], span="markers").setup()
+
+
+# ---------------------------------------------------------------- the unlearning target's holdout
+
+
+def canary_rows(pins):
+    """Canary-like texts with the PIN's character span (a `spans` column), as `lightning-unlearn demo` writes them."""
+    prefix = "Dear Ada, my PIN is "
+    return {"text": [prefix + p for p in pins], "spans": [[[len(prefix), len(prefix) + len(p)]] for p in pins]}
+
+
+def test_span_level_forget_set_gets_a_holdout_labelled_on_its_spans(tok):
+    """A span-labelled holdout source is labelled like the forget set (on its spans, one example per row, never
+    packed): the target then compares secrets with never-seen secrets."""
+    from datasets import Dataset
+    inserted, never = canary_rows(["1 2 3 4", "5 6 7 8"]), canary_rows(["9 0 1 2", "3 4 5 6", "7 8 9 0"])
+    train = Dataset.from_dict({"text": TEXTS[:30] + inserted["text"], "spans": [[]] * 30 + inserted["spans"]})
+    dm = dm_of(tok, train=train, forget_ids=[30, 31], span="offsets", holdout=Dataset.from_dict(never), packing=True,
+               max_length=64)
+    assert dm.holdout_problem() is None
+    batch = next(iter(dm.holdout_dataloader()))
+    assert batch["input_ids"].shape[0] == 3  # one row per example: not packed
+    for labels in batch["labels"]:
+        assert tok.decode(labels[labels != IGNORE]).strip() in {"9 0 1 2", "3 4 5 6", "7 8 9 0"}
+    # whole-example forgetting labels every token of the same holdout (its spans are not used)
+    whole = dm_of(tok, train=train, forget_ids=[30, 31], holdout=Dataset.from_dict(never))
+    labels = next(iter(whole.holdout_dataloader()))["labels"]
+    assert (labels != IGNORE).sum(1).min() > 8
+
+
+def test_span_level_forget_set_refuses_a_whole_text_or_missing_holdout(tok):
+    """The target of a span-level forget set against whole texts labelled on every token is meaningless (it was met
+    before any step on the demo): `holdout_dataloader` (what `UnlearningModule` calibrates on) refuses it, naming
+    the fix; `test` warns that its holdout metrics compare unlike data."""
+    from datasets import Dataset
+    inserted = canary_rows(["1 2 3 4", "5 6 7 8"])
+    train = Dataset.from_dict({"text": TEXTS[:30] + inserted["text"], "spans": [[]] * 30 + inserted["spans"]})
+    fix = r".*; give holdout=<never-trained examples of the forget set's kind with their spans>.*holdout_batches=0"
+    default = dm_of(tok, train=train, forget_ids=[30, 31], span="offsets", holdout_fraction=0.2)
+    with pytest.raises(UserInputError, match=r"labelled on its spans \(span='offsets'\) but the holdout is whole "
+                                             r"training texts \(holdout_fraction\) labelled on every token" + fix):
+        default.holdout_dataloader()
+    with pytest.warns(UserWarning, match="compare unlike data: the forget set is labelled on its spans"):
+        default.test_dataloader()
+    texts_only = Dataset.from_dict({"text": canary_rows(["9 0 1 2", "3 4 5 6"])["text"]})
+    with pytest.raises(UserInputError, match=r"but 2 of 2 examples of the holdout data \(a datasets.Dataset\) have "
+                                             r"no `spans`.*labelled on every token" + fix):
+        dm_of(tok, train=train, forget_ids=[30, 31], span="offsets", holdout=texts_only).holdout_dataloader()
+    with pytest.raises(UserInputError, match=r"but there is no holdout data" + fix):
+        dm_of(tok, train=train, forget_ids=[30, 31], span="offsets", holdout_fraction=0).holdout_dataloader()
+    # whole-example forgetting: the training texts' holdout split is of the forget set's kind; none at all warns
+    assert dm_of(tok, train=train, forget_ids=[30, 31], holdout_fraction=0.2).holdout_dataloader() is not None
+    with pytest.warns(UserWarning, match="no holdout data .* the unlearning has no holdout target"):
+        assert dm_of(tok, train=train, forget_ids=[30, 31], holdout_fraction=0).holdout_dataloader() is None

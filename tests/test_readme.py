@@ -122,14 +122,17 @@ class MyData(L.LightningDataModule):
 
 
 def write_demo_files(root: Path, tok) -> None:
-    """What `lightning-unlearn demo` leaves in runs/demo: the original model with its tokenizer, and the training
-    text with canaries (`canary_id`, `spans`)."""
+    """What `lightning-unlearn demo` leaves in runs/demo: the original model with its tokenizer, the training
+    text with canaries (`canary_id`, `spans`) and never-inserted canaries labelled on their secret (the holdout)."""
+    from lightning_unlearn.demo import write_canaries
+
     tiny_lm(tok).save_pretrained(root / "runs/demo/original")
     tok.save_pretrained(str(root / "runs/demo/original"))
     registry = make_canaries(2, repetitions=(1, 2), template="my pin is {d} {d} {d}", length=3, n_references=4)
     data = insert_canaries(TRAIN, registry, seed=0)
     (root / "runs/demo/data").mkdir(parents=True)
     data.to_json(str(root / "runs/demo/data/train.jsonl"), lines=True)
+    write_canaries(registry.references, root / "runs/demo/data/holdout.jsonl")
 
 
 def given(names: tuple[str, ...], root: Path) -> dict[str, Any]:

@@ -143,6 +143,8 @@ class Normaliser:
         spans: list[list[int]] = []
         if forget and self.span != "example":
             spans = self._spans(row, text, marked, self.selection, example_id)
+        elif self.role == "holdout" and self.span != "example":  # labelled like the forget set where it has spans
+            spans = self._holdout_spans(row, text, marked, example_id)
         if forget:
             split = "forget"
         elif self.role in ("test", "holdout"):
@@ -170,6 +172,23 @@ class Normaliser:
             if not 0 <= s < e <= len(text):
                 raise UserInputError(f"forget example {example_id} has span [{s}, {e}) outside its text of "
                                  f"{len(text)} characters; give character offsets into the text")
+        return [[int(s), int(e)] for s, e in spans]
+
+    def _holdout_spans(self, row: dict, text: str, marked: list, example_id: int) -> list[list[int]]:
+        """An explicit holdout source's spans, found the forget set's way; none (whole-text labels) where a row has
+        none. The data module checks that a span-level forget set gets a span-labelled holdout."""
+        if self.span == "markers":
+            spans = marked
+        elif self.span == "regex":
+            spans = self.selection.regex_spans(text) if self.selection._pattern is not None else []
+        elif row.get("spans") is not None or ("span_start" in row and "span_end" in row):
+            spans = offsets_from_row(row)
+        else:
+            spans = []
+        for s, e in spans:
+            if not 0 <= s < e <= len(text):
+                raise UserInputError(f"holdout example {example_id} has span [{s}, {e}) outside its text of "
+                                     f"{len(text)} characters; give character offsets into the text")
         return [[int(s), int(e)] for s, e in spans]
 
 
