@@ -14,7 +14,7 @@ import torch
 
 from lightning_unlearn.models import small_causal_lm
 
-FIRST, LAST, DIGITS = 24, 24, 10
+FIRST, LAST, DIGITS = 24, 192, 10
 TEMPLATE = 4  # 's  phone  is  .
 WORDS = 32  # the prose's own words
 V = FIRST + LAST + DIGITS + TEMPLATE + WORDS + 1  # + eos
@@ -22,10 +22,13 @@ _F0, _L0, _D0, _T0, _W0 = 0, FIRST, FIRST + LAST, FIRST + LAST + DIGITS, FIRST +
 
 
 def lines(n: int, g: torch.Generator) -> torch.Tensor:
-    """`n` lines [n, 12] of `n` distinct people: first, last, 's, phone, is, six digits, '.'."""
-    people = torch.randperm(FIRST * LAST, generator=g)[:n]
+    """`n` lines [n, 12] of `n` people: a first name (shared by several people), a last name of their own, 's, phone,
+    is, six digits, '.'."""
+    if n > LAST:
+        raise ValueError(f"at most {LAST} people (one last name each), got {n}")
     x = torch.empty(n, 12, dtype=torch.long)
-    x[:, 0], x[:, 1] = _F0 + people // LAST, _L0 + people % LAST
+    x[:, 0] = _F0 + torch.randint(0, FIRST, (n,), generator=g)
+    x[:, 1] = _L0 + torch.randperm(LAST, generator=g)[:n]
     x[:, 2], x[:, 3], x[:, 4] = _T0, _T0 + 1, _T0 + 2
     x[:, 5:11] = _D0 + torch.randint(0, DIGITS, (n, 6), generator=g)
     x[:, 11] = _T0 + 3
