@@ -9,7 +9,8 @@ take a trainer, so the engine's drivers without Lightning (the experiment, `serv
 Every process of a multi-process request runs the same collectives (all-reduces of statistics, losses, histograms).
 When one process has no batch of some kind, raising on that process alone leaves the others waiting in a collective
 until the connection drops ("Connection closed by peer"), which names nothing. `agree_on_batches` exchanges the batch
-counts of every process in one all-reduce, so that every process raises the same clear error.
+counts of every process in one all-reduce, so that every process raises the same clear error, also when the counts
+differ (each process would keep a share of a different list, and some batches would never enter the request).
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ def agree_on_batches(reduce: Reduce, rank: int, world_size: int, who: str, requi
     """The batch counts of every process, by kind (`counts`: this process's, None when that data was not given).
 
     Raises the same `UserInputError` on every process when a process has no batch of a kind in `required`, or of a
-    kind that other processes were given. `reduce` sums a tensor over processes (identity on one process).
+    kind that other processes were given, or when the processes have different numbers of batches of a kind: each
+    process keeps its share of a batch list (`share`), which only partitions the data when every process holds the
+    same list; with different counts some batches would never enter the request, and the processes could run
+    different numbers of collectives. `reduce` sums a tensor over processes (identity on one process).
     """
     names = list(counts)
     table = torch.zeros(max(world_size, 1), len(names), dtype=torch.float64)
@@ -120,6 +124,11 @@ def agree_on_batches(reduce: Reduce, rank: int, world_size: int, who: str, requi
                 f"{who}: {where} got no {name} batch ({name} batches per process: "
                 f"{['none' if v == NOT_GIVEN else v for v in values]}); every process needs at least one: use fewer "
                 f"processes, a smaller batch size, or more {name} data")
+        if len(set(values)) > 1:
+            raise UserInputError(
+                f"{who}: the processes got different numbers of {name} batches ({name} batches per process: "
+                f"{values}), so some {name} batches would never enter the request; every process needs the same "
+                f"number: pass the same {name} batches on every process (each keeps its share)")
     return per_kind
 
 

@@ -5,10 +5,10 @@
     records = fabric_unlearn(fabric, model, forget_loader, retain_loader, holdout=holdout_loader)
     records.status, records.summary   # "target_reached" | ...; the method's summary() (numbers only)
 
-Every process passes the same loaders (or its own shards): each keeps its share of every batch list and the engine
-sums statistics, gradients and losses across processes, so all processes take the same update. The request is
-`lightning_unlearn.request.serve_request`, the same as every other driver's; the settings and their defaults are
-`lightning_unlearn.settings.UnlearnSettings`'s.
+Every process passes the same loaders: each keeps its share of every batch list and the engine sums statistics,
+gradients and losses across processes, so all processes take the same update (different batch counts across
+processes raise the same error on every process). The request is `lightning_unlearn.request.serve_request`, the same
+as every other driver's; the settings and their defaults are `lightning_unlearn.settings.UnlearnSettings`'s.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
     gradients are not reduce-scattered. On exit (also after an error): the values are written back into each
     process's shards and the model is resharded with its usual behaviour restored. A no-op for unsharded models.
 
-    Every process must enter and leave together (the gather and the write-back are collectives of the mesh).
+    Every process must enter and leave together (the gather and the write-back are collectives of the mesh). Any
+    unshard state the caller left (e.g. the root still gathered after a forward without a backward) is resharded on
+    entry.
     """
     modules = fsdp_modules(model)
     if not modules:
@@ -50,6 +52,11 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
         return
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    # A module's registered parameters are its sharded DTensors only while it is resharded: after a forward without a
+    # backward (a validation or `no_grad` pass) the root keeps its unsharded tensors, whose storage `reshard()` frees
+    # on exit. Reshard every module first (a no-op for a resharded one), so the shards are what gets recorded.
+    for module in modules:
+        module.reshard()
     sharded = dict(model.named_parameters())
     for module in modules:
         module.set_reshard_after_forward(False)

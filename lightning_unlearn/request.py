@@ -300,8 +300,9 @@ def serve_request(
     `retain`: retain batches (the curvature for `curvature_data="retain"`, the retain term of some methods, and the
     held batch of the retain budget unless `held_retain` is given). `holdout`: never-trained batches of the forget
     set's kind, the target (at most `settings.holdout_batches`; 0: none). `full_curvature` (for
-    `full_minus_forget`) overrides `settings.full_curvature`. Every process passes the same data (or its own
-    shards: counts are agreed first) and keeps its share; `reduce`/`gather` sum/concatenate across processes.
+    `full_minus_forget`) overrides `settings.full_curvature`. Every process passes the same data and keeps its share
+    (the processes agree on their batch counts first: different counts raise the same error on every process);
+    `reduce`/`gather` sum/concatenate across processes.
     `prepare` turns a batch into the project's dict on the model's device (default: `batch_preparer(model)`)."""
     settings = settings if settings is not None else UnlearnSettings()
     with full_parameters(model):  # FSDP2: the engine works on the gathered parameters, written back at the end
@@ -317,13 +318,14 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
     prepare = prepare or batch_preparer(model)
     forget_batches = [prepare(b) for b in forget]
     retain_batches = [prepare(b) for b in retain] if retain is not None else None
+    retain_count = None if retain_batches is None else len(retain_batches)  # as given, before a batch is held out
     held = prepare(held_retain) if held_retain is not None else None
     if held is None and retain_batches:
         retain_batches, held = held_out_retain(retain_batches)
     holdout_batches = None
     if holdout is not None and settings.holdout_batches != 0:
         holdout_batches = [prepare(b) for b in itertools.islice(holdout, settings.holdout_batches)]
-    counts = {"forget": len(forget_batches), "retain": None if retain_batches is None else len(retain_batches),
+    counts = {"forget": len(forget_batches), "retain": retain_count,
               "holdout": None if holdout_batches is None else len(holdout_batches)}
     source = retain_batches if settings.curvature_data == "retain" else forget_batches
     unlearner = prepare_request(model, settings=settings, curvature_source=source, full_curvature=full_curvature,

@@ -1,10 +1,13 @@
 """One deletion request per curvature backend on a tiny GPT-2, through one driver, on 1 process or on N processes
 with the model sharded by FSDP2 (`fully_shard`, `ModelParallelStrategy`): the script `tests/test_fsdp.py` runs.
 
-    python tests/fsdp_worker.py OUT DRIVER WORLD      # DRIVER: callback | module | fabric | curvature
+    python tests/fsdp_worker.py OUT DRIVER WORLD      # DRIVER: callback | module | fabric | curvature, or
+                                                      # callback_val | module_val | fabric_eval (K-FAC only)
 
 Every process sees its share of the same global data; the fixed step (absolute λ, no step search) makes the update a
-continuous function of the reduced statistics, so N processes must equal 1. Process 0 writes, for each backend, the
+continuous function of the reduced statistics, so N processes must equal 1. The `_val`/`_eval` drivers run a forward
+pass without a backward before the request (Lightning's sanity validation and a validation epoch; a `no_grad` forward
+for Fabric), after which FSDP2 keeps the root module's parameters unsharded. Process 0 writes, for each backend, the
 full weights after the request and the size of this process's curvature state (`memory_footprint()["total"]`).
 """
 
@@ -65,6 +68,29 @@ class Capture(pl.Callback):
                                       "sharded": is_sharded(pl_module.model)}
 
 
+def gathered(model: torch.nn.Module) -> bool:
+    """Whether some FSDP2-managed parameter is registered unsharded (a plain tensor, not its `DTensor` shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return is_sharded(model) and not all(isinstance(p, DTensor) for p in model.parameters())
+
+
+class Probe(pl.Callback):
+    """Whether the model's parameters were left gathered just before the request starts (`hook`: the callback's
+    request is in `on_train_end`, the module's in its own `on_train_start`; callbacks run before the module)."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook, self.seen = hook, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.hook == "on_train_start":
+            self.seen = gathered(pl_module.model)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.hook == "on_train_end":
+            self.seen = gathered(pl_module.model)
+
+
 class Frozen(pl.LightningModule):
     """The user's module for the drop-in callback: trains with lr 0, sharded by FSDP2 under ModelParallelStrategy."""
 
@@ -83,12 +109,22 @@ class Frozen(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class Validated(Frozen):
+    """The user's module with a validation loop (forward passes without a backward, before and after training)."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch).loss)
+
+
 def lightning_run(driver: str, world: int) -> tuple[dict, int]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    validate = driver.endswith("_val")  # sanity validation before training, a validation epoch after it
+    driver = driver.removesuffix("_val")
+    val = {"val_dataloaders": DataLoader(FORGET, batch_size=2)} if validate else {}
     results: dict = {}
     rank = 0
-    for backend in BACKENDS:
+    for backend in ("kfac",) if validate else BACKENDS:
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
         common = dict(accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
@@ -97,8 +133,9 @@ def lightning_run(driver: str, world: int) -> tuple[dict, int]:
                                curvature=backend, steps=2, curvature_kwargs=backend_kwargs(backend),
                                method_kwargs=SEARCH_OFF, **FIXED)
             capture = Capture(results, backend, lambda c=callback: c.last_result.unlearner.curvature)
-            trainer = pl.Trainer(max_epochs=1, callbacks=[callback, capture], **common)
-            trainer.fit(Frozen(), DataLoader(RETAIN, batch_size=2))
+            probe = Probe("on_train_end")
+            trainer = pl.Trainer(max_epochs=1, callbacks=[probe, callback, capture], **common)
+            trainer.fit(Validated() if validate else Frozen(), DataLoader(RETAIN, batch_size=2), **val)
         else:
             module = UnlearningModule(small_causal_lm("gpt2", seed=0), curvature=backend, holdout_batches=0,
                                       curvature_kwargs=backend_kwargs(backend), method_kwargs=SEARCH_OFF, **FIXED)
@@ -106,14 +143,16 @@ def lightning_run(driver: str, world: int) -> tuple[dict, int]:
             train = CombinedLoader({"forget": DataLoader([stack(FORGET)] * 2, batch_size=None),
                                     "retain": DataLoader([stack(RETAIN[:4])] * 2, batch_size=None)}, "max_size_cycle")
             capture = Capture(results, backend, lambda m=module: m.unlearner.curvature)
-            trainer = pl.Trainer(max_steps=2, callbacks=[capture], **common)
-            trainer.fit(module, train)
+            probe = Probe("on_train_start")
+            trainer = pl.Trainer(max_steps=2, callbacks=[probe, capture], **common)
+            trainer.fit(module, train, **val)
+        results[backend]["gathered_before"] = probe.seen
         rank = trainer.global_rank
     leave_process_group()  # once, after the last run (the next Trainer reuses the group)
     return results, rank
 
 
-def fabric_run(world: int) -> tuple[dict, int]:
+def fabric_run(world: int, eval_first: bool = False) -> tuple[dict, int]:
     from lightning.fabric.strategies import ModelParallelStrategy
 
     def parallelize(model, mesh):
@@ -124,15 +163,19 @@ def fabric_run(world: int) -> tuple[dict, int]:
     fabric = Fabric(accelerator="cpu", devices=world, strategy=strategy)
     fabric.launch()
     results: dict = {}
-    for backend in BACKENDS:
+    for backend in ("kfac",) if eval_first else BACKENDS:
         model = fabric.setup(small_causal_lm("gpt2", seed=0))
+        if eval_first:  # an evaluation of the sharded model before the request: no backward, the root stays gathered
+            with torch.no_grad():
+                model(**stack(FORGET[:2]))
+        inner = model.module if hasattr(model, "module") else model
+        gathered_before = gathered(inner)
         run = fabric_unlearn(fabric, model, DataLoader(FORGET, batch_size=2), DataLoader(RETAIN, batch_size=2),
                              curvature=backend, steps=2, curvature_kwargs=backend_kwargs(backend), **FIXED,
                              **SEARCH_OFF)
-        inner = model.module if hasattr(model, "module") else model
         results[backend] = {"weights": full_weights(inner),
                             "memory": run.unlearner.curvature.memory_footprint()["total"],
-                            "sharded": is_sharded(inner)}
+                            "sharded": is_sharded(inner), "gathered_before": gathered_before}
     rank = fabric.global_rank
     leave_process_group()
     return results, rank
@@ -155,6 +198,9 @@ if __name__ == "__main__":
     if driver == "curvature":
         curvature_run(out, world)
         sys.exit(0)
-    results, rank = fabric_run(world) if driver == "fabric" else lightning_run(driver, world)
+    if driver.startswith("fabric"):
+        results, rank = fabric_run(world, eval_first=driver == "fabric_eval")
+    else:
+        results, rank = lightning_run(driver, world)
     if rank == 0:
         torch.save(results, out)

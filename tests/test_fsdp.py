@@ -1,7 +1,8 @@
 """FSDP2 (`fully_shard`) on 2 CPU processes (gloo): the drop-in callback and `UnlearningModule` under Lightning's
 `ModelParallelStrategy`, and `fabric_unlearn` under Fabric's, each give the single-process update for K-FAC with the
-default (mc) Fisher, for the diagonal Fisher and for CG; K-FAC keeps each layer's factors on one process; per-rank
-curvature checkpoints load on the same number of processes only; strategies that cannot work are refused."""
+default (mc) Fisher, for the diagonal Fisher and for CG, also after a forward pass without a backward (validation, a
+`no_grad` evaluation); K-FAC keeps each layer's factors on one process; per-rank curvature checkpoints load on the
+same number of processes only; strategies that cannot work are refused."""
 
 from __future__ import annotations
 
@@ -45,6 +46,47 @@ def test_fsdp_model_parallel_request_equals_one_process(tmp_path, driver):
         assert diff <= 1e-5, (backend, diff)
     # K-FAC keeps each layer's factors on one process: each of 2 stores about half
     assert two["kfac"]["memory"] <= 0.6 * one["kfac"]["memory"], (two["kfac"]["memory"], one["kfac"]["memory"])
+
+
+@pytest.mark.parametrize("driver", ["fabric_eval", "callback_val", "module_val"])
+def test_fsdp_request_after_a_forward_without_backward_equals_one_process(tmp_path, driver):
+    """A forward pass without a backward before the request (a `no_grad` evaluation before `fabric_unlearn`;
+    Lightning's sanity validation before `UnlearningModule`'s run, a validation epoch before the callback's request at
+    the end of training) leaves FSDP2's root module gathered: the request still writes the update into the shards,
+    equal to the single-process one (it used to write into freed storage and crash every process)."""
+    one = run_worker(tmp_path / "one.pt", driver, 1)["kfac"]
+    two = run_worker(tmp_path / "two.pt", driver, 2)["kfac"]
+    assert two["sharded"] and two["gathered_before"], "the request did not start from gathered parameters"
+    start = {n: p.detach() for n, p in small_causal_lm("gpt2", seed=0).named_parameters()}
+    moved = max(float((one["weights"][n] - start[n]).abs().max()) for n in start)
+    diff = max(float((one["weights"][n] - two["weights"][n]).abs().max()) for n in start)
+    assert moved > 1e-3, moved  # the request did something
+    assert diff <= 1e-5, diff
+
+
+def test_fsdp_command_line_fit_on_two_processes_after_sanity_validation(tmp_path):
+    """`lightning-unlearn fit --trainer.devices 2` with `ModelParallelStrategy` (FSDP2), Lightning's sanity validation
+    on (the default): the run ends with exit status 0 and writes a model whose weights moved from the source's."""
+    import json
+
+    from bad_input_fixtures import make_project
+    from safetensors.torch import load_file
+
+    project = make_project(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "LIGHTNING_UNLEARN_LOG_DIR": str(tmp_path / "logs")}
+    args = ["fit", "--config", str(project.config), "--trainer.devices", "2",
+            "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]
+    done = subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-4000:])
+    manifest = json.loads((project.output / "run.json").read_text())
+    assert manifest["finished"] and manifest["model_written"] and manifest["steps_accepted"] >= 1, manifest
+    before, after = load_file(project.model / "model.safetensors"), load_file(project.output / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(bool(torch.isfinite(value).all()) for value in after.values())
+    assert max(float((after[n] - before[n]).abs().max()) for n in before) > 1e-4  # the request changed the model
 
 
 def test_fsdp_curvature_checkpoint_accumulated_during_training_equals_one_process(tmp_path):
