@@ -286,23 +286,64 @@ def plot(rows: Sequence[dict], path: Path, methods: Sequence[str], secrets: Sequ
     atomic_write(path, figure_bytes(fig), secrets)
 
 
-def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
-    secrets: set[bytes] = set()  # the forget answers: no file written here may contain one
+def seed_task(p: TofuPlan, seed: int, cache: Path, out: Path, say: Callable[[str], None] = print) -> None:
+    """Every split of one seed; each finished split's rows are appended to `out/rows.jsonl` (numbers only), so an
+    interrupted run resumes where it stopped (`--resume`)."""
+    exp = TofuExperiment(TofuConfig(**{**asdict(p.config), "seed": seed}), cache)
+    done = {(r["seed"], r["split"]) for r in _load_rows(out)}
+    for split in p.splits:
+        if (seed, split) in done:
+            continue
+        bench = SplitBench(exp, split, p.eval_retain)
+        rows = split_rows(bench, p, say)
+        blob = "".join(json.dumps(r, default=float) + "\n" for r in rows).encode()
+        secrets = [r["answer"].encode() for r in bench.parts["forget"]]
+        for secret in secrets:
+            if secret in blob:
+                raise ValueError("refusing to write a row that contains a forget answer")
+        with open(out / "rows.jsonl", "ab") as f:
+            f.write(blob)
+
+
+def _load_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "rows.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _seed_worker(args: tuple[TofuPlan, int, str, str]) -> None:
+    p, seed, cache, out = args
+    torch.set_num_threads(1)
+    seed_task(p, seed, Path(cache), Path(out))
+
+
+def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print, *, workers: int = 1,
+        resume: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "rows.jsonl").exists():
+        (out / "rows.jsonl").unlink()
+    if workers > 1 and len(p.seeds) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(workers, len(p.seeds))) as pool:
+            pool.map(_seed_worker, [(p, s, str(cache), str(out)) for s in p.seeds])
+    else:
+        for seed in p.seeds:
+            seed_task(p, seed, cache, out, say)
+    rows = [r for r in _load_rows(out) if r["seed"] in p.seeds and r["split"] in p.splits]
+    secrets: set[bytes] = set()  # the forget answers: no file written here may contain one
     for seed in p.seeds:
         exp = TofuExperiment(TofuConfig(**{**asdict(p.config), "seed": seed}), cache)
         for split in p.splits:
-            bench = SplitBench(exp, split, p.eval_retain)
-            secrets.update(r["answer"].encode() for r in bench.parts["forget"])
-            rows.extend(split_rows(bench, p, say))
+            secrets.update(r["answer"].encode() for r in exp.rows("forget", split))
     recipe = default_recipe(rows)
     table = matched(rows, [OURS, *p.baselines])
     wins = frontier_wins(table, p.baselines)
     results = {"preset": p.name, "seeds": list(p.seeds), "splits": list(p.splits),
                "default_recipe": {"tofu": recipe}, "frontier_wins": {"tofu": wins}, "matched": table,
                "seconds": time.perf_counter() - start, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
     listed = sorted(secrets)
     atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode(), listed)
     atomic_write(out / "results.md", markdown(recipe, table, wins, p).encode(), listed)
@@ -317,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="default: benchmarks/results/tofu-<preset>")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--splits", nargs="*", default=None, choices=SPLITS)
+    parser.add_argument("--workers", type=int, default=1, help="seeds run in parallel processes (one thread each)")
+    parser.add_argument("--resume", action="store_true", help="keep the splits already in <out>/rows.jsonl")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("LIGHTNING_UNLEARN_THREADS", "1")))
     p = plan(args.preset)
@@ -325,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.splits:
         p.splits = tuple(args.splits)
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"tofu-{p.name}"
-    results = run(p, Path(args.cache), out)
+    results = run(p, Path(args.cache), out, workers=args.workers, resume=args.resume)
     print(markdown(results["default_recipe"]["tofu"], results["matched"], results["frontier_wins"]["tofu"], p))
 
 

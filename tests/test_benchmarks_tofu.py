@@ -1,0 +1,52 @@
+"""The TOFU-faithful benchmark: the smoke preset writes every file with the documented keys, and the frontier rule
+(`frontier_wins.tofu`) decides as documented on hand-made rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import tofu
+
+
+def _row(method, fq, mu, seed=0, split="forget10", **extra):
+    return {"method": method, "forget_quality": fq, "model_utility": mu, "seed": seed, "split": split, **extra}
+
+
+def test_frontier_rule_on_hand_made_rows():
+    rows = [_row("newton_kfac", 0.3, 0.50), _row("newton_kfac", 0.06, 0.60),
+            _row("npo", 0.2, 0.55), _row("npo", 0.01, 0.70),   # at FQ >= 0.05 and >= 0.1 NPO has 0.55
+            _row("simnpo", 0.07, 0.65)]                         # beats ours (0.60) at >= 0.05
+    table = tofu.matched(rows, ["newton_kfac", "npo", "simnpo"])
+    levels = table["forget10"]
+    assert levels["0.05"] == {"newton_kfac": 0.60, "npo": 0.55, "simnpo": 0.65}
+    assert levels["0.2"]["npo"] == 0.55 and levels["0.2"]["newton_kfac"] == 0.50 and levels["0.2"]["simnpo"] is None
+    wins = tofu.frontier_wins(table, ["npo", "simnpo"])
+    assert wins == {"npo": False, "simnpo": False}  # NPO wins at 0.2 (0.55 > 0.50), SimNPO at 0.05
+    rows[0]["model_utility"] = 0.56
+    assert tofu.frontier_wins(tofu.matched(rows, ["newton_kfac", "npo"]), ["npo"]) == {"npo": True}
+
+
+def test_median_over_seeds_counts_a_seed_that_misses_the_level_as_zero():
+    rows = [_row("npo", 0.2, 0.5, seed=0), _row("npo", 0.01, 0.9, seed=1), _row("npo", 0.3, 0.7, seed=2)]
+    table = tofu.matched(rows, ["npo"])
+    assert table["forget10"]["0.1"]["npo"] == pytest.approx(0.5)  # median of 0.5, 0 (seed 1 misses), 0.7
+    assert table["forget10"]["0.5"]["npo"] is None  # no seed reaches it
+
+
+def test_smoke_preset_writes_the_documented_keys(tmp_path):
+    p = tofu.plan("smoke")
+    results = tofu.run(p, tmp_path / "cache", tmp_path / "out", say=lambda _: None)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["frontier_wins"]["tofu"] == results["frontier_wins"]["tofu"]
+    recipe = on_disk["default_recipe"]["tofu"]["forget10"]
+    for key in ("seeds", "forget_quality", "model_utility", "model_utility_retain", "privleak", "status"):
+        assert key in recipe, key
+    # the smoke models memorise nothing: the forget authors already look like the holdout authors
+    assert recipe["seeds"] == [0] and recipe["status"] == ["target_reached"]
+    assert set(on_disk["frontier_wins"]["tofu"]) == set(p.baselines)
+    assert (tmp_path / "out" / "results.md").read_text().startswith("# TOFU-faithful benchmark")
+    assert (tmp_path / "out" / "frontier_tofu.png").stat().st_size > 1000
+    methods = {r["method"] for r in on_disk["rows"]}
+    assert {"retain", "original", "newton_kfac", *p.baselines} <= methods
