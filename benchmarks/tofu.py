@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.passes import count_passes, fwd_bwd_seconds
 from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.metrics.qa_scoring import reference_statistics, tofu_evaluation
 from lightning_unlearn.report import atomic_write
@@ -102,6 +103,11 @@ class SplitBench:
         self.holdout = exp.holdout_batches(split)
         self.held = exp.held_retain_batch(split)
         self.retain = exp.retain_batches(split, 16)
+        self.retrain_seconds = float(exp.training_record(f"retain_{split}")["seconds"])
+        #: one forward+backward over the forget set (first order) and over forget + curvature batches (second order;
+        #: the default request holds the last retain batch out of the curvature for the budget)
+        self.fwd_bwd = {"first": fwd_bwd_seconds(self.original, self.forget),
+                        "second": fwd_bwd_seconds(self.original, self.forget + self.retain[:-1])}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         result = tofu_evaluation(model, self.tokenizer, self.parts,
@@ -128,15 +134,20 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
     point("retain", "-", bench.retain_model)
     point("original", "-", bench.original)
 
+    def costs(seconds: float, passes: dict[str, int], order: str) -> dict[str, Any]:
+        unit = bench.fwd_bwd[order]
+        return {"seconds": seconds, "fwd_bwd_seconds": unit, "time_over_fwd_bwd": seconds / unit,
+                "time_over_retrain": seconds / bench.retrain_seconds, **passes}
+
     def newton(knob: str, settings: UnlearnSettings, default: bool = False) -> None:
         model = copy.deepcopy(bench.original)
-        start = time.perf_counter()
-        result = serve_request(model, bench.forget, bench.retain, bench.holdout, settings=settings,
-                               held_retain=bench.held)
-        seconds = time.perf_counter() - start
+        with count_passes(model) as passes:
+            start = time.perf_counter()
+            result = serve_request(model, bench.forget, bench.retain, bench.holdout, settings=settings)
+            seconds = time.perf_counter() - start
         s = result.summary
-        point(OURS, knob, model, default=default, seconds=seconds, status=s["status"],
-              steps_accepted=s["steps_accepted"], forget_score=s["forget_score_after"])
+        point(OURS, knob, model, default=default, status=s["status"], steps_accepted=s["steps_accepted"],
+              forget_score=s["forget_score_after"], **costs(seconds, dict(passes), "second"))
 
     newton("default", UnlearnSettings(), default=True)
     for tau in p.taus:
@@ -154,14 +165,17 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
                 kwargs["reference"] = copy.deepcopy(bench.original)
             unlearner = build_unlearner(method, model, **kwargs)
             torch.manual_seed(base["seed"])
-            start, done, seconds = time.perf_counter(), 0, 0.0
-            for checkpoint in p.checkpoints:
-                for i in range(done, checkpoint):
-                    unlearner.step(bench.forget, [bench.retain[i % len(bench.retain)]], bench.held)
+            done, seconds, spent = 0, 0.0, {}
+            for checkpoint in p.checkpoints:  # the evaluations between checkpoints are neither timed nor counted
+                with count_passes(model) as passes:
+                    start = time.perf_counter()
+                    for i in range(done, checkpoint):
+                        unlearner.step(bench.forget, [bench.retain[i % len(bench.retain)]], bench.held)
+                    seconds += time.perf_counter() - start
+                spent = {k: spent.get(k, 0) + v for k, v in passes.items()}
                 done = checkpoint
-                seconds += time.perf_counter() - start
-                point(method, f"lr={lr:g} steps={checkpoint}", model, seconds=seconds, lr=lr, steps=checkpoint)
-                start = time.perf_counter()
+                point(method, f"lr={lr:g} steps={checkpoint}", model, lr=lr, steps=checkpoint,
+                      **costs(seconds, spent, "first"))
     return rows
 
 
