@@ -65,6 +65,29 @@ def model_fingerprint(model: nn.Module, names: list[str] | tuple[str, ...]) -> s
     return digest.hexdigest()
 
 
+#: values sampled from each tracked parameter (evenly spaced) to tell a model from another of the same shapes
+WEIGHTS_SAMPLE = 32
+#: relative difference (L2) of the sampled values above which the weights are another model's: far above bf16/fp16
+#: rounding of the same weights (about 4e-3), far below two trainings or initialisations (about 1)
+WEIGHTS_TOLERANCE = 0.05
+
+
+def weights_sample(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
+    """`WEIGHTS_SAMPLE` evenly spaced values of each tracked parameter (as float32 numbers): recorded next to a
+    curvature so that a checkpoint of another model with the same names and shapes is told apart at load time.
+    Parameters split across processes (FSDP2 `DTensor`s) or without data (meta) are left out."""
+    params = dict(model.named_parameters())
+    out: dict[str, list[float]] = {}
+    for n in names:
+        p = params.get(n)
+        if p is None or p.is_meta or not p.numel() or "DTensor" in (type(p).__name__, type(p.data).__name__):
+            continue
+        flat = p.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(WEIGHTS_SAMPLE, flat.numel())).round().long()
+        out[n] = [float(v) for v in flat[index.to(flat.device)].float().cpu()]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- flattening
 def _flatten(node: Any, where: str, tensors: dict[str, Tensor], seen: set[int]) -> Any:
     """`node` as JSON with tensors moved into `tensors` (CPU, contiguous, storage of their own)."""
@@ -186,6 +209,7 @@ def save_curvature(curvature: Curvature | Mapping[str, Any], path: str | Path, *
         "param_names": json.dumps(names),
         "param_shapes": json.dumps(param_shapes(model, names) if model is not None else {}),
         "model_fingerprint": model_fingerprint(model, names) if model is not None else "",
+        "weights_sample": json.dumps(weights_sample(model, names) if model is not None else {}),
         "meta": user_meta,
         "state": json.dumps(structure, allow_nan=False),
     }
@@ -231,11 +255,19 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "param_names": json.loads(metadata.get("param_names", "[]")),
             "param_shapes": json.loads(metadata.get("param_shapes", "{}")),
             "model_fingerprint": metadata.get("model_fingerprint"),
+            "weights_sample": json.loads(metadata.get("weights_sample", "{}")),
             "meta": json.loads(metadata.get("meta", "{}")),
         }
+    except RecursionError:
+        raise UserInputError(f"{source}: its header is nested too deeply to be a curvature state (a damaged or "
+                             f"crafted file); {_RESAVE}") from None
     except (KeyError, ValueError, TypeError) as err:
         raise UserInputError(f"{source}: its header is malformed ({type(err).__name__}: {err}); {_RESAVE}") from err
-    state = _unflatten(structure, tensors, source)
+    try:
+        state = _unflatten(structure, tensors, source)
+    except RecursionError:
+        raise UserInputError(f"{source}: its curvature structure is nested too deeply (a damaged or crafted file); "
+                             f"{_RESAVE}") from None
     if not isinstance(state, dict):
         raise UserInputError(f"{source}: the stored state is a {type(state).__name__}, not a dict; {_RESAVE}")
     return state, header
@@ -283,6 +315,144 @@ def _from_torch_file(path: Path, key: str | None) -> tuple[dict[str, Any], dict[
                          " with CurvatureCallback/Unlearn")
 
 
+#: the entries each backend's `load_state_dict` reads (besides `backend`)
+REQUIRED_KEYS = {
+    "kfac": ("param_names", "fisher_type", "kfac_approx", "count", "layers"),
+    "diagonal": ("param_names", "fisher_type", "count", "diagonal"),
+    "woodfisher": ("param_names", "fisher_type", "count", "blocks", "examples", "max_full_elements", "rows", "signs"),
+    "cg": ("param_names", "count", "product", "max_iter", "rtol", "warm_start", "on_negative_curvature"),
+}
+#: a curvature's factors, diagonals and eigenvalues are >= 0 up to this fraction of their largest magnitude
+NEGATIVE_TOLERANCE = 1e-4
+
+
+def _check_structure(state: Mapping[str, Any], source: str) -> None:
+    """The entries the backend reads are there, its tensors are floating-point, its statistics are not negative."""
+    backend = state.get("backend")
+    missing = [key for key in REQUIRED_KEYS.get(str(backend), ()) if key not in state]
+    if missing:
+        raise UserInputError(f"{source} lacks {', '.join(repr(k) for k in missing)} of a {backend!r} curvature state "
+                             f"(an older or incomplete file); {_RESAVE}")
+    for where, leaf in _walk(state):
+        if isinstance(leaf, Tensor) and leaf.dim() >= 1 and not leaf.is_floating_point():
+            raise UserInputError(f"{source}: {where!r} holds {str(leaf.dtype).replace('torch.', '')} values, but "
+                                 f"curvature statistics are floating-point (an edited file?); {_RESAVE}")
+    count = state.get("count")
+    if count is not None and not (float(count) > 0 if isinstance(count, (int, float, Tensor)) else False):
+        raise UserInputError(f"{source}: its example count is {count!r}, not a positive number; {_RESAVE}")
+
+    def nonnegative(where: str, values: Any, diagonal: bool) -> None:
+        if not isinstance(values, Tensor) or not values.numel():
+            return
+        if diagonal and values.dim() >= 2:
+            values = values.diagonal(dim1=-2, dim2=-1)
+        low, top = float(values.min()), float(values.abs().max())
+        if low < -NEGATIVE_TOLERANCE * top:
+            raise UserInputError(f"{source}: {where!r} has negative curvature (smallest value {low:.3g}); Fisher and "
+                                 f"Gauss-Newton statistics are positive semi-definite, so the file is damaged or was "
+                                 f"edited; {_RESAVE}")
+
+    if backend == "kfac":
+        layers = state.get("layers")
+        if not isinstance(layers, Mapping):
+            raise UserInputError(f"{source}: 'layers' is a {type(layers).__name__}, not the per-layer factors; "
+                                 f"{_RESAVE}")
+        for name, entry in layers.items():
+            eigen = entry.get("eigen") if isinstance(entry, Mapping) else None
+            if not isinstance(entry, Mapping) or "a_count" not in entry or not (
+                    isinstance(eigen, (list, tuple)) and len(eigen) == 4):
+                raise UserInputError(f"{source}: the factors of layer {name!r} are incomplete (an entry with a_count "
+                                     f"and the 4 parts of eigen is expected); {_RESAVE}")
+            for key in ("A", "G"):
+                nonnegative(f"layers/{name}/{key}", entry.get(key), diagonal=True)
+            for i in (1, 3):
+                nonnegative(f"layers/{name}/eigen/{i}", eigen[i], diagonal=False)
+            nonnegative(f"layers/{name}/corrected", entry.get("corrected"), diagonal=False)
+    elif backend == "diagonal" and isinstance(state.get("diagonal"), Mapping):
+        for name, values in state["diagonal"].items():
+            nonnegative(f"diagonal/{name}", values, diagonal=False)
+
+
+def _check_sizes(state: Mapping[str, Any], model: nn.Module, names: list[str], source: str) -> None:
+    """Every stored factor or diagonal has the size this model's parameter needs (whatever the header says)."""
+    from .curvature.layers import is_conv1d
+
+    params = dict(model.named_parameters())
+    fix = (f"the shapes recorded in its header do not match its tensors (a damaged or edited file); use the "
+           f"file as save_curvature wrote it, or {_RESAVE}")
+
+    def expect(where: str, tensor: Any, shapes: list[tuple[int, ...]], what: str) -> None:
+        if isinstance(tensor, Tensor) and tuple(tensor.shape) not in shapes:
+            raise UserInputError(f"{source}: {where!r} has shape {tuple(tensor.shape)}, but {what} needs "
+                                 f"{' or '.join(str(s) for s in shapes)}; {fix}")
+
+    if state.get("backend") == "kfac":
+        for name, entry in state["layers"].items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dim() != 2:
+                continue
+            d_in, d_out = weight.shape if is_conv1d(module) else (weight.shape[1], weight.shape[0])
+            d_in += int(f"{name}.bias" in names)
+            what = f"layer {name!r} of this model ({d_in} inputs with the bias, {d_out} outputs)"
+            expect(f"layers/{name}/A", entry.get("A"), [(d_in, d_in)], what)
+            expect(f"layers/{name}/eigen/0", entry["eigen"][0], [(d_in, d_in)], what)
+            expect(f"layers/{name}/eigen/1", entry["eigen"][1], [(d_in,)], what)
+            expect(f"layers/{name}/eigen/3", entry["eigen"][3], [(d_out,)], what)
+            expect(f"layers/{name}/corrected", entry.get("corrected"), [(d_out, d_in)], what)
+            g = entry.get("G") if entry.get("G") is not None else entry["eigen"][2]
+            if isinstance(g, Tensor):
+                blocks = [(d_out, d_out), (d_out,)] + [(d_out // b, b, b) for b in range(1, d_out + 1)
+                                                       if d_out % b == 0]
+                expect(f"layers/{name}/G", g, blocks, what)
+    elif state.get("backend") == "diagonal" and isinstance(state.get("diagonal"), Mapping):
+        for name, values in state["diagonal"].items():
+            if name in params:
+                expect(f"diagonal/{name}", values, [tuple(params[name].shape)], f"parameter {name!r}")
+    elif state.get("backend") == "woodfisher" and isinstance(state.get("rows"), Mapping):
+        for name, rows in state["rows"].items():
+            if name in params and isinstance(rows, Tensor) and rows.dim() == 2:
+                expect(f"rows/{name}", rows, [(rows.shape[0], params[name].numel())], f"parameter {name!r}")
+
+
+def _fingerprints(model: nn.Module, names: list[str]) -> set[str]:
+    """This model's fingerprint, and the same with every tracked parameter in one other floating dtype (a
+    checkpoint of the same model loaded in bf16, fp16, fp32 or fp64 fits)."""
+    found = {model_fingerprint(model, names)}
+    params = dict(model.named_parameters())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        digest = hashlib.sha256()
+        for n in names:
+            p = params.get(n)
+            digest.update(f"{n}:{tuple(p.shape) if p is not None else None}:{dtype if p is not None else None};"
+                          .encode())
+        found.add(digest.hexdigest())
+    return found
+
+
+def _check_weights(header: Mapping[str, Any], model: nn.Module, source: str) -> None:
+    saved = header.get("weights_sample") or {}
+    if not isinstance(saved, Mapping):
+        raise UserInputError(f"{source}: its weights sample is malformed; {_RESAVE}")
+    here = weights_sample(model, [n for n in saved if isinstance(n, str)])
+    for name, values in here.items():
+        old = saved[name]
+        if not isinstance(old, list) or len(old) != len(values):
+            raise UserInputError(f"{source}: its weights sample of {name!r} is malformed; {_RESAVE}")
+        a, b = torch.tensor(old, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
+        gap = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        if not gap <= WEIGHTS_TOLERANCE:
+            raise UserInputError(
+                f"{source} was computed on other weights: parameter {name!r} has the same shape but other values "
+                f"(relative difference {gap:.2g} over {len(values)} sampled values; another training or checkpoint of "
+                f"this architecture?); use the curvature of this model ({_RESAVE.split(' from ')[0]}), or, to use "
+                "curvature of other weights on purpose (e.g. the base model's for a fine-tuned one), load it with "
+                "load_curvature_state(..., check_weights=False)")
+
+
 def check_curvature_state(
     state: Mapping[str, Any],
     header: Mapping[str, Any] | None = None,
@@ -291,11 +461,19 @@ def check_curvature_state(
     backend: str | None = None,
     world_size: int | None = None,
     source: str = "the curvature checkpoint",
+    check_weights: bool = True,
 ) -> None:
     """Raise `UserInputError` naming the problem when `state` holds NaN/inf, is of another backend than `backend`,
-    covers parameters `model` lacks or shapes it differs in, or is one rank's share saved with another
-    `world_size`. `header`: the file's recorded shapes, world size and scope (none for older files)."""
+    lacks entries its backend reads, holds non-float or negative statistics, covers parameters `model` lacks or
+    shapes it differs in (in the header or in the tensors themselves), carries a model fingerprint that is not
+    `model`'s, was computed on other weights of the same shapes (unless `check_weights=False`), or is one rank's
+    share saved with another `world_size` (default: the processes of the current process group, 1 without one).
+    `header`: the file's recorded shapes, fingerprint, weights sample, world size and scope (none for older
+    files)."""
     header = dict(header or {})
+    if world_size is None:
+        dist = torch.distributed
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     for where, leaf in _walk(state):
         bad = (isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex())
                and not bool(torch.isfinite(leaf).all()))
@@ -311,6 +489,7 @@ def check_curvature_state(
                 f"{source} holds a {saved_backend!r} curvature, but curvature={backend!r} was asked for; set"
                 f" curvature={saved_backend!r} to use it, or re-create the checkpoint with the {wanted!r} backend"
             )
+    _check_structure(state, source)
     scope, saved_world = header.get("scope", "full"), int(header.get("world_size", 1))
     if scope not in SCOPES:
         raise UserInputError(f"{source}: unknown scope {scope!r} (expected one of {SCOPES}); {_RESAVE}")
@@ -333,6 +512,14 @@ def check_curvature_state(
                 f" checkpoint but {tuple(params[name].shape)} in this model (another width or architecture); use the"
                 f" model it was saved from, or {_RESAVE}"
             )
+    _check_sizes(state, model, names, source)
+    fingerprint = header.get("model_fingerprint")
+    if fingerprint and names and fingerprint not in _fingerprints(model, names):
+        raise UserInputError(f"{source}: its model fingerprint does not match this model's (the names, shapes and "
+                             "dtypes of the tracked parameters agree with the header, the fingerprint does not: a "
+                             f"damaged or edited header); {_RESAVE}")
+    if check_weights:
+        _check_weights(header, model, source)
 
 
 def read_curvature_file(path: str | Path, key: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -367,6 +554,7 @@ def load_curvature_state(
     *,
     backend: str | None = None,
     world_size: int | None = None,
+    check_weights: bool = True,
 ) -> dict[str, Any]:
     """The curvature `state_dict` stored in `path` (tensors on CPU), checked before it is returned.
 
@@ -374,11 +562,14 @@ def load_curvature_state(
     too), or a Lightning checkpoint of a run with a `CurvatureCallback`/`Unlearn` (`key` picks the callback's
     state_key when it holds several). Torch files are read with `weights_only=True` only. Refused with a
     `UserInputError`: a missing, empty, damaged or foreign file, pickled objects, NaN/inf, another `backend`,
-    another `model` (names and shapes of the tracked parameters), one rank's share for another `world_size`.
+    another `model` (names, shapes and fingerprint of the tracked parameters; with `check_weights`, a sample of
+    their values: a checkpoint of other weights of the same shapes), missing entries, non-float or negative
+    statistics, factors whose size is not this model's, one rank's share for another `world_size` (default: the
+    current process group's). `check_weights=False` accepts a curvature of other weights on purpose.
     """
     state, header = read_curvature_file(path, key)
     check_curvature_state(state, header, model=model, backend=backend, world_size=world_size,
-                          source=f"curvature checkpoint {str(path)!r}")
+                          source=f"curvature checkpoint {str(path)!r}", check_weights=check_weights)
     return state
 
 
@@ -387,4 +578,5 @@ def curvature_header(curvature: Curvature, world_size: int = 1) -> dict[str, Any
     names = list(curvature.param_names)
     return {"world_size": int(world_size), "scope": "full", "param_names": names,
             "param_shapes": param_shapes(curvature.model, names),
-            "model_fingerprint": model_fingerprint(curvature.model, names)}
+            "model_fingerprint": model_fingerprint(curvature.model, names),
+            "weights_sample": weights_sample(curvature.model, names)}

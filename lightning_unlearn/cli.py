@@ -9,14 +9,16 @@
 after `fit`, `--output DIR` receives the unlearned model (`save_pretrained`, safetensors) and its `run.json`.
 `validate`/`test` evaluate the config's `output` when it holds a model (else the original, and they say so).
 Logging: a CSV logger always, and the wandb logger in offline mode unless `WANDB_MODE` says otherwise (it never
-asks for a login).
+asks for a login; `WANDB_MODE=online` without an API key or a reachable server says so and logs offline).
 
 Outputs are checked before any work (`lightning_unlearn.io.check_output`): an existing non-empty `--output` needs
 `--overwrite`, a plain file there is refused, and no output may be (or contain) the source model, the training
-data, the config or the log folder, with or without `--overwrite`. `run.json` in the output folder says how the run
-ended (status, steps accepted, exit code, start and end, `finished`); while a run is under way an earlier output of
-ours (or an empty folder) at `--output` holds `finished: false`, so an interrupted run never leaves an older model
-that looks like its own.
+data, any config file or the log folder, with or without `--overwrite`. A run holds its `--output` until it ends
+(`lightning_unlearn.io.claim_output`): a second run into it is refused at its start, and a folder that appears there
+during the run is replaced only with `--overwrite` (and the run says so). `run.json` in the output folder says how
+the run ended (status, steps accepted, exit code, start and end, `finished`); while a run is under way an earlier
+output of ours (or an empty folder) at `--output` holds `finished: false`, so an interrupted run never leaves an older
+model that looks like its own.
 
 Exit status (`lightning_unlearn.errors`): 0 done; 2 bad input; 3 the request accepted no step (the model is
 unchanged, nothing is written to `--output`); 130 / 143 stopped by SIGINT / SIGTERM (the atomic writers leave no
@@ -37,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -70,10 +73,40 @@ class Interrupted(BaseException):
 
 def _loggers(save_dir: str) -> list[dict[str, Any]]:
     """A CSV logger always; wandb offline unless the user set WANDB_MODE=online (never asks for a login)."""
-    offline = os.environ.get("WANDB_MODE", "offline") != "online"
+    offline = os.environ.get("WANDB_MODE", "offline") != "online" or not _wandb_online_possible()
     return [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": "csv"}},
             {"class_path": "lightning.pytorch.loggers.WandbLogger",
              "init_args": {"project": "lightning-unlearn", "save_dir": save_dir, "offline": offline}}]
+
+
+def _wandb_online_possible() -> bool:
+    """With WANDB_MODE=online: whether wandb has an API key and its server answers within a few seconds; if not,
+    say so and switch to offline (WANDB_MODE=offline), instead of a traceback after wandb's own minutes of retries."""
+    import netrc
+    import socket
+    from urllib.parse import urlparse
+
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urlparse(url).hostname or "api.wandb.ai"
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        with contextlib.suppress(OSError, netrc.NetrcParseError):
+            key = (netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) or (None, None, None))[2]
+    problem = None
+    if not key:
+        problem = "no wandb API key (set WANDB_API_KEY or run `wandb login`)"
+    else:
+        port = urlparse(url).port or (443 if url.startswith("https") else 80)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as err:
+            problem = f"{host} cannot be reached ({err.strerror or type(err).__name__})"
+    if problem is None:
+        return True
+    os.environ["WANDB_MODE"] = "offline"
+    print(f"lightning-unlearn: warning: WANDB_MODE=online but {problem}: logging to wandb offline instead (upload "
+          "later with `wandb sync`)", file=sys.stderr)
+    return False
 
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
@@ -92,6 +125,8 @@ def _check_paths(config: Any) -> None:
     problems = []
     model = config.get("model") or {}
     value = model.get("model")
+    if isinstance(value, str) and Path(value).expanduser().is_dir():
+        problems += _unreadable_files(Path(value).expanduser())
     if isinstance(value, str) and not Path(value).expanduser().exists():
         if _looks_local(value):
             problems.append(f"model.model: path {value!r} does not exist; give a saved model directory "
@@ -111,6 +146,25 @@ def _check_paths(config: Any) -> None:
             problems.append(f"data.{key}: path {value!r} does not exist; fix the path in the config")
     if problems:
         raise ConfigError("\n  ".join(problems))
+
+
+def _unreadable_files(folder: Path) -> list[str]:
+    """model.model problems for the files of a saved model that cannot be opened (permissions, a link to a missing
+    file, a folder in place of a file): said as such, not as a missing model or a corrupt one."""
+    problems = []
+    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), folder / "config.json"]):
+        if not (file.exists() or file.is_symlink()):
+            continue
+        try:
+            with file.open("rb") as handle:
+                handle.read(8)
+        except OSError as err:
+            why = err.strerror or type(err).__name__
+            if file.is_symlink() and not file.exists():
+                why += f": it is a link to {os.readlink(file)!r}, which does not exist"
+            problems.append(f"model.model: {str(file)!r} cannot be read ({why}); the model's files must be readable "
+                            "files: fix the permissions (chmod a+r) or the link, or save or copy the model again")
+    return problems
 
 
 def _check_choices(config: Any) -> None:
@@ -194,8 +248,10 @@ def _protected(config: Any, save_dir: str) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, (str, os.PathLike)) and Path(value).expanduser().exists():
             out[f"data.{key}"] = value
-    for path in config.get("config") or []:
-        out["the config file"] = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    files = list(config.get("config") or [])
+    for n, path in enumerate(files, 1):  # every --config given, not only the last
+        label = "the config file" if len(files) == 1 else f"config file {n} of {len(files)}"
+        out[label] = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
     out["the log folder (LIGHTNING_UNLEARN_LOG_DIR)"] = save_dir
     out["the current folder"] = os.getcwd()
     return out
@@ -223,6 +279,9 @@ def _choose_evaluated_model(config: Any, args: Sequence[str]) -> None:
             manifest = json.loads((Path(output).expanduser() / MANIFEST).read_text())
             if not manifest.get("finished"):
                 note = f" (its {MANIFEST} says a later run did not finish: this model is from an earlier run)"
+            elif manifest.get("model_written") is False:
+                note = (f" (its {MANIFEST} says the last run, status {manifest.get('status')}, exit status "
+                        f"{manifest.get('exit_code')}, wrote no model: this model is from an earlier run)")
         print(f"evaluating the unlearned model {str(output)!r} (the config's output{note}); pass --model.model to "
               "evaluate another")
     elif output:
@@ -244,6 +303,7 @@ class _RunRecord:
         self.steps_accepted: int | None = None
         self.exit_code: int | None = None
         self.marked = False  # a `finished: false` marker was written into an existing output folder
+        self.claim: Any = None  # the output taken for this run (`lightning_unlearn.io.claim_output`)
         self.done = False  # the final run.json was written
 
     def fields(self, **extra: Any) -> dict[str, Any]:
@@ -333,8 +393,9 @@ def _lightning_cli(args: Sequence[str]) -> int:
 
     from .callbacks import ProcessGroupTeardown
     from .data import ForgetRetainDataModule
-    from .io import MANIFEST, check_output
+    from .io import MANIFEST, check_output, claim_output, release_output
     from .module import UnlearningModule
+    from .strategies import check_strategy_setting
 
     save_dir = os.environ.get("LIGHTNING_UNLEARN_LOG_DIR", "runs/cli")
     record = _RunRecord("fit")
@@ -368,10 +429,14 @@ def _lightning_cli(args: Sequence[str]) -> int:
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             _check_choices(config)
+            check_strategy_setting((config.get("trainer") or {}).get("strategy"))
             _check_paths(config)
             if self.subcommand == "fit" and config.get("output"):
                 record.output = check_output(config["output"], bool(config.get("overwrite")),
                                              _protected(config, save_dir))
+                # one run per output: a second run into it is refused now (the launcher's other processes of this
+                # run, which start the command again, do not lock)
+                record.claim = claim_output(record.output, bool(config.get("overwrite")), lock=_launching_process())
             elif self.subcommand in ("validate", "test"):
                 _choose_evaluated_model(config, args)
 
@@ -413,6 +478,9 @@ def _lightning_cli(args: Sequence[str]) -> int:
                 path = self.model.save_pretrained(output, extra_files={MANIFEST: json.dumps(manifest, indent=2)})
                 record.done = True
                 print(f"unlearned model written to {path}")
+                if record.claim is not None and record.claim.replaced_during_run:
+                    print(f"note: --output {str(output)!r} appeared during the run with files in it (another run or "
+                          "program wrote it); they were replaced by this run's model because --overwrite was given")
             else:
                 record.finish(model_written=False)
 
@@ -432,7 +500,14 @@ def _lightning_cli(args: Sequence[str]) -> int:
         if not (isinstance(err, SystemExit) and not err.code):
             record.abort(err)
         raise
+    finally:
+        release_output(record.claim)
     return record.exit_code or 0
+
+
+def _launching_process() -> bool:
+    """Whether this process is the one the user started (not a process a launcher started for another rank)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 @contextlib.contextmanager
@@ -589,16 +664,55 @@ def _user_error(err: BaseException, args: Sequence[str]) -> str | None:
     """The one-line message of an error that is the user's (see the module docstring), or None for a bug of ours."""
     from jsonargparse import ArgumentError
 
-    if isinstance(err, (UserInputError, ArgumentError)):
+    if isinstance(err, ArgumentError):
+        text = _hide_forget_values(str(err))
+    elif isinstance(err, UserInputError):
         text = str(err)
     elif isinstance(err, UnicodeDecodeError):
         text = f"a file is not {err.encoding} text ({err.reason} at byte {err.start}) {TRACEBACK_HINT}"
     elif isinstance(err, OSError) and err.filename is not None or (
             isinstance(err, (ValueError, OSError)) and _raised_here(err)):
         text = f"{err or type(err).__name__} {TRACEBACK_HINT}"
+    elif _trainer_setting_error(err):
+        text = f"the trainer settings: {err} {TRACEBACK_HINT}"
     else:
         return None
     return _one_line(_mask(text, args))
+
+
+def _trainer_setting_error(err: BaseException) -> bool:
+    """Whether `err` is Lightning refusing a trainer setting (an accelerator, strategy, devices or precision it
+    cannot use here): a `ValueError` or `MisconfigurationException` raised while the trainer reads its flags."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if not isinstance(err, (ValueError, MisconfigurationException)) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    parts = Path(tb.tb_frame.f_code.co_filename).parts
+    return "connectors" in parts and ("trainer" in parts or "fabric" in parts) and "lightning" in parts
+
+
+def _hide_forget_values(text: str) -> str:
+    """A config error of jsonargparse without the forget selection it would echo, whatever its length or source (a
+    config file, `--data.forget_ids`, or a whole `--data '{...}'`): for a wrong type of `data.forget_ids` /
+    `data.forget_regex` a message naming the key, the expected and the given type; for any other error that mentions
+    them, the error without the given values and config text it quotes."""
+    if not any(key.split(".")[-1] in text for key in REDACTED_KEYS):
+        return text
+    wrong = re.search(r'key "(?:data\.)?(forget_ids|forget_regex)"', text)
+    if wrong:
+        key = f"data.{wrong.group(1)}"
+        given = re.search(r"Given value type: <class '([\w.]+)'>", text)
+        want = ("a list of ids, e.g. [id-a, id-b] (one id too: [id-a])" if key.endswith("ids")
+                else "one string, a regular expression")
+        got = f"got a {given.group(1)}" if given else "got a value of another type"
+        return (f"{key}: expected {want}, or null; {got} (the value is not shown: a forget selection may be a "
+                "secret)")
+    text = re.sub(r"Unable to load config '.*?'(?=;|\n|$)", "Unable to load config (not shown: it holds the forget "
+                  "selection)", text, flags=re.S)
+    return re.sub(r"(Given|Got) value: [^;\n]*", r"\1 value: <not shown>", text)
 
 
 def _raised_here(err: BaseException) -> bool:

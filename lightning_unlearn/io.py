@@ -10,11 +10,14 @@ ended, and marks an older output as not the current run's while a run is under w
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,31 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` (an existing folder is swapped out,
-    then deleted), on failure it is deleted and `path` is left as it was."""
+    then deleted), on failure it is deleted and `path` is left as it was.
+
+    When `path` was taken by `claim_output` (the command's `--output`) and a folder with files appeared there during
+    the run, it is replaced only if the claim allows overwriting (and the claim records it, for the command to say
+    so); otherwise it is left as it is, the new folder is kept beside it under another name, and `UserInputError`
+    names both."""
     path = Path(path)
+    claim = _CLAIMS.get(_claim_key(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _disk_errors(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _disk_errors(path):
+            yield tmp
+        if claim is not None and path.exists() and not claim.replaces_existing and not is_empty_output(path):
+            if not claim.overwrite:
+                from .errors import UserInputError
+
+                kept = _free_name(path, ".new")
+                os.replace(tmp, kept)
+                raise UserInputError(
+                    f"{claim.key} {str(path)!r} appeared during the run and holds files (another run or program wrote"
+                    f" it); it was left as it is, and this run's output was saved to {str(kept)!r} instead: move it"
+                    f" into place yourself, or run again with --overwrite to replace what is there")
+            claim.replaced_during_run = True
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -52,6 +74,40 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_name(path: Path, tag: str) -> Path:
+    """A sibling of `path` that does not exist yet: `NAME.new-PID`, then `NAME.new-PID-2`, ..."""
+    candidate, n = path.with_name(f"{path.name}{tag}-{os.getpid()}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}{tag}-{os.getpid()}-{n}")
+    return candidate
+
+
+#: errno values of a write that failed for lack of room: no space left, quota exceeded, a file size limit
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Turn a write that failed for lack of room (also as safetensors reports it) into `UserInputError` naming
+    `path`; the atomic writers have removed what was half-written by the time the message is read."""
+    try:
+        yield
+    except Exception as err:
+        signs = [s for s in ("No space left on device", "Disk quota exceeded", "File too large") if s in str(err)]
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            why = err.strerror or os.strerror(err.errno)
+        elif signs:  # safetensors and others wrap the OSError in their own error
+            why = signs[0]
+        else:
+            raise
+        from .errors import UserInputError
+
+        raise UserInputError(f"cannot write {str(path)!r}: the disk is full or a size limit was reached ({why}); "
+                             "nothing of it was written and what was there before is kept: free some space or "
+                             "choose another output folder") from err
 
 
 # ---------------------------------------------------------------------------------------------------- output folders
@@ -151,3 +207,106 @@ def mark_running(folder: str | Path, **fields: Any) -> bool:
         return False
     write_manifest(folder, **{**fields, "status": "running", "finished": False})
     return True
+
+
+# ---------------------------------------------------------------------------------------------------- claims
+@dataclass
+class OutputClaim:
+    """An output folder taken by a run (`claim_output`): `atomic_directory` consults it when it saves there."""
+
+    path: Path
+    overwrite: bool
+    #: a folder with files was there at the check (so --overwrite was given to replace it)
+    replaces_existing: bool
+    key: str = "--output"
+    lock_fd: int | None = None
+    #: set by `atomic_directory`: a folder with files appeared during the run and was replaced (--overwrite)
+    replaced_during_run: bool = False
+
+
+_CLAIMS: dict[Path, OutputClaim] = {}
+
+
+def _claim_key(path: str | Path) -> Path:
+    return Path(path).expanduser().absolute().resolve()
+
+
+def claim_output(path: str | Path, overwrite: bool = False, *, key: str = "--output",
+                 lock: bool = True) -> OutputClaim:
+    """Take `path` (already accepted by `check_output`) for this run until `release_output`.
+
+    `lock`: hold an exclusive lock on it (a lock file in the temporary folder, keyed by the resolved path; the system
+    drops it when the process ends), so that a second run writing to the same output is refused at its start
+    (`UserInputError` naming the other process) instead of both reporting success with one model lost. Where the
+    file system has no locks the claim is made without one; the check at save time (see `atomic_directory`) still
+    keeps a folder that appeared during the run unless `overwrite`."""
+    resolved = _claim_key(path)
+    fd = _lock(resolved, str(path), key) if lock else None
+    claim = OutputClaim(path=resolved, overwrite=overwrite, key=key, lock_fd=fd,
+                        replaces_existing=resolved.is_dir() and not is_empty_output(resolved))
+    _CLAIMS[resolved] = claim
+    return claim
+
+
+def release_output(claim: OutputClaim | None) -> None:
+    """End a claim: forget it and drop its lock (the lock file is removed)."""
+    if claim is None:
+        return
+    if _CLAIMS.get(claim.path) is claim:
+        del _CLAIMS[claim.path]
+    if claim.lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(_lock_file(claim.path))
+        with contextlib.suppress(OSError):
+            os.close(claim.lock_fd)
+        claim.lock_fd = None
+
+
+def _lock_file(resolved: Path) -> Path:
+    name = hashlib.sha256(str(resolved).encode()).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / "lightning-unlearn-locks" / f"{name}.lock"
+
+
+def _lock(resolved: Path, given: str, key: str) -> int | None:
+    """An exclusive `flock` on the lock file of `resolved` (its descriptor), None where locks are not available;
+    `UserInputError` naming the holder's process id when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return None
+    from .errors import UserInputError
+
+    path = _lock_file(resolved)
+    try:
+        path.parent.mkdir(mode=0o1777, exist_ok=True)
+    except OSError:
+        return None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise UserInputError(f"{key} {given!r} is being written by another run ({who}); two runs into one output"
+                                 " would leave only one model: wait for that run to end, or choose another output "
+                                 "folder") from None
+        except OSError:
+            os.close(fd)
+            return None
+        try:  # the last holder may have removed the file between our open and lock: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

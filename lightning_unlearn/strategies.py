@@ -58,3 +58,81 @@ def check_strategy(strategy: Any, who: str = "lightning-unlearn") -> None:
         raise UnsupportedStrategyError(
             f"{who} does not support tensor parallelism (tensor_parallel_size={tensor_parallel_size(strategy)}): each"
             f" process would see a slice of every layer's inputs or outputs. Use {MODEL_PARALLEL_HINT}.")
+
+
+def check_strategy_setting(value: Any, key: str = "trainer.strategy") -> None:
+    """Check a strategy as a config or command line gives it, before Lightning builds the trainer; raise
+    `UserInputError` (one line: the problem and the fix) for a value Lightning would reject with a traceback or that
+    `check_strategy` would refuse later.
+
+    A plain string is a name of Lightning's strategy registry ("ddp", "fsdp", ...): an unknown name is refused with
+    the choices, a registered name whose strategy is refused (FSDP1, DeepSpeed) is refused here, on any accelerator,
+    naming `ModelParallelStrategy`. A class name or class path given as a plain string ("ModelParallelStrategy",
+    "lightning.pytorch.strategies.ModelParallelStrategy") is not a registry name: the message gives the class_path
+    form with its arguments. A `class_path` form naming a refused class is refused too."""
+    from lightning.pytorch import strategies as pl_strategies
+
+    from .errors import UserInputError
+
+    refused = (pl_strategies.DeepSpeedStrategy, pl_strategies.FSDPStrategy)
+    refusal = (f"{key}: {{name}} is not supported: curvature statistics need every layer's full weights, which"
+               f" DeepSpeed and FSDP1 flatten into shards; use {MODEL_PARALLEL_HINT} (on the command line: "
+               f"{MODEL_PARALLEL_FLAGS}), or --{key} ddp (or ddp_spawn, or a single device)")
+    if isinstance(value, str):
+        name = value.strip()
+        registry = pl_strategies.StrategyRegistry
+        if name.lower() == "auto":
+            return
+        if name.lower() in registry:
+            if issubclass(registry[name.lower()]["strategy"], refused):
+                raise UserInputError(refusal.format(name=f"{name!r} ({registry[name.lower()]['strategy'].__name__})"))
+            return
+        cls = _strategy_class(name)
+        if cls is None:
+            raise UserInputError(f"{key}: unknown strategy {name!r}; give a registered name ("
+                                 f"{', '.join(sorted(n for n in registry.available_strategies() if '_find_' not in n))}"
+                                 f", or auto) or a class with class_path, e.g. {MODEL_PARALLEL_FLAGS}")
+        if issubclass(cls, refused):
+            raise UserInputError(refusal.format(name=f"{name!r}"))
+        if issubclass(cls, pl_strategies.ModelParallelStrategy):
+            raise UserInputError(f"{key}: {name!r} is a class name, which Lightning does not read as a strategy (a"
+                                 " plain string must be a registered name such as ddp); give the class with its"
+                                 f" arguments: {MODEL_PARALLEL_FLAGS} (N: the number of processes, tensor parallelism"
+                                 " is not supported)")
+        raise UserInputError(f"{key}: {name!r} is a class name, which Lightning does not read as a strategy (a plain"
+                             " string must be a registered name such as ddp); give it as a class: "
+                             f"--{key}.class_path {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__} (its arguments "
+                             f"as --{key}.init_args.NAME VALUE)")
+    class_path = getattr(value, "class_path", None) if not isinstance(value, dict) else value.get("class_path")
+    if isinstance(class_path, str):
+        cls = _strategy_class(class_path)
+        if cls is not None and issubclass(cls, refused):
+            raise UserInputError(refusal.format(name=f"{class_path!r}"))
+
+
+#: `ModelParallelStrategy` for FSDP2 on the `lightning-unlearn` command line
+MODEL_PARALLEL_FLAGS = ("--trainer.strategy.class_path lightning.pytorch.strategies.ModelParallelStrategy "
+                        "--trainer.strategy.init_args.data_parallel_size N "
+                        "--trainer.strategy.init_args.tensor_parallel_size 1")
+
+
+def _strategy_class(name: str) -> type | None:
+    """The Lightning strategy class a class name or dotted class path names (case-insensitive), or None."""
+    import importlib
+
+    from lightning.pytorch import strategies as pl_strategies
+
+    module, _, short = name.rpartition(".")
+    if module:
+        try:
+            found = getattr(importlib.import_module(module), short, None)
+        except ImportError:
+            found = None
+        if isinstance(found, type) and issubclass(found, pl_strategies.Strategy):
+            return found
+    for attr in dir(pl_strategies):
+        found = getattr(pl_strategies, attr)
+        if (attr.lower() == short.lower() and isinstance(found, type)
+                and issubclass(found, pl_strategies.Strategy)):
+            return found
+    return None

@@ -230,7 +230,7 @@ def test_vocab_larger_than_model_embeddings(tok, tmp_path):
     with pytest.raises(ValueError, match=r"the tokenizer has 320 tokens but the model's embedding has only 128 rows; "
                                          r"build the model with vocab_size >= 320"):
         dm.check_model(small)
-    dm.check_model(small_causal_lm("gpt2", vocab_size=len(tok)))
+    dm.check_model(small_causal_lm("gpt2", vocab_size=len(tok), max_positions=512))  # examples up to 145 tokens
 
     class Wrap(L.LightningModule):
         def __init__(self):

@@ -25,7 +25,14 @@ from ..errors import UserInputError
 from .selection import DEFAULT_MARKERS, Normaliser, Selection, SpanMode, sorted_ids
 from .sources import AnyDataset, Source, columns_of, describe, load_source, text_column_of
 from .tokenize import Collate, Overflow, Tokenise
-from .tokenizer import check_token_ids, check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
+from .tokenizer import (
+    check_same_tokenizer,
+    check_token_ids,
+    check_tokenizer_fits,
+    learned_positions,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
 
 SPLITS = ("forget", "retain", "full", "test", "holdout")
 CurvatureSplit = Literal["retain", "forget", "full"]
@@ -162,10 +169,33 @@ class ForgetRetainDataModule(L.LightningDataModule):
         return getattr(self, "trainer", None) is not None
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise a clear error when the tokenizer's vocabulary is larger than the model's embedding."""
+        """Raise a clear error when the tokenizer's vocabulary is larger than the model's embedding, when it is not
+        the tokenizer saved with the model (same size or not), or when the batches would be longer than the model's
+        learned positions (`max_length` beyond them)."""
         if self.tokenizer is None:
             self.setup()
         check_tokenizer_fits(self.tokenizer, model)
+        check_same_tokenizer(self.tokenizer, model)
+        self.position_limit = learned_positions(model)
+        for name in self.splits:
+            self._check_positions(name)
+
+    def _check_positions(self, name: str) -> None:
+        """Refuse a tokenised split with sequences longer than the model's learned positions (an IndexError deep
+        inside the model otherwise): packed or streamed splits are `max_length` long, others as long as their longest
+        example."""
+        limit = getattr(self, "position_limit", None)
+        if limit is None or self.max_length <= limit or name not in self.splits:
+            return
+        ds = self.splits[name]
+        if isinstance(ds, Dataset) and not (self.packing and name != "forget"):
+            longest = max((len(ids) for ids in ds["input_ids"]), default=0)
+        else:
+            longest = self.max_length
+        if longest > limit:
+            raise UserInputError(f"max_length={self.max_length} is more than the model's {limit} positions: {name} "
+                                 f"examples are up to {longest} tokens long, and the model has no position beyond "
+                                 f"{limit}; set max_length={limit} (data.max_length) or less")
 
     def _load(self, source: Source, name: str, streaming: bool) -> tuple[AnyDataset, str]:
         """Load one source; refuse an empty one or one without the text column, naming it."""
@@ -310,10 +340,12 @@ class ForgetRetainDataModule(L.LightningDataModule):
             msg = (f"{len(missing)} forget example(s) (rows {sorted_ids(missing)} of the forget source) are not "
                    "part of the training data, so there is nothing to unlearn for them; make the forget texts match "
                    "training texts exactly, or pass forget_not_in_train='warn'")
-            if self.forget_not_in_train == "error" or len(missing) == len(forget_src):
+            if self.forget_not_in_train == "error":
                 raise UserInputError(msg)
-            warnings.warn(msg + " (they were kept in the forget set with negative example ids)", UserWarning,
-                          stacklevel=3)
+            what = ("none of the forget examples is a training text: the model may never have seen them"
+                    if len(missing) == len(forget_src) else msg.split("; ")[0])
+            warnings.warn(f"{what} (forget_not_in_train='warn': they were kept in the forget set with negative "
+                          "example ids)", UserWarning, stacklevel=3)
         return forget_src.map(lambda r, i: {"example_id": train_id.get(r["text_sha256"], -1 - i)}, with_indices=True,
                               load_from_cache_file=False, keep_in_memory=True)
 
@@ -379,6 +411,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 if world > 1:
                     out = split_dataset_by_node(out, rank=rank, world_size=world)
             self.splits[name] = out
+            self._check_positions(name)
 
     def split(self, name: str) -> AnyDataset:
         """The tokenised split `name` (`input_ids`, `labels`, `example_id` rows)."""
@@ -404,12 +437,15 @@ class ForgetRetainDataModule(L.LightningDataModule):
                    "holdout": "set holdout_fraction > 0 or give holdout=<data>"}.get(
                        split, "check the data and the forget selection")
             raise UserInputError(f"the {split} split is empty (0 examples), so it has no batch; {fix}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise UserInputError(f"batch_size={batch_size!r} for the {split} loader; give a positive integer")
         kwargs: dict[str, Any] = {}
         if shuffle and isinstance(ds, IterableDataset):
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         elif shuffle:
             kwargs = {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
-        return DataLoader(ds, batch_size=batch_size or self.batch_size,
+        return DataLoader(ds, batch_size=self.batch_size if batch_size is None else batch_size,
                           collate_fn=Collate(self.tokenizer.pad_token_id, split=split),
                           num_workers=self.num_workers, **kwargs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +64,12 @@ class Selection:
         if len(given) > 1:
             raise UserInputError(f"choose the forget set one way only; got {', '.join(given)}")
         if self.ids is not None:
+            # a string is refused, not read as one id: iterating it would select its characters ('17' -> rows 1
+            # and 7), and a string meant as a list ('doc-1,doc-2') would be silently one unknown id
+            if isinstance(self.ids, (str, bytes, Mapping)) or not isinstance(self.ids, Iterable):
+                raise UserInputError(f"forget_ids must be a list of ids, got a {type(self.ids).__name__} (the value is"
+                                     " not shown: it may be a secret); give forget_ids=['id-a'] for one id, "
+                                     "forget_ids=['id-a', 'id-b'] for several")
             self._ids = {str(i) for i in self.ids}
             if not self._ids:
                 raise UserInputError("the forget set is empty: forget_ids=[] selects nothing; give at least one id")

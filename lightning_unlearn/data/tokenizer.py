@@ -98,3 +98,48 @@ def check_token_ids(max_id: int, tokenizer: PreTrainedTokenizerBase | int, where
             f"the {where} holds token id {max_id} but the tokenizer has only {n} tokens: it was tokenised with "
             "another tokenizer; every split must use one tokenizer, so give texts (the data module tokenises them) "
             "or re-tokenise it with this tokenizer")
+
+
+#: files that hold a saved tokenizer in a model folder
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> None:
+    """Refuse a tokenizer that is not the one saved with the model, when the model was loaded from a folder that
+    holds one: its vocabulary (token -> id) must be the same. Two tokenizers of the same size give token ids the
+    embedding accepts (`check_tokenizer_fits` passes), but every id means another token. Models without a saved
+    tokenizer (built in memory, or a folder of weights only) are not checked."""
+    inner = getattr(model, "model", model)
+    source = getattr(model, "source_path", None) or getattr(getattr(inner, "config", None), "_name_or_path", None)
+    if not source:
+        return
+    folder = Path(source)
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return
+    if getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path).resolve() == folder.resolve():
+        return
+    try:
+        saved = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return  # not a readable tokenizer: nothing to compare with
+    if saved.get_vocab() != tokenizer.get_vocab():
+        size = (f"both have {len(tokenizer)} tokens" if len(saved) == len(tokenizer)
+                else f"{len(tokenizer)} tokens, the model's {len(saved)}")
+        raise UserInputError(f"the data's tokenizer is not the one saved with the model in {str(folder)!r} ({size}, "
+                             "but other tokens: every token id would mean another token to the model); give the "
+                             f"model's tokenizer (data.tokenizer: {str(folder)!r})")
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """The number of positions of a model with learned absolute position embeddings (GPT-2, OPT, GPT-Neo: a longer
+    sequence fails with an IndexError); None for rotary or relative positions, which have no hard limit."""
+    inner = getattr(model, "model", model)
+    config = getattr(inner, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    for name, module in inner.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and (last == "wpe" or "position" in last):
+            return limit
+    return None
