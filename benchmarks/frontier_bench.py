@@ -13,6 +13,14 @@ then every method sweeps its main knob:
 Every point is evaluated (privacy and utility), so each method gives a curve; `frontier.py` compares them at
 matched privacy levels. Curvatures are fitted once per seed and backend and shared by that backend's runs (a run
 does not modify its curvature). Numbers only: no forget text reaches a row.
+
+Every unlearning row also carries its cost (`COST_KEYS`), evaluation excluded: `seconds`, `fwd_bwd_seconds` (one
+forward+backward of the original model over the forget set plus the method's curvature batches; first order: the
+forget set), `time_over_fwd_bwd`, `time_over_retrain` (over the retrained model's training seconds) and
+`forward_examples`/`backward_examples` (`benchmarks.request_cost.count_request_passes`). A shared curvature fit is
+added to the seconds and examples of every run that uses it and recorded on its own as `curvature_seconds`,
+`curvature_forward_examples`, `curvature_backward_examples`. The default recipe's row has the per-phase `breakdown`
+of its request (`benchmarks.request_cost.profiled_request`).
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from benchmarks.passes import fwd_bwd_seconds
+from benchmarks.request_cost import breakdown_markdown, count_request_passes, mean_breakdown, profiled_request
 from lightning_unlearn.demo import DEFAULT_SETTINGS
 from lightning_unlearn.methods import build_curvature, build_unlearner
 from lightning_unlearn.methods.base import DEFAULT_RELATIVE_DAMPING
-from lightning_unlearn.request import serve_request
 
+#: the version of what a row holds (part of the key of saved points: rows of another version are measured again)
+ROWS_VERSION = 2
 #: the first-order baselines the default recipe's curve is compared with (`frontier_wins`)
 FIRST_ORDER = ("gradient_ascent", "gradient_difference", "npo")
 
@@ -142,11 +154,12 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
     say(f"{kind} seed {seed}: forget loss {f0:.3f}, holdout loss {h0:.3f}; evaluating original and retrained")
     before = exp.evaluate(original, reference=retrained)
     before_ppl = float(before["test/perplexity"])
-    base = {"benchmark": kind, "seed": seed}
+    base = {"benchmark": kind, "seed": seed, "forget_examples": sum(int(b["input_ids"].shape[0]) for b in forget)}
+    retrain_seconds = exp.timings.get("retrain_seconds")
     rows = [{**base, "method": "original", "knob": "-", **privacy_row(kind, before, before_ppl)},
             {**base, "method": "retrain", "knob": "-",
              **privacy_row(kind, exp.evaluate(retrained, reference=retrained), before_ppl),
-             "seconds": exp.timings.get("retrain_seconds")}]
+             "seconds": retrain_seconds, "time_over_retrain": 1.0}]
 
     def point(method: str, knob: str, model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
         row = {**base, "method": method, "knob": knob,
@@ -156,21 +169,42 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
         say(f"  {method} {knob}: {privacy}, mia {row['mia_auc']:.3f}, ppl {row['dppl_percent']:+.2f} %")
         return row
 
+    # the unit of `time_over_fwd_bwd`: one forward+backward over the forget set (first order) plus the method's
+    # curvature batches (second order), measured here, in the process and under the load of the runs it divides
+    units: dict[int, float] = {}
+
+    def costs(seconds: float, passes: dict[str, int], curvature_batches: int) -> dict[str, Any]:
+        if curvature_batches not in units:
+            units[curvature_batches] = fwd_bwd_seconds(original, forget + retain[:curvature_batches])
+        unit = units[curvature_batches]
+        return {"seconds": seconds, "fwd_bwd_seconds": unit, "time_over_fwd_bwd": seconds / unit,
+                "time_over_retrain": seconds / retrain_seconds if retrain_seconds else None,
+                "forward_examples": passes["forward_examples"], "backward_examples": passes["backward_examples"]}
+
     # the default recipe: no knob set, the target calibrated on the holdout data; the demo's request (its settings,
-    # 8 curvature batches) through the path of every driver
+    # 8 curvature batches) through the path of every driver, timed and counted per phase from outside
     model = copy.deepcopy(original)
-    start = time.perf_counter()
-    result = serve_request(model, forget, retain[:8], holdout, settings=DEFAULT_SETTINGS, held_retain=held)
-    seconds = time.perf_counter() - start
+    default_retain = retain[:8]
+    result, cost = profiled_request(model, forget, default_retain, holdout, settings=DEFAULT_SETTINGS,
+                                    held_retain=held)
     unlearner, summary = result.unlearner, result.summary
-    point("newton_kfac", "default", model, default=True, seconds=seconds, status=summary["status"],
-          target=summary["target"], steps_accepted=summary["steps_accepted"], tau=unlearner.target_score,
-          rho=DEFAULT_RELATIVE_DAMPING)
+    curvature_phase = cost["breakdown"].get("curvature", {})
+    point("newton_kfac", "default", model, default=True,
+          **costs(cost["seconds"], cost, len(default_retain[:DEFAULT_SETTINGS.curvature_batches])),
+          curvature_seconds=curvature_phase.get("seconds"),
+          curvature_forward_examples=curvature_phase.get("forward_examples"),
+          curvature_backward_examples=curvature_phase.get("backward_examples"), breakdown=cost["breakdown"],
+          status=summary["status"], target=summary["target"], steps_accepted=summary["steps_accepted"],
+          evaluations=summary.get("evaluations"), tau=unlearner.target_score, rho=DEFAULT_RELATIVE_DAMPING)
 
     for spec in plan.second_order:
-        start = time.perf_counter()
-        curvature = build_curvature(spec.backend, original, **spec.curvature_kwargs).fit(retain[:spec.batches])
-        fit_seconds = time.perf_counter() - start
+        # fitted once and shared by this curve's runs: each run's seconds and passes include the fit's (also
+        # recorded on its own as curvature_*)
+        with count_request_passes(original) as counts:
+            start = time.perf_counter()
+            curvature = build_curvature(spec.backend, original, **spec.curvature_kwargs).fit(retain[:spec.batches])
+            fit_seconds = time.perf_counter() - start
+            fit_passes = counts.snapshot()
         budget = 0.05  # the default retain budget: without one a search can "reach" the target by wrecking the model
         knobs = [(DEFAULT_RELATIVE_DAMPING, tau, budget) for tau in spec.taus]
         if spec.label == "newton_kfac":
@@ -186,15 +220,19 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
                 shared.load_state_dict(curvature.state_dict())
             unlearner = build_unlearner(spec.method, model, curvature=shared, damping=rho, target_score=tau,
                                         max_retain_increase=budget, **spec.kwargs)
-            start = time.perf_counter()
-            unlearner.fit(forget, retain[:spec.batches], held_retain_batch=held, holdout_batches=holdout)
-            seconds = time.perf_counter() - start + fit_seconds
+            with count_request_passes(model) as counts:
+                start = time.perf_counter()
+                unlearner.fit(forget, retain[:spec.batches], held_retain_batch=held, holdout_batches=holdout)
+                seconds = time.perf_counter() - start + fit_seconds
+                passes = {k: v + fit_passes[k] for k, v in counts.snapshot().items()}
             summary = unlearner.summary()
             # ρ variants are their own curve: "ours" is the default recipe's ρ with the target and budget swept
             label = spec.label if rho == DEFAULT_RELATIVE_DAMPING else f"{spec.label}_rho"
-            point(label, f"rho={rho:g} tau={tau:g} budget={budget:g}", model, seconds=seconds,
-                  status=summary["status"], steps_accepted=summary["steps_accepted"], tau=tau, rho=rho,
-                  budget=budget)
+            point(label, f"rho={rho:g} tau={tau:g} budget={budget:g}", model, **costs(seconds, passes, spec.batches),
+                  curvature_seconds=fit_seconds, curvature_forward_examples=fit_passes["forward_examples"],
+                  curvature_backward_examples=fit_passes["backward_examples"], status=summary["status"],
+                  steps_accepted=summary["steps_accepted"], evaluations=summary.get("evaluations"), tau=tau,
+                  rho=rho, budget=budget)
 
     for spec in plan.first_order:
         for loss in spec.losses:
@@ -202,19 +240,27 @@ def seed_rows(kind: str, exp: Any, plan: Plan, say: Callable[[str], None]) -> li
                 model = copy.deepcopy(original)
                 kwargs: dict[str, Any] = dict(lr=lr, steps=1, forget_loss=loss, max_retain_increase=None,
                                               **spec.kwargs)
+                counted = [model]
                 if spec.method == "npo":
                     kwargs["reference"] = copy.deepcopy(original)
+                    counted.append(kwargs["reference"])  # its forward passes are part of NPO's cost
                 unlearner = build_unlearner(spec.method, model, **kwargs)
                 torch.manual_seed(seed)
-                start, done = time.perf_counter(), 0
-                for checkpoint in spec.checkpoints:
-                    for i in range(done, checkpoint):
-                        unlearner.step(forget, [retain[i % len(retain)]], held)
+                done, seconds, spent = 0, 0.0, dict.fromkeys(("forward_examples", "backward_examples"), 0)
+                for checkpoint in spec.checkpoints:  # the evaluations between checkpoints are neither timed nor counted
+                    with ExitStack() as stack:
+                        counts = [stack.enter_context(count_request_passes(m)) for m in counted]
+                        start = time.perf_counter()
+                        for i in range(done, checkpoint):
+                            unlearner.step(forget, [retain[i % len(retain)]], held)
+                        seconds += time.perf_counter() - start
+                        for c in counts:
+                            for k in spent:
+                                spent[k] += c[k]
                     done = checkpoint
-                    seconds = time.perf_counter() - start
                     knob = f"lr={lr:g} steps={checkpoint}" + ("" if loss == "unlikelihood" else f" {loss}")
-                    point(spec.label, knob, model, seconds=seconds, lr=lr, steps=checkpoint, forget_loss_kind=loss)
-                    start = time.perf_counter() - seconds
+                    point(spec.label, knob, model, **costs(seconds, spent, 0), lr=lr, steps=checkpoint,
+                          forget_loss_kind=loss)
     for row in rows:
         row.setdefault("forget_loss_before", f0)
         row.setdefault("holdout_loss_before", h0)
@@ -252,25 +298,36 @@ def _retrain(rows: Sequence[dict], key: str) -> dict[Any, float]:
     return {r["seed"]: float(r[key]) for r in rows if r["method"] == "retrain"}
 
 
+#: the cost fields of every unlearning row (see `seed_rows`); the default recipe's means join `default_recipe`
+COST_KEYS = ("seconds", "fwd_bwd_seconds", "time_over_fwd_bwd", "time_over_retrain", "forward_examples",
+             "backward_examples")
+
+
 def default_recipe(kind: str, rows: Sequence[dict]) -> dict[str, Any]:
-    """The default recipe's numbers per seed and their mean ± sd (the keys of `results.json`'s `default_recipe`)."""
+    """The default recipe's numbers per seed and their mean ± sd (the keys of `results.json`'s `default_recipe`),
+    with its cost (`COST_KEYS`, means over seeds) and the per-phase `breakdown` (mean over seeds; each seed's in
+    `per_seed`)."""
     retrain_exposure = _retrain(rows, "exposure") if kind == "canaries" else {}
     per_seed = []
     for r in rows:
         if not r.get("default"):
             continue
-        entry = {"seed": r["seed"], "mia_auc": r["mia_auc"], "ks_p": r["ks_p"], "dppl_percent": r["dppl_percent"],
+        entry = {"seed": r["seed"], "forget_examples": r.get("forget_examples"), "mia_auc": r["mia_auc"],
+                 "ks_p": r["ks_p"], "dppl_percent": r["dppl_percent"],
                  "status": r.get("status"), "target": r.get("target"), "forget_loss": r.get("forget_loss"),
-                 "seconds": r.get("seconds"), "steps_accepted": r.get("steps_accepted")}
+                 "steps_accepted": r.get("steps_accepted"), "evaluations": r.get("evaluations"),
+                 **{key: r.get(key) for key in COST_KEYS}, "breakdown": r.get("breakdown")}
         if kind == "canaries":
             entry["exposure_gap_bits"] = float(r["exposure"]) - retrain_exposure[r["seed"]]
         per_seed.append(entry)
-    keys = ["mia_auc", "ks_p", "dppl_percent"] + (["exposure_gap_bits"] if kind == "canaries" else [])
+    keys = ["mia_auc", "ks_p", "dppl_percent"] + (["exposure_gap_bits"] if kind == "canaries" else []) + list(COST_KEYS)
     out: dict[str, Any] = {"seeds": [e["seed"] for e in per_seed], "per_seed": per_seed}
     for key in keys:
         stats = _mean_sd([e[key] for e in per_seed])
         out[key] = stats["mean"]
         out[f"{key}_sd"] = stats["sd"]
+    breakdowns = [e["breakdown"] for e in per_seed if e.get("breakdown")]
+    out["breakdown"] = mean_breakdown(breakdowns) if breakdowns else {}
     return out
 
 
@@ -352,7 +409,8 @@ def _points_file(kind: str, config: Any, cache: str, small: bool) -> Any:
     import json
     from pathlib import Path
 
-    plan = hashlib.sha256(json.dumps(as_dict(default_plan(small)), sort_keys=True, default=str).encode()).hexdigest()
+    blob = {"plan": as_dict(default_plan(small)), "rows": ROWS_VERSION}
+    plan = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
     return Path(cache) / "frontier_points" / f"{kind}-{config.key()}-{plan[:10]}.json"
 
 
@@ -435,8 +493,8 @@ def markdown(frontier: dict[str, Any]) -> str:
     lines = ["## The default recipe", "",
              "One K-FAC Newton recipe with no knob set (relative damping ρ = 0.1, step-length search to the target "
              "calibrated on holdout data, up to 5 steps). Mean ± sd over seeds.", "",
-             "| benchmark | seeds | exposure − retrained (bits) | MIA AUC | KS p | Δ test ppl % | status |",
-             "|---|---|---|---|---|---|---|"]
+             "| benchmark | seeds | exposure − retrained (bits) | MIA AUC | KS p | Δ test ppl % | status | seconds | "
+             "time / fwd+bwd | time / retrain |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, a in frontier["analysis"].items():
         r = a["default_recipe"]
 
@@ -446,7 +504,20 @@ def markdown(frontier: dict[str, Any]) -> str:
 
         statuses = ", ".join(str(e["status"]) for e in r["per_seed"])
         lines.append(f"| {kind} | {len(r['seeds'])} | {ms('exposure_gap_bits', '+.2f') if kind == 'canaries' else '–'}"
-                     f" | {ms('mia_auc', '.3f')} | {ms('ks_p', '.3g')} | {ms('dppl_percent', '+.2f')} | {statuses} |")
+                     f" | {ms('mia_auc', '.3f')} | {ms('ks_p', '.3g')} | {ms('dppl_percent', '+.2f')} | {statuses} | "
+                     f"{ms('seconds', '.3g')} | {ms('time_over_fwd_bwd', '.3g')} | {ms('time_over_retrain', '.3g')} |")
+    lines += ["", "Time of the request (evaluation excluded) over one forward+backward of the original model over the "
+              "forget set and the curvature batches, measured in the same process, and over the retrained model's "
+              "training time.", "", "### Cost of the default request per phase", "",
+              "Mean over seeds; a phase called inside another counts in the outer one; `other` is the rest of the "
+              "request (solves and projection outside `newton_direction`, snapshots, checks). Forward examples are "
+              "counted at the input embedding, backward examples at the output logits."]
+    for kind, a in frontier["analysis"].items():
+        r = a["default_recipe"]
+        if r.get("breakdown"):
+            lines += ["", f"**{kind}** ({_cell(r.get('seconds'), '.3g')} s, {_cell(r.get('forward_examples'), '.0f')} "
+                      f"forward / {_cell(r.get('backward_examples'), '.0f')} backward examples):", ""]
+            lines += breakdown_markdown(r["breakdown"], r.get("seconds"))
     lines += ["", "### Targets", "", "| benchmark | target | measured | met |", "|---|---|---|---|"]
     for kind, a in frontier["analysis"].items():
         for name, t in a["targets"].items():
@@ -470,12 +541,16 @@ def markdown(frontier: dict[str, Any]) -> str:
         for c in a["chosen_vs_best"]:
             lines.append(f"| {c['seed']} | {c['best_tau']} | {_cell(c['best_dppl_percent'], '+.2f')} | "
                          f"{_cell(c['best_mia_auc'], '.3f')} | {_cell(c['best_ks_p'])} |")
-    lines += ["", "### Every point", "", "| benchmark | seed | method | knob | exposure | MIA AUC | KS p | Δppl % | "
-              "status | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "### Every point", "", "Seconds and examples of second-order runs include their curvature fit "
+              "(shared by a curve's runs); first-order checkpoints count every step up to them.", "",
+              "| benchmark | seed | method | knob | exposure | MIA AUC | KS p | Δppl % | status | seconds | "
+              "/ fwd+bwd | / retrain | fwd ex. | bwd ex. |", "|" + "---|" * 14]
     for kind, kind_rows in frontier["rows"].items():
         for r in kind_rows:
             lines.append(f"| {kind} | {r['seed']} | {r['method']} | {r['knob']} | {_cell(r.get('exposure'), '.2f')} | "
                          f"{_cell(r.get('mia_auc'), '.3f')} | {_cell(r.get('ks_p'))} | "
                          f"{_cell(r.get('dppl_percent'), '+.2f')} | {r.get('status') or '–'} | "
-                         f"{_cell(r.get('seconds'), '.2f')} |")
+                         f"{_cell(r.get('seconds'), '.2f')} | {_cell(r.get('time_over_fwd_bwd'), '.3g')} | "
+                         f"{_cell(r.get('time_over_retrain'), '.2g')} | {_cell(r.get('forward_examples'), '.0f')} | "
+                         f"{_cell(r.get('backward_examples'), '.0f')} |")
     return "\n".join(lines) + "\n"

@@ -49,6 +49,8 @@ class Preset:
     scaling_batch_size: int = 8
     scaling_seq_len: int = 64
     scaling_vocab: int = 512
+    #: epochs of brief training (over the largest forget set) of the models of the default request's scaling
+    scaling_train_epochs: int = 20
     #: width of the one-block GPT-2-small-shaped model whose K-FAC footprint is accumulated for real
     gpt2_measure_hidden: int = 768
     #: within this many bits of the retrained model's inserted-canary exposure = "forgotten"
@@ -163,7 +165,7 @@ PRESETS: dict[str, Preset] = {
         scaling_sizes=[(16, 1), (32, 1), (32, 2), (48, 2)],
         scaling_forget=[4, 8, 16],
         scaling_forget_model=(32, 1),
-        scaling_batches=2, scaling_batch_size=4, scaling_seq_len=32, scaling_vocab=128,
+        scaling_batches=2, scaling_batch_size=4, scaling_seq_len=32, scaling_vocab=128, scaling_train_epochs=10,
         gpt2_measure_hidden=96,
         description="tiny sizes for CI (a few tens of seconds); numbers are meaningless, only the pipeline is tested",
         frontier=True,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from benchmarks.presets import PRESETS, SECOND_ORDER, Preset
+from benchmarks.request_cost import plot_request_scaling, request_scaling, scaling_markdown
 from lightning_unlearn.experiment import Experiment
 from lightning_unlearn.request import serve_request
 from lightning_unlearn.settings import UnlearnSettings
@@ -297,8 +298,9 @@ def _forget_gradient(model: torch.nn.Module, forget: list[dict], names: Sequence
     return dict(zip(names, grads))
 
 
-def scaling(preset: Preset, say: Callable[[str], None]) -> dict[str, list[dict]]:
-    """Curvature time and memory of K-FAC, CG, Woodbury and diagonal against model size and forget-set size."""
+def scaling(preset: Preset, say: Callable[[str], None]) -> dict[str, Any]:
+    """Curvature time and memory of K-FAC, CG, Woodbury and diagonal against model size and forget-set size, and the
+    default request's time against both (`request`: `benchmarks.request_cost.request_scaling`)."""
     from lightning_unlearn.models import small_causal_lm
 
     backends = ("kfac", "cg", "woodfisher", "diagonal")
@@ -327,7 +329,7 @@ def scaling(preset: Preset, say: Callable[[str], None]) -> dict[str, list[dict]]
             r = time_curvature(model, backend, forget, forget)
             by_forget.append({"backend": backend, "n_forget": n_forget, "hidden": hidden, "layers": layers, **r})
         say(f"scaling: forget set of {n_forget} sequences done")
-    return {"model_size": by_model, "forget_size": by_forget}
+    return {"model_size": by_model, "forget_size": by_forget, "request": request_scaling(preset, say)}
 
 
 def gpt2_small_kfac_memory(preset: Preset, say: Callable[[str], None]) -> dict[str, Any]:
@@ -612,6 +614,8 @@ def markdown_memory_scaling(result: dict[str, Any]) -> list[str]:
     for r in result["scaling"]["forget_size"]:
         lines.append(f"| {r['backend']} | {r['n_forget']} | {r['fit_seconds']:.3g} | {r['solve_seconds']:.3g} | "
                      f"{r['memory_mb']:.3g} | {r['memory_over_params']:.2g} |")
+    if result["scaling"].get("request"):
+        lines += [""] + scaling_markdown(result["scaling"]["request"])
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
     return lines
 
@@ -689,6 +693,8 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
              "time_to_forget.png": plot_time_to_forget(ttf, context)}
     if do_scaling:
         plots["scaling.png"] = plot_scaling(scale)
+    if scale.get("request"):
+        plots["request_scaling.png"] = plot_request_scaling(scale["request"])
     result["plots"] = list(plots)
     for name, data in plots.items():
         atomic_write(output / name, data, secrets)
@@ -745,6 +751,8 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
     plots = dict(fr["plots"])
     if scale["model_size"]:
         plots["scaling.png"] = plot_scaling(scale)
+    if scale.get("request"):
+        plots["request_scaling.png"] = plot_request_scaling(scale["request"])
     result["plots"] = list(plots)
     secrets = []
     for cfg in configs["canaries"]:

@@ -1,8 +1,10 @@
 """The benchmark's smoke preset end to end (tiny sizes), so that `python -m benchmarks.run` cannot rot.
 
 Checks the output files and their schema (the default recipe and the frontier wins per benchmark, every method's
-points with every metric), that the retrained model is the reference, and that no canary secret reaches the results.
-Numbers are not asserted (timings are never tested; the tiny models say nothing about quality).
+points with every metric and its cost, the default request's per-phase breakdown, the request's scaling curve), that
+the retrained model is the reference, and that no canary secret reaches the results. Numbers are not asserted, only
+their consistency (ratios are their quotients, phases fit in the request; the tiny models say nothing about quality
+and timings vary).
 """
 
 import json
@@ -26,7 +28,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_file(smoke):
     out, _ = smoke
-    for name in ("results.json", "results.md", "frontier_canaries.png", "frontier_qa.png", "scaling.png"):
+    for name in ("results.json", "results.md", "frontier_canaries.png", "frontier_qa.png", "scaling.png",
+                 "request_scaling.png"):
         assert (out / name).stat().st_size > 0, name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
@@ -73,6 +76,79 @@ def test_scaling_and_memory(smoke):
     assert {r["backend"] for r in result["scaling"]["model_size"]} == {"kfac", "cg", "woodfisher", "diagonal"}
     g = result["gpt2_small_kfac_memory"]["measured_one_block"]["fp32"]
     assert g["as_implemented"] == pytest.approx(g["formula_as_implemented"], rel=1e-6)  # shapes formula is exact
+
+
+COSTS = ("seconds", "fwd_bwd_seconds", "time_over_fwd_bwd", "time_over_retrain", "forward_examples",
+         "backward_examples")
+
+
+def test_every_unlearning_row_has_its_cost(smoke):
+    _, result = smoke
+    for kind in KINDS:
+        rows = result["rows"][kind]
+        retrain = {r["seed"]: r["seconds"] for r in rows if r["method"] == "retrain"}
+        runs = [r for r in rows if r["method"] not in ("original", "retrain")]
+        assert {r["method"] for r in runs} >= {"newton_kfac", "fisher_removal", "gradient_ascent"}
+        for r in runs:
+            where = (kind, r["method"], r["knob"])
+            assert all(math.isfinite(r[k]) for k in COSTS), where
+            assert r["seconds"] > 0 and r["fwd_bwd_seconds"] > 0, where
+            assert r["time_over_fwd_bwd"] == pytest.approx(r["seconds"] / r["fwd_bwd_seconds"]), where
+            assert r["time_over_retrain"] == pytest.approx(r["seconds"] / retrain[r["seed"]]), where
+            assert r["forward_examples"] >= r["forget_examples"] and r["backward_examples"] > 0, where
+            if r["method"] != "gradient_ascent":  # second order: the shared curvature fit is part of each run
+                assert 0 < r["curvature_seconds"] <= r["seconds"], where
+                assert r["curvature_forward_examples"] <= r["forward_examples"], where
+        # first-order checkpoints along one run: cumulative
+        ga = [r for r in runs if r["method"] == "gradient_ascent"]
+        assert [r["steps"] for r in ga] == sorted(r["steps"] for r in ga)
+        assert all(a["seconds"] <= b["seconds"] and a["backward_examples"] < b["backward_examples"]
+                   for a, b in zip(ga, ga[1:]))
+
+
+def test_default_request_cost_and_breakdown(smoke):
+    out, result = smoke
+    saved = json.loads((out / "results.json").read_text())
+    for kind in KINDS:
+        recipe = saved["default_recipe"][kind]
+        default = [r for r in result["rows"][kind] if r.get("default")]
+        assert len(default) == len(recipe["per_seed"]) == len(PRESETS["smoke"].seeds)
+        for key in COSTS:
+            assert recipe[key] == pytest.approx(sum(e[key] for e in recipe["per_seed"]) / len(default)), (kind, key)
+        for r in default:
+            assert r["time_over_fwd_bwd"] == pytest.approx(r["seconds"] / r["fwd_bwd_seconds"])
+            assert r["forward_examples"] >= r["forget_examples"] > 0
+            phases = r["breakdown"]
+            assert {"curvature", "calibrate", "forget_gradient", "holdout_gradients", "forget_score", "measure",
+                    "other"} <= set(phases), kind
+            measured = sum(v["seconds"] for name, v in phases.items() if name != "other")
+            assert 0 < measured <= r["seconds"]
+            assert measured + phases["other"]["seconds"] == pytest.approx(r["seconds"])
+            for key in ("forward_examples", "backward_examples"):
+                assert all(v[key] >= 0 for v in phases.values()), (kind, key)
+                assert sum(v[key] for v in phases.values()) == r[key], (kind, key)
+            assert phases["curvature"]["backward_examples"] > 0 and phases["forget_gradient"]["backward_examples"] > 0
+            assert phases["forget_score"]["forward_examples"] >= r["forget_examples"]
+            assert phases["curvature"]["seconds"] == pytest.approx(r["curvature_seconds"])
+        assert set(recipe["breakdown"]) == set(default[0]["breakdown"])
+    md = (out / "results.md").read_text()
+    for text in ("time / fwd+bwd", "time / retrain", "Cost of the default request per phase",
+                 "Scaling of the default request"):
+        assert text in md, text
+
+
+def test_request_scaling_curve(smoke):
+    _, result = smoke
+    request = result["scaling"]["request"]
+    preset = PRESETS["smoke"]
+    assert len({r["params"] for r in request["model_size"]}) >= 4
+    assert [r["n_forget"] for r in request["forget_size"]] == list(preset.scaling_forget)
+    for r in request["model_size"] + request["forget_size"]:
+        assert r["time_over_fwd_bwd"] == pytest.approx(r["seconds"] / r["fwd_bwd_seconds"])
+        assert r["forward_examples"] >= r["n_forget"] and r["status"] in (
+            "target_reached", "budget_exhausted", "nothing_accepted")
+    for key in ("exponent_params", "exponent_forget", "fwd_bwd_exponent_params", "fwd_bwd_exponent_forget"):
+        assert math.isfinite(request[key]), key
 
 
 def test_results_hold_no_secret(smoke, tmp_path):
