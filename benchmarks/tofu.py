@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.passes import count_passes, fwd_bwd_seconds
+from benchmarks.passes import fwd_bwd_seconds
+from benchmarks.request_cost import count_request_passes
 from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.metrics.qa_scoring import reference_statistics, tofu_evaluation
 from lightning_unlearn.report import atomic_write
@@ -141,13 +142,13 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
 
     def newton(knob: str, settings: UnlearnSettings, default: bool = False) -> None:
         model = copy.deepcopy(bench.original)
-        with count_passes(model) as passes:
+        with count_request_passes(model) as passes:
             start = time.perf_counter()
             result = serve_request(model, bench.forget, bench.retain, bench.holdout, settings=settings)
             seconds = time.perf_counter() - start
         s = result.summary
         point(OURS, knob, model, default=default, status=s["status"], steps_accepted=s["steps_accepted"],
-              forget_score=s["forget_score_after"], **costs(seconds, dict(passes), "second"))
+              forget_score=s["forget_score_after"], **costs(seconds, passes.snapshot(), "second"))
 
     newton("default", UnlearnSettings(), default=True)
     for tau in p.taus:
@@ -167,12 +168,12 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
             torch.manual_seed(base["seed"])
             done, seconds, spent = 0, 0.0, {}
             for checkpoint in p.checkpoints:  # the evaluations between checkpoints are neither timed nor counted
-                with count_passes(model) as passes:
+                with count_request_passes(model) as passes:
                     start = time.perf_counter()
                     for i in range(done, checkpoint):
                         unlearner.step(bench.forget, [bench.retain[i % len(bench.retain)]], bench.held)
                     seconds += time.perf_counter() - start
-                spent = {k: spent.get(k, 0) + v for k, v in passes.items()}
+                spent = {k: spent.get(k, 0) + v for k, v in passes.snapshot().items()}
                 done = checkpoint
                 point(method, f"lr={lr:g} steps={checkpoint}", model, lr=lr, steps=checkpoint,
                       **costs(seconds, spent, "first"))
