@@ -66,15 +66,19 @@ class TofuPlan:
     baselines: Sequence[str] = BASELINES
     eval_retain: int = 100  # retain questions scored per evaluation (a seeded sample)
     retain_weight: float = 1.0  # the retain term of gradient difference (and of NPO/SimNPO: 0, as the papers' plain)
+    #: second-order variants of the default recipe, each one point: label -> `method_kwargs` (or settings fields)
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "newton_kfac_nll": {"forget_loss": "nll"},
+        "newton_kfac_t2": {"method_kwargs": {"curvature_temperature": 2.0}}})
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plan(name: str) -> TofuPlan:
     if name == "smoke":
         return TofuPlan("smoke", TofuConfig.smoke(), seeds=(0,), splits=("forget10",), taus=(), lrs=(1e-3,),
-                        checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16)
+                        checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16, variants={})
     if name == "cpu-small":
-        return TofuPlan("cpu-small", TofuConfig())
+        return TofuPlan("cpu-small", TofuConfig(), lrs=(1e-3,), checkpoints=(5, 10, 20))
     raise ValueError(f"unknown preset {name!r}; choose smoke or cpu-small")
 
 
@@ -140,19 +144,21 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
         return {"seconds": seconds, "fwd_bwd_seconds": unit, "time_over_fwd_bwd": seconds / unit,
                 "time_over_retrain": seconds / bench.retrain_seconds, **passes}
 
-    def newton(knob: str, settings: UnlearnSettings, default: bool = False) -> None:
+    def newton(knob: str, settings: UnlearnSettings, default: bool = False, label: str = OURS) -> None:
         model = copy.deepcopy(bench.original)
         with count_request_passes(model) as passes:
             start = time.perf_counter()
             result = serve_request(model, bench.forget, bench.retain, bench.holdout, settings=settings)
             seconds = time.perf_counter() - start
         s = result.summary
-        point(OURS, knob, model, default=default, status=s["status"], steps_accepted=s["steps_accepted"],
+        point(label, knob, model, default=default, status=s["status"], steps_accepted=s["steps_accepted"],
               forget_score=s["forget_score_after"], **costs(seconds, passes.snapshot(), "second"))
 
     newton("default", UnlearnSettings(), default=True)
     for tau in p.taus:
         newton(f"tau={tau:g}", UnlearnSettings(method_kwargs={"target_score": tau}))
+    for label, fields in p.variants.items():
+        newton("default", UnlearnSettings(**fields), label=label)
 
     for method in p.baselines:
         for lr in p.lrs:
@@ -249,7 +255,8 @@ def frontier_wins(table: dict[str, Any], baselines: Sequence[str]) -> dict[str, 
     return wins
 
 
-def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool], p: TofuPlan) -> str:
+def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool], p: TofuPlan,
+             rows: Sequence[dict] = ()) -> str:
     lines = [f"# TOFU-faithful benchmark ({p.name}): seeds {list(p.seeds)}", "",
              "Forget quality (KS p of forget truth ratios vs the retain model), model utility (harmonic mean of 9),",
              "privleak (Min-K% AUC vs the retain model's), medians over seeds.", "",
@@ -260,6 +267,19 @@ def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool
             return "-" if x is None else f"{x:.{d}g}"
         lines.append(f"| {split} | {f(r['forget_quality'])} | {f(r['model_utility'])} | "
                      f"{f(r['model_utility_retain'])} | {f(r['privleak'])} | {', '.join(r['status'])} |")
+    lines += ["", "Single points (medians over seeds): the reference models, the default recipe and its variants:", "",
+              "| split | model | forget quality | model utility | privleak | seconds | time / fwd+bwd |",
+              "|---|---|---|---|---|---|---|"]
+    for split in recipe:
+        for method, knob in (("retain", "-"), ("original", "-"), (OURS, "default"),
+                             *((label, "default") for label in p.variants)):
+            pts = [r for r in rows if r["split"] == split and r["method"] == method and r["knob"] == knob]
+            if not pts:
+                continue
+            cells = [_median([r.get(k, math.nan) for r in pts]) for k in
+                     ("forget_quality", "model_utility", "privleak", "seconds", "time_over_fwd_bwd")]
+            text = " | ".join("-" if c is None else f"{c:.3g}" for c in cells)
+            lines.append(f"| {split} | {method if method != OURS else 'default recipe'} | {text} |")
     lines += ["", "Best model utility at forget quality ≥ level (median over seeds; - = not reached):", ""]
     methods = [OURS, *p.baselines]
     lines += ["| split | level | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -361,7 +381,7 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
                "seconds": time.perf_counter() - start, "rows": rows}
     listed = sorted(secrets)
     atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode(), listed)
-    atomic_write(out / "results.md", markdown(recipe, table, wins, p).encode(), listed)
+    atomic_write(out / "results.md", markdown(recipe, table, wins, p, rows).encode(), listed)
     plot(rows, out / "frontier_tofu.png", p.baselines, listed)
     return results
 
@@ -384,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.splits = tuple(args.splits)
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"tofu-{p.name}"
     results = run(p, Path(args.cache), out, workers=args.workers, resume=args.resume)
-    print(markdown(results["default_recipe"]["tofu"], results["matched"], results["frontier_wins"]["tofu"], p))
+    print(markdown(results["default_recipe"]["tofu"], results["matched"], results["frontier_wins"]["tofu"], p,
+                   results["rows"]))
 
 
 if __name__ == "__main__":
