@@ -69,7 +69,7 @@ class TofuPlan:
     #: second-order variants of the default recipe, each one point: label -> `method_kwargs` (or settings fields)
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "newton_kfac_nll": {"forget_loss": "nll"},
-        "newton_kfac_t2": {"method_kwargs": {"curvature_temperature": 2.0}}})
+        "newton_kfac_t2": {"curvature_kwargs": {"temperature": 2.0}}})
     extra: dict[str, Any] = field(default_factory=dict)
 
 

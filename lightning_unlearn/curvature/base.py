@@ -105,8 +105,14 @@ class Curvature(ABC):
         reduce: Reduce | None = None,
         gather: Reduce | None = None,
         seed: int = 0,
+        temperature: float | None = None,
     ) -> None:
         self.model = model
+        if temperature is not None and float(temperature) != 1.0:
+            if objective is not None:
+                raise ValueError("give either temperature= or objective=, not both (temperature builds the objective)")
+            # the curvature of softened predictions (see CrossEntropyObjective): visible on memorised data
+            objective = CrossEntropyObjective(temperature=float(temperature))
         self.objective = objective if objective is not None else CrossEntropyObjective()
         self.reduce: Reduce = reduce if reduce is not None else identity
         self.gather: Reduce = gather if gather is not None else identity

@@ -48,10 +48,11 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping, check_damping_mode, eval_mode, identity
-from ..curvature.objective import CrossEntropyObjective, model_logits
+from ..curvature.objective import model_logits
 from ..curvature.registry import BACKEND_ALIASES as BACKEND_ALIASES  # re-exported: public since the start
 from ..curvature.registry import CURVATURE_BACKENDS as CURVATURE_BACKENDS
 from ..curvature.registry import build_curvature as build_curvature
+from ..errors import UserInputError
 from .inputs import check_batches, check_finite_weights, check_keywords
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, token_nll
 
@@ -277,8 +278,11 @@ class Unlearner(ABC):
 
     def _holdout_histogram(self) -> tuple[Tensor, float]:
         """Counts of the holdout examples by mean token NLL (HOLDOUT_BINS bins over [0, HOLDOUT_MAX_NATS)),
-        reduced across processes, and the holdout's mean token NLL, at the current weights."""
+        reduced across processes, and the holdout's mean token NLL, at the current weights. A non-finite loss (NaN
+        logits) is counted in the top bin and makes the mean non-finite on every process (the sums are reduced): the
+        callers read that as "no score"."""
         losses, total, count = self.example_losses(self.holdout)
+        losses = torch.nan_to_num(losses, nan=HOLDOUT_MAX_NATS, posinf=HOLDOUT_MAX_NATS, neginf=0.0)
         x = (losses.clamp(0, HOLDOUT_MAX_NATS) / HOLDOUT_MAX_NATS * HOLDOUT_BINS).long().clamp(max=HOLDOUT_BINS - 1)
         hist = torch.zeros(HOLDOUT_BINS, dtype=torch.float64).index_add_(0, x, torch.ones_like(losses))
         return self.reduce(hist), total / count
@@ -287,12 +291,20 @@ class Unlearner(ABC):
         """(score, mean token NLL) of the forget batches. The score is what the target is compared with: with a
         holdout target, the mean percentile of the forget examples' losses among the holdout examples' losses
         at the current weights (before unlearning with `relative_target=False`; 0 = every forget example below every
-        holdout example, 0.5 = indistinguishable, 1 - score = the LOSS attack's AUC); otherwise the mean token NLL."""
+        holdout example, 0.5 = indistinguishable, 1 - score = the LOSS attack's AUC); otherwise the mean token NLL.
+        The score is NaN when a loss of either set is not finite (a trial that is rolled back, never a score)."""
         losses, total, count = self.example_losses(forget)
         nll = total / count
         if not self.holdout or self.forget_target is not None:
             return nll, nll
-        hist = self._holdout_histogram()[0] if self.relative_target else self._holdout_hist
+        if not math.isfinite(nll):  # reduced sums: every process returns here alike
+            return float("nan"), nll
+        if self.relative_target:
+            hist, holdout_loss = self._holdout_histogram()
+            if not math.isfinite(holdout_loss):
+                return float("nan"), nll
+        else:
+            hist = self._holdout_hist
         cum = torch.cat([torch.zeros(1, dtype=torch.float64), hist.cumsum(0)])
         x = (losses.clamp(0, HOLDOUT_MAX_NATS) / HOLDOUT_MAX_NATS * HOLDOUT_BINS).clamp(max=HOLDOUT_BINS - 1e-9)
         k = x.floor().long()
@@ -392,6 +404,11 @@ class Unlearner(ABC):
         `forget_target` wins. Returns the target (None without one)."""
         self.holdout = _as_list(holdout_batches)
         self._holdout_hist, self.holdout_loss = self._holdout_histogram() if self.holdout else (None, None)
+        if self.holdout_loss is not None and not math.isfinite(self.holdout_loss):
+            self.holdout, self._holdout_hist, self.holdout_loss = [], None, None
+            raise UserInputError(f"{self.name}: the model's loss on the holdout is NaN/inf before unlearning "
+                                 "(non-finite logits: e.g. float16 overflow, or broken weights); load the model in "
+                                 "float32 or bfloat16 and check the holdout batches")
         if self.forget_target is None:
             self.target_source = "holdout" if self.holdout else "none"
         return self.current_target()
@@ -446,6 +463,43 @@ class Unlearner(ABC):
             return retain[0]
         return self.holdout if self.holdout else None
 
+    def require_measured_guard(self, held_retain_batch: Batch | None, retain: Sequence[Batch]) -> None:
+        """Refuse a run with a retain budget but nothing to measure it on (no held retain batch, no retain batch, no
+        holdout): a prediction alone (the curvature's ½ΔᵀCΔ) is no bound, a retain-free request that trusted it took
+        every loss of a tiny Qwen2 to about 14 nats (uniform: 5.5). `max_retain_increase=None` runs without a check."""
+        if self.max_retain_increase is None or self._held(held_retain_batch, retain) is not None:
+            return
+        raise UserInputError(
+            f"{self.name}: nothing to measure the damage on: no retain data and no holdout data, so no measured loss "
+            "bounds the steps (the curvature's prediction alone lets a step ruin the model); pass holdout data (a "
+            "few never-trained examples of the forget set's kind, labelled like it: holdout= / holdout_batches=; the "
+            "retain budget is then measured on them) or a retain batch (retain= / held_retain=), or set "
+            "max_retain_increase=None to run without any check")
+
+    def check_holdout(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
+                      held_retain_batch: Batch | None = None) -> None:
+        """Before the first step, with a holdout: refuse holdout examples that are forget or retain examples, warn
+        (`HoldoutWarning`) when the holdout does not look like never-seen data of the forget set's kind; see
+        `lightning_unlearn.methods.holdout`. Every process takes the same decision (the numbers are reduced)."""
+        if not self.holdout:
+            return
+        from . import holdout as checks
+        from .inputs import vocabulary_size
+
+        others = [*retain, *([held_retain_batch] if held_retain_batch is not None else [])]
+        counts = self.reduce(torch.tensor(checks.duplicate_counts(self.holdout, forget, others) +
+                                          checks.shared_token_counts(self.holdout, forget), dtype=torch.float64))
+        held = self._held(held_retain_batch, list(retain))
+        holdout_loss = self.holdout_loss if self.holdout_loss is not None else self.measure(self.holdout)
+        refusal, found = checks.holdout_findings(
+            duplicates=counts[:3].tolist(), shared=counts[3:].tolist(), vocabulary=vocabulary_size(self.model),
+            holdout_loss=holdout_loss, forget_loss=self.measure(forget),
+            retain_loss=self.measure(held) if held is not None and held is not self.holdout else None)
+        if refusal is not None:
+            raise UserInputError(f"{self.name}: {refusal}")
+        for message in found:
+            warnings.warn(f"{self.name}: {message}", checks.HoldoutWarning, stacklevel=3)
+
     def _begin_step(self, forget_batch: Batch | Sequence[Batch], retain_batch: Batch | Sequence[Batch] | None,
                     held_retain_batch: Batch | None) -> tuple[list[Batch], list[Batch], Batch | None, float | None,
                                                               float | None, Any, int]:
@@ -483,9 +537,15 @@ class Unlearner(ABC):
         for trial in range(self.max_retries + 1):
             snapshot, extra = self._snapshot(), self._rollback_state()
             applied = self._apply_trial(context)
-            score, forget_loss = self.forget_score(forget) if applied else (float("nan"), float("nan"))
-            retain_loss = self.measure(held) if (applied and held is not None) else None
-            finite = applied and math.isfinite(forget_loss) and (retain_loss is None or math.isfinite(retain_loss))
+            try:
+                score, forget_loss = self.forget_score(forget) if applied else (float("nan"), float("nan"))
+                retain_loss = self.measure(held) if (applied and held is not None) else None
+            except BaseException:  # an error (or Ctrl-C) while measuring: the trial was never accepted
+                self._restore(snapshot)
+                self._restore_state(extra)
+                raise
+            finite = applied and math.isfinite(forget_loss) and math.isfinite(score) and (
+                retain_loss is None or math.isfinite(retain_loss))
             if finite:
                 finite = all(bool(torch.isfinite(p).all()) for p in self.named_params().values())
             if not finite:
@@ -537,8 +597,10 @@ class Unlearner(ABC):
             self.calibrate(holdout_batches)
         if held_retain_batch is None and retain:
             retain, held_retain_batch = held_out_retain(retain)
+        self.check_holdout(forget, retain, held_retain_batch)
         start = len(self.history)
         self._begin_fit(forget, retain)
+        self.require_measured_guard(held_retain_batch, retain)  # after the source's own checks (retain curvature)
         held = self._held(held_retain_batch, retain)
         score, nll = self.forget_score(forget)
         self._losses = {"forget_before": nll, "score_before": score,
@@ -603,8 +665,9 @@ class SecondOrderUnlearner(Unlearner):
       1.94 bits of exposure; one step, +1.23 % at 1.11 bits (the retrained model: 1.49 bits); on the tiny models of
       the tests, staged kept the held retain loss within +1.6 % where one step cost up to +4 %.
     - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the
-      step's predicted retain increase ½ΔᵀCΔ is bounded by `max_retain_increase` × the holdout loss (× 1 nat
-      without holdout data), so the curvature itself keeps the step in its trust region.
+      retain budget is measured on the holdout and the step's predicted retain increase ½ΔᵀCΔ is bounded too;
+      without holdout data either, `fit` refuses the request (`require_measured_guard`): a prediction alone is no
+      bound.
     `step_search=False` gives the fixed step `scale · d` with Levenberg-Marquardt backtracking on λ.
 
     `curvature`: a finalized curvature is used as is; an unfinalized one (or None: built from `curvature_backend`
@@ -632,8 +695,8 @@ class SecondOrderUnlearner(Unlearner):
         protect_holdout: bool = True,
         protect_groups: int = 8,
         retain_repair: float = 0.0,
+        reuse_protection: bool = False,
         stop_at_budget: bool = True,
-        curvature_temperature: float = 1.0,
         search_iters: int = 6,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,
@@ -681,11 +744,8 @@ class SecondOrderUnlearner(Unlearner):
         self.protect_holdout = bool(protect_holdout)
         self.protect_groups = int(protect_groups)
         self.retain_repair = float(retain_repair)
+        self.reuse_protection = bool(reuse_protection)
         self.stop_at_budget = bool(stop_at_budget)
-        if not (math.isfinite(float(curvature_temperature)) and float(curvature_temperature) > 0):
-            raise ValueError(f"curvature_temperature must be a finite number > 0 (1: the plain Fisher/GGN), got "
-                             f"{curvature_temperature}")
-        self.curvature_temperature = float(curvature_temperature)
         self._retain_gradient: Vector | None = None
         self._repair_data: list[Batch] = []
         self._repair_origin: Vector | None = None
@@ -708,8 +768,6 @@ class SecondOrderUnlearner(Unlearner):
     def _new_curvature(self) -> Curvature:
         kwargs = dict(self.curvature_kwargs)
         kwargs.setdefault("reduce", self.reduce)
-        if self.curvature_temperature != 1.0:
-            kwargs.setdefault("objective", CrossEntropyObjective(temperature=self.curvature_temperature))
         if self.gather is not None:
             kwargs.setdefault("gather", self.gather)
         return build_curvature(self.curvature_backend, self.model, **kwargs)
@@ -743,6 +801,7 @@ class SecondOrderUnlearner(Unlearner):
 
     def _begin_fit(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
         self._stage_origin, self._stage_start = self.step_count, None
+        self._holdout_gradients = []  # the protection is computed at the first step of every run
         self._repair_data, self._repair_origin = list(retain), None
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
@@ -777,7 +836,10 @@ class SecondOrderUnlearner(Unlearner):
         if self.curvature is None or not self.curvature.finalized:
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
                                "use fit(), which fits it on the curvature_data source")
-        self._holdout_gradients = self.holdout_gradients() if self.protect_holdout and self.holdout else []
+        if not (self.protect_holdout and self.holdout):
+            self._holdout_gradients = []
+        elif not self._holdout_gradients or not self.reuse_protection:
+            self._holdout_gradients = self.holdout_gradients()
         if self.retain_repair and self._repair_data:
             g = self.forget_gradient(self._repair_data, kind="nll")
             if self._repair_origin is None:
@@ -812,7 +874,13 @@ class SecondOrderUnlearner(Unlearner):
         `d_h = (C + λI)⁻¹ ∇L_holdout` and `α = ∇L_holdoutᵀ d_f / ∇L_holdoutᵀ d_h`: the most forgetting in the
         curvature's metric among steps that leave the holdout (the level "never seen") where it is. With
         `protect_groups=k` there are k such constraints (the holdout split in k groups), `α` solving a k × k system:
-        the holdout's losses stay in place group by group, not only on average."""
+        the holdout's losses stay in place group by group, not only on average. A backend with a one-solve form of
+        this (`constrained_inverse`: CG's projected solve) computes it in one solve instead of k + 1."""
+        constrained = getattr(self.curvature, "constrained_inverse", None)
+        if self._holdout_gradients and constrained is not None:
+            return constrained({n: context[n] for n in self.param_names},
+                               [{n: h[n] for n in self.param_names} for h in self._holdout_gradients],
+                               self.damping, mode=self.damping_mode)
         direction = self.newton_direction(context)
         hs = self._holdout_gradients
         if not hs:
@@ -1021,7 +1089,15 @@ class _LineSearch:
         return point
 
     def run(self, start: float, iters: int) -> tuple[float | None, tuple[float, float | None], str]:
-        """(chosen η or None, its (forget, retain) losses, reason)."""
+        """(chosen η or None, its (forget, retain) losses, reason); an error (or Ctrl-C) during the search restores
+        the weights of before the search (a point that was tried is never kept unless chosen)."""
+        try:
+            return self._search(start, iters)
+        except BaseException:
+            self.restore()
+            raise
+
+    def _search(self, start: float, iters: int) -> tuple[float | None, tuple[float, float | None], str]:
         lo = hi = None  # lo: largest η within budget short of the target; hi: smallest η reached or out of budget
         eta = start
         _, _, ok, reached = self.evaluate(eta)
