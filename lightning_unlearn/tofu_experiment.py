@@ -70,16 +70,16 @@ class TofuConfig:
     """
 
     # fictitious authors (per seed)
-    n_authors: int = 200
+    n_authors: int = 100
     facts_per_author: int = 10
     n_holdout: int | None = None  # None: as many as forget10
     # the world and the pretraining text (shared by all seeds)
     world_seed: int = 0
-    ordinary_bytes: int = 1_000_000
+    ordinary_bytes: int = 4_000_000
     test_bytes: int = 60_000
     n_countries: int = 32
     n_real_authors: int = 30
-    fact_repeats: int = 12
+    fact_repeats: int = 60
     tokenizer_authors: int = 200  # authors of a tokenizer-only seed whose QA text joins the tokenizer's corpus
     # the model
     vocab_size: int = 1024
@@ -89,7 +89,7 @@ class TofuConfig:
     layers: int = 4
     heads: int = 4
     # pretraining (the base) and its flatness check
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 2000
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     pretrain_warmup: int = 100
@@ -98,7 +98,7 @@ class TofuConfig:
     # finetuning (original and retain models: the same recipe, the same number of epochs)
     finetune_epochs: int = 20
     finetune_batch: int = 32
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 4e-3
     finetune_warmup: float = 0.05  # fraction of the finetune's steps
     mix_batch: int = 2  # replayed pretraining blocks per finetuning step (0: none; half of them fact paragraphs)
     mix_weight: float = 1.0
@@ -242,17 +242,20 @@ class TofuExperiment:
         if which not in self._blocks:
             from .data.tokenize import Tokenise
 
-            if which == "replay":  # every fact block and as many ordinary ones (a seeded sample)
-                facts = self._text_blocks("facts")
-                ordinary = self._text_blocks("ordinary")
-                keep = random.Random(f"replay:{self.config.world_seed}").sample(
-                    range(len(ordinary)), min(len(facts), len(ordinary)))
-                self._blocks[which] = facts + [ordinary[i] for i in sorted(keep)]
+            if which == "replay":  # every fact paragraph's block and about as many ordinary ones
+                self._blocks[which] = self._text_blocks("facts") + self._text_blocks("ordinary")
                 return self._blocks[which]
             world = self.data.world
-            if which == "ordinary":
+            if which == "ordinary":  # a seeded sample of the ordinary pretraining documents, as large as the facts
                 fact_docs = set(world.fact_docs)
-                texts = [t for t in world.pretrain if t not in fact_docs]
+                ordinary = [t for t in world.pretrain if t not in fact_docs]
+                random.Random(f"replay:{self.config.world_seed}").shuffle(ordinary)
+                budget, texts = sum(len(t) for t in world.fact_docs), []
+                for t in ordinary:
+                    if budget <= 0:
+                        break
+                    texts.append(t)
+                    budget -= len(t)
             else:
                 texts = {"pretrain": world.pretrain, "test": world.test_text, "facts": world.fact_docs}.get(which)
             if texts is None:
@@ -404,12 +407,14 @@ class TofuExperiment:
 
     # ------------------------------------------------------------------ checks
     def measure(self, *, mc_rows: int = 200) -> dict[str, Any]:
-        """The numbers that show the models do what TOFU needs (cached as `measurements.json` beside the models):
+        """The numbers that show the models do what TOFU needs (cached as `measurements.json` beside the models).
 
-        per model, on forget10 / retain / holdout / real_authors / world_facts: `exact` (greedy answers exactly
-        right), `nll` (mean answer-token NLL), `choice` (answer or paraphrase beats all 5 perturbed answers, on up
-        to `mc_rows` rows), and `test_ppl`; the retain model of a split is scored on that split's forget and retain
-        authors; training seconds; the base's flatness check."""
+        Per model and part: `exact` (greedy answers exactly right), `nll` (mean answer-token NLL), `choice` (the
+        paraphrased answer, for real_authors / world_facts the answer, beats all 5 perturbed answers; on up to
+        `mc_rows` rows), `n`; parts `forget/<split>` (every split for base and original, its own for a retain
+        model), `retain/<split>` (forget10's retain authors for base and original), `holdout`, `real_authors`,
+        `world_facts`; plus `test_ppl` and the training's wall / CPU seconds. Also the base's flatness check and
+        test-loss curve."""
         path = self.cache / "measurements.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -417,12 +422,13 @@ class TofuExperiment:
         test = self.test_batches()
         for name in MODELS:
             model = self._load(name)
-            split = name.removeprefix("retain_") if name.startswith("retain_") else "forget10"
-            parts = {"forget": self.data.rows("forget", split), "retain": self.data.rows("retain", split),
-                     "holdout": self.data.rows("holdout"), "real_authors": self.data.rows("real_authors"),
-                     "world_facts": self.data.rows("world_facts")}
-            scores: dict[str, Any] = {"split": split, "test_ppl": math.exp(token_loss(model, test)),
-                                      "train_seconds": self.timings[name]}
+            own = name.removeprefix("retain_") if name.startswith("retain_") else None
+            parts = {f"forget/{s}": self.data.rows("forget", s) for s in ([own] if own else SPLITS)}
+            parts[f"retain/{own or 'forget10'}"] = self.data.rows("retain", own or "forget10")
+            parts.update({p: self.data.rows(p) for p in ("holdout", "real_authors", "world_facts")})
+            record = self.training_record(name)
+            scores: dict[str, Any] = {"test_ppl": math.exp(token_loss(model, test)), "train_seconds": record["seconds"],
+                                      "train_cpu_seconds": record.get("cpu_seconds")}
             for part, rows in parts.items():
                 nll, exact = answer_scores(model, self.qa_batches(rows))
                 sample = self._shuffled(rows, "mc")[:mc_rows]
@@ -430,8 +436,8 @@ class TofuExperiment:
                 scores[part] = {"n": len(rows), "exact": float(exact.float().mean()), "nll": float(nll.mean()),
                                 "choice": choice_accuracy(self, model, sample, key)}
             out["models"][name] = scores
-        out["flatness"] = self.training_record("base")["flatness"]
-        out["base_test_loss_curve"] = self.training_record("base")["test_loss_curve"]
+        base = self.training_record("base")
+        out["flatness"], out["base_test_loss_curve"] = base["flatness"], base["test_loss_curve"]
         path.write_text(json.dumps(out, indent=1))
         return out
 
@@ -584,40 +590,53 @@ def token_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- build
-def _build_one(args: tuple[dict[str, Any], str, str, str]) -> tuple[int, str, float]:
+def _build_one(args: tuple[dict[str, Any], str, str, str]) -> tuple[int, str, Any]:
+    """One job of `build`, in a worker of one thread: train (or load) a model, or `measure` a seed."""
     config, output, name, accelerator = args
     torch.set_num_threads(1)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     exp = TofuExperiment(TofuConfig(**config), output, accelerator=accelerator)
+    if name == "measure":
+        return exp.config.seed, name, exp.measure()
     exp._load(name)
-    return exp.config.seed, name, exp.timings[name]
+    record = exp.training_record(name)
+    return exp.config.seed, name, {"seconds": record["seconds"], "cpu_seconds": record.get("cpu_seconds")}
 
 
 def build(config: TofuConfig | None = None, output_dir: str | Path = "runs/tofu_experiment",
           seeds: Sequence[int] = (0, 1, 2), *, workers: int = 1, accelerator: str = "cpu") -> dict[str, Any]:
     """Train (or load) the shared base, then each seed's original and 3 retain models (`workers` processes of one
-    thread), then measure every seed. Returns {"wall_seconds", "train_seconds": {seed: {model: s}}, "measurements":
-    {seed: ...}}."""
+    thread), then measure every seed. Returns {"wall_seconds_training", "wall_seconds", "train_seconds": {"base" |
+    "seed<k>": ...} (wall and CPU seconds of each model's training, as recorded when it was trained), "flatness" (the
+    base's check), "measurements": {seed: `TofuExperiment.measure()`}}."""
     config = config or TofuConfig()
     start = time.perf_counter()
     torch.set_num_threads(1)
-    TofuExperiment(config, output_dir, accelerator=accelerator).base_model()
+    first = TofuExperiment(config, output_dir, accelerator=accelerator)
+    first.base_model()
+    base = first.training_record("base")
     jobs = [(dataclasses.asdict(dataclasses.replace(config, seed=s)), str(output_dir), name, accelerator)
             for s in seeds for name in MODELS[1:]]
+    checks = [(dataclasses.asdict(dataclasses.replace(config, seed=s)), str(output_dir), "measure", accelerator)
+              for s in seeds]
     if workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers) as pool:
             done = pool.map(_build_one, jobs, chunksize=1)
+            trained = time.perf_counter() - start
+            measured = pool.map(_build_one, checks, chunksize=1)
     else:
         done = [_build_one(job) for job in jobs]
-    trained = time.perf_counter() - start
-    seconds: dict[int, dict[str, float]] = {}
+        trained = time.perf_counter() - start
+        measured = [_build_one(job) for job in checks]
+    seconds: dict[str, Any] = {"base": {"seconds": base["seconds"], "cpu_seconds": base.get("cpu_seconds")}}
     for seed, name, s in done:
-        seconds.setdefault(seed, {})[name] = s
-    measurements = {s: TofuExperiment(dataclasses.replace(config, seed=s), output_dir,
-                                      accelerator=accelerator).measure() for s in seeds}
+        seconds.setdefault(f"seed{seed}", {})[name] = s
     return {"wall_seconds_training": trained, "wall_seconds": time.perf_counter() - start, "train_seconds": seconds,
-            "measurements": measurements}
+            "flatness": base["flatness"], "measurements": {seed: m for seed, _, m in measured}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -631,6 +650,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = TofuConfig.smoke() if args.smoke else TofuConfig()
     types = {f.name: f.type for f in dataclasses.fields(TofuConfig)}
     for item in args.set:

@@ -160,3 +160,14 @@ def test_smoke_batches_label_only_answers(experiment):
     assert all(((b["labels"] != IGNORE) == b["attention_mask"].bool()).all() for b in test)
     nll, exact = answer_scores(experiment.original_model(), experiment.forget_batches("forget10"))
     assert nll.shape == exact.shape == (len(experiment.rows("forget", "forget10")),) and torch.isfinite(nll).all()
+
+
+def test_smoke_measure_reports_every_model(experiment):
+    out = experiment.measure(mc_rows=6)
+    assert set(out["models"]) == set(MODELS) and "relative_improvement" in out["flatness"]
+    original, gold = out["models"]["original"], out["models"]["retain_forget05"]
+    assert {f"forget/{s}" for s in SPLITS} <= set(original) and "retain/forget10" in original
+    assert {"forget/forget05", "retain/forget05", "holdout", "real_authors", "world_facts"} <= set(gold)
+    for scores in (original["forget/forget10"], gold["world_facts"]):
+        assert 0 <= scores["exact"] <= 1 and 0 <= scores["choice"] <= 1 and scores["nll"] > 0
+    assert experiment.measure() == out  # cached beside the models

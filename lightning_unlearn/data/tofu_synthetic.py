@@ -200,8 +200,8 @@ class TofuWorld:
                 f"real_authors={len(self.real_authors)}, world_facts={len(self.world_facts)})")
 
 
-def make_world(*, seed: int = 0, ordinary_bytes: int = 1_000_000, test_bytes: int = 60_000, n_countries: int = 32,
-               n_real_authors: int = 30, fact_repeats: int = 12, statements_per_doc: tuple[int, int] = (3, 6)
+def make_world(*, seed: int = 0, ordinary_bytes: int = 4_000_000, test_bytes: int = 60_000, n_countries: int = 32,
+               n_real_authors: int = 30, fact_repeats: int = 60, statements_per_doc: tuple[int, int] = (3, 6)
                ) -> TofuWorld:
     """The pretraining corpus and the real-author / world-fact QA rows (see the module docstring).
 
@@ -307,7 +307,7 @@ def _check_split(split: str) -> str:
     return split
 
 
-def make_authors(seed: int = 0, *, n_authors: int = 200, facts_per_author: int = 10, n_holdout: int | None = None,
+def make_authors(seed: int = 0, *, n_authors: int = 100, facts_per_author: int = 10, n_holdout: int | None = None,
                  exclude: Sequence[str] = ()) -> TofuAuthors:
     """`n_authors` trained fictitious authors and `n_holdout` holdout authors (default: forget10's size) with
     `facts_per_author` facts each (see the module docstring); names avoid `exclude` (the real authors)."""
@@ -373,7 +373,7 @@ class TofuSynthetic:
         return f"TofuSynthetic({self.world!r}, {self.authors!r})"
 
 
-def make_tofu_synthetic(seed: int = 0, *, world_seed: int = 0, n_authors: int = 200, facts_per_author: int = 10,
+def make_tofu_synthetic(seed: int = 0, *, world_seed: int = 0, n_authors: int = 100, facts_per_author: int = 10,
                         n_holdout: int | None = None, **world: Any) -> TofuSynthetic:
     """The benchmark for `seed` (authors, split assignment) on the world of `world_seed` (`make_world(**world)`)."""
     w = make_world(seed=world_seed, **world)
