@@ -324,7 +324,9 @@ class UnlearningModule(pl.LightningModule):
         if retain is not None and self._held is None:
             self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
         size = forget["input_ids"].shape[0]
-        if not self.history and self._done is None:  # the check of the method's own fit() before its first step
+        if not self.history and self._done is None:  # the checks of the method's own fit() before its first step
+            self.unlearner.require_measured_guard(self._held, [])
+            self.unlearner.check_holdout([forget], [], self._held)
             score, self._losses["forget_before"] = self.unlearner.forget_score(forget)
             target = self.unlearner.current_target()
             if target is not None and score >= target:

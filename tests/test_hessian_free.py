@@ -97,8 +97,8 @@ def build(case, product="ggn", **kw):
 # ---------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("case", list(CASES))
 def test_products_and_cg_match_dense(case):
-    cg, model, objective, batches = build(case, max_iter=500, rtol=1e-12)
-    hcg = HessianFree(model, objective=objective, product="hessian", max_iter=500, rtol=1e-12)
+    cg, model, objective, batches = build(case, max_iter=500, rtol=1e-12, progress_tol=0)
+    hcg = HessianFree(model, objective=objective, product="hessian", max_iter=500, rtol=1e-12, progress_tol=0)
     for b in batches:
         hcg.accumulate(b)
     hcg.finalize()
@@ -151,7 +151,7 @@ def test_padding_positions_change_nothing(product):
     model = tiny_gpt2()
     results = []
     for pad in (0, 3):
-        cg = HessianFree(model, product=product, max_iter=200, rtol=1e-12)
+        cg = HessianFree(model, product=product, max_iter=200, rtol=1e-12, progress_tol=0)
         cg.accumulate(lm_batch(pad=pad))
         cg.finalize()
         assert float(cg.count) == 2 * 4 - 1
@@ -216,7 +216,7 @@ def test_negative_curvature_is_detected_with_hessian_products():
     assert info["negative_curvature"] and info["iterations"] == 1 and not info["converged"]
     torch.testing.assert_close(flat(x, cg.param_names), evecs[:, 0] / lam)
     # the GGN of the same model is PSD: no negative curvature, CG converges
-    ggn = HessianFree(model, objective=objective, product="ggn", rtol=1e-10, max_iter=200)
+    ggn = HessianFree(model, objective=objective, product="ggn", rtol=1e-10, max_iter=200, progress_tol=0)
     ggn.accumulate(batch)
     ggn.finalize()
     ggn.inverse(v, damping=lam)
@@ -338,7 +338,7 @@ def _worker(rank: int, port: int, halves: list, expected: dict, result_dir: str)
         model = mlp()
         obj = CrossEntropyObjective(shift=False)
         v = expected["v"]
-        for backend in (HessianFree(model, objective=obj, rtol=1e-12, max_iter=200, reduce=_reduce),
+        for backend in (HessianFree(model, objective=obj, rtol=1e-12, max_iter=200, progress_tol=0, reduce=_reduce),
                         WoodFisher(model, objective=obj, reduce=_reduce, gather=_gather)):
             for b in halves[rank]:
                 backend.accumulate(b)
@@ -361,7 +361,8 @@ def test_two_gloo_processes_equal_whole_batch(tmp_path):
     halves = [[{k: t[:3] for k, t in whole.items()}, {k: t[3:4] for k, t in whole.items()}],
               [{k: t[4:] for k, t in whole.items()}]]
     expected = {}
-    for backend in (HessianFree(model, objective=obj, rtol=1e-12, max_iter=200), WoodFisher(model, objective=obj)):
+    for backend in (HessianFree(model, objective=obj, rtol=1e-12, max_iter=200, progress_tol=0),
+                    WoodFisher(model, objective=obj)):
         backend.accumulate(whole)
         backend.finalize()
         v = random_vector(backend)
@@ -382,7 +383,7 @@ def test_two_gloo_processes_equal_whole_batch(tmp_path):
 def test_warm_start_reuses_the_previous_solution():
     model = mlp()
     obj = CrossEntropyObjective(shift=False)
-    cg = HessianFree(model, objective=obj, warm_start=True, rtol=1e-10, max_iter=200)
+    cg = HessianFree(model, objective=obj, warm_start=True, rtol=1e-10, max_iter=200, progress_tol=0)
     cg.accumulate(mlp_batch("ce"))
     cg.finalize()
     v = random_vector(cg)
@@ -475,3 +476,81 @@ def test_fused_attention_outside_transformers_gets_a_clear_error():
         with pytest.raises(UserInputError, match=r"attention kernel has no forward-mode AD or double backward.*"
                                                  r'attn_implementation="eager"'):
             cg.matvec(random_vector(cg))
+
+
+# ---------------------------------------------------------------------------- defaults that finish, one solve
+def test_constrained_inverse_is_the_protected_newton_direction():
+    """One projected CG solve gives the holdout-protected direction `A⁻¹v - A⁻¹H α` (HᵀA⁻¹H α = HᵀA⁻¹v) that
+    other backends get from k + 1 solves, and it satisfies the constraints Hᵀx = 0."""
+    cg, model, objective, batches = build("gpt2", max_iter=500, rtol=1e-12, progress_tol=0)
+    names = cg.param_names
+    ggn, _ = dense_curvatures(model, objective, batches, names)
+    v, hs = random_vector(cg, seed=1), [random_vector(cg, seed=2), random_vector(cg, seed=3)]
+    lam = 1e-2
+    x = flat(cg.constrained_inverse(v, hs, damping=lam), names)
+    a = ggn + lam * torch.eye(len(ggn), dtype=DT)
+    h = torch.stack([flat(c, names) for c in hs], 1)
+    d, dh = torch.linalg.solve(a, flat(v, names)), torch.linalg.solve(a, h)
+    expected = d - dh @ torch.linalg.solve(h.T @ dh, h.T @ d)
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-8)
+    assert float((h.T @ x).abs().max()) < 1e-8 * float(h.norm() * x.norm())
+    assert cg.last_solve["converged"] and cg.last_solve["constrained"] == 2
+    # relative damping reads damping like apply() does
+    torch.testing.assert_close(cg.constrained_inverse(v, hs, damping=0.1, mode="relative")[names[0]],
+                               cg.constrained_inverse(v, hs, damping=0.1 * cg.damping_scales()["all"])[names[0]])
+
+
+@pytest.fixture(scope="module")
+def memorised_qwen2():
+    from canary_corpus import memorise
+
+    return memorise("qwen2")  # 4 memorised digit canaries, 8 never-seen ones
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_default_cg_finishes_its_solves_within_max_iter_with_one_solve_per_direction(memorised_qwen2, attn):
+    """The default recipe on CG (no knob set) on a tiny memorising Qwen2: each direction, holdout protection
+    included, is one solve (not 1 + 8), each solve ends within max_iter (50) iterations, at most one warning
+    says what to set, and the step forgets within the retain budget. Before: 9 solves of 50 iterations per
+    direction, each warned "not converged" with residuals above the starting one."""
+    import copy
+    import warnings
+
+    from lightning_unlearn.methods import build_unlearner
+    from lightning_unlearn.methods.base import retain_budget_nats
+
+    base, forget, retain, held, holdout = memorised_qwen2
+    model = copy.deepcopy(base)
+    if attn == "sdpa":
+        model.set_attn_implementation("sdpa")
+    u = build_unlearner("newton", model, curvature_backend="cg")
+    u.fit_curvature(retain[:1])
+    cg = u.curvature
+    solves, products = [], []
+    solve, product = cg.solve, cg._matvec_flat
+
+    def counted_solve(*args, **kwargs):
+        x, info = solve(*args, **kwargs)
+        solves.append(dict(info))
+        return x, info
+
+    def counted_product(v):
+        products.append(1)
+        return product(v)
+
+    cg.solve, cg._matvec_flat = counted_solve, counted_product
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = u.fit([forget], retain[:1], held, holdout_batches=[holdout])
+    said = [str(w.message) for w in caught if str(w.message).startswith("cg:")]
+    summary = u.summary()
+    assert u.status in ("target_reached", "budget_exhausted"), summary
+    assert len(solves) == len(records) and all(s["constrained"] == u.protect_groups for s in solves), solves
+    assert all(s["iterations"] <= cg.max_iter and s["stopped"] in ("converged", "progress", "max_iter")
+               for s in solves), solves
+    assert len(products) <= len(solves) * (cg.max_iter + 1) + cg.trace_probes + 2 * len(records)
+    assert len(said) <= 1 and all("raise max_iter" in m for m in said), said
+    assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary
+    assert summary["retain_loss_after"] <= summary["retain_loss_before"] + retain_budget_nats(
+        u.max_retain_increase, summary["retain_loss_before"]) + 1e-9, summary
+    assert model.config._attn_implementation == attn

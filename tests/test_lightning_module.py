@@ -164,8 +164,12 @@ def test_the_run_stops_itself_at_the_holdout_target(tmp_path: Path) -> None:
     assert "unlearn/status_code" in logged and "unlearn/target" in logged
 
     # set_holdout_data wins over the datamodule; a target already met: no step at all (the unlearned canaries sit
-    # above every example of the trained retain batch)
-    again = UnlearningModule(model, method="newton", curvature="kfac").set_holdout_data([held])
+    # above every example of a trained retain batch), and a holdout of trained text is warned about (the held retain
+    # batch of the run itself would be refused: the same examples as the retain data)
+    from lightning_unlearn.methods.holdout import HoldoutWarning
+
+    again = UnlearningModule(model, method="newton", curvature="kfac").set_holdout_data([retain[0]])
     t2 = trainer(tmp_path / "again", max_steps=5)
-    t2.fit(again, datamodule=data)
+    with pytest.warns(HoldoutWarning, match="holdout: "):
+        t2.fit(again, datamodule=data)
     assert again.status == "target_reached" and again.history == [] and t2.global_step == 0

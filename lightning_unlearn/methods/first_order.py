@@ -10,6 +10,12 @@
 Each `step` is one optimizer step under the same safety check as the Newton methods; after a rollback the
 weights and the optimizer's moments are restored and the learning rate is divided by `damping_growth`
 (`StepRecord.damping` is that divisor, `StepRecord.scale` the effective learning rate).
+
+Defaults: Adam at `lr=1e-4` for up to `steps=100` steps, a run that ends at the target (with holdout data or
+`forget_target`), when a step is rolled back after every retry (the retain budget is spent), or after the 100 steps.
+One Adam step moves each weight by about `lr`, so a single step at 1e-4 does nothing measurable: on a tiny GPT-2 that
+memorised digit canaries it took the forget loss from 0.110 to 0.126 nats, where 100 guarded steps take it to 4.3
+(gradient ascent; NPO 5.9) with the held retain loss within its budget.
 """
 
 from __future__ import annotations
@@ -29,16 +35,20 @@ from .inputs import check_positive
 from .losses import forget_objective, npo_objective, simnpo_objective, token_nll
 
 OPTIMIZERS = ("adam", "sgd")
+#: the step budget of the first-order methods (each step one optimizer step under the safety check)
+DEFAULT_FIRST_ORDER_STEPS = 100
 
 
 class FirstOrderUnlearner(Unlearner):
-    """A torch optimizer (`optimizer`="adam" | "sgd", `lr`) on the trainable parameters (or `params` names)."""
+    """A torch optimizer (`optimizer`="adam" | "sgd", `lr`) on the trainable parameters (or `params` names), for up
+    to `steps` (default `DEFAULT_FIRST_ORDER_STEPS`) guarded steps."""
 
     retain_weight_default = 0.0
 
     def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float = 1e-4,
                  retain_weight: float | None = None, params: Sequence[str] | None = None, **kw: Any) -> None:
         kw.setdefault("damping", 1.0)
+        kw.setdefault("steps", DEFAULT_FIRST_ORDER_STEPS)
         super().__init__(model, **kw)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
