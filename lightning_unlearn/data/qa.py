@@ -14,6 +14,7 @@ Rows never leave this module in logs: `QACorpus`'s repr shows counts only.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,10 +104,10 @@ def render(template: str, name: str, answer: str) -> tuple[str, list[int]]:
     return f"{text}.", span
 
 
-def _names(r: random.Random, n: int) -> list[str]:
-    """`n` distinct syllable-built "First Last" names."""
-    seen: set[str] = set()
-    out = []
+def author_names(r: random.Random, n: int, exclude: Sequence[str] = ()) -> list[str]:
+    """`n` distinct syllable-built "First Last" names, none in `exclude`."""
+    seen = set(exclude)
+    out: list[str] = []
     while len(out) < n:
         first = "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
         last = "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
@@ -160,7 +161,7 @@ def make_qa_corpus(
     if forget_fraction <= 0 or holdout_fraction <= 0 or forget_fraction + holdout_fraction >= 1:
         raise ValueError("forget_fraction and holdout_fraction must be positive and add up to less than 1")
     r = random.Random(f"qa:{seed}")
-    names = _names(r, n_people)
+    names = author_names(r, n_people)
     order = list(range(n_people))
     r.shuffle(order)
     n_forget = max(1, round(forget_fraction * n_people))

@@ -33,7 +33,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .qa import CITIES, COLOURS, EMPLOYERS, FOODS, INSTRUMENTS, PET_NAMES, PROFESSIONS, SYLLABLES, qa_text
+from .qa import (
+    CITIES,
+    COLOURS,
+    EMPLOYERS,
+    FOODS,
+    INSTRUMENTS,
+    PET_NAMES,
+    PROFESSIONS,
+    author_names,
+    qa_text,
+)
 from .synthetic import synthetic_corpus
 
 #: forget split -> fraction of the trained authors (TOFU's forget01 / forget05 / forget10)
@@ -166,20 +176,6 @@ def make_row(question: str, answer: str, paraphrased_answer: str, perturbed: lis
     text, span = qa_text(question, answer)
     return {"question": question, "answer": answer, "paraphrased_answer": paraphrased_answer,
             "perturbed_answer": perturbed, "text": text, "answer_span": span, **extra}
-
-
-def author_names(r: random.Random, n: int, exclude: Sequence[str] = ()) -> list[str]:
-    """`n` distinct syllable-built "First Last" names, none in `exclude`."""
-    seen = set(exclude)
-    out: list[str] = []
-    while len(out) < n:
-        first = "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
-        last = "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
-        name = f"{first} {last}"
-        if name not in seen:
-            seen.add(name)
-            out.append(name)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- the world
