@@ -332,7 +332,7 @@ def default_recipe(kind: str, rows: Sequence[dict]) -> dict[str, Any]:
 
 
 def targets(kind: str, recipe: dict[str, Any], wins: dict[str, bool]) -> dict[str, dict[str, Any]]:
-    """The issue's targets for the default recipe, each with the measured value and whether it is met."""
+    """The targets for the default recipe, each with the measured value and whether it is met."""
     def check(value: Any, bound: float, lower: bool = True) -> dict[str, Any]:
         met = finite(value) and (float(value) <= bound if lower else float(value) >= bound)
         return {"value": value, "bound": bound, "met": bool(met)}

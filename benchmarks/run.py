@@ -383,7 +383,7 @@ def gpt2_small_kfac_memory(preset: Preset, say: Callable[[str], None]) -> dict[s
 
 # ---------------------------------------------------------------------------------------------------- targets
 def targets(rows: list[dict], ttf: dict[str, dict], gpt2: dict[str, Any]) -> list[dict]:
-    """The issue's targets as measured ratios, each with `met` (True/False/None = not measurable)."""
+    """The targets as measured ratios, each with `met` (True/False/None = not measurable)."""
     kfac = next((r for r in rows if r["method"] == "newton_kfac"), None)  # the first K-FAC row: the demo recipe
     out = []
 
