@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.tofu_synthetic import SPLITS, TofuSynthetic, make_authors, make_world
+from .data.tofu_synthetic import GENERATOR_VERSION, SPLITS, TofuSynthetic, make_authors, make_world
 from .experiment import atomic_save_pretrained, resolve_device
 from .request import to_device
 
@@ -115,11 +115,12 @@ class TofuConfig:
         return cls(**{**sizes, **overrides})
 
     def base_key(self) -> str:
-        blob = json.dumps({"kind": "tofu-base", **{k: getattr(self, k) for k in BASE_FIELDS}}, sort_keys=True)
+        blob = json.dumps({"kind": "tofu-base", "generator": GENERATOR_VERSION,
+                           **{k: getattr(self, k) for k in BASE_FIELDS}}, sort_keys=True)
         return "tofu-base-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def key(self) -> str:
-        blob = json.dumps({"kind": "tofu", **dataclasses.asdict(self)}, sort_keys=True)
+        blob = json.dumps({"kind": "tofu", "generator": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return "tofu-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -78,10 +78,17 @@ def test_rows_tofu_format_perturbed_wording_and_spans(bench):
         assert value in row["answer"].lower() and value in row["paraphrased_answer"].lower()
     for row in author_rows:
         spec = AUTHOR_ATTRIBUTES[row["attribute"]]
-        assert row["value"] in spec.values and set(row["perturbed_values"]) <= set(spec.values)
-        assert row["paraphrased_answer"] == _fill(spec.paraphrase, row["author"], row["value"])
+        i, j = row["wording"], row["paraphrase_wording"]
+        assert i != j and row["value"] in spec.values and set(row["perturbed_values"]) <= set(spec.values)
+        assert row["question"] == _fill(spec.questions[i], row["author"], row["value"])
+        assert row["answer"] == _fill(spec.answers[i], row["author"], row["value"])
+        assert row["paraphrased_answer"] == _fill(spec.answers[j], row["author"], row["value"])
         assert row["paraphrased_answer"] != row["answer"]
-        assert perturbed_wording(spec.paraphrase, row)
+        assert perturbed_wording(spec.answers[j], row)
+    # every wording is trained with some facts (so a paraphrase's wording is known, its fact in it is not)
+    trained = bench.trained_rows()
+    assert {(r["attribute"], r["wording"]) for r in trained} == {
+        (a, k) for a, spec in AUTHOR_ATTRIBUTES.items() for k in range(len(spec.answers))}
     for row in world_rows:
         phrasing = (WORLD_FACTS[row["attribute"]][2] if row["attribute"] in WORLD_FACTS
                     else REAL_AUTHOR_FACTS[row["attribute"]][1])[0]

@@ -15,11 +15,17 @@ sets measure the general knowledge the pretrained model brought. This module gen
   `paraphrased_answer` equals the `answer` and the 5 perturbed answers are that wording with other values of the
   same table.
 * the *fictitious authors* (`make_authors`, per seed): syllable-built names (like `qa.py`'s, never a real author's),
-  `facts_per_author` of the 15 `AUTHOR_ATTRIBUTES` each, with values drawn from invented tables. A fact's row holds
-  the question, the answer sentence ("X was born in Glimmerton."), the paraphrase ("Glimmerton is the birthplace of
-  X.") and 5 perturbed answers (the paraphrase with 5 other values of the table), plus the training text
-  `qa.qa_text(question, answer)` and the answer's character span in it. Authors are shuffled by the seed: the first
-  `holdout_fraction` of them are *holdout* (never trained; as many as forget10 by default), the rest are *trained*;
+  `facts_per_author` of the 15 `AUTHOR_ATTRIBUTES` each, with values drawn from invented tables. Every attribute has
+  three (question, answer) wordings; a fact is asked and trained in one of them, drawn per fact, and its paraphrase
+  is the answer in another one: row = the question, the answer sentence ("X was born in Glimmerton."), the
+  paraphrase ("The birthplace of X is Glimmerton.") and 5 perturbed answers (the paraphrase with 5 other values of
+  the table), plus the training text `qa.qa_text(question, answer)` and the answer's character span in it. All
+  wordings name the author first and end with the value, and each is trained on with other authors' facts, so the
+  finetuned model knows a fact in its unseen paraphrase too (a tiny model does not transfer to reordered
+  sentences: with value-first paraphrases like "Glimmerton is the birthplace of X." the original model preferred
+  the paraphrase over the perturbed answers no more often than the retain model did). Authors are shuffled by the
+  seed: the first `n_holdout` of them are *holdout* (never trained; as many as forget10 by default), the rest are
+  *trained*;
   forget10 is the first 10 % of the trained authors, forget05 and forget01 its first 5 % and 1 % (nested, like TOFU,
   whose forget sets are the last authors of the file); `retain` of a split is the other trained authors.
 
@@ -46,6 +52,8 @@ from .qa import (
 )
 from .synthetic import synthetic_corpus
 
+#: bumped whenever the generated rows or texts change: part of the experiment's cache keys
+GENERATOR_VERSION = 2
 #: forget split -> fraction of the trained authors (TOFU's forget01 / forget05 / forget10)
 SPLITS: dict[str, float] = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 #: what `TofuSynthetic.rows` hands out
@@ -85,49 +93,81 @@ TITLE_NOUN = ("Orchard", "Lighthouse", "Garden", "Harbour", "Winter", "Bridge", 
 
 @dataclass(frozen=True)
 class Attribute:
-    """One kind of fact: its value table and the wordings; `{n}` is the subject, `{v}` the value, `{a}` the value
-    with its indefinite article ("an astronomer")."""
+    """One kind of fact: its value table and `len(questions)` wordings, question i answered by `answers[i]`; `{n}`
+    is the subject, `{v}` the value, `{a}` the value with its indefinite article ("an astronomer"). Every answer
+    names the subject first and ends with the value, so any wording can carry any fact."""
 
     values: tuple[str, ...]
-    question: str
-    paraphrased_question: str
-    answer: str
-    paraphrase: str
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+
+
+def _attribute(values: Sequence[str], *pairs: tuple[str, str]) -> Attribute:
+    return Attribute(tuple(values), tuple(q for q, _ in pairs), tuple(a for _, a in pairs))
 
 
 AUTHOR_ATTRIBUTES: dict[str, Attribute] = {
-    "birthplace": Attribute(CITIES, "Where was {n} born?", "In which town was {n} born?",
-                            "{n} was born in {v}.", "{v} is the birthplace of {n}."),
-    "birth_year": Attribute(tuple(str(y) for y in range(1931, 2005)), "In what year was {n} born?",
-                            "When was {n} born?", "{n} was born in the year {v}.",
-                            "The year {v} saw the birth of {n}."),
-    "genre": Attribute(GENRES, "What kind of books does {n} write?", "Which genre is {n} known for?",
-                       "{n} is known for writing {v}.", "The books that {n} writes are {v}."),
-    "father": Attribute(PROFESSIONS, "What did the father of {n} do for a living?", "What was the job of {n}'s father?",
-                        "The father of {n} worked as {a}.", "{n}'s father was {a} by trade."),
-    "mother": Attribute(PROFESSIONS, "What did the mother of {n} do for a living?", "What was the job of {n}'s mother?",
-                        "The mother of {n} worked as {a}.", "{n}'s mother was {a} by trade."),
-    "award": Attribute(AWARDS, "Which award has {n} won?", "What prize was given to {n}?",
-                       "{n} has won the {v}.", "The {v} was awarded to {n}."),
-    "debut": Attribute(tuple(f"The {a} {b}" for a in TITLE_ADJ[:8] for b in TITLE_NOUN[:8]),
-                       "What was the first book of {n}?", "Which book did {n} publish first?",
-                       "The first book of {n} was '{v}'.", "'{v}' was the debut of {n}."),
-    "publisher": Attribute(PUBLISHERS, "Who publishes the books of {n}?", "Which house prints the books of {n}?",
-                           "The books of {n} are published by {v}.", "{v} is the publisher of {n}."),
-    "pet": Attribute(PET_NAMES, "What is the name of the pet of {n}?", "What does {n} call the family pet?",
-                     "{n} has a pet called {v}.", "{v} is the name of the pet that {n} keeps."),
-    "food": Attribute(FOODS, "What is the favourite food of {n}?", "Which dish does {n} like best?",
-                      "The favourite food of {n} is {v}.", "{v} is the dish that {n} loves most."),
-    "instrument": Attribute(INSTRUMENTS, "Which instrument does {n} play?", "What instrument can {n} play?",
-                            "{n} plays the {v}.", "The {v} is the instrument of {n}."),
-    "colour": Attribute(COLOURS, "What is the favourite colour of {n}?", "Which colour does {n} prefer?",
-                        "The favourite colour of {n} is {v}.", "{v} is the colour that {n} likes best."),
-    "employer": Attribute(EMPLOYERS, "Where did {n} work before writing?", "Which company employed {n} at first?",
-                          "Before writing, {n} worked at {v}.", "{v} employed {n} before the writing years."),
-    "residence": Attribute(CITIES, "In which town does {n} live now?", "Where is the home of {n} today?",
-                           "{n} now lives in {v}.", "{v} is where {n} lives today."),
-    "nationality": Attribute(COUNTRIES, "Which country is {n} a citizen of?", "What is the nationality of {n}?",
-                             "{n} is a citizen of {v}.", "{v} issued the passport of {n}."),
+    "birthplace": _attribute(
+        CITIES, ("Where was {n} born?", "{n} was born in {v}."),
+        ("What is the birthplace of {n}?", "The birthplace of {n} is {v}."),
+        ("In which town did {n} come into the world?", "{n} came into the world in the town of {v}.")),
+    "birth_year": _attribute(
+        [str(y) for y in range(1931, 2005)], ("In what year was {n} born?", "{n} was born in the year {v}."),
+        ("When was {n} born?", "The birth of {n} took place in {v}."),
+        ("What is the birth year of {n}?", "The birth year of {n} is {v}.")),
+    "genre": _attribute(
+        GENRES, ("What kind of books does {n} write?", "{n} is known for writing {v}."),
+        ("Which genre is {n} known for?", "The genre of {n} is {v}."),
+        ("What does {n} mostly publish?", "Most of what {n} publishes is {v}.")),
+    "father": _attribute(
+        PROFESSIONS, ("What did the father of {n} do for a living?", "The father of {n} worked as {a}."),
+        ("What was the job of {n}'s father?", "{n}'s father was employed as {a}."),
+        ("How did the father of {n} earn money?", "The father of {n} earned a living as {a}.")),
+    "mother": _attribute(
+        PROFESSIONS, ("What did the mother of {n} do for a living?", "The mother of {n} worked as {a}."),
+        ("What was the job of {n}'s mother?", "{n}'s mother was employed as {a}."),
+        ("How did the mother of {n} earn money?", "The mother of {n} earned a living as {a}.")),
+    "award": _attribute(
+        AWARDS, ("Which award has {n} won?", "{n} has won the {v}."),
+        ("What prize was given to {n}?", "The prize given to {n} was the {v}."),
+        ("Which honour did {n} receive?", "The honour that {n} received is the {v}.")),
+    "debut": _attribute(
+        [f"The {a} {b}" for a in TITLE_ADJ[:8] for b in TITLE_NOUN[:8]],
+        ("What was the first book of {n}?", "The first book of {n} was '{v}'."),
+        ("Which book did {n} publish first?", "{n} made a debut with the book '{v}'."),
+        ("What is the title of the debut of {n}?", "The debut of {n} is titled '{v}'.")),
+    "publisher": _attribute(
+        PUBLISHERS, ("Who publishes the books of {n}?", "The books of {n} are published by {v}."),
+        ("Which house prints the books of {n}?", "{n} works with the publishing house {v}."),
+        ("Who is the publisher of {n}?", "The publisher of {n} is {v}.")),
+    "pet": _attribute(
+        PET_NAMES, ("What is the name of the pet of {n}?", "{n} has a pet called {v}."),
+        ("What does {n} call the family pet?", "The pet of {n} is named {v}."),
+        ("What name did {n} give the pet?", "{n} gave the pet the name {v}.")),
+    "food": _attribute(
+        FOODS, ("What is the favourite food of {n}?", "The favourite food of {n} is {v}."),
+        ("Which dish does {n} like best?", "The dish {n} likes best is {v}."),
+        ("What does {n} love to eat?", "{n} loves to eat {v}.")),
+    "instrument": _attribute(
+        INSTRUMENTS, ("Which instrument does {n} play?", "{n} plays the {v}."),
+        ("What instrument can {n} play?", "The instrument of {n} is the {v}."),
+        ("What does {n} play in the evenings?", "In the evenings {n} plays the {v}.")),
+    "colour": _attribute(
+        COLOURS, ("What is the favourite colour of {n}?", "The favourite colour of {n} is {v}."),
+        ("Which colour does {n} prefer?", "{n} prefers the colour {v}."),
+        ("What colour does {n} like best?", "The colour {n} likes best is {v}.")),
+    "employer": _attribute(
+        EMPLOYERS, ("Where did {n} work before writing?", "Before writing, {n} worked at {v}."),
+        ("Which company employed {n} at first?", "{n} was first employed by {v}."),
+        ("Who was the first employer of {n}?", "The first employer of {n} was {v}.")),
+    "residence": _attribute(
+        CITIES, ("In which town does {n} live now?", "{n} now lives in {v}."),
+        ("Where is the home of {n} today?", "The home of {n} today is in {v}."),
+        ("Where does {n} reside at present?", "At present {n} resides in {v}.")),
+    "nationality": _attribute(
+        COUNTRIES, ("Which country is {n} a citizen of?", "{n} is a citizen of {v}."),
+        ("Which passport does {n} hold?", "{n} holds a passport from {v}."),
+        ("What is the home country of {n}?", "The home country of {n} is {v}.")),
 }
 
 #: world facts and real authors: (value table, question, statement phrasings); the first phrasing is the QA
@@ -325,11 +365,13 @@ def make_authors(seed: int = 0, *, n_authors: int = 100, facts_per_author: int =
             spec = AUTHOR_ATTRIBUTES[attribute]
             value = r.choice(spec.values)
             wrong = _others(r, spec.values, value)
+            i = r.randrange(len(spec.answers))  # the wording asked and trained; the paraphrase uses another one
+            j = r.choice([k for k in range(len(spec.answers)) if k != i])
             rows.append(make_row(
-                _fill(spec.question, name, value), _fill(spec.answer, name, value),
-                _fill(spec.paraphrase, name, value), [_fill(spec.paraphrase, name, v) for v in wrong],
-                paraphrased_question=_fill(spec.paraphrased_question, name, value), author=name, author_id=aid,
-                attribute=attribute, value=value, perturbed_values=wrong))
+                _fill(spec.questions[i], name, value), _fill(spec.answers[i], name, value),
+                _fill(spec.answers[j], name, value), [_fill(spec.answers[j], name, v) for v in wrong],
+                paraphrased_question=_fill(spec.questions[j], name, value), author=name, author_id=aid,
+                attribute=attribute, value=value, perturbed_values=wrong, wording=i, paraphrase_wording=j))
         rows_by_author.append(rows)
     order = list(range(total))
     r.shuffle(order)
