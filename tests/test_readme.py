@@ -1,11 +1,12 @@
-"""Every ```python block of README.md runs as printed, offline, on tiny models.
+"""Every ```python block of README.md and of the reference docs runs as printed, offline, on tiny models; the
+README stays a short front door whose test command is the one CI runs, and the documentation's links resolve.
 
 A snippet takes some things from the reader: a model, batches or loaders, a LightningModule and its data, files
-such as `runs/demo/original`. `BLOCKS` names, for each block, what it takes (`given`), and the test builds tiny
-versions of exactly those: one byte-level BPE tokenizer, GPT-2 models of a few thousand parameters, short
-"record" texts, and files written into a temporary working directory at the paths the snippet uses. Nothing in
-the code is substituted: a block runs statement by statement as it appears in the README (the Fabric block as its
-own script, since `fabric.launch()` starts a second process). A new block must be added to `BLOCKS`.
+such as `runs/demo/original`. `BLOCKS` names, for each file and each of its blocks, what the block takes (`given`),
+and the test builds tiny versions of exactly those: one byte-level BPE tokenizer, GPT-2 models of a few thousand
+parameters, short "record" texts, and files written into a temporary working directory at the paths the snippet
+uses. Nothing in the code is substituted: a block runs statement by statement as it appears in its file (the Fabric
+block as its own script, since `fabric.launch()` starts a second process). A new block must be added to `BLOCKS`.
 """
 
 from __future__ import annotations
@@ -28,23 +29,37 @@ from torch.utils.data import DataLoader
 from lightning_unlearn.data import Collate, insert_canaries, make_canaries, train_bpe_tokenizer
 from lightning_unlearn.models import small_causal_lm
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
-#: block name -> (a string only that block contains, the names it takes from the reader)
-BLOCKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "curvature": ("curvature = KFAC(model", ("model", "retain_batches", "forget_batch")),
-    "methods": ('build_unlearner("newton", model)',
-                ("model", "forget_batches", "retain_batches", "held", "holdout_batches")),
-    "callback": ("from lightning_unlearn.callbacks import Unlearn",
-                 ("forget_loader", "retain_loader", "holdout_loader", "my_module", "my_data", "new_forget")),
-    "module": ("UnlearningModule(", ("runs/demo",)),
-    "fabric": ("fabric_unlearn(fabric", ("model", "forget_loader", "retain_loader", "holdout_loader")),
-    "datamodule": ('"corpus.jsonl"', ("corpus.jsonl", "model")),
-    "canaries": ("insert_canaries(corpus", ()),
-    "report": ("write_report(", ("model", "forget_loader", "holdout_loader", "test_loader", "tokenizer", "registry",
-                                 "retrained_model", "hparams", "timings", "forget_texts", "secrets")),
+#: file -> block name -> (a string only that block of the file contains, the names it takes from the reader)
+BLOCKS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "README.md": {
+        "callback": ("from lightning_unlearn.callbacks import Unlearn",
+                     ("forget_loader", "retain_loader", "holdout_loader", "my_module", "my_data", "new_forget")),
+        "module": ("UnlearningModule(", ("runs/demo",)),
+        "fabric": ("fabric_unlearn(fabric", ("model", "forget_loader", "retain_loader", "holdout_loader")),
+        "engine": ('build_unlearner("newton", model)',
+                   ("model", "forget_batches", "retain_batches", "holdout_batches")),
+    },
+    "docs/curvature.md": {
+        "curvature": ("curvature = KFAC(model", ("model", "retain_batches", "forget_batch")),
+    },
+    "docs/methods.md": {
+        "methods": ('build_unlearner("newton", model)',
+                    ("model", "forget_batches", "retain_batches", "held", "holdout_batches")),
+    },
+    "docs/data.md": {
+        "datamodule": ('"corpus.jsonl"', ("corpus.jsonl", "model")),
+        "canaries": ("insert_canaries(corpus", ()),
+    },
+    "docs/reports.md": {
+        "report": ("write_report(", ("model", "forget_loader", "holdout_loader", "test_loader", "tokenizer",
+                                     "registry", "retrained_model", "hparams", "timings", "forget_texts", "secrets")),
+    },
 }
+CASES = [(doc, name) for doc, blocks in BLOCKS.items() for name in blocks if (doc, name) != ("README.md", "fabric")]
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -53,13 +68,14 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
             for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.M | re.S)]
 
 
-def named_blocks() -> dict[str, tuple[int, str]]:
+def named_blocks(doc: str = "README.md") -> dict[str, tuple[int, str]]:
+    """name -> (line number, code) of every ```python block of `doc` (a path relative to the repository root)."""
     out: dict[str, tuple[int, str]] = {}
-    for line, code in python_blocks(README.read_text()):
-        names = [name for name, (marker, _) in BLOCKS.items() if marker in code]
-        assert len(names) == 1, f"README.md:{line}: a python block matching {names or 'no entry'} of BLOCKS; " \
+    for line, code in python_blocks((ROOT / doc).read_text()):
+        names = [name for name, (marker, _) in BLOCKS[doc].items() if marker in code]
+        assert len(names) == 1, f"{doc}:{line}: a python block matching {names or 'no entry'} of BLOCKS[{doc!r}]; " \
                                 "give each block one entry (its marker and what it takes from the reader)"
-        assert names[0] not in out, f"README.md:{line}: a second block for {names[0]!r}"
+        assert names[0] not in out, f"{doc}:{line}: a second block for {names[0]!r}"
         out[names[0]] = (line, code)
     return out
 
@@ -180,10 +196,10 @@ def given(names: tuple[str, ...], root: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ running a block
 
 
-def statements(code: str) -> list[tuple[str, Any]]:
+def statements(code: str, doc: str = "README.md") -> list[tuple[str, Any]]:
     """(source, compiled code) of each top-level statement of a block."""
     tree = ast.parse(code)
-    return [(ast.get_source_segment(code, node) or "", compile(ast.Module([node], []), "<README>", "exec"))
+    return [(ast.get_source_segment(code, node) or "", compile(ast.Module([node], []), f"<{doc}>", "exec"))
             for node in tree.body]
 
 
@@ -208,24 +224,25 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_every_block_is_known():
-    assert set(named_blocks()) == set(BLOCKS)
+@pytest.mark.parametrize("doc", list(BLOCKS))
+def test_every_block_is_known(doc):
+    assert set(named_blocks(doc)) == set(BLOCKS[doc])
 
 
-@pytest.mark.parametrize("name", [n for n in BLOCKS if n != "fabric"])
-def test_block_runs(name, workdir, capsys):
-    line, code = named_blocks()[name]
-    ns: dict[str, Any] = {"__name__": "__main__", **given(BLOCKS[name][1], workdir)}
+@pytest.mark.parametrize(("doc", "name"), CASES, ids=[f"{doc}:{name}" for doc, name in CASES])
+def test_block_runs(doc, name, workdir, capsys):
+    line, code = named_blocks(doc)[name]
+    ns: dict[str, Any] = {"__name__": "__main__", **given(BLOCKS[doc][name][1], workdir)}
     tok = tokenizer()
     losses: list[float] = []
-    for source, compiled in statements(code):
+    for source, compiled in statements(code, doc):
         retain_free = "full_minus_forget" in source
         if retain_free:
             losses.append(held_out_loss(ns["my_module"].model, tok))
         try:
             exec(compiled, ns)
         except Exception as err:
-            raise AssertionError(f"README.md:{line}: the {name!r} block failed at\n{source}") from err
+            raise AssertionError(f"{doc}:{line}: the {name!r} block failed at\n{source}") from err
         if retain_free:
             losses.append(held_out_loss(ns["my_module"].model, tok))
     if name == "callback":  # the retain-free request must not wreck what the model knows
@@ -235,18 +252,21 @@ def test_block_runs(name, workdir, capsys):
     if name == "module":
         assert (workdir / "runs/unlearned/config.json").exists()
         assert ns["module"].status in ("target_reached", "budget_exhausted", "nothing_accepted")
+    if name == "engine":
+        assert ns["unlearner"].status in ("target_reached", "budget_exhausted", "nothing_accepted")
+        assert ns["result"].status in ("target_reached", "budget_exhausted", "nothing_accepted")
 
 
 def test_fabric_block_runs_on_two_processes(workdir):
     """The Fabric block as its own script (fabric.launch() starts rank 1 by running the script again)."""
-    line, code = named_blocks()["fabric"]
+    line, code = named_blocks("README.md")["fabric"]
     prelude = textwrap.dedent(f"""\
         import sys
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import conftest  # offline, one thread
         from test_readme import given
-        globals().update(given({BLOCKS["fabric"][1]!r}, Path.cwd()))
+        globals().update(given({BLOCKS["README.md"]["fabric"][1]!r}, Path.cwd()))
         # ---- README.md:{line}
         """)
     script = workdir / "fabric_example.py"
@@ -259,3 +279,64 @@ def test_fabric_block_runs_on_two_processes(workdir):
     statuses = re.findall(r"'status': '(\w+)'", done.stdout)
     assert len(statuses) == 2 and len(set(statuses)) == 1, done.stdout
     assert statuses[0] in ("target_reached", "budget_exhausted", "nothing_accepted"), done.stdout
+
+
+# ------------------------------------------------------------------ the README as a front door
+
+#: the documentation files whose prose this suite holds to the house style (others keep their own)
+STYLED = ["README.md", "benchmarks/README.md", "docs/cli.md", "docs/curvature.md", "docs/data.md",
+          "docs/distributed.md", "docs/methods.md", "docs/metrics.md", "docs/recipe.md", "docs/reliability.md",
+          "docs/reports.md"]
+
+
+def test_readme_is_a_front_door():
+    """At most 12 kB: the reference lives in docs/, the measurements in benchmarks/README.md and docs/recipe.md."""
+    assert len(README.read_bytes()) <= 12_000, f"README.md is {len(README.read_bytes())} bytes; move reference to docs/"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """`.ci/run` runs the README's test command: the line after its marker comment is printed in README's Test."""
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    command = ci[ci.index("# The README's test command:") + 1].strip()
+    test_section = README.read_text().split("\n## Test\n", 1)[1].split("\n## ", 1)[0]
+    assert f"```bash\n{command}\n```" in test_section
+
+
+def test_demo_output_names_its_versions():
+    """The demo's printed numbers say which torch, lightning and transformers produced them."""
+    text = README.read_text()
+    for package in ("torch", "lightning", "transformers"):
+        assert re.search(rf"{package} \d+\.\d+\.\d+", text), f"README.md: the demo output's {package} version"
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of the headings of a Markdown file."""
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S), re.M):
+        out.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/README.md", *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
+def test_links_resolve(doc):
+    """Every relative link of the documentation names a file that exists (and a heading of it, with `#`)."""
+    path = ROOT / doc
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{doc}: a link to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{doc}: a link to {target}, which has no heading #{anchor}"
+
+
+@pytest.mark.parametrize("doc", STYLED)
+def test_documentation_stands_alone(doc):
+    """The documentation speaks of the package, not of how it was made: no issues, tickets, sessions or builds."""
+    text = (ROOT / doc).read_text()
+    for pattern in (r"\bissues?\b", r"\btickets?\b", r"\bsessions?\b", r"first build", r"seed paper",
+                    r"this machine", r"\bthe build\b"):
+        hits = re.findall(rf".{{0,40}}{pattern}.{{0,40}}", text, flags=re.I)
+        assert not hits, f"{doc}: {hits}"
