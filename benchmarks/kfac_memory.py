@@ -54,7 +54,7 @@ def gpt2_shapes(hidden: int, blocks: int) -> list[tuple[int, int]]:
 
 def closed_form(shapes: list[tuple[int, int]], options: dict[str, Any], elem: int) -> float:
     """State bytes over fp32 parameter bytes from the shapes alone, under KFAC's rule for wide layers."""
-    from lightning_unlearn.curvature.kfac import _largest_divisor
+    from lightning_unlearn.curvature.kronecker import largest_divisor
 
     keep, wide = options.get("keep_factors", True), options.get("wide_layer")
     ratio, block = float(options.get("wide_ratio", 2.0)), options.get("wide_block")
@@ -67,7 +67,7 @@ def closed_form(shapes: list[tuple[int, int]], options: dict[str, Any], elem: in
         elif wide == "diagonal":
             g_vecs, g_kept = 0, d_out
         else:
-            k = _largest_divisor(d_out, int(block) if block is not None else d_in)
+            k = largest_divisor(d_out, int(block) if block is not None else d_in)
             g_vecs = g_kept = d_out * k
         numbers = a * a + g_vecs + a + d_out  # eigenbases and eigenvalues
         if keep:

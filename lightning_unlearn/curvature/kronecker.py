@@ -1,0 +1,66 @@
+"""Helpers of the Kronecker-factored curvature (`kfac.py`): G's eigenbasis in its three kept forms (dense
+[out, out], block-diagonal [m, k, k], diagonal: None), and the partition of the layers across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .layers import TrackedLayer
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is <= `at_most` (>= 1)."""
+    return next(k for k in range(max(1, min(n, at_most)), 0, -1) if n % k == 0)
+
+
+def g_rows_to_basis(u: Tensor | None, g: Tensor) -> Tensor:
+    """Rows `g` [n, out] expressed in G's eigenbasis, `g U_G`, for a dense `u` [out, out], block-diagonal
+    `u` [m, k, k] or diagonal G (`u` None: the identity)."""
+    if u is None:
+        return g
+    if u.dim() == 2:
+        return g @ u
+    m, k, _ = u.shape
+    return torch.einsum("nmi,mij->nmj", g.reshape(-1, m, k), u).reshape(g.shape)
+
+
+def g_to_basis(u: Tensor | None, x: Tensor) -> Tensor:
+    """`U_Gᵀ x` for columns `x` [out, c] (see `g_rows_to_basis` for the forms of `u`)."""
+    if u is None:
+        return x
+    if u.dim() == 2:
+        return u.T @ x
+    m, k, _ = u.shape
+    return (u.transpose(1, 2) @ x.reshape(m, k, -1)).reshape(x.shape)
+
+
+def g_from_basis(u: Tensor | None, y: Tensor) -> Tensor:
+    """`U_G y` for columns `y` [out, c]: the inverse of `g_to_basis`."""
+    if u is None:
+        return y
+    if u.dim() == 2:
+        return u @ y
+    m, k, _ = u.shape
+    return (u @ y.reshape(m, k, -1)).reshape(y.shape)
+
+
+def g_structure(u: Tensor | None) -> str:
+    """"dense", "block" or "diagonal": how a layer's G is kept, read from its eigenbasis."""
+    return "diagonal" if u is None else ("block" if u.dim() == 3 else "dense")
+
+
+def partition_layers(layers: Iterable[TrackedLayer], world_size: int) -> dict[str, int]:
+    """{layer name: owning process} for `shard_factors`: by the size of the factors (`(in+1)² + out²`), largest first,
+    each to the least loaded process (ties: the lowest rank); deterministic, so every process computes the same."""
+    loads = [0] * world_size
+    owner: dict[str, int] = {}
+    sized = [(-(layer.in_features + int(layer.has_bias)) ** 2 - layer.out_features ** 2, i, layer)
+             for i, layer in enumerate(layers)]
+    for _, _, layer in sorted(sized, key=lambda t: (t[0], t[1])):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[layer.name] = rank
+        loads[rank] += (layer.in_features + int(layer.has_bias)) ** 2 + layer.out_features ** 2
+    return {layer.name: owner[layer.name] for layer in layers}
