@@ -29,7 +29,7 @@ iterations) and divides by the total number of valid positions. Products run thr
 mode (a CG solve needs one fixed linear operator, so dropout is switched off during the solve) and with eager
 attention: fused kernels (transformers' default `sdpa`, flash attention) lack forward-mode AD and double backward,
 so every Hugging Face model inside the module is switched to `"eager"` for the products
-(`set_attn_implementation`) and back to its own implementation afterwards (`eager_attention`). A model that
+(`set_attn_implementation`) and back to its own implementation afterwards (`functional.eager_attention`). A model that
 cannot switch gets a `UserInputError` saying to load it with `attn_implementation="eager"`.
 
 Covered parameters: by default those of `find_layers(model, include, exclude)` (linear/Conv1D layers without
@@ -43,18 +43,18 @@ private training text), so a CG curvature is re-estimated from batches after loa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import jvp, vjp
 
 from ..errors import UserInputError
 from .base import Curvature, Vector, check_damping, check_damping_mode, check_finite, eval_mode, tensor_bytes
+from .functional import EAGER_HINT, FunctionalModel, eager_attention
 from .layers import covered_parameters, unwrap_model
 from .objective import Objective, model_logits
 
@@ -68,49 +68,6 @@ ON_NEGATIVE = ("raise", "stop")
 class NegativeCurvatureError(ArithmeticError):
     """CG met a direction `p` with `p^T (C + λI) p <= 0` (only possible with `product="hessian"` or after a
     subtraction that left the curvature indefinite)."""
-
-
-EAGER_HINT = ('load the model with attn_implementation="eager" (e.g. AutoModelForCausalLM.from_pretrained(..., '
-              'attn_implementation="eager"), or lightning_unlearn.models.load_causal_lm), or use curvature="kfac"')
-
-
-def _attn_implementation(module: nn.Module) -> str | None:
-    """The attention implementation of a Hugging Face model (None for other modules)."""
-    config = getattr(module, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
-
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run the block with every Hugging Face model inside `model` on eager attention (forward-mode AD and double
-    backward need it); each is switched back to its own implementation afterwards, also on error.
-
-    Raises `UserInputError` when a model cannot switch (transformers without `set_attn_implementation`, or a
-    model that does not support switching)."""
-    switched: list[tuple[nn.Module, str]] = []
-    try:
-        for module in model.modules():
-            original = _attn_implementation(module)
-            if original is None or original == "eager":  # not an HF model, or eager (also: a submodel, switched
-                continue                                # with its parent through the shared config)
-            setter = getattr(module, "set_attn_implementation", None)
-            if not callable(setter):
-                raise UserInputError(f"cg: the model uses {original!r} attention, which has no forward-mode AD, and "
-                                     f"this transformers version cannot switch it; {EAGER_HINT}")
-            try:
-                setter("eager")
-            except (ValueError, ImportError, NotImplementedError) as err:
-                raise UserInputError(f"cg: the model uses {original!r} attention, which has no forward-mode AD, and "
-                                     f"could not be switched to eager ({type(err).__name__}); {EAGER_HINT}") from err
-            switched.append((module, original))
-            if _attn_implementation(module) != "eager":
-                raise UserInputError(f"cg: the model uses {original!r} attention, which has no forward-mode AD, and "
-                                     f"does not support switching to eager; {EAGER_HINT}")
-        yield
-    finally:
-        for module, original in reversed(switched):
-            module.set_attn_implementation(original)
-
 
 
 class HessianFree(Curvature):
@@ -217,7 +174,7 @@ class HessianFree(Curvature):
         primals = {n: named[n].detach() for n in self.param_names}
 
         def logits_of(p: Vector) -> Tensor:
-            return model_logits(_Functional(model, {**fixed, **p}), batch)
+            return model_logits(FunctionalModel(model, {**fixed, **p}), batch)
 
         if self.product == "ggn":
             def outputs_of(p: Vector) -> Tensor:
@@ -512,17 +469,3 @@ class HessianFree(Curvature):
         work = 6 * d * torch.empty((), dtype=self._work_dtype()).element_size()
         work += 0 if self._previous is None else tensor_bytes(self._previous)
         return {"batches": batches, "cg_vectors": work, "total": batches + work}
-
-
-class _Functional:
-    """Calls `module` with `params` substituted (torch.func.functional_call), keeping `.config` visible so that
-    `model_logits` passes Hugging Face keywords."""
-
-    def __init__(self, module: nn.Module, params: Mapping[str, Tensor]) -> None:
-        self.module = module
-        self.params = dict(params)
-        if hasattr(module, "config"):
-            self.config = module.config
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.module, self.params, args, kwargs, strict=False)
