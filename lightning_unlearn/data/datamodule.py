@@ -2,7 +2,8 @@
 
 The forget set is chosen from the training data (by ids, a truthy column, a regex, or a separate forget file) or given
 with an explicit retain source (TOFU, MUSE). Forget examples are always materialised (they are few) and never packed,
-so every one keeps its `example_id` and its sensitive span; retain, test and holdout may stream.
+so every one keeps its `example_id` and its sensitive span; retain, test and holdout may stream. The partition's
+helpers and checks (forget rows, disjoint retain, something left to retain) are in `partition.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserInputError
-from .selection import DEFAULT_MARKERS, Normaliser, Selection, SpanMode, sorted_ids
+from .partition import COLUMNS, FEATURES, check_disjoint, check_retain_left, filter_rows, forget_from, forget_rows
+from .selection import DEFAULT_MARKERS, Normaliser, Selection, SpanMode
 from .sources import AnyDataset, Source, columns_of, describe, load_source, text_column_of
 from .tokenize import Collate, Overflow, Tokenise
 from .tokenizer import (
@@ -36,12 +38,6 @@ from .tokenizer import (
 
 SPLITS = ("forget", "retain", "full", "test", "holdout")
 CurvatureSplit = Literal["retain", "forget", "full"]
-FEATURES = datasets.Features({
-    "text": datasets.Value("string"), "example_id": datasets.Value("int64"), "key": datasets.Value("string"),
-    "text_sha256": datasets.Value("string"), "spans": datasets.List(datasets.List(datasets.Value("int64"))),
-    "forget": datasets.Value("bool"), "split": datasets.Value("string"),
-})
-COLUMNS = list(FEATURES)
 
 
 class ForgetRetainDataModule(L.LightningDataModule):
@@ -240,17 +236,18 @@ class ForgetRetainDataModule(L.LightningDataModule):
         if self.train_source is not None:
             tds, col = self._load(self.train_source, "train", stream)
             pool = self._normalise(tds, col, "train")
-            forget_rows, n_train = self._forget_rows(pool)
-            forget = self._forget_from(forget_rows, forget_src)
+            selected, n_train = forget_rows(pool)
+            forget = forget_from(selected, forget_src, self.selection, self.id_column,
+                                 self.forget_not_in_train)
         else:
             forget, n_train = forget_src, 0
             rds, col = self._load(self.retain_source, "retain", stream)
             pool = self._normalise(rds, col, "train", offset=len(forget))
         hashes = set(forget["text_sha256"])
         if self.train_source is not None and self.retain_source is None:
-            retain = self._filter(pool, lambda r: r["split"] == "train" and r["text_sha256"] not in hashes)
-            self._check_retain_left(forget, retain, n_train)
-            full = self._filter(pool, lambda r: r["split"] in ("train", "forget"))
+            retain = filter_rows(pool, lambda r: r["split"] == "train" and r["text_sha256"] not in hashes)
+            check_retain_left(forget, retain, n_train, self.selection, self.test_fraction, self.holdout_fraction)
+            full = filter_rows(pool, lambda r: r["split"] in ("train", "forget"))
             if isinstance(pool, Dataset):
                 dropped = sum(1 for s, h in zip(pool["split"], pool["text_sha256"]) if s == "train" and h in hashes)
                 if dropped:
@@ -262,10 +259,10 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 rds, col = self._load(self.retain_source, "retain", stream)
                 retain = self._normalise(rds, col, "retain", offset=n_train)
             else:
-                retain = self._filter(pool, lambda r: r["split"] == "train")
-            retain = self._check_disjoint(retain, hashes)
+                retain = filter_rows(pool, lambda r: r["split"] == "train")
+            retain = check_disjoint(retain, hashes)
             if self.train_source is not None:
-                full = self._filter(pool, lambda r: r["split"] in ("train", "forget"))
+                full = filter_rows(pool, lambda r: r["split"] in ("train", "forget"))
             else:
                 f = forget.to_iterable_dataset() if isinstance(retain, IterableDataset) else forget
                 full = datasets.concatenate_datasets([f, retain])
@@ -275,96 +272,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 ds, col = self._load(source, name, stream)
                 self.texts[name] = self._normalise(ds, col, name)
             else:
-                self.texts[name] = self._filter(pool, lambda r, n=name: r["split"] == n)
-
-    def _check_retain_left(self, forget: Dataset, retain: AnyDataset, n_train: int) -> None:
-        """Refuse a forget selection that leaves no retain data (e.g. a regex matching every text); the message
-        gives counts only, never the pattern or the ids."""
-        n_forget = len(forget)
-        if isinstance(retain, Dataset):
-            if len(retain) > 0:
-                return
-        elif n_forget < n_train:  # streaming: only "everything selected" is known before training
-            return
-        sel = self.selection
-        how = ("forget_regex" if sel.regex is not None else "forget_ids" if sel.ids is not None
-               else f"forget_column {sel.column!r}" if sel.column is not None else "the forget source")
-        rest = n_train - n_forget
-        tail = "" if rest == 0 else (f", and the other {rest} all went to test/holdout (test_fraction="
-                                     f"{self.test_fraction:g}, holdout_fraction={self.holdout_fraction:g})")
-        raise UserInputError(
-            f"retain is empty: the forget selection ({how}) selected {n_forget} of {n_train} training examples"
-            f"{tail}, so nothing would be kept (retain, test and holdout need the rest); select fewer examples "
-            f"(check {how}), or give retain=<the data that stays>")
-
-    @staticmethod
-    def _filter(ds: AnyDataset, fn) -> AnyDataset:
-        if isinstance(ds, Dataset):
-            return ds.filter(fn, load_from_cache_file=False, keep_in_memory=True)
-        return ds.filter(fn)
-
-    def _forget_rows(self, pool: AnyDataset) -> tuple[Dataset, int]:
-        """Materialise the selected rows of the training data; count the training rows."""
-        if isinstance(pool, Dataset):
-            return self._filter(pool, lambda r: r["forget"]), len(pool)
-        rows, n = [], 0
-        for row in pool:
-            n += 1
-            if row["forget"]:
-                rows.append(row)
-        return Dataset.from_list(rows, features=FEATURES), n
-
-    def _forget_from(self, rows: Dataset, forget_src: Dataset | None) -> Dataset:
-        """The forget split: the selected training rows, or the forget source's rows carrying their training ids."""
-        sel = self.selection
-        if forget_src is None:
-            if sel.ids is not None:
-                missing = set(sel._ids) - set(rows["key"])
-                if missing:  # counts only: the ids may be secrets
-                    where = f"column {self.id_column!r}" if self.id_column else \
-                        "the row numbers (pass id_column=<name> to match a column)"
-                    raise UserInputError(f"{len(missing)} of the {len(sel._ids)} forget_ids are not in the training "
-                                         f"data; ids are matched against {where}")
-            if len(rows) == 0:
-                if sel.regex is not None:
-                    raise UserInputError("forget_regex matched no training example; check the pattern (re.search on "
-                                         "each text, after span markers are removed)")
-                raise UserInputError(f"the forget set is empty: column {sel.column!r} is false for every training "
-                                     "example; mark the examples to forget with a true value")
-            return rows
-        train_id = {}
-        for sha, eid in zip(rows["text_sha256"], rows["example_id"]):
-            train_id.setdefault(sha, eid)
-        missing = [i for i, sha in enumerate(forget_src["text_sha256"]) if sha not in train_id]
-        if missing:
-            msg = (f"{len(missing)} forget example(s) (rows {sorted_ids(missing)} of the forget source) are not "
-                   "part of the training data, so there is nothing to unlearn for them; make the forget texts match "
-                   "training texts exactly, or pass forget_not_in_train='warn'")
-            if self.forget_not_in_train == "error":
-                raise UserInputError(msg)
-            what = ("none of the forget examples is a training text: the model may never have seen them"
-                    if len(missing) == len(forget_src) else msg.split("; ")[0])
-            warnings.warn(f"{what} (forget_not_in_train='warn': they were kept in the forget set with negative "
-                          "example ids)", UserWarning, stacklevel=3)
-        return forget_src.map(lambda r, i: {"example_id": train_id.get(r["text_sha256"], -1 - i)}, with_indices=True,
-                              load_from_cache_file=False, keep_in_memory=True)
-
-    @staticmethod
-    def _check_disjoint(retain: AnyDataset, hashes: set[str]) -> AnyDataset:
-        msg = ("forget and retain overlap: {what} the text of a forget example; remove it from the retain source "
-               "(or leave retain=None to use the rest of the training data)")
-        if isinstance(retain, Dataset):
-            bad = [i for i, h in zip(retain["example_id"], retain["text_sha256"]) if h in hashes]
-            if bad:
-                raise UserInputError(msg.format(what=f"{len(bad)} retain example(s) (ids {sorted_ids(bad)}) have"))
-            return retain
-
-        def check(row: dict) -> dict:  # streaming: checked as rows arrive
-            if row["text_sha256"] in hashes:
-                raise UserInputError(msg.format(what=f"retain example {row['example_id']} has"))
-            return row
-
-        return retain.map(check)
+                self.texts[name] = filter_rows(pool, lambda r, n=name: r["split"] == n)
 
     # ------------------------------------------------------------------ tokenizer
     def _ensure_tokenizer(self) -> None:
