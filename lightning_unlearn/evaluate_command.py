@@ -118,7 +118,7 @@ def _read_reference(path: str) -> dict[str, Any]:
 def _load(path: str, dtype: Any, device: Any):
     from .models import load_causal_lm
 
-    return load_causal_lm(path, dtype=dtype).to(device).eval()
+    return load_causal_lm(path, dtype=dtype, device=device)
 
 
 def run(args: Sequence[str]) -> int:
@@ -131,9 +131,9 @@ def run(args: Sequence[str]) -> int:
 
     from .data.adapters import load_muse_privleak, load_tofu_eval
     from .data.tokenizer import check_tokenizer_fits, load_tokenizer
-    from .experiment import resolve_device
     from .metrics.privacy_leak import DEFAULT_REFERENCE_AUC, muse_privleak
     from .metrics.qa_scoring import ScoringOptions, min_k_auc, reference_statistics, tofu_evaluation
+    from .models import resolve_device
     from .module import parse_dtype
 
     try:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .curvature.base import Curvature
-from .io import atomic_directory
+from .models import atomic_save_pretrained, load_causal_lm, resolve_device
 from .request import RequestResult, serve_request, to_device
 from .settings import UnlearnSettings as UnlearnSettings  # re-exported: its home before every driver shared it
 
@@ -60,24 +60,6 @@ class ExperimentConfig:
         """A short hash of the configuration: runs with equal keys reuse the cached models."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
-    """`save_pretrained` (safetensors) into a temporary sibling folder, then renamed: no half-written model."""
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return path
-
-
-def resolve_device(accelerator: str) -> torch.device:
-    """The torch device of a Lightning accelerator name: "auto" is CUDA when available, else the CPU."""
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    if accelerator in ("auto", "cpu"):
-        return torch.device("cpu")
-    raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}")
 
 
 class Experiment:
@@ -208,15 +190,13 @@ class Experiment:
         import lightning as L
 
         from .lm import CausalLMModule
-        from .models import load_causal_lm
-
         name = {"full": "original", "retain": "retrained"}[split]
         timing = {"full": "train_seconds", "retain": "retrain_seconds"}[split]
         path = self.cache / name
         meta = path / "training.json"
         if meta.exists():
             self.timings[timing] = json.loads(meta.read_text())["seconds"]
-            return load_causal_lm(path).eval().to(self.device)
+            return load_causal_lm(path, device=self.device)
         c = self.config
         L.seed_everything(c.seed, verbose=False)
         module = CausalLMModule(self.new_model(), lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.train_steps)

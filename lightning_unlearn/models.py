@@ -1,11 +1,14 @@
-"""Build and load causal language models: small random configs (tests, the offline demo) and real checkpoints.
+"""Build, load and save causal language models: small random configs (tests, the offline demo) and real
+checkpoints; the one place that calls `from_pretrained` / `save_pretrained` for a model.
 
 Nothing here downloads: `load_causal_lm` accepts a local directory (or a hub id when the user is online).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,8 +65,10 @@ def small_causal_lm(arch: str = "gpt2", *, seed: int = 0, dtype: torch.dtype = t
     return model.to(dtype).eval()
 
 
-def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a causal LM with `from_pretrained` from a local directory or a hub id, with eager attention.
+def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> nn.Module:
+    """Load a causal LM with `from_pretrained` from a local directory or a hub id, with eager attention; with a
+    `device`, moved there and in eval mode.
 
     Raises a clear error when a local path is missing instead of trying the hub with a path-shaped id.
     """
@@ -76,4 +81,56 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype | None = None
     kwargs = {"attn_implementation": "eager"}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    return model if device is None else model.eval().to(device)
+
+
+def load_model_config(name_or_path: str | Path) -> Any:
+    """The transformers config of a saved model or hub id (`AutoConfig.from_pretrained`): a cheap check that the
+    model can be loaded (raises `OSError` / `ValueError` when it cannot)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(name_or_path))
+
+
+def has_saved_model(path: Path) -> bool:
+    """Whether `path` holds a saved model (`config.json` and safetensors or bin weights)."""
+    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+
+
+def unreadable_model_files(folder: Path) -> list[tuple[Path, str]]:
+    """The files of a saved model that cannot be opened (permissions, a link to a missing file, a folder in place of a
+    file), each with why."""
+    problems = []
+    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), folder / "config.json"]):
+        if not (file.exists() or file.is_symlink()):
+            continue
+        try:
+            with file.open("rb") as handle:
+                handle.read(8)
+        except OSError as err:
+            why = err.strerror or type(err).__name__
+            if file.is_symlink() and not file.exists():
+                why += f": it is a link to {os.readlink(file)!r}, which does not exist"
+            problems.append((file, why))
+    return problems
+
+
+def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
+    """`save_pretrained` (safetensors) into a temporary sibling folder, then renamed: no half-written model."""
+    from .io import atomic_directory
+
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The torch device of a Lightning accelerator name: "auto" is CUDA when available, else the CPU."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator in ("auto", "cpu"):
+        return torch.device("cpu")
+    raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}")
