@@ -20,18 +20,14 @@ config and is cached once under `<output>/cache/tofu-base-<hash>/`; the finetune
 `build(...)` (or `python -m lightning_unlearn.tofu_experiment`) trains everything for several seeds, in parallel
 processes of one thread each, and writes the measured numbers (`TofuExperiment.measure`) beside the models.
 
-Checks of the models use two small helpers, not the benchmark's metrics: `answer_scores` (per-question answer NLL
-and whether greedy decoding reproduces the answer exactly: all answer tokens are the argmax under teacher forcing,
-which is what greedy decoding of the tokenised answer yields) and `choice_accuracy` (the right answer's total NLL
-below all 5 perturbed answers').
+The training loop and the checks of the models (`answer_scores`, `choice_accuracy`: not the benchmark's metrics) are
+in `tofu_training`; `build` and the command in `tofu_build`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +35,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +44,10 @@ import torch
 from torch import nn
 
 from .data.tofu_synthetic import GENERATOR_VERSION, SPLITS, TofuSynthetic, make_authors, make_world
-from .experiment import atomic_save_pretrained, resolve_device
+from .models import atomic_save_pretrained, load_causal_lm, resolve_device
 from .request import to_device
+from .tofu_training import answer_scores, block_stream, choice_accuracy, file_lock, fit_adamw, token_loss
+from .tofu_training import total_nll as total_nll  # re-exported: its earlier home
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +164,7 @@ class TofuExperiment:
             from .data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
             path = self.base_dir / "tokenizer"
-            with _lock(self.base_dir, "tokenizer"):
+            with file_lock(self.base_dir, "tokenizer"):
                 if not (path / "tokenizer.json").exists():
                     c = self.config
                     helper = make_authors(10_007, n_authors=c.tokenizer_authors, facts_per_author=c.facts_per_author,
@@ -299,15 +297,13 @@ class TofuExperiment:
         return json.loads((self._path(name) / "training.json").read_text())
 
     def _load(self, name: str) -> nn.Module:
-        from .models import load_causal_lm
-
         path = self._path(name)
         if not self.is_cached(name):
-            with _lock(path.parent, name):
+            with file_lock(path.parent, name):
                 if not self.is_cached(name):  # another process may have trained it while we waited
                     self._train(name)
         self.timings[name] = float(self.training_record(name)["seconds"])
-        return load_causal_lm(path).eval().to(self.device)
+        return load_causal_lm(path, device=self.device)
 
     def base_model(self) -> nn.Module:
         """The pretrained base (shared by all seeds): a fresh copy from the cache, trained first when absent."""
@@ -357,7 +353,7 @@ class TofuExperiment:
                 curve.append((step, token_loss(model, test)))
 
         start, cpu = time.perf_counter(), time.process_time()
-        _fit(model, _block_stream(blocks, c.pretrain_batch, gen, self.tokenizer.pad_token_id, self.device),
+        fit_adamw(model, block_stream(blocks, c.pretrain_batch, gen, self.tokenizer.pad_token_id, self.device),
              c.pretrain_steps, c.pretrain_lr, c.pretrain_warmup, on_step=on_step)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         flat = self._flatness(model, test)
@@ -372,7 +368,7 @@ class TofuExperiment:
         probe = copy.deepcopy(model).train()
         before = token_loss(probe, test)
         gen = torch.Generator().manual_seed(c.world_seed + 1)
-        _fit(probe, _block_stream(self._text_blocks("fresh"), c.pretrain_batch, gen, self.tokenizer.pad_token_id,
+        fit_adamw(probe, block_stream(self._text_blocks("fresh"), c.pretrain_batch, gen, self.tokenizer.pad_token_id,
                                   self.device), c.flat_steps, c.flat_lr, 0, min_lr_ratio=1.0)
         after = token_loss(probe, test)
         return {"steps": c.flat_steps, "lr": c.flat_lr, "test_loss_before": before, "test_loss_after": after,
@@ -390,7 +386,7 @@ class TofuExperiment:
         per_epoch = math.ceil(len(items) / c.finetune_batch)
         steps = per_epoch * c.finetune_epochs
         gen = torch.Generator().manual_seed(1_000 + c.seed)
-        mix = (_block_stream(self._text_blocks("replay"), c.mix_batch, gen, self.tokenizer.pad_token_id,
+        mix = (block_stream(self._text_blocks("replay"), c.mix_batch, gen, self.tokenizer.pad_token_id,
                              self.device) if c.mix_batch > 0 else None)
 
         def stream() -> Iterator[list[tuple[dict[str, torch.Tensor], float]]]:
@@ -401,7 +397,7 @@ class TofuExperiment:
                     yield [(qa, 1.0)] + ([(next(mix)[0][0], c.mix_weight)] if mix is not None else [])
 
         start, cpu = time.perf_counter(), time.process_time()
-        losses = _fit(model, stream(), steps, c.finetune_lr, max(1, round(c.finetune_warmup * steps)))
+        losses = fit_adamw(model, stream(), steps, c.finetune_lr, max(1, round(c.finetune_warmup * steps)))
         return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "steps": steps,
                 "epochs": c.finetune_epochs, "examples": len(items),
                 "final_train_loss": losses[-1] if losses else float("nan")}
@@ -444,19 +440,6 @@ class TofuExperiment:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _lock(folder: Path, name: str) -> Iterator[None]:
-    """An exclusive advisory lock on `folder/.<name>.lock`: one process trains a cached model (or the tokenizer),
-    the others wait, then load it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _fresh_ordinary(config: TofuConfig) -> list[str]:
     """Ordinary text from another seed of `synthetic_corpus` (no author, no world fact; never trained on)."""
     from .data.synthetic import synthetic_corpus
@@ -465,211 +448,16 @@ def _fresh_ordinary(config: TofuConfig) -> list[str]:
                             seed=20_000 + config.world_seed)
 
 
-def _block_stream(blocks: Sequence[dict[str, list[int]]], batch_size: int, gen: torch.Generator, pad: int,
-                  device: torch.device) -> Iterator[list[tuple[dict[str, torch.Tensor], float]]]:
-    """Endless batches of `batch_size` packed blocks, reshuffled every epoch."""
-    from .data.tokenize import Collate
+def __getattr__(name: str) -> Any:
+    """`build` and `main` live in `tofu_build` (which imports this module); reachable here as before."""
+    if name in ("build", "main"):
+        from . import tofu_build
 
-    collate = Collate(pad)
-    while True:
-        order = torch.randperm(len(blocks), generator=gen).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [(to_device(collate([blocks[j] for j in order[i:i + batch_size]]), device), 1.0)]
-        if len(order) < batch_size:
-            yield [(to_device(collate([blocks[j] for j in order]), device), 1.0)]
-
-
-def _fit(model: nn.Module, batches: Iterable[list[tuple[dict[str, torch.Tensor], float]]], steps: int, lr: float,
-         warmup: int, *, min_lr_ratio: float = 0.1, weight_decay: float = 0.01, clip: float = 1.0,
-         on_step: Callable[[int], None] | None = None) -> list[float]:
-    """`steps` AdamW steps (linear warmup, cosine to `min_lr_ratio * lr`, gradient clipping) on the weighted sum of
-    the mean token NLLs of each step's batches. Returns the per-step losses."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-    warmup = max(1, warmup)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    model.train()
-    losses: list[float] = []
-    for step, parts in enumerate(batches, start=1):
-        if step > steps:
-            break
-        loss = sum(w * model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-                   for b, w in parts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step)
-    model.eval()
-    return losses
-
-
-@torch.no_grad()
-def answer_scores(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: the mean NLL of the labelled (answer) tokens [N] and whether every one of them is the argmax
-    given the true prefix [N] bool (= greedy decoding from the prompt reproduces the tokenised answer exactly)."""
-    was = model.training
-    model.eval()
-    nll, exact = [], []
-    try:
-        for b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            target = b["labels"][:, 1:]
-            mask = target != -100
-            lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            count = mask.sum(-1).clamp_min(1)
-            nll.append((-(lp * mask).sum(-1) / count).double().cpu())
-            right = (logits.argmax(-1) == target) | ~mask
-            exact.append(right.all(-1).cpu())
-    finally:
-        model.train(was)
-    if not nll:
-        return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.bool)
-    return torch.cat(nll), torch.cat(exact)
-
-
-@torch.no_grad()
-def total_nll(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Per example: the summed NLL of the labelled tokens [N] (float64)."""
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        for b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            target = b["labels"][:, 1:]
-            mask = target != -100
-            lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            out.append((-(lp * mask).sum(-1)).double().cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
-
-
-def choice_accuracy(experiment: TofuExperiment, model: nn.Module, rows: Sequence[dict[str, Any]],
-                    answer_key: str = "paraphrased_answer") -> float:
-    """Fraction of rows whose `answer_key` has a lower total NLL than each of its 5 perturbed answers (same wording,
-    other values: a 6-way multiple choice, chance 1/6)."""
-    if not rows:
-        return float("nan")
-    right = total_nll(model, experiment.qa_batches(rows, answer_key=answer_key))
-    k = len(rows[0]["perturbed_answer"])
-    flat = [{"question": r["question"], "answer": p} for r in rows for p in r["perturbed_answer"]]
-    wrong = total_nll(model, experiment.qa_batches(flat)).view(len(rows), k)
-    return float((right.unsqueeze(1) < wrong).all(1).double().mean())
-
-
-@torch.no_grad()
-def token_loss(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted mean NLL over all labelled tokens (the log of the perplexity)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            target = b["labels"][:, 1:]
-            mask = target != -100
-            lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            total -= float((lp * mask).sum())
-            count += int(mask.sum())
-    finally:
-        model.train(was)
-    return total / max(count, 1)
-
-
-# ---------------------------------------------------------------------------------------------------- build
-def _build_one(args: tuple[dict[str, Any], str, str, str]) -> tuple[int, str, Any]:
-    """One job of `build`, in a worker of one thread: train (or load) a model, or `measure` a seed."""
-    config, output, name, accelerator = args
-    torch.set_num_threads(1)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    exp = TofuExperiment(TofuConfig(**config), output, accelerator=accelerator)
-    if name == "measure":
-        return exp.config.seed, name, exp.measure()
-    exp._load(name)
-    record = exp.training_record(name)
-    return exp.config.seed, name, {"seconds": record["seconds"], "cpu_seconds": record.get("cpu_seconds")}
-
-
-def build(config: TofuConfig | None = None, output_dir: str | Path = "runs/tofu_experiment",
-          seeds: Sequence[int] = (0, 1, 2), *, workers: int = 1, accelerator: str = "cpu") -> dict[str, Any]:
-    """Train (or load) the shared base, then each seed's original and 3 retain models (`workers` processes of one
-    thread), then measure every seed. Returns {"wall_seconds_training", "wall_seconds", "train_seconds": {"base" |
-    "seed<k>": ...} (wall and CPU seconds of each model's training, as recorded when it was trained), "flatness" (the
-    base's check), "measurements": {seed: `TofuExperiment.measure()`}}."""
-    config = config or TofuConfig()
-    start = time.perf_counter()
-    torch.set_num_threads(1)
-    first = TofuExperiment(config, output_dir, accelerator=accelerator)
-    first.base_model()
-    base = first.training_record("base")
-    jobs = [(dataclasses.asdict(dataclasses.replace(config, seed=s)), str(output_dir), name, accelerator)
-            for s in seeds for name in MODELS[1:]]
-    checks = [(dataclasses.asdict(dataclasses.replace(config, seed=s)), str(output_dir), "measure", accelerator)
-              for s in seeds]
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            done = pool.map(_build_one, jobs, chunksize=1)
-            trained = time.perf_counter() - start
-            measured = pool.map(_build_one, checks, chunksize=1)
-    else:
-        done = [_build_one(job) for job in jobs]
-        trained = time.perf_counter() - start
-        measured = [_build_one(job) for job in checks]
-    seconds: dict[str, Any] = {"base": {"seconds": base["seconds"], "cpu_seconds": base.get("cpu_seconds")}}
-    for seed, name, s in done:
-        seconds.setdefault(f"seed{seed}", {})[name] = s
-    return {"wall_seconds_training": trained, "wall_seconds": time.perf_counter() - start, "train_seconds": seconds,
-            "flatness": base["flatness"], "measurements": {seed: m for seed, _, m in measured}}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Build (train and cache) the TOFU-style benchmark's models.")
-    parser.add_argument("--output", default="runs/tofu_experiment")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--smoke", action="store_true", help="the tiny test configuration")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = TofuConfig.smoke() if args.smoke else TofuConfig()
-    types = {f.name: f.type for f in dataclasses.fields(TofuConfig)}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in types:
-            raise SystemExit(f"unknown config field {key!r}")
-        cast = float if "float" in str(types[key]) else int if "int" in str(types[key]) else str
-        config = dataclasses.replace(config, **{key: cast(value)})
-    result = build(config, args.output, args.seeds, workers=args.workers)
-    path = Path(args.output) / "build.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "measurements"}, indent=1))
-    print(f"measurements: {path}")
+        return getattr(tofu_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
+    from .tofu_build import main
+
     main()
