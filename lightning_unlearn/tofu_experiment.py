@@ -449,8 +449,9 @@ def _fresh_ordinary(config: TofuConfig) -> list[str]:
 
 
 def __getattr__(name: str) -> Any:
-    """`build` and `main` live in `tofu_build` (which imports this module); reachable here as before."""
-    if name in ("build", "main"):
+    """`build` and `main` live in `tofu_build` (which imports this module); reachable here as before, and so is its
+    worker function under its earlier name (a pool started by an earlier `build` pickles it by this module's name)."""
+    if name in ("build", "main", "_build_one"):
         from . import tofu_build
 
         return getattr(tofu_build, name)
