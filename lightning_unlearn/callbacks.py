@@ -50,7 +50,7 @@ from .request import RequestResult, record_numbers, serve_request, snapshot, sum
 from .request import default_batch_transform as default_batch_transform
 from .request import make_unlearner as make_unlearner
 from .request import request_curvature as request_curvature
-from .settings import FullCurvature, UnlearnSettings, setting
+from .settings import FullCurvature, UnlearnSettings, setting, takes_settings
 from .strategies import UnsupportedStrategyError as UnsupportedStrategyError
 from .strategies import check_strategy
 
@@ -296,16 +296,16 @@ class Unlearn(CurvatureCallback):
             labelled like the forget batches): the run aims at the forget set looking like them (sharded like
             ``forget``). Without it (and without ``forget_target``) there is no target and each step takes the
             largest step within the retain budget.
-        method, curvature, curvature_data, curvature_batches, holdout_batches, damping, scale, steps, forget_loss,
-            max_retain_increase, forget_target, fisher_type, full_curvature, refresh_every, method_kwargs,
-            curvature_kwargs: the request's settings, see ``UnlearnSettings`` (their defaults are its defaults; at
-            most 16 curvature and 16 holdout batches). ``full_curvature`` defaults to this callback's own curvature
+        settings: an ``UnlearnSettings`` (default: its defaults), changed by the knobs given as keywords.
+        **knobs: the request's settings by name (every field of ``UnlearnSettings``, with its defaults; at most 16
+            curvature and 16 holdout batches). ``full_curvature`` defaults to this callback's own curvature
             checkpoint.
         accumulate_every_n_batches, accumulate_from_epoch, max_accumulate_batches, curvature_path: the curvature
             checkpoint cadence (see ``CurvatureCallback``); off by default.
         unlearn_on_train_end: unlearn ``forget`` when training ends (unless a request already did).
     """
 
+    @takes_settings()
     def __init__(
         self,
         forget: Iterable[Any] | None = None,
@@ -313,15 +313,7 @@ class Unlearn(CurvatureCallback):
         retain: Iterable[Any] | None = None,
         held_retain: Any | None = None,
         holdout: Iterable[Any] | None = None,
-        method: str = UnlearnSettings.method,
-        curvature: str = UnlearnSettings.curvature,
-        curvature_data: str = UnlearnSettings.curvature_data,
-        damping: float | None = UnlearnSettings.damping,
-        scale: float | None = UnlearnSettings.scale,
-        steps: int | None = UnlearnSettings.steps,
-        max_retain_increase: float | None = UnlearnSettings.max_retain_increase,
-        curvature_batches: int | None = UnlearnSettings.curvature_batches,
-        full_curvature: FullCurvature = UnlearnSettings.full_curvature,
+        settings: UnlearnSettings | None = None,
         accumulate_every_n_batches: int | None = None,
         accumulate_from_epoch: int = 0,
         max_accumulate_batches: int | None = None,
@@ -329,23 +321,12 @@ class Unlearn(CurvatureCallback):
         unlearn_on_train_end: bool = True,
         model_getter: ModelGetter | None = None,
         batch_transform: BatchTransform | None = None,
-        method_kwargs: Mapping[str, Any] | None = None,
-        curvature_kwargs: Mapping[str, Any] | None = None,
-        holdout_batches: int | None = UnlearnSettings.holdout_batches,
-        forget_loss: str | None = UnlearnSettings.forget_loss,
-        forget_target: float | None = UnlearnSettings.forget_target,
-        fisher_type: str | None = UnlearnSettings.fisher_type,
-        refresh_every: int | None = UnlearnSettings.refresh_every,
+        **knobs: Any,
     ) -> None:
         # checked first: a typo or a nonsense value fails here, before training
-        settings = UnlearnSettings(
-            method=method, curvature=curvature, curvature_data=curvature_data, curvature_batches=curvature_batches,
-            holdout_batches=holdout_batches, damping=damping, scale=scale, steps=steps, forget_loss=forget_loss,
-            max_retain_increase=max_retain_increase, forget_target=forget_target, fisher_type=fisher_type,
-            full_curvature=full_curvature, refresh_every=refresh_every, method_kwargs=dict(method_kwargs or {}),
-            curvature_kwargs=dict(curvature_kwargs or {}))
+        settings = UnlearnSettings.from_kwargs(settings, **knobs)
         super().__init__(
-            curvature, every_n_batches=accumulate_every_n_batches, start_epoch=accumulate_from_epoch,
+            settings.curvature, every_n_batches=accumulate_every_n_batches, start_epoch=accumulate_from_epoch,
             max_batches=max_accumulate_batches, path=curvature_path, model_getter=model_getter,
             batch_transform=batch_transform, curvature_kwargs=settings.backend_kwargs(),
         )

@@ -13,7 +13,7 @@ as every other driver's; the settings and their defaults are `lightning_unlearn.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from lightning.fabric import Fabric
@@ -23,11 +23,8 @@ from torch import Tensor, nn
 from .curvature import Curvature, Reduce, identity
 from .distributed import gather_with
 from .request import RequestResult, default_batch_transform, request_curvature, serve_request
-from .settings import FullCurvature, UnlearnSettings
+from .settings import KNOBS, UnlearnSettings, takes_settings
 from .strategies import check_strategy
-
-#: the result of `fabric_unlearn` (its name before every driver shared `RequestResult`)
-UnlearnRun = RequestResult
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -73,45 +70,33 @@ def fabric_curvature(
                              limit=max_batches, curvature_kwargs=curvature_kwargs)
 
 
+@takes_settings(keep_var_keyword=True)
 def fabric_unlearn(
     fabric: Fabric,
     model: nn.Module,
     forget_loader: Iterable[Any],
     retain_loader: Iterable[Any] | None = None,
     *,
-    method: str = UnlearnSettings.method,
-    curvature: str = UnlearnSettings.curvature,
-    curvature_data: str = UnlearnSettings.curvature_data,
-    full_curvature: FullCurvature = UnlearnSettings.full_curvature,
     held_retain_batch: Any | None = None,
     holdout: Iterable[Any] | None = None,
-    damping: float | None = UnlearnSettings.damping,
-    scale: float | None = UnlearnSettings.scale,
-    steps: int | None = UnlearnSettings.steps,
-    max_retain_increase: float | None = UnlearnSettings.max_retain_increase,
-    curvature_batches: int | None = UnlearnSettings.curvature_batches,
-    curvature_kwargs: Mapping[str, Any] | None = None,
-    holdout_batches: int | None = UnlearnSettings.holdout_batches,
-    forget_loss: str | None = UnlearnSettings.forget_loss,
-    forget_target: float | None = UnlearnSettings.forget_target,
-    fisher_type: str | None = UnlearnSettings.fisher_type,
-    refresh_every: int | None = UnlearnSettings.refresh_every,
-    **method_kwargs: Any,
+    settings: UnlearnSettings | None = None,
+    **more_method_kwargs: Any,
 ) -> RequestResult:
     """Unlearn `forget_loader` from `model` (plain or `fabric.setup` module) on every process with
     `serve_request`; returns the `StepRecord`s (identical on every process) as a `RequestResult` list that also
-    carries the method's `status` and `summary()`. The settings are `UnlearnSettings`'s fields with its defaults
-    (extra keywords are `method_kwargs`): `full_curvature` (for `full_minus_forget`) is a finalized `Curvature`, its
-    `state_dict`, or a curvature file / Lightning checkpoint; `damping`, `scale` and `steps` go to the method only
-    when set (None: its default recipe). `holdout`: never-trained batches of the forget set's kind, the level the
-    run aims at (each process keeps its share, like the forget batches)."""
+    carries the method's `status` and `summary()`. The settings are `settings` (default: `UnlearnSettings`'s
+    defaults) changed by the knobs given as keywords; other keywords are further `method_kwargs`. `full_curvature`
+    (for `full_minus_forget`) is a finalized `Curvature`, its `state_dict`, or a curvature file / Lightning
+    checkpoint; `damping`, `scale` and `steps` go to the method only when set (None: its default recipe).
+    `holdout`: never-trained batches of the forget set's kind, the level the run aims at (each process keeps its
+    share, like the forget batches)."""
     check_strategy(fabric.strategy, "fabric_unlearn")
-    settings = UnlearnSettings(
-        method=method, curvature=curvature, curvature_data=curvature_data, curvature_batches=curvature_batches,
-        holdout_batches=holdout_batches, damping=damping, scale=scale, steps=steps, forget_loss=forget_loss,
-        max_retain_increase=max_retain_increase, forget_target=forget_target, fisher_type=fisher_type,
-        full_curvature=full_curvature, refresh_every=refresh_every, method_kwargs=method_kwargs,
-        curvature_kwargs=dict(curvature_kwargs or {}))
+    knobs = {k: v for k, v in more_method_kwargs.items() if k in KNOBS}
+    extra = {k: v for k, v in more_method_kwargs.items() if k not in KNOBS}
+    if extra:
+        method_kwargs = {**(knobs.get("method_kwargs") or (settings.method_kwargs if settings else {})), **extra}
+        knobs["method_kwargs"] = method_kwargs
+    settings = UnlearnSettings.from_kwargs(settings, **knobs)
     return serve_request(unwrap(model), forget_loader, retain_loader, holdout, settings=settings,
                          held_retain=held_retain_batch, reduce=fabric_reduce(fabric), gather=fabric_gather(fabric),
                          rank=fabric.global_rank, world_size=fabric.world_size,

@@ -11,7 +11,9 @@ Manual optimisation: each `training_step` runs the chosen method's `step` (a tri
 on the combined forget/retain batch. The curvature is fitted once at `on_train_start` from `set_curvature_data(...)`
 or the datamodule's `curvature_dataloader(split)`, by `lightning_unlearn.request.prepare_request` (the first half of
 every driver's request); the target is calibrated there too, on `set_holdout_data(...)` or the datamodule's `holdout`
-split. Constructor arguments are plain types (LightningCLI-friendly) with `UnlearnSettings`'s defaults.
+split. The run is the method's protocol (`Unlearner.begin` before the first step, `should_stop` after each,
+`finish` at the end), so its status and summary are the method's. Constructor arguments are the knobs of
+`UnlearnSettings` (plain types, LightningCLI-friendly: `--model.method`, with the dataclass's defaults).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,11 @@ from .curvature.objective import IGNORE_INDEX
 from .distributed import broadcast_parameters, share, strategy_gather, strategy_reduce
 from .fsdp import full_parameters, gathered_state_dict, is_sharded, shard_model
 from .io import atomic_directory
+from .methods.newton import DEFAULT_NEWTON_STEPS
+from .methods.records import SUMMARY_FIELDS
 from .metrics import ExtractionStrength, MembershipInference
-from .request import STATUS_CODES, default_batch_transform, prepare_request, record_numbers
-from .settings import UnlearnSettings, setting
+from .request import STATUS_CODES, default_batch_transform, prepare_request, record_numbers, summary_numbers
+from .settings import KNOBS, UnlearnSettings, setting, takes_settings
 from .strategies import check_strategy
 
 SPLITS = ("forget", "retain")
@@ -119,60 +122,43 @@ class UnlearningModule(pl.LightningModule):
 
     Args:
         model: a saved model directory (or hub id), a transformers config, or an `nn.Module` mapping ids to logits.
-        method, curvature, curvature_data, damping, scale, max_retain_increase, forget_loss, forget_target,
-            refresh_every, curvature_batches, holdout_batches, full_curvature, fisher_type, method_kwargs,
-            curvature_kwargs: the request's settings, see `UnlearnSettings` (their defaults are its defaults: the
-            method's default recipe, relative damping and a step-length search, see `SecondOrderUnlearner`; at most
-            16 curvature and 16 holdout batches). `full_curvature` is a curvature file or a Lightning checkpoint
-            written by `CurvatureCallback`/`Unlearn`. The step budget is the trainer's `max_steps`.
+        settings: an `UnlearnSettings` (default: its defaults), changed by the knobs given as keywords.
+        **knobs: the request's settings by name (every field of `UnlearnSettings` but `steps`, with its defaults:
+            the method's default recipe, relative damping and a step-length search, see `SecondOrderUnlearner`; at
+            most 16 curvature and 16 holdout batches). `full_curvature` is a curvature file or a Lightning
+            checkpoint written by `CurvatureCallback`/`Unlearn`. The step budget is the trainer's `max_steps`.
         dtype: load/cast the model in this torch dtype ("float32", "bfloat16", ...).
 
     The target: `set_holdout_data(batches)` (never-trained data of the forget set's kind, labelled like the forget
     batches) or else the datamodule's `holdout` split (`datamodule.dataloader("holdout")`) calibrates the method at
     `on_train_start` (`Unlearner.calibrate`): the run stops (`trainer.should_stop`) as soon as the forget set
-    cannot be told from the holdout any more (the method's target, see `lightning_unlearn.methods.base`), when a
-    step spends the retain budget, or when a step is rolled back after all retries, the rule of the method's own
-    `fit`. `trainer.max_steps` is then only a cap (5 is plenty). For
+    cannot be told from the holdout any more (the method's target, see `lightning_unlearn.methods.target`), when a
+    step spends the retain budget, or when a step is rolled back after all retries (`Unlearner.should_stop`, the
+    rule of the method's own `fit`). `trainer.max_steps` is then only a cap (5 is plenty). For
     span-level forgetting the holdout must be labelled on its spans too (never-inserted canaries on their secret):
     `ForgetRetainDataModule.holdout_dataloader` refuses a holdout of whole texts (or none), naming the fix; pass
     `holdout=` to the data module, `set_holdout_data(...)`, or `holdout_batches=0` for no holdout target.
     After the fit, `status` tells how the run ended and `summary()` gives the numbers.
     """
 
-    def __init__(
-        self,
-        model: str | Any = None,
-        *,
-        method: str = UnlearnSettings.method,
-        curvature: str = UnlearnSettings.curvature,
-        curvature_data: str = UnlearnSettings.curvature_data,
-        damping: float | None = UnlearnSettings.damping,
-        scale: float | None = UnlearnSettings.scale,
-        max_retain_increase: float | None = UnlearnSettings.max_retain_increase,
-        forget_loss: str | None = UnlearnSettings.forget_loss,
-        forget_target: float | None = UnlearnSettings.forget_target,
-        refresh_every: int | None = UnlearnSettings.refresh_every,
-        curvature_batches: int | None = UnlearnSettings.curvature_batches,
-        holdout_batches: int | None = UnlearnSettings.holdout_batches,
-        full_curvature: str | None = UnlearnSettings.full_curvature,  # type: ignore[assignment]
-        fisher_type: str | None = UnlearnSettings.fisher_type,
-        method_kwargs: dict[str, Any] | None = None,
-        curvature_kwargs: dict[str, Any] | None = None,
-        dtype: str | None = None,
-    ) -> None:
-        super().__init__()
+    @takes_settings(skip=("steps",), types={"full_curvature": str | None}, hide=("settings",))
+    def __init__(self, model: str | Any = None, *, settings: UnlearnSettings | None = None, dtype: str | None = None,
+                 **knobs: Any) -> None:
+        # the base class by name, not super(): the signature is generated (`takes_settings`), its knobs are not locals
+        # of this frame, and Lightning reads the locals of an `__init__` that names `super` for its hyperparameters
+        pl.LightningModule.__init__(self)
         if model is None:
             raise ValueError("UnlearningModule needs model=<saved model directory, transformers config or nn.Module>")
+        if "steps" in knobs:
+            from .errors import UserInputError
+
+            raise UserInputError("UnlearningModule: steps is the trainer's max_steps (Lightning drives the steps)")
         is_path = isinstance(model, (str, Path))
-        self.save_hyperparameters(ignore=[] if is_path else ["model"])
         self.source_path = Path(model).expanduser().resolve() if is_path and Path(model).exists() else None
         # checked before the model is loaded: a typo or a nonsense value fails in a second, not after the load
-        self.settings = UnlearnSettings(
-            method=method, curvature=curvature, curvature_data=curvature_data, curvature_batches=curvature_batches,
-            holdout_batches=holdout_batches, damping=damping, scale=scale, forget_loss=forget_loss,
-            max_retain_increase=max_retain_increase, forget_target=forget_target, fisher_type=fisher_type,
-            full_curvature=full_curvature, refresh_every=refresh_every, method_kwargs=dict(method_kwargs or {}),
-            curvature_kwargs=dict(curvature_kwargs or {}))
+        self.settings = UnlearnSettings.from_kwargs(settings, **knobs)
+        self.save_hyperparameters({**({"model": model} if is_path else {}),
+                                   **{k: getattr(self.settings, k) for k in KNOBS if k != "steps"}, "dtype": dtype})
         self.model = build_model(model, dtype)
         self.automatic_optimization = False
         self.val_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_SPLITS})
@@ -182,12 +168,12 @@ class UnlearningModule(pl.LightningModule):
         self.test_mia = MembershipInference()
         self.test_extraction = ExtractionStrength()
         self.unlearner: Any = None
-        self.history: list[Any] = []
+        self.history: list[Any] = []  # the record of each training step (its last trial)
         self._curvature_data: Iterable[Any] | None = None
         self._holdout_data: Iterable[Any] | None = None
         self._held: Mapping[str, Tensor] | None = None
-        self._done: str | None = None  # set when a step ended the run (its reason), or "already_reached"
-        self._losses: dict[str, float | None] = {}
+        self._forget: Mapping[str, Tensor] | None = None  # the last step's forget batch (the losses after the run)
+        self._begun = False
 
     method = setting("method")
     curvature_backend = setting("curvature")
@@ -295,15 +281,13 @@ class UnlearningModule(pl.LightningModule):
             required=("forget", "curvature") if source is not None else ("forget",), who=type(self).__name__,
             steps=self._planned_steps())
         self.history = []
-        self._done, self._held, self._losses = None, None, {}
+        self._held, self._forget, self._begun = None, None, False
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
             self.unlearner.calibrate(share(holdout, rank, world))
 
     def _planned_steps(self) -> int:
         """The method's step budget: the trainer's `max_steps` (Lightning drives the steps; a staged recipe spreads its
         stages over them), or the methods' default when it is unbounded."""
-        from .methods.base import DEFAULT_NEWTON_STEPS
-
         max_steps = self.trainer.max_steps
         return int(max_steps) if max_steps is not None and max_steps > 0 else DEFAULT_NEWTON_STEPS
 
@@ -316,31 +300,25 @@ class UnlearningModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         forget, retain = self._split(batch)
-        every = self.settings.refresh_every
-        if every and self.global_step > 0 and self.global_step % every == 0 and self.settings.second_order:
-            # iterative Newton: re-estimate the curvature at the current weights (the method's fit() does this
-            # in its own loop; here Lightning drives the steps), from this process's share like the first fit
-            self.unlearner.fit_curvature(share(self._curvature_source(), self.global_rank, self.trainer.world_size))
+        unlearner = self.unlearner
+        if unlearner.refresh_due(self.global_step):
+            # iterative Newton: re-estimate the curvature at the current weights (the method's fit() does this in its
+            # own loop; here Lightning drives the steps), from this process's share like the first fit
+            unlearner.fit_curvature(share(self._curvature_source(), self.global_rank, self.trainer.world_size))
         if retain is not None and self._held is None:
             self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
         size = forget["input_ids"].shape[0]
-        if not self.history and self._done is None:  # the checks of the method's own fit() before its first step
-            self.unlearner.require_measured_guard(self._held, [])
-            self.unlearner.check_holdout([forget], [], self._held)
-            score, self._losses["forget_before"] = self.unlearner.forget_score(forget)
-            target = self.unlearner.current_target()
-            if target is not None and score >= target:
-                # nothing to do: the forget set already looks unseen (the method's fit() stops here too)
-                self._done, self._losses["target"] = "already_reached", target
+        self._forget = forget
+        if not self._begun:
+            self._begun = True
+            if unlearner.begin([forget], [], self._held):  # the forget set already looks unseen: nothing to do
                 self.trainer.should_stop = True
-                self.log_dict({"unlearn/status_code": float(STATUS_CODES["target_reached"]),
-                               "unlearn/target": float(target)}, on_step=True, on_epoch=False, batch_size=size)
+                self.log_dict({f"unlearn/{k}": v for k, v in summary_numbers(unlearner.summary()).items()},
+                              on_step=True, on_epoch=False, batch_size=size)
                 return None
-        record = self.optimizers().step(closure=lambda: self.unlearner.step(forget, retain, self._held))
+        record = self.optimizers().step(closure=lambda: unlearner.step(forget, retain, self._held))
         self.history.append(record)
-        self._losses["target"] = record.target
-        if not record.accepted or record.reason in ("target_reached", "retain_budget"):
-            self._done = record.reason  # the run is done: the rule of the method's own fit()
+        if unlearner.should_stop(record):
             self.trainer.should_stop = True
         numbers = {f"unlearn/{k}": v for k, v in record_numbers(record).items()}
         numbers["unlearn/status_code"] = float(STATUS_CODES[self.status])  # how the run would end now
@@ -348,17 +326,13 @@ class UnlearningModule(pl.LightningModule):
         return torch.tensor(record.forget_loss)
 
     def on_train_end(self) -> None:
+        if self._begun and self._forget is not None:
+            self.unlearner.finish([self._forget], [], self._held)  # the losses after, the status, the warning
         if self.trainer.world_size > 1:
             broadcast_parameters(self.model)  # every process ends with the same weights (see serve_request)
         if is_sharded(self.model) and self.trainer.is_global_zero:  # full values for save_pretrained on rank 0
             self._gathered_state = gathered_state_dict(self.model)
         self._leave_full_parameters(None)
-        if self._done != "already_reached" and self.status == "nothing_accepted":
-            from .methods.base import NothingAcceptedWarning
-
-            warnings.warn(f"UnlearningModule: {self.method} accepted no step ({len(self.history)} trial(s) rolled "
-                          "back): the model is unchanged. Check the step records' reasons in `history`",
-                          NothingAcceptedWarning, stacklevel=2)
 
     def on_exception(self, exception: BaseException) -> None:
         self._leave_full_parameters(exception)  # the shards keep their values from before the run
@@ -374,30 +348,16 @@ class UnlearningModule(pl.LightningModule):
     # ------------------------------------------------------------------ outcome
     @property
     def status(self) -> str | None:
-        """How the run ended (None before a step): "target_reached" (the target was reached, or already was
-        before the first step), "nothing_accepted" (every trial was rolled back) or
-        "budget_exhausted" (steps accepted, target not reached: the retain budget or `max_steps` ran out). The rule
-        of the method's own `fit` (`Unlearner.status`), applied to the steps Lightning drove."""
-        if self._done == "already_reached" or any(r.reason == "target_reached" for r in self.history):
-            return "target_reached"
-        if not self.history:
-            return None
-        if not any(r.accepted for r in self.history):
-            return "nothing_accepted"
-        return "budget_exhausted"
+        """How the run ended (None before a step): "target_reached", "budget_exhausted" or "nothing_accepted"; during
+        the run, how it would end now: the method's `status`."""
+        return self.unlearner.status if self.unlearner is not None and self._begun else None
 
     def summary(self) -> dict[str, Any]:
-        """Numbers only, like the method's `summary()`: status, target and its source, steps accepted, trials,
-        forward evaluations, the forget loss (of the step's forget batch) before the first and after the last
-        accepted step. `target` is the method's (`StepRecord.target`: a forget score with a holdout target)."""
-        unlearner = self.unlearner
-        accepted = [r for r in self.history if r.accepted]
-        return {"status": self.status, "target": self._losses.get("target"),
-                "target_source": getattr(unlearner, "target_source", None),
-                "steps_accepted": sum(bool(r.accepted) for r in self.history), "trials": len(self.history),
-                "evaluations": sum(int(getattr(r, "evaluations", 1)) for r in self.history),
-                "forget_loss_before": self._losses.get("forget_before"),
-                "forget_loss_after": accepted[-1].forget_loss if accepted else self._losses.get("forget_before")}
+        """The method's `summary()`: the same numbers as a request's (`records.SUMMARY_FIELDS`); the losses are
+        those of the last step's forget batch and of the held retain batch (the first retain batch)."""
+        if self.unlearner is None or not self._begun:
+            return dict.fromkeys(SUMMARY_FIELDS)
+        return self.unlearner.summary()
 
     # ------------------------------------------------------------------ validation and test
     def _loader_names(self, stage: str, default: tuple[str, ...]) -> tuple[str, ...]:

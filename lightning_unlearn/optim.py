@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 from .curvature.base import Curvature, check_damping
-from .methods.base import DEFAULT_MAX_STEP_NORM, StepRecord, over_retain_budget
+from .methods.records import StepRecord
+from .methods.target import over_retain_budget
+from .methods.trust_region import DEFAULT_MAX_STEP_NORM
 
 
 class NewtonUnlearner(torch.optim.Optimizer):

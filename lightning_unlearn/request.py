@@ -37,8 +37,8 @@ from .distributed import agree_on_batches, broadcast_parameters, share
 from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
-from .methods.base import held_out_retain
 from .methods.inputs import check_finite_weights
+from .methods.target import held_out_retain
 from .settings import FullCurvature, UnlearnSettings
 
 Batch = Mapping[str, Tensor]

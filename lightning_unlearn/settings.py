@@ -1,25 +1,28 @@
 """`UnlearnSettings`: the knobs of one deletion request, with the one set of defaults every driver reads.
 
 The `Unlearn` callback, `UnlearningModule` (and so the `lightning-unlearn` command), `fabric_unlearn`, the demo,
-the experiments and the benchmarks all build one of these and hand it to `lightning_unlearn.request`; their
-constructors take the same fields with the defaults read from this class, so a default is changed in one place.
+the experiments and the benchmarks all build one of these and hand it to `lightning_unlearn.request`. The drivers
+take `settings=` and/or the knobs as keywords (`UnlearnSettings.from_kwargs`), and `takes_settings` gives their
+signatures every field with this class's default, so a knob and its default are written in one place.
 Torch only (no Lightning).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .curvature.base import Curvature, Reduce
 from .curvature.registry import backend_key, curvature_class
 from .errors import UserInputError
-from .methods import CURVATURE_DATA, check_method_settings, check_settings, is_second_order
-from .methods.inputs import check_keywords
+from .methods.inputs import check_keywords, check_settings
+from .methods.newton import CURVATURE_DATA
+from .methods.registry import check_method_settings, is_second_order
 
 #: what `full_curvature` may be: a curvature file or Lightning checkpoint, a finalized `Curvature`, or its state_dict
 FullCurvature = str | Path | Curvature | Mapping[str, Any] | None
@@ -114,13 +117,9 @@ class UnlearnSettings:
         if self.curvature_data not in CURVATURE_DATA:
             raise UserInputError(f"curvature_data must be one of {CURVATURE_DATA}, got {self.curvature_data!r}")
         check_settings(damping=self.damping, scale=self.scale, max_retain_increase=self.max_retain_increase,
-                       forget_loss=self.forget_loss)
-        _check_count("curvature_batches", self.curvature_batches, minimum=1, none="all batches")
-        _check_count("holdout_batches", self.holdout_batches, minimum=0, none="all batches; 0: no holdout target")
-        _check_count("steps", self.steps, minimum=1, none="the method's default")
-        _check_count("refresh_every", self.refresh_every, minimum=1, none="never")
-        if self.forget_target is not None and not _finite(self.forget_target):
-            raise UserInputError(f"forget_target must be a finite number of nats or None, got {self.forget_target}")
+                       forget_loss=self.forget_loss, curvature_batches=self.curvature_batches,
+                       holdout_batches=self.holdout_batches, steps=self.steps, refresh_every=self.refresh_every,
+                       forget_target=self.forget_target)
         if self.fisher_type is not None and not (isinstance(self.fisher_type, str) and self.fisher_type):
             raise UserInputError(f"fisher_type must be a name (mc, empirical, type2) or None, got {self.fisher_type!r}")
         if self.second_order:
@@ -185,6 +184,21 @@ class UnlearnSettings:
         return out
 
     @classmethod
+    def from_kwargs(cls, settings: UnlearnSettings | None = None, /, **knobs: Any) -> UnlearnSettings:
+        """`settings` (default: the defaults) with the knobs given as keywords changed, checked: how every driver
+        builds its settings. An unknown knob raises `UserInputError` naming the valid ones; a dict knob given as None
+        is empty."""
+        unknown = sorted(set(knobs) - set(KNOBS))
+        if unknown:
+            raise UserInputError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(KNOBS)}")
+        knobs = {k: ({} if v is None and k in DICT_KNOBS else v) for k, v in knobs.items()}
+        if settings is None:
+            return cls(**knobs)
+        if not isinstance(settings, UnlearnSettings):
+            raise UserInputError(f"settings must be an UnlearnSettings, got {type(settings).__name__}")
+        return settings.replace(**knobs) if knobs else settings
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every field's default value (the one set of defaults of every driver)."""
         return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
@@ -196,18 +210,42 @@ def setting(name: str) -> property:
     return property(lambda self: getattr(self.settings, name), doc=f"`settings.{name}` (see `UnlearnSettings`)")
 
 
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+#: every knob of a request, in order (the fields of `UnlearnSettings`)
+KNOBS = tuple(f.name for f in dataclasses.fields(UnlearnSettings))
+#: the knobs that are dicts (a driver takes None for "empty")
+DICT_KNOBS = ("method_kwargs", "curvature_kwargs")
+
+Driver = TypeVar("Driver", bound=Callable[..., Any])
 
 
-def _check_count(name: str, value: Any, *, minimum: int, none: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserInputError(f"{name} must be a whole number >= {minimum} or None ({none}), got {value!r}")
+def takes_settings(*, skip: Iterable[str] = (), types: Mapping[str, Any] | None = None,
+                   keep_var_keyword: bool = False, hide: Iterable[str] = ()) -> Callable[[Driver], Driver]:
+    """Decorator for a driver `f(..., settings=None, **knobs)` that builds `UnlearnSettings.from_kwargs(settings,
+    **knobs)`: its signature shows every knob (but `skip`) as a keyword with the dataclass's default and type
+    (`types` overrides a type, e.g. plain types for LightningCLI, which reads the signature for its `--model.<knob>`
+    keys), placed where `**knobs` stands; dict knobs default to None. So the knobs are listed once, here.
+    `keep_var_keyword` keeps `**knobs` after them (a driver that also takes other keywords); `hide` leaves the
+    driver's own parameters of those names out of the signature (still accepted: e.g. `settings` for LightningCLI,
+    whose keys stay the flat knobs)."""
+    hints = typing.get_type_hints(UnlearnSettings)
+    defaults = UnlearnSettings.defaults()
+    types = dict(types or {})
+
+    def wrap(fn: Driver) -> Driver:
+        signature = inspect.signature(fn)
+        params = [p for p in signature.parameters.values() if p.name not in set(hide)]
+        var = next(i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD)
+        taken = {p.name for p in params}
+        knobs = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                   default=None if name in DICT_KNOBS else defaults[name],
+                                   annotation=types.get(name, hints[name] | None if name in DICT_KNOBS
+                                                        else hints[name]))
+                 for name in KNOBS if name not in skip and name not in taken]
+        tail = params[var:] if keep_var_keyword else params[var + 1:]
+        fn.__signature__ = signature.replace(parameters=[*params[:var], *knobs, *tail])  # type: ignore[attr-defined]
+        return fn
+
+    return wrap
 
 
-__all__ = ["FullCurvature", "UnlearnSettings", "setting"]
+__all__ = ["DICT_KNOBS", "KNOBS", "FullCurvature", "UnlearnSettings", "setting", "takes_settings"]

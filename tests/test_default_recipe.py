@@ -14,7 +14,7 @@ import torch
 from canary_corpus import memorise
 
 from lightning_unlearn.methods import build_curvature, build_unlearner
-from lightning_unlearn.methods.base import NothingAcceptedWarning
+from lightning_unlearn.methods.records import NothingAcceptedWarning
 
 ARCHS = ["gpt2", "llama", "qwen2", "gpt_neox", "opt"]
 

@@ -16,7 +16,7 @@ import torch
 from line_corpus import memorise_lines
 
 from lightning_unlearn.methods import build_unlearner
-from lightning_unlearn.methods.base import retain_budget_nats
+from lightning_unlearn.methods.target import retain_budget_nats
 
 ARCHS = ["llama", "qwen2", "gpt_neox"]
 

@@ -21,8 +21,7 @@ from canary_corpus import V, memorise
 
 from lightning_unlearn.callbacks import Unlearn
 from lightning_unlearn.errors import EXIT_NOTHING_ACCEPTED, UserInputError
-from lightning_unlearn.methods import build_unlearner
-from lightning_unlearn.methods.base import NothingAcceptedWarning, build_curvature
+from lightning_unlearn.methods import NothingAcceptedWarning, build_curvature, build_unlearner
 from lightning_unlearn.methods.holdout import HoldoutWarning
 
 

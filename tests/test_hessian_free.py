@@ -517,7 +517,7 @@ def test_default_cg_finishes_its_solves_within_max_iter_with_one_solve_per_direc
     import warnings
 
     from lightning_unlearn.methods import build_unlearner
-    from lightning_unlearn.methods.base import retain_budget_nats
+    from lightning_unlearn.methods.target import retain_budget_nats
 
     base, forget, retain, held, holdout = memorised_qwen2
     model = copy.deepcopy(base)

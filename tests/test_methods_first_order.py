@@ -87,7 +87,7 @@ def test_first_order_defaults_unlearn_a_memorised_model(method, memorised):
     default learning rate took the forget loss from 0.110 to 0.126 nats and reported budget_exhausted)."""
     import copy
 
-    from lightning_unlearn.methods.base import retain_budget_nats
+    from lightning_unlearn.methods.target import retain_budget_nats
 
     base, forget, retain, held, holdout = memorised
     u = build_unlearner(method, copy.deepcopy(base))

@@ -1,27 +1,21 @@
 """Unlearning methods (torch only): Newton removal, Fisher Removal/Forgetting and first-order baselines.
 
-The method registry (`METHODS`, `is_second_order`) lives here; the curvature backends' (`CURVATURE_BACKENDS`,
-`build_curvature`) lives in `lightning_unlearn.curvature.registry` and is re-exported for compatibility."""
+One idea a module: `records` (step records, statuses, the summary), `unlearner` (the run protocol), `target` (the
+holdout target, the staged aim, the retain budget), `trust_region`, `step_search`, `newton` (the second-order
+methods), `fisher`, `first_order`, `losses`, `inputs` (checks of batches, weights and settings), `holdout` (checks
+of the target's holdout) and `registry` (the methods by name). The curvature backends' registry
+(`CURVATURE_BACKENDS`, `build_curvature`) lives in `lightning_unlearn.curvature.registry` and is re-exported here.
+"""
 
-from .base import (
-    BACKEND_ALIASES,
-    CURVATURE_BACKENDS,
-    CURVATURE_DATA,
-    METHODS,
-    SecondOrderUnlearner,
-    StepRecord,
-    Unlearner,
-    build_curvature,
-    build_unlearner,
-    check_method_settings,
-    is_second_order,
-    second_order_methods,
-)
-from .first_order import NPO, FirstOrderUnlearner, GradientAscent, GradientDifference
+from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
+from .first_order import NPO, FirstOrderUnlearner, GradientAscent, GradientDifference, SimNPO
 from .fisher import FisherForgetting, FisherRemoval
 from .inputs import check_settings
 from .losses import DEFAULT_FORGET_LOSS, FORGET_LOSSES
-from .newton import Newton
+from .newton import CURVATURE_DATA, Newton, SecondOrderUnlearner
+from .records import NothingAcceptedWarning, StepRecord
+from .registry import METHODS, build_unlearner, check_method_settings, is_second_order, register, second_order_methods
+from .unlearner import Unlearner
 
 __all__ = [
     "BACKEND_ALIASES",
@@ -37,13 +31,16 @@ __all__ = [
     "GradientAscent",
     "GradientDifference",
     "Newton",
-    "check_method_settings",
-    "check_settings",
-    "is_second_order",
-    "second_order_methods",
+    "NothingAcceptedWarning",
     "SecondOrderUnlearner",
+    "SimNPO",
     "StepRecord",
     "Unlearner",
     "build_curvature",
     "build_unlearner",
+    "check_method_settings",
+    "check_settings",
+    "is_second_order",
+    "register",
+    "second_order_methods",
 ]

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.base import eval_mode
 from ..curvature.layers import trainable_parameters
 from ..curvature.objective import model_logits
-from .base import Batch, Unlearner, eval_mode, register
 from .inputs import check_positive
 from .losses import forget_objective, npo_objective, simnpo_objective, token_nll
+from .records import Batch
+from .unlearner import Unlearner
 
 OPTIMIZERS = ("adam", "sgd")
 #: the step budget of the first-order methods (each step one optimizer step under the safety check)
@@ -125,21 +127,24 @@ class FirstOrderUnlearner(Unlearner):
         self.optimizer.load_state_dict(state)
 
 
-@register("gradient_ascent")
 class GradientAscent(FirstOrderUnlearner):
     """Minimise the forget objective alone (ascent on the forget NLL for `forget_loss="nll"`)."""
 
+    name = "gradient_ascent"
 
-@register("gradient_difference")
+
 class GradientDifference(FirstOrderUnlearner):
     """Forget objective + `retain_weight` (default 1) × retain NLL."""
+
+    name = "gradient_difference"
 
     retain_weight_default = 1.0
 
 
-@register("npo")
 class NPO(FirstOrderUnlearner):
     """Negative preference optimisation (`beta`) against a frozen reference copy, + `retain_weight` × retain NLL."""
+
+    name = "npo"
 
     def __init__(self, model: nn.Module, *, beta: float = 0.1, reference: nn.Module | None = None,
                  **kw: Any) -> None:
@@ -155,7 +160,6 @@ class NPO(FirstOrderUnlearner):
         return npo_objective(self.model, self.reference, batch, self.beta)
 
 
-@register("simnpo")
 class SimNPO(FirstOrderUnlearner):
     """SimNPO (Fan et al., 2024): NPO without a reference model, on the length-normalised log-likelihood:
     `mean_i -(2/β) log σ(-(β/|y_i|) log π_θ(y_i|x_i) - γ)` over forget examples, + `retain_weight` × retain NLL
@@ -167,6 +171,8 @@ class SimNPO(FirstOrderUnlearner):
     `simnpo_grad_diff` weighs forget by 0.1375 (open-unlearning: 0.125) and retain NLL by 1: `retain_weight` ≈ 7.3
     (8) here, up to the scale of the learning rate. `|y|` counts the labelled positions that are predicted (after the
     shift); theirs counts `labels != -100` before it, one more when the first position is labelled."""
+
+    name = "simnpo"
 
     def __init__(self, model: nn.Module, *, beta: float = 2.5, gamma: float = 0.0, **kw: Any) -> None:
         check_positive("simnpo: beta (the inverse temperature of the length-normalised NPO loss)", beta)

@@ -16,21 +16,24 @@ import torch
 from torch import nn
 
 from ..curvature.base import Curvature, Vector
-from .base import Batch, SecondOrderUnlearner, register
+from .newton import SecondOrderUnlearner
+from .records import Batch
 
 
-@register("fisher_removal")
 class FisherRemoval(SecondOrderUnlearner):
     """Newton removal with the inverse empirical Fisher of per-example gradients (Woodbury identity)."""
+
+    name = "fisher_removal"
 
     def __init__(self, model: nn.Module, curvature: Curvature | None = None, *,
                  curvature_backend: str = "woodfisher", **kw: Any) -> None:
         super().__init__(model, curvature, curvature_backend=curvature_backend, **kw)
 
 
-@register("fisher_forgetting")
 class FisherForgetting(SecondOrderUnlearner):
     """Newton step plus curvature-shaped Gaussian noise of scale `(mu * sigma**2) ** (1/4)`, seeded by `seed`."""
+
+    name = "fisher_forgetting"
 
     def __init__(self, model: nn.Module, curvature: Curvature | None = None, *,
                  curvature_backend: str = "woodfisher", mu: float = 1e-6, sigma: float = 1.0, seed: int = 0,

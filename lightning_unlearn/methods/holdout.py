@@ -1,6 +1,6 @@
 """Checks that a holdout can set the target: data the model never saw, of the forget set's kind.
 
-The holdout's loss level is the target of a run (see `lightning_unlearn.methods.base`), so a holdout that is not
+The holdout's loss level is the target of a run (see `lightning_unlearn.methods.target`), so a holdout that is not
 never-seen data of the forget set's kind sets the wrong level without a word: the forget batch itself, or a holdout
 that contains forget examples, is "reached" after 0 steps; a holdout of trained retain texts stops the run early;
 random strings push the forget loss to the level of noise. `Unlearner.check_holdout` runs these cheap checks before

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -94,25 +95,80 @@ def check_keywords(cls: type, kwargs: Mapping[str, Any], what: str) -> None:
 
 
 def check_positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
-    """A finite number > 0 (or >= 0), named in the message."""
+    """A finite number > 0 (or >= 0), named in the message; None passes (not set)."""
     if value is None:
         return
-    ok = math.isfinite(float(value)) and (float(value) >= 0 if allow_zero else float(value) > 0)
+    ok = _finite(value) and (float(value) >= 0 if allow_zero else float(value) > 0)
     if not ok:
         raise UserInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
 
 
-def check_settings(*, damping: float | None = None, scale: float | None = None,
-                   max_retain_increase: float | None = None, forget_loss: str | None = None) -> None:
-    """The values a driver takes before it builds a method (None: not set), checked when the driver is built: a
-    NaN or negative scale fails at configuration, not after the curvature pass."""
+def check_count(name: str, value: Any, *, minimum: int, none: str | None = None) -> None:
+    """A whole number >= `minimum`; None passes when `none` says what it means."""
+    if value is None and none is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        also = f" or None ({none})" if none is not None else ""
+        raise UserInputError(f"{name} must be a whole number >= {minimum}{also}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_forget_loss(value: str) -> None:
     from .losses import check_forget_loss
 
-    check_positive("damping", damping)
-    check_positive("scale", scale)
-    check_positive("max_retain_increase", max_retain_increase, allow_zero=True)
-    if forget_loss is not None:
-        try:
-            check_forget_loss(forget_loss)
-        except ValueError as err:
-            raise UserInputError(str(err)) from None
+    try:
+        check_forget_loss(value)
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+
+
+def _check_forget_target(value: float) -> None:
+    if not _finite(value):
+        raise UserInputError(f"forget_target must be a finite number of nats or None, got {value}")
+
+
+def _check_target_score(value: float) -> None:
+    if not (_finite(value) and 0.0 < float(value) <= 1.0):
+        raise UserInputError(f"target_score must lie in (0, 1] (0.5: the forget set sits at the holdout's median), "
+                             f"got {value}")
+
+
+def _check_damping_growth(value: float) -> None:
+    if not (_finite(value) and float(value) > 1):
+        raise UserInputError(f"damping_growth must be > 1 (λ's factor after a rollback), got {value}")
+
+
+#: the one check of each knob that a request, a driver or a method takes (None: not set, passes)
+KNOB_CHECKS: dict[str, Callable[[Any], None]] = {
+    "damping": lambda v: check_positive("damping", v),
+    "scale": lambda v: check_positive("scale", v),
+    "max_retain_increase": lambda v: check_positive("max_retain_increase", v, allow_zero=True),
+    "max_step_norm": lambda v: check_positive("max_step_norm (the trust region: ‖Δθ‖ ≤ max_step_norm · ‖θ‖)", v),
+    "predicted_trust": lambda v: check_positive("predicted_trust", v),
+    "steps": lambda v: check_count("steps", v, minimum=1, none="the method's default"),
+    "max_retries": lambda v: check_count("max_retries", v, minimum=0),
+    "search_iters": lambda v: check_count("search_iters", v, minimum=0),
+    "refresh_every": lambda v: check_count("refresh_every", v, minimum=1, none="never"),
+    "curvature_batches": lambda v: check_count("curvature_batches", v, minimum=1, none="all batches"),
+    "holdout_batches": lambda v: check_count("holdout_batches", v, minimum=0,
+                                             none="all batches; 0: no holdout target"),
+    "damping_growth": _check_damping_growth,
+    "target_score": _check_target_score,
+    "forget_target": _check_forget_target,
+    "forget_loss": _check_forget_loss,
+}
+
+
+def check_settings(**knobs: Any) -> None:
+    """Check each knob given (None: not set) with its one check (`KNOB_CHECKS`), raising `UserInputError` naming
+    it: the settings of a request, a driver's and a method's constructor all call this, so a value is refused the
+    same way everywhere, before any work."""
+    for name, value in knobs.items():
+        if value is not None:
+            KNOB_CHECKS[name](value)

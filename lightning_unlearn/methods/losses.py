@@ -18,12 +18,13 @@ in the tests it removes more likelihood per unit of retain damage than NLL ascen
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..curvature.base import eval_mode
 from ..curvature.objective import CrossEntropyObjective, model_logits
 
 FORGET_LOSSES = ("unlikelihood", "nll", "unlikelihood_normalized", "nll_normalized")
@@ -67,6 +68,29 @@ def _token_unlikelihood(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Te
     log_one_minus_p = torch.logsumexp(others, dim=-1) - torch.logsumexp(out, dim=-1)
     return -log_one_minus_p, mask.nonzero()[:, 0]
 
+
+
+def example_losses(model: nn.Module, batches: Sequence[Mapping[str, Tensor]],
+                   reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, float, float]:
+    """(this process's per-example mean token NLL [n], token NLL sum, token count) of `batches`, the sums reduced
+    across processes by `reduce`."""
+    losses, total = [], torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), eval_mode(model):
+        for b in batches:
+            nll, example = token_nll(model_logits(model, b), b)
+            nll = nll.double().cpu()
+            example = example.cpu()
+            rows = example.unique()
+            sums = torch.zeros(int(example.max()) + 1 if len(example) else 0, dtype=torch.float64)
+            counts = torch.zeros_like(sums)
+            sums.index_add_(0, example, nll)
+            counts.index_add_(0, example, torch.ones_like(nll))
+            losses.append(sums[rows] / counts[rows])
+            total += torch.tensor([float(nll.sum()), float(nll.numel())], dtype=torch.float64)
+    total = reduce(total)
+    if float(total[1]) <= 0:
+        raise ValueError("no position with labels != -100 in the batches; nothing to measure the loss on")
+    return (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), float(total[0]), float(total[1])
 
 def forget_objective(
     model: nn.Module, batch: Mapping[str, Tensor], kind: str, params: Sequence[Tensor] | None = None

@@ -1,0 +1,498 @@
+"""The unlearning engine's run protocol: trial update, safety check, target, status, decision log.
+
+    unlearner = build_unlearner("newton", model)            # the default recipe: K-FAC, relative damping
+    records = unlearner.fit(forget_batches, retain_batches, holdout_batches=holdout_batches)
+    unlearner.status       # "target_reached" | "budget_exhausted" | "nothing_accepted"
+    unlearner.summary()    # status, target, steps, losses before and after (numbers only)
+
+A run is `begin` (checks, curvature, the losses before; it may find the target already met), then `step` until
+`should_stop`, then `finish` (the losses after, the status, a `NothingAcceptedWarning` when nothing was accepted).
+`fit` is that loop; `UnlearningModule` runs the same protocol with Lightning driving the steps.
+
+Every method proposes an update from the forget data; `step` applies it as a *trial*: the held retain loss and the
+forget loss are measured, and the trial is rolled back (weights restored bit for bit from a copy) when anything is
+non-finite, the step left the trust region (`trust_region`), or the held retain loss spent the retain budget
+(`target`). After a rollback the damping grows (×`damping_growth`) and the step is retried, at most `max_retries`
+times; after a success it shrinks back towards its initial value. Every trial is one `StepRecord` in `history` and
+is passed to `log`. The target (`calibrate`, a holdout of the forget set's kind) is explained in `target`.
+
+Losses are the mean token NLL over positions with labels != -100 (the span, for span-level forgetting); sums and
+counts go through `reduce` (a cross-process sum, identity by default) so that every process takes the same
+decision. Torch only: drivers (Lightning, Fabric) inject `reduce`/`gather`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.base import Reduce, Vector, eval_mode, identity
+from ..errors import UserInputError
+from . import holdout as holdout_checks
+from .inputs import check_batches, check_finite_weights, check_settings, vocabulary_size
+from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective
+from .records import (
+    Batch,
+    NothingAcceptedWarning,
+    StepRecord,
+    as_batches,
+    run_status,
+    stops_run,
+    summarize,
+    trial_reason,
+)
+from .target import forget_score, held_out_retain, holdout_histogram, over_retain_budget
+from .trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
+
+
+class Unlearner(ABC):
+    """Base of every method: trial update -> safety check -> accept or roll back, logged.
+
+    Subclasses implement `param_names` (what they update), `_prepare` (work done once per step, e.g. the forget
+    gradient) and `_propose` (the update for the current damping, from the prepared context), or override
+    `_apply_trial` for updates made by a torch optimizer.
+    """
+
+    name: str = "unlearner"
+    #: whether a step that spends the retain budget ends the run (second-order methods make it a setting)
+    stop_at_budget: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        forget_loss: str = DEFAULT_FORGET_LOSS,
+        steps: int = 1,
+        max_retain_increase: float | None = 0.05,
+        damping_growth: float = 10.0,
+        max_retries: int = 4,
+        forget_target: float | None = None,
+        log: Callable[[StepRecord], None] | None = None,
+        reduce: Reduce | None = None,
+        damping: float = 1.0,
+        scale: float = 1.0,
+        relative_target: bool = True,
+        target_score: float = 0.5,
+        max_step_norm: float | None = DEFAULT_MAX_STEP_NORM,
+    ) -> None:
+        check_settings(steps=steps, damping_growth=damping_growth, max_retries=max_retries,
+                       max_retain_increase=max_retain_increase, max_step_norm=max_step_norm, damping=damping,
+                       scale=scale, target_score=target_score, forget_target=forget_target, forget_loss=forget_loss)
+        self.model = model
+        self.forget_loss = check_forget_loss(forget_loss)
+        self.steps = int(steps)
+        self.max_retain_increase = max_retain_increase
+        self.damping_growth = float(damping_growth)
+        self.max_retries = int(max_retries)
+        self.forget_target = forget_target
+        self.log = log
+        self.reduce: Reduce = reduce if reduce is not None else identity
+        self.initial_damping = float(damping)
+        self.damping = float(damping)
+        self.scale = float(scale)
+        self.max_step_norm = None if max_step_norm is None else float(max_step_norm)
+        self.history: list[StepRecord] = []
+        self.step_count = 0
+        self._reference: tuple[Batch | list[Batch], float] | None = None
+        self.holdout: list[Batch] = []
+        self.holdout_loss: float | None = None  # the holdout's mean token NLL before unlearning
+        self._holdout_hist: Tensor | None = None  # its per-example losses before unlearning, as a histogram
+        self.relative_target = bool(relative_target)
+        self.target_score = float(target_score)
+        self.target_source = "forget_target" if forget_target is not None else "none"
+        self._status: str | None = None
+        self._run_start = 0  # index in `history` of the current run's first record
+        self._losses: dict[str, float | None] = {}
+
+    # ------------------------------------------------------------------ what subclasses provide
+    @property
+    @abstractmethod
+    def param_names(self) -> tuple[str, ...]:
+        """Names (in `model.named_parameters()`) of the parameters this method updates."""
+
+    @abstractmethod
+    def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
+        """Work done once per step, reused across retries (e.g. the forget gradient)."""
+
+    def _propose(self, context: Any) -> Vector:
+        """The additive update for the current `self.damping` / `self.scale`."""
+        raise NotImplementedError
+
+    def _begin_fit(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
+        """Hook at the start of a run (curvature fitting)."""
+        return None
+
+    def refresh_due(self, index: int) -> bool:
+        """Whether the run's step `index` starts by re-estimating the curvature (never for first-order methods)."""
+        return False
+
+    def _before_step(self, index: int, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
+        """Hook before step `index` of `fit` (curvature refresh)."""
+        return None
+
+    def _record_scale(self) -> float:
+        return self.scale
+
+    # ------------------------------------------------------------------ helpers
+    def named_params(self) -> dict[str, nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self.param_names}
+
+    def measure(self, batches: Batch | Sequence[Batch]) -> float:
+        """Mean token NLL over valid positions of one batch or several (token-weighted, reduced across processes)."""
+        _, total, count = self.example_losses(batches)
+        return total / count
+
+    def example_losses(self, batches: Batch | Sequence[Batch]) -> tuple[Tensor, float, float]:
+        """(this process's per-example mean token NLL [n], token NLL sum, token count), the sums reduced."""
+        return example_losses(self.model, as_batches(batches), self.reduce)
+
+    def _holdout_histogram(self) -> tuple[Tensor, float]:
+        """The holdout's per-example losses as a histogram (`target.holdout_histogram`) and its mean token NLL, at
+        the current weights. A non-finite loss makes the mean non-finite on every process (the sums are reduced):
+        the callers read that as "no score"."""
+        losses, total, count = self.example_losses(self.holdout)
+        return holdout_histogram(losses, self.reduce), total / count
+
+    def forget_score(self, forget: Batch | Sequence[Batch]) -> tuple[float, float]:
+        """(score, mean token NLL) of the forget batches. The score is what the target is compared with: with a
+        holdout target, the mean percentile of the forget examples' losses among the holdout examples' losses
+        (`target.forget_score`) at the current weights (before unlearning with `relative_target=False`); otherwise
+        the mean token NLL. NaN when a loss of either set is not finite (a trial that is rolled back)."""
+        losses, total, count = self.example_losses(forget)
+        nll = total / count
+        if not self.holdout or self.forget_target is not None:
+            return nll, nll
+        if not math.isfinite(nll):  # reduced sums: every process returns here alike
+            return float("nan"), nll
+        if self.relative_target:
+            hist, holdout_loss = self._holdout_histogram()
+            if not math.isfinite(holdout_loss):
+                return float("nan"), nll
+        else:
+            hist = self._holdout_hist
+        return forget_score(losses, hist, self.reduce), nll
+
+    def forget_gradient(self, forget: Sequence[Batch], kind: str | None = None) -> Vector:
+        """`-∇ U` over `param_names` (U the forget objective to minimise, `kind` or `forget_loss`): the direction
+        that forgets, averaged over the batches by their weights (positions or examples) and reduced across
+        processes. `kind="nll"` gives `+∇` of the mean token NLL."""
+        params = self.named_params()
+        names, plist = list(params), list(params.values())
+        grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        weight = 0.0
+        with torch.enable_grad(), eval_mode(self.model):
+            for b in forget:
+                loss, w = forget_objective(self.model, b, kind or self.forget_loss, plist)
+                if w == 0:
+                    continue
+                gs = torch.autograd.grad(loss, plist, allow_unused=True)
+                for n, g in zip(names, gs):
+                    if g is not None:
+                        grads[n] -= w * g.detach().float()
+                weight += w
+        total = float(self.reduce(torch.tensor(weight, dtype=torch.float64)))
+        if total <= 0:
+            raise ValueError("the forget batches have no position with labels != -100; nothing to forget")
+        return {n: (self.reduce(g) / total).to(params[n].dtype) for n, g in grads.items()}
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_params().items()}
+
+    def outside_trust_region(self, snapshot: Mapping[str, Tensor]) -> bool:
+        """Whether the current weights moved further from `snapshot` than the trust region allows
+        (`trust_region`)."""
+        params = self.named_params()
+        return outside_step_norm(((params[n], s) for n, s in snapshot.items()), self.max_step_norm)
+
+    def _restore(self, snapshot: Mapping[str, Tensor]) -> None:
+        params = self.named_params()
+        with torch.no_grad():
+            for n, s in snapshot.items():
+                params[n].copy_(s)
+
+    def _apply_trial(self, context: Any) -> bool:
+        """Apply the trial update in place; False (nothing applied) when the update is non-finite."""
+        update = self._propose(context)
+        if not all(bool(torch.isfinite(u).all()) for u in update.values()):
+            return False
+        params = self.named_params()
+        with torch.no_grad():
+            for n, u in update.items():
+                params[n].add_(u.to(device=params[n].device, dtype=params[n].dtype))
+        return True
+
+    def _reject(self) -> None:
+        """After a rollback: grow the damping."""
+        self.damping *= self.damping_growth
+
+    def _accept(self) -> None:
+        """After a success: shrink the damping back towards its initial value."""
+        self.damping = max(self.initial_damping, self.damping / self.damping_growth)
+
+    def _rollback_state(self) -> Any:
+        """Extra state to restore on rollback (optimizer moments); None by default."""
+        return None
+
+    def _restore_state(self, state: Any) -> None:
+        """Restore what `_rollback_state` returned."""
+        return None
+
+    def _emit(self, record: StepRecord) -> StepRecord:
+        self.history.append(record)
+        if self.log is not None:
+            self.log(record)
+        return record
+
+    def reference_retain_loss(self, held: Batch | list[Batch]) -> float:
+        """The loss of what the retain budget is measured on when it was first seen (the budget's reference)."""
+        if self._reference is None or self._reference[0] is not held:
+            self._reference = (held, self.measure(held))
+        return self._reference[1]
+
+    # ------------------------------------------------------------------ the target
+    def calibrate(self, holdout_batches: Iterable[Batch] | Batch | None) -> float | None:
+        """Use `holdout_batches` (never-trained data of the forget set's kind) for the target (see `target`) and,
+        for second-order methods, as the data whose loss the step leaves in place. An explicit `forget_target`
+        wins. Returns the target (None without one)."""
+        self.holdout = as_batches(holdout_batches)
+        self._holdout_hist, self.holdout_loss = self._holdout_histogram() if self.holdout else (None, None)
+        if self.holdout_loss is not None and not math.isfinite(self.holdout_loss):
+            self.holdout, self._holdout_hist, self.holdout_loss = [], None, None
+            raise UserInputError(f"{self.name}: the model's loss on the holdout is NaN/inf before unlearning "
+                                 "(non-finite logits: e.g. float16 overflow, or broken weights); load the model in "
+                                 "float32 or bfloat16 and check the holdout batches")
+        if self.forget_target is None:
+            self.target_source = "holdout" if self.holdout else "none"
+        return self.current_target()
+
+    def current_target(self) -> float | None:
+        """What this run aims at: the forget score 0.5 against the holdout, or the `forget_target` loss."""
+        if self.forget_target is not None:
+            return float(self.forget_target)
+        return self.target_score if self.holdout else None
+
+    def budget_batches(self, held_retain_batch: Batch | None, retain: Sequence[Batch]) -> Batch | list[Batch] | None:
+        """What the retain budget is measured on: the held retain batch, else the first retain batch, else (a
+        retain-free request) the holdout, the only never-trained data at hand: without it the curvature's
+        prediction ½ΔᵀCΔ is the only guard, and it can under-predict a large step many times over."""
+        if held_retain_batch is not None:
+            return held_retain_batch
+        if retain:
+            return retain[0]
+        return self.holdout if self.holdout else None
+
+    def require_measured_guard(self, held_retain_batch: Batch | None, retain: Sequence[Batch]) -> None:
+        """Refuse a run with a retain budget but nothing to measure it on (no held retain batch, no retain batch, no
+        holdout): a prediction alone (the curvature's ½ΔᵀCΔ) is no bound. `max_retain_increase=None` runs without a
+        check."""
+        if self.max_retain_increase is None or self.budget_batches(held_retain_batch, retain) is not None:
+            return
+        raise UserInputError(
+            f"{self.name}: nothing to measure the damage on: no retain data and no holdout data, so no measured loss "
+            "bounds the steps (the curvature's prediction alone lets a step ruin the model); pass holdout data (a "
+            "few never-trained examples of the forget set's kind, labelled like it: holdout= / holdout_batches=; the "
+            "retain budget is then measured on them) or a retain batch (retain= / held_retain=), or set "
+            "max_retain_increase=None to run without any check")
+
+    def check_holdout(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
+                      held_retain_batch: Batch | None = None) -> None:
+        """Before the first step, with a holdout: refuse holdout examples that are forget or retain examples, warn
+        (`HoldoutWarning`) when the holdout does not look like never-seen data of the forget set's kind; see
+        `lightning_unlearn.methods.holdout`. Every process takes the same decision (the numbers are reduced)."""
+        if not self.holdout:
+            return
+        others = [*retain, *([held_retain_batch] if held_retain_batch is not None else [])]
+        counts = self.reduce(torch.tensor(holdout_checks.duplicate_counts(self.holdout, forget, others) +
+                                          holdout_checks.shared_token_counts(self.holdout, forget),
+                                          dtype=torch.float64))
+        held = self.budget_batches(held_retain_batch, list(retain))
+        holdout_loss = self.holdout_loss if self.holdout_loss is not None else self.measure(self.holdout)
+        refusal, found = holdout_checks.holdout_findings(
+            duplicates=counts[:3].tolist(), shared=counts[3:].tolist(), vocabulary=vocabulary_size(self.model),
+            holdout_loss=holdout_loss, forget_loss=self.measure(forget),
+            retain_loss=self.measure(held) if held is not None and held is not self.holdout else None)
+        if refusal is not None:
+            raise UserInputError(f"{self.name}: {refusal}")
+        for message in found:
+            warnings.warn(f"{self.name}: {message}", holdout_checks.HoldoutWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ one step
+    def _begin_step(self, forget_batch: Batch | Sequence[Batch], retain_batch: Batch | Sequence[Batch] | None,
+                    held_retain_batch: Batch | None) -> tuple[list[Batch], list[Batch], Batch | list[Batch] | None,
+                                                              float | None, float | None, Any, int]:
+        """What every step starts from: (forget, retain, the budget's batches, their reference loss, target, the
+        prepared context, the step's index)."""
+        forget = as_batches(forget_batch)
+        retain = as_batches(retain_batch)
+        if not forget:
+            raise ValueError("step() needs at least one forget batch")
+        for what, batches in (("forget", forget), ("retain", retain)):
+            check_batches(self.model, batches, what)
+        held = self.budget_batches(held_retain_batch, retain)
+        reference = self.reference_retain_loss(held) if held is not None else None
+        target = self.current_target()
+        context = self._prepare(forget, retain)
+        index = self.step_count
+        self.step_count += 1
+        return forget, retain, held, reference, target, context, index
+
+    def step(
+        self,
+        forget_batch: Batch | Sequence[Batch],
+        retain_batch: Batch | Sequence[Batch] | None = None,
+        held_retain_batch: Batch | None = None,
+    ) -> StepRecord:
+        """One update with the safety check (and up to `max_retries` retries); returns the last trial's record.
+
+        `forget_batch` may be one batch or a list (the forget gradient is then over all of them). The held retain
+        batch defaults to the first retain batch; without either, only the non-finite check guards the step.
+        """
+        forget, retain, held, reference, target, context, index = self._begin_step(
+            forget_batch, retain_batch, held_retain_batch)
+        record: StepRecord | None = None
+        for trial in range(self.max_retries + 1):
+            snapshot, extra = self._snapshot(), self._rollback_state()
+            applied = self._apply_trial(context)
+            try:
+                score, forget_loss = self.forget_score(forget) if applied else (float("nan"), float("nan"))
+                retain_loss = self.measure(held) if (applied and held is not None) else None
+            except BaseException:  # an error (or Ctrl-C) while measuring: the trial was never accepted
+                self._restore(snapshot)
+                self._restore_state(extra)
+                raise
+            finite = applied and math.isfinite(forget_loss) and math.isfinite(score) and (
+                retain_loss is None or math.isfinite(retain_loss))
+            if finite:
+                finite = all(bool(torch.isfinite(p).all()) for p in self.named_params().values())
+            reason = trial_reason(
+                finite=finite, outside_trust_region=finite and self.outside_trust_region(snapshot),
+                over_budget=(reference is not None and retain_loss is not None
+                             and over_retain_budget(retain_loss, reference, self.max_retain_increase)),
+                target_reached=target is not None and score >= target)
+            accepted = reason in ("accepted", "target_reached")
+            record = self._emit(StepRecord(step=index, damping=self.damping, scale=self._record_scale(),
+                                           forget_loss=forget_loss, retain_loss=retain_loss, accepted=accepted,
+                                           reason=reason, trial=trial, target=target, forget_score=score))
+            if accepted:
+                self._accept()
+                return record
+            if applied:
+                self._restore(snapshot)
+            self._restore_state(extra)
+            self._reject()
+        assert record is not None
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def begin(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
+              held_retain_batch: Batch | None = None) -> bool:
+        """Start a run (after `calibrate`): check the holdout, fit the curvature, refuse a run with nothing to
+        measure the damage on, measure the losses before. True when the target is already met: the run is then
+        over ("target_reached"), with nothing to do."""
+        forget, retain = as_batches(forget), as_batches(retain)
+        self.check_holdout(forget, retain, held_retain_batch)
+        self._run_start, self._status = len(self.history), None
+        self._begin_fit(forget, retain)
+        self.require_measured_guard(held_retain_batch, retain)  # after the source's own checks (retain curvature)
+        held = self.budget_batches(held_retain_batch, retain)
+        score, nll = self.forget_score(forget)
+        self._losses = {"forget_before": nll, "score_before": score,
+                        "retain_before": self.reference_retain_loss(held) if held is not None else None}
+        target = self.current_target()
+        self._losses["target"] = target
+        if target is not None and score >= target:
+            self._status = "target_reached"  # nothing to do: the forget set already looks unseen
+            self._losses.update(forget_after=nll, score_after=score, retain_after=self._losses["retain_before"])
+            return True
+        return False
+
+    def should_stop(self, record: StepRecord) -> bool:
+        """Whether the step that gave `record` ends the run (`records.stops_run`)."""
+        return stops_run(record, self.stop_at_budget)
+
+    @property
+    def run_records(self) -> list[StepRecord]:
+        """Every record of the current (or last) run, rolled-back trials too."""
+        return self.history[self._run_start:]
+
+    def finish(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
+               held_retain_batch: Batch | None = None) -> str:
+        """End a run: measure the losses after, set `status` (warns with `NothingAcceptedWarning` when nothing was
+        accepted). Returns the status."""
+        if self._status == "target_reached" and not self.run_records:  # `begin` found nothing to do
+            return self._status
+        records = self.run_records
+        held = self.budget_batches(held_retain_batch, as_batches(retain))
+        self._losses["score_after"], self._losses["forget_after"] = self.forget_score(as_batches(forget))
+        self._losses["retain_after"] = self.measure(held) if held is not None else None
+        if records:
+            self._losses["target"] = records[-1].target
+        self._status = run_status(records) or "nothing_accepted"
+        if self._status == "nothing_accepted":
+            warnings.warn(
+                f"{self.name}: no step was accepted ({len(records)} trial(s) rolled back): the model is unchanged."
+                " Check the step records' reasons (retain_increase: raise max_retain_increase or give more retain"
+                " data; non_finite or trust_region: lower the scale; no_progress: the forget loss cannot rise along"
+                " this direction)",
+                NothingAcceptedWarning, stacklevel=3)
+        return self._status
+
+    @property
+    def status(self) -> str | None:
+        """How the run ended: "target_reached", "budget_exhausted" or "nothing_accepted"; during a run, how it
+        would end now (None before its first step)."""
+        if self._status is not None:
+            return self._status
+        return run_status(self.run_records)
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers only (`records.SUMMARY_FIELDS`): status, target and where it came from, steps accepted, losses
+        before and after."""
+        losses = self._losses
+        return summarize(self.history, self.status, target=losses.get("target"),
+                         target_source=self.target_source, holdout_loss=self.holdout_loss,
+                         forget_score_before=losses.get("score_before"), forget_score_after=losses.get("score_after"),
+                         forget_loss_before=losses.get("forget_before"), forget_loss_after=losses.get("forget_after"),
+                         retain_loss_before=losses.get("retain_before"), retain_loss_after=losses.get("retain_after"))
+
+    def fit(
+        self,
+        forget_batches: Iterable[Batch],
+        retain_batches: Iterable[Batch] | None = None,
+        held_retain_batch: Batch | None = None,
+        holdout_batches: Iterable[Batch] | None = None,
+    ) -> list[StepRecord]:
+        """The whole run: `begin`, up to `steps` steps over all forget batches until `should_stop`, `finish`.
+        `holdout_batches` set the target (`calibrate`); without `held_retain_batch` the last of two or more retain
+        batches is held out for the budget (`target.held_out_retain`). Returns every record of this run (rolled-back
+        trials too)."""
+        forget = as_batches(forget_batches)
+        retain = as_batches(retain_batches)
+        if not forget:
+            raise ValueError("fit() needs at least one forget batch")
+        check_finite_weights(self.model)
+        for what, batches in (("forget", forget), ("retain", retain),
+                              ("held retain", [held_retain_batch] if held_retain_batch is not None else []),
+                              ("holdout", as_batches(holdout_batches))):
+            check_batches(self.model, batches, what)
+        if holdout_batches is not None:
+            self.calibrate(holdout_batches)
+        if held_retain_batch is None and retain:
+            retain, held_retain_batch = held_out_retain(retain)
+        if self.begin(forget, retain, held_retain_batch):
+            return []
+        held = self.budget_batches(held_retain_batch, retain)
+        for i in range(self.steps):
+            self._before_step(i, forget, retain)
+            record = self.step(forget, [retain[i % len(retain)]] if retain else [], held)
+            if self.should_stop(record):
+                break
+        self.finish(forget, retain, held_retain_batch)
+        return self.run_records
