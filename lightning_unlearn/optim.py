@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .curvature.base import Curvature, check_damping
-from .methods.records import StepRecord
+from .curvature.base import Curvature
+from .methods.inputs import check_positive, check_settings
+from .methods.records import StepRecord, run_status, summarize, trial_reason
 from .methods.target import over_retain_budget
-from .methods.trust_region import DEFAULT_MAX_STEP_NORM
+from .methods.trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
 
 
 class NewtonUnlearner(torch.optim.Optimizer):
@@ -57,13 +59,9 @@ class NewtonUnlearner(torch.optim.Optimizer):
     ) -> None:
         if not curvature.finalized:
             raise ValueError("NewtonUnlearner needs a finalized curvature; accumulate batches and call finalize()")
-        check_damping(damping)
-        if damping_growth <= 1:
-            raise ValueError(f"damping_growth must be > 1, got {damping_growth}")
-        if not (math.isfinite(float(lr)) and lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr}")
-        if max_step_norm is not None and not (math.isfinite(float(max_step_norm)) and max_step_norm > 0):
-            raise ValueError(f"max_step_norm must be a finite number > 0 or None, got {max_step_norm}")
+        check_settings(damping=damping, damping_growth=damping_growth, max_step_norm=max_step_norm,
+                       max_retain_increase=max_retain_increase, max_retries=max_retries)
+        check_positive("lr", lr)
         self.max_step_norm = None if max_step_norm is None else float(max_step_norm)
         defaults = dict(lr=float(lr), damping=float(damping), initial_damping=float(damping), maximize=maximize,
                         steps=0)
@@ -74,6 +72,8 @@ class NewtonUnlearner(torch.optim.Optimizer):
         self.max_retries = int(max_retries)
         self.log = log
         self.history: list[StepRecord] = []
+        self._first_retain: float | None = None  # the held retain loss before the first step (closure given)
+        self._last_retain: float | None = None  # ... after the last accepted step
         by_id = {id(p): n for n, p in curvature.model.named_parameters()}
         covered = set(curvature.param_names)
         self._names: dict[int, str] = {}
@@ -108,21 +108,28 @@ class NewtonUnlearner(torch.optim.Optimizer):
         return {id(p): sign * group["lr"] * direction[n] for n, p in params.items()}
 
     def _outside_trust_region(self, snapshot: dict[int, Tensor]) -> bool:
-        """‖θ - θ₀‖ > max_step_norm · ‖θ₀‖ over the covered parameters (θ₀ = `snapshot`)."""
-        if self.max_step_norm is None:
-            return False
-        moved = size = 0.0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in snapshot:
-                    moved += float((p.detach().double() - snapshot[id(p)].double()).pow(2).sum())
-                    size += float(snapshot[id(p)].double().pow(2).sum())
-        return moved > (self.max_step_norm**2) * size
+        """‖θ - θ₀‖ > max_step_norm · ‖θ₀‖ over the covered parameters (θ₀ = `snapshot`; `trust_region`)."""
+        pairs = ((p, snapshot[id(p)]) for group in self.param_groups for p in group["params"] if id(p) in snapshot)
+        return outside_step_norm(pairs, self.max_step_norm)
+
+    @property
+    def status(self) -> str | None:
+        """How the steps so far went (`records.run_status`, the rule of every run): "budget_exhausted" once a step
+        was accepted (there is no target here), "nothing_accepted" when every trial was rolled back."""
+        return run_status(self.history)
+
+    def summary(self) -> dict[str, Any]:
+        """The steps so far in the summary schema of every run (`records.SUMMARY_FIELDS`; no target and no forget
+        loss here: the closure measures the held retain loss only)."""
+        return summarize(self.history, self.status, target_source="none", retain_loss_before=self._first_retain,
+                         retain_loss_after=self._last_retain)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor | float] | None = None) -> float | None:  # type: ignore[override]
         """One guarded Newton step. Returns the held retain loss after the step (closure given) or None."""
         reference = None if closure is None else float(closure())
+        if self._first_retain is None:
+            self._first_retain = reference
         last = None
         for trial in range(self.max_retries + 1):
             snapshot = {id(p): p.detach().clone() for g in self.param_groups for p in g["params"]
@@ -142,15 +149,12 @@ class NewtonUnlearner(torch.optim.Optimizer):
                 finite = all(bool(torch.isfinite(p).all()) for g in self.param_groups for p in g["params"]
                              if id(p) in self._names)
             retain = float(closure()) if (finite and closure is not None) else None
-            if not finite or (retain is not None and not math.isfinite(retain)):
-                reason = "non_finite"
-            elif self._outside_trust_region(snapshot):
-                reason = "trust_region"
-            elif reference is not None and retain is not None and over_retain_budget(retain, reference,
-                                                                                   self.max_retain_increase):
-                reason = "retain_increase"
-            else:
-                reason = "accepted"
+            finite = finite and (retain is None or math.isfinite(retain))
+            reason = trial_reason(
+                finite=finite, outside_trust_region=finite and self._outside_trust_region(snapshot),
+                over_budget=(reference is not None and retain is not None
+                             and over_retain_budget(retain, reference, self.max_retain_increase)),
+                target_reached=False)
             group0 = self.param_groups[0]
             record = StepRecord(step=int(group0["steps"]), damping=float(group0["damping"]), scale=float(group0["lr"]),
                                 forget_loss=float("nan"), retain_loss=retain, accepted=reason == "accepted",
@@ -160,6 +164,7 @@ class NewtonUnlearner(torch.optim.Optimizer):
                 self.log(record)
             last = retain
             if record.accepted:
+                self._last_retain = retain
                 for group in self.param_groups:
                     group["damping"] = max(group["initial_damping"], group["damping"] / self.damping_growth)
                     group["steps"] += 1

@@ -97,3 +97,17 @@ def test_first_order_defaults_unlearn_a_memorised_model(method, memorised):
     assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary
     budget = retain_budget_nats(u.max_retain_increase, summary["retain_loss_before"])
     assert summary["retain_loss_after"] <= summary["retain_loss_before"] + budget + 1e-9, summary
+
+
+@pytest.mark.parametrize("method", ["gradient_ascent", "newton"])
+@pytest.mark.parametrize("damping", [0, 0.0, -1.0, float("nan")])
+def test_every_method_refuses_a_damping_that_is_not_positive(method, damping):
+    """One check of `damping` everywhere (> 0): a first-order method divides its learning rate by it."""
+    from lightning_unlearn.errors import UserInputError
+    from lightning_unlearn.settings import UnlearnSettings
+
+    with pytest.raises(UserInputError, match="damping must be a finite number > 0"):
+        build_unlearner(method, small_causal_lm("gpt2", seed=0), damping=damping)
+    with pytest.raises(UserInputError, match="damping must be a finite number > 0"):
+        UnlearnSettings(method=method, damping=damping)
+

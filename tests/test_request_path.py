@@ -1,7 +1,8 @@
 """One request path and one set of defaults for every driver.
 
 (a) The `Unlearn` callback, `UnlearningModule`, `fabric_unlearn` and the command (`fit --print_config`) take every
-field of `UnlearnSettings` with its default (the module leaves `steps` to `trainer.max_steps`). (b) Each driver
+field of `UnlearnSettings` with its default (the module leaves `steps` to `trainer.max_steps`), and each knob given
+to a driver by name reaches the settings it builds. (b) Each driver
 reaches `lightning_unlearn.request`: the callback, Fabric and the experiment return its `RequestResult`; the module's
 method (also through the command) is the one `prepare_request` built (a spy that wraps the real function). (c) The
 same request through the callback, Fabric on one process, the experiment and `serve_request` gives bit-identical
@@ -73,6 +74,43 @@ def check_defaults(driver: str, defaults: dict[str, Any]) -> None:
                                             ("fabric_unlearn", fabric_unlearn)])
 def test_every_driver_takes_every_setting_with_the_dataclass_default(driver, fn):
     check_defaults(driver, signature_defaults(fn))
+
+
+#: a value other than the default for every setting (a new field must be added here: the test below checks)
+CHANGED = {"method": "fisher_removal", "curvature": "diagonal", "curvature_data": "forget", "curvature_batches": 3,
+           "holdout_batches": 2, "damping": 0.5, "scale": 0.25, "steps": 3, "forget_loss": "nll",
+           "max_retain_increase": 0.1, "forget_target": 2.0, "fisher_type": "empirical",
+           "full_curvature": "c.safetensors", "refresh_every": 2, "method_kwargs": {"protect_groups": 2},
+           "curvature_kwargs": {"include": ["h.0.mlp"]}}
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_every_driver_passes_every_setting_into_its_settings(name, monkeypatch):
+    """Each knob given to a driver by name reaches its `UnlearnSettings`, alone and over `settings=`."""
+    assert set(CHANGED) == set(FIELDS), "give the new setting a changed value in CHANGED"
+    import lightning_unlearn.fabric as fabric_file
+
+    expected = UnlearnSettings(**{name: CHANGED[name]})
+    base = UnlearnSettings(max_retain_increase=0.2) if name != "max_retain_increase" else UnlearnSettings(steps=2)
+    assert Unlearn(**{name: CHANGED[name]}).settings == expected
+    assert Unlearn(settings=base, **{name: CHANGED[name]}).settings == base.replace(**{name: CHANGED[name]})
+    if name not in NOT_TAKEN["UnlearningModule"]:
+        assert UnlearningModule(small_causal_lm("gpt2", seed=0), **{name: CHANGED[name]}).settings == expected
+    spy = Spy(fabric_file.serve_request)
+    monkeypatch.setattr(fabric_file, "serve_request", spy)
+    with pytest.raises(UserInputError):  # no forget batch: refused after the settings were built
+        fabric_unlearn(Fabric(accelerator="cpu", devices=1), small_causal_lm("gpt2", seed=0), [],
+                       **{name: CHANGED[name]})
+    assert spy.calls[0]["settings"] == expected
+
+
+def test_the_module_refuses_steps_and_fabric_takes_further_method_keywords():
+    with pytest.raises(UserInputError, match="steps is the trainer's max_steps"):
+        UnlearningModule(small_causal_lm("gpt2", seed=0), steps=3)
+    with pytest.raises(UserInputError, match="unknown setting 'stepz'"):
+        Unlearn(stepz=3)
+    with pytest.raises(UserInputError, match="'stepz'.*valid settings"):  # fabric: a method keyword, checked too
+        fabric_unlearn(Fabric(accelerator="cpu", devices=1), small_causal_lm("gpt2", seed=0), [], stepz=3)
 
 
 def test_the_command_prints_the_dataclass_defaults(tmp_path):
