@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EXIT_NOTHING_ACCEPTED
-from .experiment import Experiment, ExperimentConfig, atomic_save_pretrained, summarize
-from .io import atomic_directory, check_output, mark_running, utc_now, write_manifest
+from .experiment import Experiment, ExperimentConfig, summarize
+from .io import RunRecord, atomic_directory, check_output, write_manifest
+from .models import atomic_save_pretrained
 from .settings import UnlearnSettings
 
 #: the demo's unlearning run: `UnlearnSettings`' defaults (the method's default recipe: no damping, scale, steps or
@@ -47,23 +48,18 @@ def run_demo(output: str | Path = "runs/demo", *, config: ExperimentConfig | Non
     output = check_output(output, overwrite, {"--cache": cache, **(protected or {})})
     config = config or ExperimentConfig()
     settings = settings or DEFAULT_SETTINGS
-    record: dict[str, Any] = {"command": "demo", "status": "running", "steps_accepted": None, "exit_code": None,
-                              "started": utc_now(), "ended": None}
-    marked = mark_running(output, **record)
+    record = RunRecord("demo", output)
+    record.start()
     try:
         with atomic_directory(output) as work:
             summary = _run(work, config, settings, progress, Path(cache) if cache else None)
             shutil.rmtree(work / "cache", ignore_errors=True)
-            status = summary.get("status")
-            record.update(status=status, steps_accepted=(summary.get("unlearning") or {}).get("steps_accepted"),
-                          exit_code=EXIT_NOTHING_ACCEPTED if status == "nothing_accepted" else 0, ended=utc_now())
-            write_manifest(work, **record, finished=True)
-    except BaseException as err:
-        if marked and output.is_dir():  # the older output stays, marked as not this run's
-            interrupted = not isinstance(err, Exception)
-            record.update(status="interrupted" if interrupted else "failed", ended=utc_now(),
-                          exit_code=getattr(err, "code", None) if interrupted else None)
-            write_manifest(output, **record, finished=False)
+            record.status = summary.get("status")
+            record.steps_accepted = (summary.get("unlearning") or {}).get("steps_accepted")
+            record.exit_code = EXIT_NOTHING_ACCEPTED if record.status == "nothing_accepted" else 0
+            write_manifest(work, **record.fields(finished=True))
+    except BaseException as err:  # the older output stays, marked as not this run's
+        record.abort(err, interrupted=not isinstance(err, Exception))
         raise
     return summary
 

@@ -209,6 +209,47 @@ def mark_running(folder: str | Path, **fields: Any) -> bool:
     return True
 
 
+class RunRecord:
+    """The `run.json` of a run of the command (`fit`, `demo`): its fields (numbers and status only) and the marker it
+    leaves on an earlier output while running (`mark_running`), then its final state there."""
+
+    def __init__(self, command: str, output: Path | None = None) -> None:
+        self.command = command
+        self.output = output
+        self.started: str | None = None
+        self.status: str | None = None
+        self.steps_accepted: int | None = None
+        self.exit_code: int | None = None
+        self.marked = False  # a `finished: false` marker was written into an existing output folder
+        self.claim: OutputClaim | None = None  # the output taken for this run (`claim_output`)
+        self.done = False  # the final run.json was written
+
+    def fields(self, **extra: Any) -> dict[str, Any]:
+        """The manifest's fields now (`ended` is the time now unless given)."""
+        return {"command": self.command, "status": self.status, "steps_accepted": self.steps_accepted,
+                "exit_code": self.exit_code, "started": self.started, "ended": utc_now(), **extra}
+
+    def start(self) -> None:
+        """The run begins: its start time, and the `finished: false` marker on an earlier output of ours."""
+        self.started = utc_now()
+        if self.output is not None:
+            self.marked = mark_running(self.output, **self.fields(ended=None))
+
+    def finish(self, **extra: Any) -> None:
+        """The final run.json, where a marker was left (the run's new output holds its own)."""
+        if self.marked and self.output is not None:
+            write_manifest(self.output, **self.fields(finished=True, **extra))
+        self.done = True
+
+    def abort(self, err: BaseException, *, interrupted: bool, **extra: Any) -> None:
+        """A run `interrupted` (a signal) or failed by `err`: the marker says so (still `finished: false`)."""
+        if self.marked and not self.done and self.output is not None and self.output.is_dir():
+            self.status = "interrupted" if interrupted else "failed"
+            self.exit_code = getattr(err, "code", None) if interrupted else None
+            with contextlib.suppress(OSError):
+                write_manifest(self.output, **self.fields(finished=False, **extra))
+
+
 # ---------------------------------------------------------------------------------------------------- claims
 @dataclass
 class OutputClaim:

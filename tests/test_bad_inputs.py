@@ -537,7 +537,8 @@ def test_validate_evaluates_the_unlearned_output(cmd_project, fitted):
 
 # ------------------------------------------------------------------ what counts as the user's error, and Ctrl-C
 def test_only_errors_of_the_user_become_one_line_messages():
-    from lightning_unlearn.cli import TRACEBACK_HINT, _user_error
+    from lightning_unlearn.cli.user_errors import TRACEBACK_HINT
+    from lightning_unlearn.cli.user_errors import user_error as _user_error
     from lightning_unlearn.models import small_config
 
     with pytest.raises(ValueError) as ours:
@@ -552,7 +553,8 @@ def test_only_errors_of_the_user_become_one_line_messages():
 
 
 def test_ctrl_c_raises_through_finally_blocks_and_exits_130():
-    from lightning_unlearn.cli import Interrupted, _install_signal_handlers
+    from lightning_unlearn.cli.signals import Interrupted
+    from lightning_unlearn.cli.signals import install_signal_handlers as _install_signal_handlers
 
     restore = _install_signal_handlers()
     cleaned = []

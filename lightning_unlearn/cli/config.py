@@ -1,0 +1,117 @@
+"""The command's checks of a parsed config before any work: the choices, the paths, the forget selection (redacted
+wherever the config is shown or saved) and what `--output` must never be nor contain."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserInputError
+
+
+class ConfigError(UserInputError):
+    """A configuration value is wrong; the message names the key."""
+
+
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+#: the config keys of the data roles that name a path
+DATA_PATH_KEYS = ("train", "forget", "retain", "test", "holdout", "tokenizer")
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a hub id: explicit prefixes, a data-file suffix, or a first component that exists here."""
+    path = Path(value).expanduser()
+    return (value.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES or path.exists()
+            or (len(path.parts) > 1 and Path(path.parts[0]).exists()))
+
+
+def check_paths(config: Any) -> None:
+    """Fail early, naming every key whose model or data path does not exist (or whose model id does not load its
+    config offline)."""
+    from ..models import load_model_config, unreadable_model_files
+
+    problems = []
+    model = config.get("model") or {}
+    value = model.get("model")
+    if isinstance(value, str) and Path(value).expanduser().is_dir():
+        problems += [f"model.model: {str(file)!r} cannot be read ({why}); the model's files must be readable "
+                     "files: fix the permissions (chmod a+r) or the link, or save or copy the model again"
+                     for file, why in unreadable_model_files(Path(value).expanduser())]
+    if isinstance(value, str) and not Path(value).expanduser().exists():
+        if _looks_local(value):
+            problems.append(f"model.model: path {value!r} does not exist; give a saved model directory "
+                            "(e.g. runs/demo/original after `lightning-unlearn demo`) or a hub id")
+        else:
+            try:
+                load_model_config(value)
+            except (OSError, ValueError) as err:
+                problems.append(f"model.model: cannot load {value!r} ({type(err).__name__}); give a saved model "
+                                "directory, or a hub id while online")
+    data = config.get("data") or {}
+    for key in DATA_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and _looks_local(value) and not Path(value).expanduser().exists():
+            problems.append(f"data.{key}: path {value!r} does not exist; fix the path in the config")
+    if problems:
+        raise ConfigError("\n  ".join(problems))
+
+
+def check_choices(config: Any) -> None:
+    """`model.method`, `model.curvature`, `model.curvature_data` and `model.dtype` among the known values."""
+    from ..methods import CURVATURE_BACKENDS, CURVATURE_DATA, METHODS
+
+    model = config.get("model") or {}
+    checks = (("method", sorted(METHODS)), ("curvature", CURVATURE_BACKENDS), ("curvature_data", CURVATURE_DATA))
+    for key, choices in checks:
+        value = model.get(key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"model.{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+    dtype = model.get("dtype")
+    if isinstance(dtype, str):
+        from ..module import parse_dtype
+
+        parse_dtype(dtype)  # raises UserInputError naming the valid dtypes
+
+
+REDACTED_KEYS = ("data.forget_regex", "data.forget_ids")
+
+
+def redact_forget_selection(config: Any) -> Any:
+    """A copy of a parsed config whose forget selection is replaced by a placeholder that keeps nothing of it:
+    `"<redacted regex>"`, `["<3 ids redacted>"]`. The pattern of a secret can be a secret itself, ids are short
+    (an unsalted hash of `doc-10, doc-17` is brute-forced in a second), and the saved config goes to the logs."""
+    config = config.clone()
+    for key in REDACTED_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            config[key] = "<redacted regex>"
+        else:
+            count = len(list(value)) if isinstance(value, (list, tuple, set, frozenset)) else None
+            config[key] = [f"<{count} ids redacted>" if count is not None else "<redacted ids>"]
+    return config
+
+
+def protected_paths(config: Any, save_dir: str) -> dict[str, Any]:
+    """What `--output` must never be nor contain: the source model, the training data, the config files, the log
+    folder, the current folder (existing paths only, except the log folder, which the run creates)."""
+    out: dict[str, Any] = {}
+    model = config.get("model") or {}
+    for key in ("model", "full_curvature"):
+        value = model.get(key)
+        if isinstance(value, (str, os.PathLike)) and Path(value).expanduser().exists():
+            out[f"model.{key}"] = value
+    data = config.get("data") or {}
+    for key in DATA_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, (str, os.PathLike)) and Path(value).expanduser().exists():
+            out[f"data.{key}"] = value
+    files = list(config.get("config") or [])
+    for n, path in enumerate(files, 1):  # every --config given, not only the last
+        label = "the config file" if len(files) == 1 else f"config file {n} of {len(files)}"
+        out[label] = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    out["the log folder (LIGHTNING_UNLEARN_LOG_DIR)"] = save_dir
+    out["the current folder"] = os.getcwd()
+    return out
