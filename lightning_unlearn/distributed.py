@@ -137,11 +137,13 @@ def leave_process_group() -> None:
     (when one is initialised).
 
     A process that exits while gloo's threads still run can abort ("terminate called without an active exception",
-    SIGABRT) after its work is done; leaving the group together first makes the exit clean. The pause after the
-    barrier matters too: a gloo worker thread releases its finished work (which may hold tensors owned by Python,
-    e.g. the parameters of a broadcast) only when it gets the GIL; if the group's last reference is dropped while the
-    main thread holds the GIL (a DDP wrapper freed after this call), its destructor joins that thread and both wait
-    for ever (seen once in 20-odd suite runs: `~ProcessGroupGloo` joining a thread blocked in `decref`). Drop
+    SIGABRT) after its work is done; leaving the group together first makes the exit clean. The 0.2 s pause after the
+    barrier is for users, not only for tests: every multi-process run ends here (the command and Lightning runs
+    through `ProcessGroupTeardown`, Fabric and plain scripts by calling this), and any of them may free a DDP wrapper
+    afterwards. A gloo worker thread releases its finished work (which may hold tensors owned by Python, e.g. the
+    parameters of a broadcast) only when it gets the GIL; if the group's last reference is dropped while the main
+    thread holds the GIL, its destructor joins that thread and both wait for ever (`~ProcessGroupGloo` joining a
+    thread blocked in `decref`: a rare hang at exit). The pause lets the threads take the GIL first. Drop
     DDP-wrapped models before calling this when you can."""
     import gc
     import time
