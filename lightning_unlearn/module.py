@@ -171,7 +171,7 @@ class UnlearningModule(pl.LightningModule):
         self.history: list[Any] = []  # the record of each training step (its last trial)
         self._curvature_data: Iterable[Any] | None = None
         self._holdout_data: Iterable[Any] | None = None
-        self._held: Mapping[str, Tensor] | None = None
+        self._held_retain: Mapping[str, Tensor] | None = None
         self._forget: Mapping[str, Tensor] | None = None  # the last step's forget batch (the losses after the run)
         self._begun = False
 
@@ -281,7 +281,7 @@ class UnlearningModule(pl.LightningModule):
             required=("forget", "curvature") if source is not None else ("forget",), who=type(self).__name__,
             steps=self._planned_steps())
         self.history = []
-        self._held, self._forget, self._begun = None, None, False
+        self._held_retain, self._forget, self._begun = None, None, False
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
             self.unlearner.calibrate(share(holdout, rank, world))
 
@@ -305,18 +305,18 @@ class UnlearningModule(pl.LightningModule):
             # iterative Newton: re-estimate the curvature at the current weights (the method's fit() does this in its
             # own loop; here Lightning drives the steps), from this process's share like the first fit
             unlearner.fit_curvature(share(self._curvature_source(), self.global_rank, self.trainer.world_size))
-        if retain is not None and self._held is None:
-            self._held = retain  # the first retain batch: the safety budget bounds the damage of the whole run
+        if retain is not None and self._held_retain is None:
+            self._held_retain = retain  # the first retain batch: the safety budget bounds the damage of the whole run
         size = forget["input_ids"].shape[0]
         self._forget = forget
         if not self._begun:
             self._begun = True
-            if unlearner.begin([forget], [], self._held):  # the forget set already looks unseen: nothing to do
+            if unlearner.begin([forget], [], self._held_retain):  # the forget set already looks unseen: nothing to do
                 self.trainer.should_stop = True
                 self.log_dict({f"unlearn/{k}": v for k, v in summary_numbers(unlearner.summary()).items()},
                               on_step=True, on_epoch=False, batch_size=size)
                 return None
-        record = self.optimizers().step(closure=lambda: unlearner.step(forget, retain, self._held))
+        record = self.optimizers().step(closure=lambda: unlearner.step(forget, retain, self._held_retain))
         self.history.append(record)
         if unlearner.should_stop(record):
             self.trainer.should_stop = True
@@ -327,7 +327,7 @@ class UnlearningModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self._begun and self._forget is not None:
-            self.unlearner.finish([self._forget], [], self._held)  # the losses after, the status, the warning
+            self.unlearner.finish([self._forget], [], self._held_retain)  # the losses after, the status, the warning
         if self.trainer.world_size > 1:
             broadcast_parameters(self.model)  # every process ends with the same weights (see serve_request)
         if is_sharded(self.model) and self.trainer.is_global_zero:  # full values for save_pretrained on rank 0

@@ -38,6 +38,7 @@ from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
 from .methods.inputs import check_finite_weights
+from .methods.records import STATUSES
 from .methods.target import held_out_retain
 from .settings import FullCurvature, UnlearnSettings
 
@@ -46,7 +47,7 @@ Batch = Mapping[str, Tensor]
 Prepare = Callable[[Any], dict[str, Tensor]]
 
 #: `unlearn/status_code` of each status of a run (the method's `status`)
-STATUS_CODES = {"target_reached": 0, "budget_exhausted": 1, "nothing_accepted": 2}
+STATUS_CODES = {status: code for code, status in enumerate(STATUSES)}
 #: the numbers of a `StepRecord` that drivers log
 RECORD_FIELDS = ("damping", "scale", "forget_loss", "retain_loss", "accepted", "target", "evaluations",
                  "predicted_increase")
@@ -62,11 +63,6 @@ class RequestResult(list):
         super().__init__(records)
         self.summary: dict[str, Any] = dict(summary or {})
         self.unlearner = unlearner
-
-    @property
-    def records(self) -> list[StepRecord]:
-        """The step records as a plain list."""
-        return list(self)
 
     @property
     def status(self) -> str | None:
@@ -322,11 +318,11 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
     held = prepare(held_retain) if held_retain is not None else None
     if held is None and retain_batches:
         retain_batches, held = held_out_retain(retain_batches)
-    holdout_batches = None
+    holdout_list = None  # the holdout batches (`settings.holdout_batches` is how many at most)
     if holdout is not None and settings.holdout_batches != 0:
-        holdout_batches = [prepare(b) for b in itertools.islice(holdout, settings.holdout_batches)]
+        holdout_list = [prepare(b) for b in itertools.islice(holdout, settings.holdout_batches)]
     counts = {"forget": len(forget_batches), "retain": retain_count,
-              "holdout": None if holdout_batches is None else len(holdout_batches)}
+              "holdout": None if holdout_list is None else len(holdout_list)}
     source = retain_batches if settings.curvature_data == "retain" else forget_batches
     unlearner = prepare_request(model, settings=settings, curvature_source=source, full_curvature=full_curvature,
                                 reduce=reduce, gather=gather, rank=rank, world_size=world_size, batch_counts=counts,
@@ -334,7 +330,7 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
     # every process keeps its share of forget, retain and holdout: the engine sums losses across processes
     records = unlearner.fit(share(forget_batches, rank, world_size),
                             share(retain_batches, rank, world_size) if retain_batches else None, held,
-                            holdout_batches=share(holdout_batches, rank, world_size) if holdout_batches else None)
+                            holdout_batches=share(holdout_list, rank, world_size) if holdout_list else None)
     if world_size > 1:
         broadcast_parameters(model)
     return RequestResult(records, unlearner.summary(), unlearner)

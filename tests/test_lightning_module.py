@@ -160,6 +160,10 @@ def test_the_run_stops_itself_at_the_holdout_target(tmp_path: Path) -> None:
     summary = module.summary()
     assert summary["status"] == "target_reached" and summary["steps_accepted"] == len(module.history)
     assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary
+    from lightning_unlearn.methods.records import SUMMARY_FIELDS  # one summary schema: the request's
+
+    assert tuple(summary) == SUMMARY_FIELDS and summary == module.unlearner.summary()
+    assert summary["forget_score_after"] >= 0.5 and summary["retain_loss_before"] is not None, summary
     logged = (Path(t.logger.log_dir) / "metrics.csv").read_text()
     assert "unlearn/status_code" in logged and "unlearn/target" in logged
 

@@ -216,6 +216,9 @@ def test_one_request_through_every_driver_gives_bit_identical_weights(tmp_path):
     results["Experiment"] = weights(unlearned), [r.to_dict() for r in records]
 
     assert direct.status == "target_reached" and direct.summary["steps_accepted"] >= 1, direct.summary
+    from lightning_unlearn.methods.records import SUMMARY_FIELDS  # the one summary schema (the module's too)
+
+    assert tuple(direct.summary) == SUMMARY_FIELDS
     reference_weights, reference_records = results["serve_request"]
     assert any(not torch.equal(reference_weights[k], v) for k, v in start.items()), "the request changed nothing"
     for driver, (got_weights, got_records) in results.items():

@@ -32,7 +32,7 @@ from ..curvature.base import eval_mode
 from ..curvature.layers import trainable_parameters
 from ..curvature.objective import model_logits
 from .inputs import check_positive
-from .losses import forget_objective, npo_objective, simnpo_objective, token_nll
+from .losses import forget_objective, gradient_sum, npo_objective, simnpo_objective, token_nll
 from .records import Batch
 from .unlearner import Unlearner
 
@@ -76,17 +76,8 @@ class FirstOrderUnlearner(Unlearner):
         """The gradient of the total objective (forget term averaged over batches + retain term), reduced."""
         params = self.named_params()
         names, plist = list(params), list(params.values())
-        grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        weight = 0.0
         with torch.enable_grad(), eval_mode(self.model):
-            for b in forget:
-                loss, w = self.forget_term(b, plist)
-                if w == 0:
-                    continue
-                for n, g in zip(names, torch.autograd.grad(loss, plist, allow_unused=True)):
-                    if g is not None:
-                        grads[n] += w * g.detach().float()
-                weight += w
+            grads, weight = gradient_sum(forget, lambda b: self.forget_term(b, plist), params)
             total = float(self.reduce(torch.tensor(weight, dtype=torch.float64)))
             if total <= 0:
                 raise ValueError("the forget batches have no position with labels != -100; nothing to forget")

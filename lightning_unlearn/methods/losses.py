@@ -92,6 +92,25 @@ def example_losses(model: nn.Module, batches: Sequence[Mapping[str, Tensor]],
         raise ValueError("no position with labels != -100 in the batches; nothing to measure the loss on")
     return (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)), float(total[0]), float(total[1])
 
+
+def gradient_sum(batches: Sequence[Mapping[str, Tensor]],
+                 objective: Callable[[Mapping[str, Tensor]], tuple[Tensor, float]],
+                 params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    """(Σ w·∇loss over `params` in float32, Σ w) of `objective(batch) -> (loss, w)` over this process's batches
+    (a batch of weight 0 is skipped); the caller reduces the sums and divides. Gradients need `torch.enable_grad`."""
+    names, plist = list(params), list(params.values())
+    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    weight = 0.0
+    for b in batches:
+        loss, w = objective(b)
+        if w == 0:
+            continue
+        for n, g in zip(names, torch.autograd.grad(loss, plist, allow_unused=True)):
+            if g is not None:
+                grads[n] += w * g.detach().float()
+        weight += w
+    return grads, weight
+
 def forget_objective(
     model: nn.Module, batch: Mapping[str, Tensor], kind: str, params: Sequence[Tensor] | None = None
 ) -> tuple[Tensor, int]:

@@ -16,8 +16,6 @@ Batch = Mapping[str, Tensor]
 
 #: how a run ended (`Unlearner.status`)
 STATUSES = ("target_reached", "budget_exhausted", "nothing_accepted")
-#: the reasons of an accepted trial; every other reason rolled the trial back
-ACCEPTED_REASONS = ("accepted", "target_reached", "retain_budget")
 #: the keys of every run's summary, in order
 SUMMARY_FIELDS = ("status", "target", "target_source", "holdout_loss", "forget_score_before", "forget_score_after",
                   "steps_accepted", "trials", "evaluations", "forget_loss_before", "forget_loss_after",

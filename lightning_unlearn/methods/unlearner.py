@@ -36,7 +36,7 @@ from ..curvature.base import Reduce, Vector, eval_mode, identity
 from ..errors import UserInputError
 from . import holdout as holdout_checks
 from .inputs import check_batches, check_finite_weights, check_settings, vocabulary_size
-from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective
+from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
 from .records import (
     Batch,
     NothingAcceptedWarning,
@@ -184,23 +184,15 @@ class Unlearner(ABC):
         that forgets, averaged over the batches by their weights (positions or examples) and reduced across
         processes. `kind="nll"` gives `+∇` of the mean token NLL."""
         params = self.named_params()
-        names, plist = list(params), list(params.values())
-        grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        weight = 0.0
+        plist = list(params.values())
         with torch.enable_grad(), eval_mode(self.model):
-            for b in forget:
-                loss, w = forget_objective(self.model, b, kind or self.forget_loss, plist)
-                if w == 0:
-                    continue
-                gs = torch.autograd.grad(loss, plist, allow_unused=True)
-                for n, g in zip(names, gs):
-                    if g is not None:
-                        grads[n] -= w * g.detach().float()
-                weight += w
+            grads, weight = gradient_sum(forget, lambda b: forget_objective(self.model, b, kind or self.forget_loss,
+                                                                            plist), params)
         total = float(self.reduce(torch.tensor(weight, dtype=torch.float64)))
         if total <= 0:
             raise ValueError("the forget batches have no position with labels != -100; nothing to forget")
-        return {n: (self.reduce(g) / total).to(params[n].dtype) for n, g in grads.items()}
+        # 0 - Σ: bit for bit the sum of the negated terms (-∇U is the direction that forgets)
+        return {n: (self.reduce(0.0 - g) / total).to(params[n].dtype) for n, g in grads.items()}
 
     def _snapshot(self) -> dict[str, Tensor]:
         return {n: p.detach().clone() for n, p in self.named_params().items()}
