@@ -281,7 +281,7 @@ class Unlearn(CurvatureCallback):
     The default recipe of the second-order methods applies unless a knob is set (``damping``, ``scale``,
     ``steps``, ``forget_loss`` are passed to the method only when given): relative damping, a step-length search,
     up to 5 steps, stopping as soon as the forget set cannot be told from ``holdout`` data (never-trained data of the
-    forget set's kind; see ``lightning_unlearn.methods.base`` for the target).
+    forget set's kind; see ``lightning_unlearn.methods.target`` for the target).
     After each request ``last_summary`` holds the method's ``summary()`` (status, target, losses), ``last_result``
     the ``RequestResult``, and the loggers get ``unlearn/status_code`` (0 target_reached, 1 budget_exhausted,
     2 nothing_accepted) and ``unlearn/target``.
