@@ -56,13 +56,12 @@ class FisherForgetting(SecondOrderUnlearner):
         return {n: torch.randn(p.shape, generator=self.generator, dtype=torch.float32).to(p.device)
                 for n, p in params.items()}
 
-    def noise(self, epsilon: Vector | None = None, damping: float | None = None) -> Vector:
-        """`(μσ²)^(1/4) (C + λI)^(-1/4) ε` (ε drawn from the seeded generator when not given; λ relative or absolute
-        per `damping_mode`)."""
+    def noise(self, epsilon: Vector | None = None) -> Vector:
+        """`(μσ²)^(1/4) (C + λI)^(-1/4) ε` (ε drawn from the seeded generator when not given; the current λ, relative
+        or absolute per `damping_mode`)."""
         assert self.curvature is not None
         eps = self.draw_epsilon() if epsilon is None else epsilon
-        lam = self.damping if damping is None else damping
-        shaped = self.curvature.apply(eps, lam, -0.25, mode=self.damping_mode)
+        shaped = self.curvature.apply(eps, self.damping, -0.25, mode=self.damping_mode)
         return {n: self.noise_scale * v for n, v in shaped.items()}
 
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:

@@ -225,11 +225,12 @@ class SecondOrderUnlearner(Unlearner):
         params = dict(self.curvature.model.named_parameters())  # type: ignore[union-attr]
         return {n: params[n] for n in self.param_names}
 
-    def newton_direction(self, gradient: Mapping[str, Tensor], damping: float | None = None) -> Vector:
-        """`(C + λI)^-1 g` for a gradient dict over `param_names` (λ relative or absolute per `damping_mode`)."""
+    def newton_direction(self, gradient: Mapping[str, Tensor]) -> Vector:
+        """`(C + λI)^-1 g` for a gradient dict over `param_names` (the current λ, relative or absolute per
+        `damping_mode`)."""
         assert self.curvature is not None
-        lam = self.damping if damping is None else damping
-        return self.curvature.apply({n: gradient[n] for n in self.param_names}, lam, -1.0, mode=self.damping_mode)
+        return self.curvature.apply({n: gradient[n] for n in self.param_names}, self.damping, -1.0,
+                                    mode=self.damping_mode)
 
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
         if self.curvature is None or not self.curvature.finalized:
@@ -389,7 +390,6 @@ class SecondOrderUnlearner(Unlearner):
             self._reject()
         assert record is not None
         return record
-
 
     def _predicted_budget(self, held: Batch | None, reference: float | None) -> float | None:
         """The bound on the curvature's predicted retain increase ½ΔᵀCΔ (nats) of one step: the guard itself without
