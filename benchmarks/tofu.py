@@ -68,8 +68,9 @@ class TofuPlan:
     retain_weight: float = 1.0  # the retain term of gradient difference (and of NPO/SimNPO: 0, as the papers' plain)
     #: second-order variants of the default recipe, each one point: label -> `method_kwargs` (or settings fields)
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "newton_kfac_nll": {"forget_loss": "nll"},
-        "newton_kfac_t2": {"curvature_kwargs": {"temperature": 2.0}}})
+        "newton_kfac_protect_retain": {"method_kwargs": {"protect_retain": 8}},
+        "newton_kfac_knowledge": {"forget_loss": "nll", "max_retain_increase": 0.3,
+                                  "method_kwargs": {"protect_retain": 8}}})
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,7 +79,8 @@ def plan(name: str) -> TofuPlan:
         return TofuPlan("smoke", TofuConfig.smoke(), seeds=(0,), splits=("forget10",), taus=(), lrs=(1e-3,),
                         checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16, variants={})
     if name == "cpu-small":
-        return TofuPlan("cpu-small", TofuConfig(), lrs=(1e-3,), checkpoints=(5, 10, 20))
+        return TofuPlan("cpu-small", TofuConfig(), taus=(0.35,), lrs=(3e-4, 1e-3), checkpoints=(5, 10, 20),
+                        baselines=("gradient_ascent", "gradient_difference", "npo"))
     raise ValueError(f"unknown preset {name!r}; choose smoke or cpu-small")
 
 

@@ -60,7 +60,10 @@ class SecondOrderUnlearner(Unlearner):
       (×`damping_growth`) only when the direction is non-finite or no η makes progress.
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
-      of data.
+      of data. `protect_retain=k` adds k such constraints on groups of the step's retain examples (`fit` hands
+      each step the next retain batch, so the staged steps go through the retain data): on memorised retain data
+      the loss is flat to second order (p ≈ one-hot: the Fisher sees nothing), but its gradient still points where
+      the answer's margin shrinks, and each step recomputes it as the damage grows.
     - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated
       every `refresh_every` steps, never by default); step k of K aims at the stage `s₀ + k/K (target − s₀)` of the
       forget score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of
@@ -98,6 +101,7 @@ class SecondOrderUnlearner(Unlearner):
         staged: bool = True,
         protect_holdout: bool = True,
         protect_groups: int = 8,
+        protect_retain: int = 0,
         retain_repair: float = 0.0,
         reuse_protection: bool = False,
         stop_at_budget: bool = True,
@@ -139,6 +143,10 @@ class SecondOrderUnlearner(Unlearner):
         self.staged = bool(staged)
         self.protect_holdout = bool(protect_holdout)
         self.protect_groups = int(protect_groups)
+        if int(protect_retain) < 0:
+            raise ValueError(f"protect_retain must be >= 0 (groups of the step's retain examples; 0: none), got "
+                             f"{protect_retain}")
+        self.protect_retain = int(protect_retain)
         self.retain_repair = float(retain_repair)
         self.reuse_protection = bool(reuse_protection)
         self.stop_at_budget = bool(stop_at_budget)
@@ -236,10 +244,10 @@ class SecondOrderUnlearner(Unlearner):
         if self.curvature is None or not self.curvature.finalized:
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
                                "use fit(), which fits it on the curvature_data source")
-        if not (self.protect_holdout and self.holdout):
-            self._holdout_gradients = []
-        elif not self._holdout_gradients or not self.reuse_protection:
-            self._holdout_gradients = self.holdout_gradients()
+        if not self._holdout_gradients or not self.reuse_protection:
+            self._holdout_gradients = (self.holdout_gradients() if self.protect_holdout and self.holdout else [])
+            if self.protect_retain and retain:
+                self._holdout_gradients += self.group_gradients(retain, self.protect_retain)
         if self.retain_repair and self._repair_data:
             g = self.forget_gradient(self._repair_data, kind="nll")
             if self._repair_origin is None:
@@ -248,20 +256,24 @@ class SecondOrderUnlearner(Unlearner):
         return self.forget_gradient(forget)
 
     def holdout_gradients(self) -> list[Vector]:
-        """`∇` of the mean token NLL of up to `protect_groups` groups of holdout examples (example i in group
-        i mod k of its batch), each reduced across processes: the constraints of `_direction`."""
-        k = self.protect_groups
+        """`∇` of the mean token NLL of up to `protect_groups` groups of holdout examples, each reduced across
+        processes: the constraints of `_direction`."""
+        return self.group_gradients(self.holdout, self.protect_groups)
+
+    def group_gradients(self, batches: Sequence[Batch], k: int) -> list[Vector]:
+        """`∇` of the mean token NLL of up to `k` groups of the examples of `batches` (example i in group i mod k of
+        its batch), each reduced across processes."""
         groups = []
         for j in range(k):
-            batches = []
-            for b in self.holdout:
+            kept = []
+            for b in batches:
                 rows = torch.arange(int(b["input_ids"].shape[0]))
                 keep = rows[rows % k == j]
                 if len(keep):
-                    batches.append({key: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == rows.shape else v)
-                                    for key, v in b.items()})
-            if batches:
-                groups.append(batches)
+                    kept.append({key: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == rows.shape else v)
+                                 for key, v in b.items()})
+            if kept:
+                groups.append(kept)
         return [self.forget_gradient(g, kind="nll") for g in groups]
 
     def _direction(self, context: Any) -> Vector:
