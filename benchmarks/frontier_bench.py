@@ -40,7 +40,7 @@ from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.request_cost import breakdown_markdown, count_request_passes, mean_breakdown, profiled_request
 from lightning_unlearn.demo import DEFAULT_SETTINGS
 from lightning_unlearn.methods import build_curvature, build_unlearner
-from lightning_unlearn.methods.base import DEFAULT_RELATIVE_DAMPING
+from lightning_unlearn.methods.newton import DEFAULT_RELATIVE_DAMPING
 
 #: the version of what a row holds (part of the key of saved points: rows of another version are measured again)
 ROWS_VERSION = 2

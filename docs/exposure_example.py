@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from lightning_unlearn.data import make_canaries
-from lightning_unlearn.methods.base import build_unlearner
+from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.metrics import evaluate
 from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.report import write_report
