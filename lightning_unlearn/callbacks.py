@@ -12,11 +12,6 @@ returned by `model_getter`, batches moved to the module's device, curvature batc
 `lightning_unlearn.request.serve_request`, the same function every driver calls, with the settings of
 `lightning_unlearn.settings.UnlearnSettings` (whose defaults are this callback's). Texts never reach a logger: only
 the numbers of each `StepRecord` are logged.
-
-The helpers that used to live here are importable from here still: `strategy_reduce`, `strategy_gather`,
-`gather_with`, `share`, `shard` (`lightning_unlearn.distributed`), `check_strategy`, `UnsupportedStrategyError`
-(`lightning_unlearn.strategies`), `request_curvature`, `make_unlearner`, `default_batch_transform`, `snapshot`,
-`summary_numbers`, `STATUS_CODES` (`lightning_unlearn.request`), `is_second_order` (`lightning_unlearn.methods`).
 """
 
 from __future__ import annotations
@@ -32,26 +27,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-# re-exported below: these names were public here before they moved beside what they belong to
-from .checkpoint import CURVATURE_FILE_FORMAT as CURVATURE_FILE_FORMAT
 from .checkpoint import curvature_header, save_curvature
-from .checkpoint import load_curvature_state as load_curvature_state
 from .curvature import Curvature, identity
 from .curvature.base import eval_mode
 from .curvature.registry import build_curvature
-from .distributed import gather_with as gather_with
 from .distributed import leave_process_group, shard, strategy_gather, strategy_reduce
-from .distributed import share as share
 from .fsdp import full_parameters
-from .methods import CURVATURE_DATA as CURVATURE_DATA
-from .methods import is_second_order as is_second_order
-from .request import STATUS_CODES as STATUS_CODES
-from .request import RequestResult, record_numbers, serve_request, snapshot, summary_numbers
-from .request import default_batch_transform as default_batch_transform
-from .request import make_unlearner as make_unlearner
-from .request import request_curvature as request_curvature
+from .request import RequestResult, default_batch_transform, record_numbers, serve_request, snapshot, summary_numbers
 from .settings import FullCurvature, UnlearnSettings, setting, takes_settings
-from .strategies import UnsupportedStrategyError as UnsupportedStrategyError
 from .strategies import check_strategy
 
 ModelGetter = Callable[[pl.LightningModule], nn.Module]

@@ -29,7 +29,7 @@ from torch import nn
 from .curvature.base import Curvature
 from .models import atomic_save_pretrained, load_causal_lm, resolve_device
 from .request import RequestResult, serve_request, to_device
-from .settings import UnlearnSettings as UnlearnSettings  # re-exported: its home before every driver shared it
+from .settings import UnlearnSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Build the TOFU-faithful benchmark's models: train (or load) every model of several seeds in parallel processes of
-one thread each, and measure them (`python -m lightning_unlearn.tofu_experiment`, or `build(...)`).
+one thread each, and measure them (`python -m lightning_unlearn.tofu_build`, or `build(...)`).
 """
 
 from __future__ import annotations

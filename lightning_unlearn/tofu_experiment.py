@@ -17,11 +17,11 @@ mixed into every finetuning step (`mix_batch`) so the small model keeps the worl
 The base (and the BPE tokenizer, trained on the pretraining text) depends only on the world and model fields of the
 config and is cached once under `<output>/cache/tofu-base-<hash>/`; the finetuned models of a seed live under
 `<output>/cache/tofu-<hash>/`. The seed varies the authors, the split assignment and the finetuning data order.
-`build(...)` (or `python -m lightning_unlearn.tofu_experiment`) trains everything for several seeds, in parallel
+`tofu_build.build(...)` (or `python -m lightning_unlearn.tofu_build`) trains everything for several seeds, in parallel
 processes of one thread each, and writes the measured numbers (`TofuExperiment.measure`) beside the models.
 
 The training loop and the checks of the models (`answer_scores`, `choice_accuracy`: not the benchmark's metrics) are
-in `tofu_training`; `build` and the command in `tofu_build`.
+in `tofu_training`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from .data.tofu_synthetic import GENERATOR_VERSION, SPLITS, TofuSynthetic, make_
 from .models import atomic_save_pretrained, load_causal_lm, resolve_device
 from .request import to_device
 from .tofu_training import answer_scores, block_stream, choice_accuracy, file_lock, fit_adamw, token_loss
-from .tofu_training import total_nll as total_nll  # re-exported: its earlier home
 
 log = logging.getLogger(__name__)
 
@@ -446,19 +445,3 @@ def _fresh_ordinary(config: TofuConfig) -> list[str]:
 
     return synthetic_corpus(max(config.test_bytes, config.flat_steps * config.pretrain_batch * config.max_length * 4),
                             seed=20_000 + config.world_seed)
-
-
-def __getattr__(name: str) -> Any:
-    """`build` and `main` live in `tofu_build` (which imports this module); reachable here as before, and so is its
-    worker function under its earlier name (a pool started by an earlier `build` pickles it by this module's name)."""
-    if name in ("build", "main", "_build_one"):
-        from . import tofu_build
-
-        return getattr(tofu_build, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    from .tofu_build import main
-
-    main()

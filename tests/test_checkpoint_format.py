@@ -16,12 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.callbacks import CurvatureCallback, Unlearn, load_curvature_state, save_curvature
+from lightning_unlearn.callbacks import CurvatureCallback, Unlearn
 from lightning_unlearn.checkpoint import (
     CURVATURE_FILE_FORMAT,
     LEGACY_CURVATURE_FILE_FORMAT,
     curvature_header,
+    load_curvature_state,
     model_fingerprint,
+    save_curvature,
 )
 from lightning_unlearn.errors import UserInputError
 from lightning_unlearn.methods import build_curvature

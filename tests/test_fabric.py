@@ -10,10 +10,10 @@ import torch
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.callbacks import UnsupportedStrategyError, check_strategy
 from lightning_unlearn.distributed import leave_process_group
 from lightning_unlearn.fabric import fabric_curvature, fabric_unlearn
 from lightning_unlearn.models import small_causal_lm
+from lightning_unlearn.strategies import UnsupportedStrategyError, check_strategy
 
 SEQ = 16
 TRAIN = ["the cat sees a dog", "a bird likes sun", "my aunt reads", "old trees grow", "zq7 kx9 vv2 pq4",

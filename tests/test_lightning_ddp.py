@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.callbacks import ProcessGroupTeardown, Unlearn, load_curvature_state
+from lightning_unlearn.callbacks import ProcessGroupTeardown, Unlearn
+from lightning_unlearn.checkpoint import load_curvature_state
 from lightning_unlearn.methods import build_curvature
 from lightning_unlearn.models import small_causal_lm
 

@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.callbacks import Unlearn, load_curvature_state
+from lightning_unlearn.callbacks import Unlearn
+from lightning_unlearn.checkpoint import load_curvature_state
 from lightning_unlearn.methods.losses import mean_nll
 from lightning_unlearn.methods.target import retain_budget_nats
 from lightning_unlearn.models import small_causal_lm

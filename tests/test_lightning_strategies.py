@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.callbacks import CurvatureCallback, Unlearn, UnsupportedStrategyError
+from lightning_unlearn.callbacks import CurvatureCallback, Unlearn
 from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.module import UnlearningModule
+from lightning_unlearn.strategies import UnsupportedStrategyError
 
 
 class TinyLM(pl.LightningModule):

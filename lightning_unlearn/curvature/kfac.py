@@ -53,10 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
-from .kfac_statistics import TYPE2_MAX_OUTPUTS as TYPE2_MAX_OUTPUTS  # re-exported: its earlier home
 from .kfac_statistics import KFACStatistics
 from .kronecker import g_from_basis, g_structure, g_to_basis, largest_divisor, partition_layers
-from .kronecker import g_rows_to_basis as g_rows_to_basis  # re-exported: its earlier home
 from .layers import TrackedLayer, find_layers
 from .objective import Objective
 

@@ -25,7 +25,6 @@ from .sources import FORMATS, load_source
 TOFU_SPLITS = {"forget01": ("retain99", "holdout01"), "forget05": ("retain95", "holdout05"),
                "forget10": ("retain90", "holdout10")}
 TOFU_TEMPLATE = "Question: {question}\nAnswer: {answer}"
-MUSE_SPLITS = ("forget", "retain1", "retain2", "retain", "holdout")
 
 
 def _local_file(folder: Path, name: str) -> Path | None:

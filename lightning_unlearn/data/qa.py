@@ -84,7 +84,6 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] 
                 "What colour does {n} prefer?"),
                ("{n} likes which colour most?",)),
 }
-ROLES = ("forget", "retain", "holdout")
 
 
 def qa_prompt(question: str) -> str:

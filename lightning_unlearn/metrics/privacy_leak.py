@@ -73,12 +73,6 @@ def _privleak_compute(member_scores: Tensor, nonmember_scores: Tensor,
     return {"auc": auc, "privleak": muse_privleak(auc, reference_auc)}
 
 
-def privleak_from_scores(member_scores: Tensor, nonmember_scores: Tensor,
-                         reference_auc: float | Tensor = DEFAULT_REFERENCE_AUC) -> dict[str, Tensor]:
-    """`{"auc", "privleak"}` from per-example Min-K% scores of forget (members) and holdout (non-members)."""
-    return _privleak_compute(member_scores, nonmember_scores, reference_auc)
-
-
 class PrivLeak(Metric):
     """`update(logits, labels, member)` (member True for a forget batch, False for holdout) or
     `update_scores(scores, member)`; `compute()` returns `{"auc", "privleak"}` against `reference_auc`."""
