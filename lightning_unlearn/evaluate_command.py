@@ -133,8 +133,7 @@ def run(args: Sequence[str]) -> int:
     from .data.tokenizer import check_tokenizer_fits, load_tokenizer
     from .metrics.privacy_leak import DEFAULT_REFERENCE_AUC, muse_privleak
     from .metrics.qa_scoring import ScoringOptions, min_k_auc, reference_statistics, tofu_evaluation
-    from .models import resolve_device
-    from .module import parse_dtype
+    from .models import parse_dtype, resolve_device
 
     try:
         device = resolve_device(ns.device)

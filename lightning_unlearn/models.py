@@ -2,11 +2,15 @@
 checkpoints; the one place that calls `from_pretrained` / `save_pretrained` for a model.
 
 Nothing here downloads: `load_causal_lm` accepts a local directory (or a hub id when the user is online).
+`build_model` turns what `UnlearningModule` is given (a path, a transformers config or a module, and a dtype's name)
+into a model, with clear errors for an unknown dtype and an unreadable saved model.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,11 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("gpt2", "llama", "qwen2", "gpt_neox", "opt")
+#: the dtypes `build_model` loads or casts a model in
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: the files of a saved model's folder that `atomic_save_pretrained(files_from=...)` copies beside new weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "generation_config.json")
 
 
 def small_config(
@@ -63,6 +72,67 @@ def small_causal_lm(arch: str = "gpt2", *, seed: int = 0, dtype: torch.dtype = t
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(small_config(arch, **sizes), attn_implementation="eager")
     return model.to(dtype).eval()
+
+
+def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -> nn.Module:
+    """An `nn.Module` from a saved directory / hub id (`load_causal_lm`), a transformers config, or a module.
+
+    An unknown `dtype` and an unreadable saved model (a corrupt or truncated `*.safetensors`, a broken
+    `config.json`) raise `UserInputError` naming the value or the file."""
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if isinstance(model, nn.Module):
+        return model if torch_dtype is None else model.to(torch_dtype)
+    if isinstance(model, (str, Path)):
+        try:
+            return load_causal_lm(model, dtype=torch_dtype)
+        except Exception as err:
+            problem = _unreadable_model_message(Path(model).expanduser(), err)
+            if problem is None:
+                raise
+            from .errors import UserInputError
+
+            raise UserInputError(problem) from err
+    if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
+        from transformers import AutoModelForCausalLM
+
+        built = AutoModelForCausalLM.from_config(model, attn_implementation="eager")
+        return built if torch_dtype is None else built.to(torch_dtype)
+    raise TypeError(f"model must be a path, a transformers config or an nn.Module, got {type(model).__name__}")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The floating-point torch dtype named `name` ("bfloat16", ...); `UserInputError` naming the valid ones."""
+    from .errors import UserInputError
+
+    value = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserInputError(f"model.dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return value
+
+
+def _unreadable_model_message(path: Path, err: Exception) -> str | None:
+    """The message for a local saved model that cannot be read (which file, and why), or None when `err` is not
+    about the files of a local model (then it is re-raised as it is)."""
+    if not path.is_dir():
+        return None
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # pragma: no cover - transformers requires safetensors
+        return None
+    if isinstance(err, SafetensorError):
+        for file in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except (SafetensorError, OSError) as bad:
+                reason = " ".join(str(bad).split()) or type(bad).__name__
+                return (f"model.model: cannot read {str(file)!r} ({reason}): the file is corrupt or truncated; "
+                        "save or copy the model again")
+        return f"model.model: cannot read the safetensors weights in {str(path)!r} ({' '.join(str(err).split())})"
+    if isinstance(err, (OSError, ValueError)):
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        return f"model.model: cannot load a model from {str(path)!r}: {reason}"
+    return None
 
 
 def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
@@ -116,14 +186,36 @@ def unreadable_model_files(folder: Path) -> list[tuple[Path, str]]:
     return problems
 
 
-def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
-    """`save_pretrained` (safetensors) into a temporary sibling folder, then renamed: no half-written model."""
+def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None, *,
+                           state_dict: Mapping[str, torch.Tensor] | None = None, files_from: Path | None = None,
+                           extra_files: Mapping[str, str] | None = None) -> Path:
+    """`save_pretrained` (safetensors) into a temporary sibling folder, then renamed: no half-written model.
+
+    `state_dict`: the weights to write instead of the model's own (the full tensors of an FSDP-sharded model);
+    a model without `save_pretrained` is written as `model.safetensors`. `files_from`: a saved model's folder whose
+    tokenizer files (`TOKENIZER_FILES`) are copied along; `extra_files`: name -> text written into the folder
+    before it appears."""
     from .io import atomic_directory
 
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        elif state_dict is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if files_from is not None and files_from.is_dir():
+            for name in TOKENIZER_FILES:
+                if (files_from / name).is_file() and not (tmp / name).exists():
+                    shutil.copy2(files_from / name, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return path
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from .curvature import model_logits
 from .curvature.objective import IGNORE_INDEX
 from .distributed import broadcast_parameters, share, strategy_gather, strategy_reduce
 from .fsdp import full_parameters, gathered_state_dict, is_sharded, shard_model
-from .io import atomic_directory
 from .methods.newton import DEFAULT_NEWTON_STEPS
 from .methods.records import SUMMARY_FIELDS
 from .metrics import ExtractionStrength, MembershipInference
+from .models import atomic_save_pretrained, build_model
 from .request import STATUS_CODES, default_batch_transform, prepare_request, record_numbers, summary_numbers
 from .settings import KNOBS, UnlearnSettings, setting, takes_settings
 from .strategies import check_strategy
@@ -48,75 +47,6 @@ SPLITS = ("forget", "retain")
 TEST_SPLITS = ("forget", "retain", "test", "holdout")
 #: every split an evaluation loader may be named after (`ForgetRetainDataModule`'s splits)
 EVAL_SPLITS = ("forget", "retain", "test", "holdout", "full")
-#: the dtypes `build_model` loads or casts a model in
-DTYPES = ("float32", "bfloat16", "float16", "float64")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "generation_config.json")
-
-
-def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -> nn.Module:
-    """An `nn.Module` from a saved directory / hub id (`load_causal_lm`), a transformers config, or a module.
-
-    An unknown `dtype` and an unreadable saved model (a corrupt or truncated `*.safetensors`, a broken
-    `config.json`) raise `UserInputError` naming the value or the file."""
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if isinstance(model, nn.Module):
-        return model if torch_dtype is None else model.to(torch_dtype)
-    if isinstance(model, (str, Path)):
-        from .models import load_causal_lm
-
-        try:
-            return load_causal_lm(model, dtype=torch_dtype)
-        except Exception as err:
-            problem = _unreadable_model(Path(model).expanduser(), err)
-            if problem is None:
-                raise
-            from .errors import UserInputError
-
-            raise UserInputError(problem) from err
-    if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
-        from transformers import AutoModelForCausalLM
-
-        built = AutoModelForCausalLM.from_config(model, attn_implementation="eager")
-        return built if torch_dtype is None else built.to(torch_dtype)
-    raise TypeError(f"model must be a path, a transformers config or an nn.Module, got {type(model).__name__}")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """The floating-point torch dtype named `name` ("bfloat16", ...); `UserInputError` naming the valid ones."""
-    from .errors import UserInputError
-
-    value = getattr(torch, name, None) if name.isidentifier() else None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise UserInputError(f"model.dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return value
-
-
-def _unreadable_model(path: Path, err: Exception) -> str | None:
-    """The message for a local saved model that cannot be read (which file, and why), or None when `err` is not
-    about the files of a local model (then it is re-raised as it is)."""
-    if not path.is_dir():
-        return None
-    try:
-        from safetensors import SafetensorError, safe_open
-    except ImportError:  # pragma: no cover - transformers requires safetensors
-        return None
-    if isinstance(err, SafetensorError):
-        for file in sorted(path.glob("*.safetensors")):
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    handle.keys()
-            except (SafetensorError, OSError) as bad:
-                reason = " ".join(str(bad).split()) or type(bad).__name__
-                return (f"model.model: cannot read {str(file)!r} ({reason}): the file is corrupt or truncated; "
-                        "save or copy the model again")
-        return f"model.model: cannot read the safetensors weights in {str(path)!r} ({' '.join(str(err).split())})"
-    if isinstance(err, (OSError, ValueError)):
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
-        return f"model.model: cannot load a model from {str(path)!r}: {reason}"
-    return None
-
-
 class UnlearningModule(pl.LightningModule):
     """Unlearning as a Lightning fit: `training_step` runs one step of `method` on `{"forget": b, "retain": b}`.
 
@@ -449,24 +379,8 @@ class UnlearningModule(pl.LightningModule):
         if is_sharded(self.model) and gathered is None:
             raise RuntimeError("UnlearningModule.save_pretrained: the model is sharded (FSDP2) and no gathered copy of "
                                "its weights is at hand; save after a fit on this module (rank 0 keeps one)")
-        with atomic_directory(path) as tmp:
-            if hasattr(self.model, "save_pretrained"):
-                self.model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered)
-            elif gathered is not None:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in gathered.items()}, str(tmp / "model.safetensors"))
-            else:
-                from safetensors.torch import save_model
-
-                save_model(self.model, str(tmp / "model.safetensors"))
-            if self.source_path is not None and self.source_path.is_dir():
-                for name in TOKENIZER_FILES:
-                    if (self.source_path / name).is_file() and not (tmp / name).exists():
-                        shutil.copy2(self.source_path / name, tmp / name)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-        return path
+        return atomic_save_pretrained(self.model, path, state_dict=gathered, files_from=self.source_path,
+                                      extra_files=extra_files)
 
 
 class MethodStep(torch.optim.Optimizer):

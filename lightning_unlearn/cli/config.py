@@ -69,7 +69,7 @@ def check_choices(config: Any) -> None:
             raise ConfigError(f"model.{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
     dtype = model.get("dtype")
     if isinstance(dtype, str):
-        from ..module import parse_dtype
+        from ..models import parse_dtype
 
         parse_dtype(dtype)  # raises UserInputError naming the valid dtypes
 
