@@ -12,10 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from text_fixtures import char_tokenizer
 
+from lightning_unlearn.errors import EXIT_USER_ERROR
+
 FORGET_IDS = ["doc-0", "doc-3", "doc-7"]
+#: a run where every trial is rolled back: no holdout target, a huge first-order step, no retain increase allowed
+NOTHING_ACCEPTED = ["--model.method", "gradient_ascent", "--model.holdout_batches", "0",
+                    "--model.max_retain_increase", "0", "--model.method_kwargs", '{"lr": 10.0}']
+#: a run that never stops by itself (tiny accepted steps, no target, no budget): stopped by a signal
+ENDLESS = ["--model.method", "gradient_ascent", "--model.holdout_batches", "0", "--model.max_retain_increase", "null",
+           "--model.method_kwargs", '{"lr": 1e-7}', "--trainer.max_steps", "100000", "--trainer.limit_val_batches", "0"]
 _PROJECTS: list[Project] = []
 
 
@@ -145,3 +154,23 @@ def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
     if code is None:
         code = 0
     return (code if isinstance(code, int) else 1), out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def user_files_untouched():
+    """After every case: each project's source model and training data as they were when it was made (autouse in
+    every module that imports it)."""
+    yield
+    for project in created_projects():
+        changed = project.changed_files()
+        assert not changed, f"the user's files changed: {changed}"
+
+
+def error_line(code: int, err: str, *fragments: str) -> str:
+    """The command's one error line; it must be the only one, with exit status 2, no traceback, naming the problem."""
+    lines = [line for line in err.splitlines() if line.startswith("lightning-unlearn: error: ")]
+    assert code == EXIT_USER_ERROR, (code, err[-3000:])
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -1,4 +1,4 @@
-"""The bad-input catalogue, continued (`tests/test_bad_inputs.py` has the first part): strategies named on the command
+"""The bad-input catalogue, continued (`tests/test_bad_inputs_*.py` have the rest): strategies named on the command
 line, output folders that must never be lost (several configs, a folder that appears during the run, two runs into
 one output, a full disk), forget selections that no message may echo, curvature checkpoints that are wrong in ways
 their shapes do not show, and failures that must read as one clear line.
@@ -21,26 +21,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from bad_input_fixtures import FORGET_IDS, created_projects, make_project, run_cli
+from bad_input_fixtures import (
+    ENDLESS,
+    FORGET_IDS,
+    NOTHING_ACCEPTED,
+    error_line,
+    make_project,
+    run_cli,
+    user_files_untouched,  # noqa: F401 - the autouse check of every case
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lightning_unlearn.errors import EXIT_NOTHING_ACCEPTED, EXIT_USER_ERROR, UserInputError
-
-#: a run that never stops by itself (tiny accepted steps, no target, no budget): stopped by a signal
-ENDLESS = ["--model.method", "gradient_ascent", "--model.holdout_batches", "0", "--model.max_retain_increase", "null",
-           "--model.method_kwargs", '{"lr": 1e-7}', "--trainer.max_steps", "100000", "--trainer.limit_val_batches", "0"]
-NOTHING_ACCEPTED = ["--model.method", "gradient_ascent", "--model.holdout_batches", "0",
-                    "--model.max_retain_increase", "0", "--model.method_kwargs", '{"lr": 10.0}']
-
-
-@pytest.fixture(autouse=True)
-def user_files_untouched():
-    """After every case: each project's source model and training data as they were when it was made."""
-    yield
-    for project in created_projects():
-        changed = project.changed_files()
-        assert not changed, f"the user's files changed: {changed}"
+from lightning_unlearn.errors import EXIT_NOTHING_ACCEPTED, UserInputError
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +43,6 @@ def project(tmp_path_factory):
 
 def fit(project, *args: str, config: Path | None = None) -> tuple[int, str, str]:
     return run_cli(["fit", "--config", str(config or project.config), *args], project.root)
-
-
-def error_line(code: int, err: str, *fragments: str) -> str:
-    """The command's one error line: exit status 2, no traceback, naming every fragment."""
-    lines = [line for line in err.splitlines() if line.startswith("lightning-unlearn: error: ")]
-    assert code == EXIT_USER_ERROR, (code, err[-3000:])
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def subprocess_env(project, logs: str) -> dict[str, str]:

@@ -1,0 +1,222 @@
+"""Bad input, data: a user's project on disk (`make_project`), one bad data input per case (selections, columns,
+encodings, empty files and splits, tokenizers). Each case asserts that the error names the problem (and the fix), that
+the source model and data are byte-for-byte unchanged, and, where a forget pattern or forget ids are involved, that the
+error does not repeat them (they may be secrets).
+
+Most cases go through the API (`ForgetRetainDataModule(...).setup("fit")`, fast); a few through the command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bad_input_fixtures import (
+    FORGET_IDS,
+    Project,
+    make_project,
+    run_cli,
+    texts,
+    user_files_untouched,  # noqa: F401 - the autouse check of every case
+)
+
+from lightning_unlearn.data import ForgetRetainDataModule
+from lightning_unlearn.errors import EXIT_USER_ERROR, UserInputError
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Project:
+    """One project for the API cases (none of them writes into it; each checks the snapshot)."""
+    return make_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture
+def data_project(tmp_path) -> Project:
+    """A fresh project for cases that add a bad file to the user's data folder or run the command."""
+    return make_project(tmp_path)
+
+
+def data_module(data_project: Project, **changes: Any) -> ForgetRetainDataModule:
+    """The project's `data:` config as a data module, with keys changed (None removes one)."""
+    kwargs = dict(data_project.settings()["data"])
+    for key, value in changes.items():
+        if value is None:
+            kwargs.pop(key, None)
+        else:
+            kwargs[key] = value
+    return ForgetRetainDataModule(**kwargs)
+
+
+def data_refused(data_project: Project, match: str, *, secrets: tuple[str, ...] = (), **changes: Any) -> str:
+    """Build the data module with `changes` and set it up: it must raise a UserInputError matching `match`, leave
+    the project unchanged and not contain any of `secrets`. Returns the message."""
+    before = data_project.snapshot()
+    with pytest.raises(UserInputError, match=match) as err:
+        data_module(data_project, **changes).setup("fit")
+    message = str(err.value)
+    assert data_project.snapshot() == before
+    for secret in secrets:
+        assert secret not in message, f"the error repeats {secret!r}"
+    return message
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def data_cli(data_project: Project, *args: str) -> tuple[int, str]:
+    """`lightning-unlearn fit --config <project> ARGS`: (exit code, stdout + stderr); a refusal is the user's error:
+    exit 2, one line, no traceback."""
+    code, out, err = run_cli(["fit", "--config", str(data_project.config), *args], data_project.root)
+    if code != 0:
+        assert code == EXIT_USER_ERROR and "Traceback" not in err, err[-2000:]
+    return code, out + err
+
+
+# ------------------------------------------------------------------ forget selections
+
+
+def test_regex_matching_everything(shared):
+    data_refused(shared, r"retain is empty: the forget selection \(forget_regex\) selected 36 of 36 training examples, "
+                    r"so nothing would be kept.*select fewer examples \(check forget_regex\)",
+            secrets=(r"record \d+",), forget_ids=None, forget_regex=r"record \d+")
+
+
+def test_ids_selecting_everything(shared):
+    ids = [r["id"] for r in texts()]
+    message = data_refused(shared, r"retain is empty: the forget selection \(forget_ids\) selected 36 of 36",
+                      forget_ids=ids)
+    assert "doc-" not in message
+
+
+def test_column_selecting_everything(data_project):
+    rows = [{**r, "erase": True} for r in texts()]
+    write_jsonl(data_project.data.parent / "marked.jsonl", rows)
+    data_refused(data_project, r"retain is empty: the forget selection \(forget_column 'erase'\) selected 36 of 36",
+            train=str(data_project.data.parent / "marked.jsonl"), forget_ids=None, forget_column="erase")
+
+
+def test_empty_forget_selections(shared):
+    data_refused(shared, r"the forget set is empty: forget_ids=\[\] selects nothing", forget_ids=[])
+    data_refused(shared, "forget_regex matched no training example; check the pattern", secrets=("zulu-9",),
+            forget_ids=None, forget_regex="zulu-9")
+
+
+def test_forget_ids_not_in_the_data(shared):
+    data_refused(shared, r"2 of the 3 forget_ids are not in the training data; ids are matched against column 'id'",
+            secrets=("doc-404", "doc-999"), forget_ids=["doc-1", "doc-404", "doc-999"])
+
+
+def test_invalid_regex_is_not_echoed(shared):
+    data_refused(shared, r"forget_regex is not a valid regular expression: unterminated character set at position 7 "
+                    r"\(the pattern is not shown",
+            secrets=("PIN: ", "[0-9"), forget_ids=None, forget_regex="PIN: (([0-9")
+
+
+# ------------------------------------------------------------------ files and columns
+
+
+def test_csv_without_text_column(data_project):
+    csv = data_project.data.parent / "train.csv"
+    csv.write_text("id,body\n" + "".join(f"{r['id']},{r['text']}\n" for r in texts()))
+    message = data_refused(data_project,
+                           r"train file '.*train.csv' has no text column 'text' \(columns: \['id', 'body'\]\); "
+                               r"pass text_column=<name>", train=str(csv))
+    assert "string columns: id, body" in message
+    assert data_module(data_project, train=str(csv), text_column="body").forget_example_ids == [0, 3, 7]
+
+
+def test_jsonl_with_another_string_column_is_not_guessed(data_project):
+    path = write_jsonl(data_project.data.parent / "renamed.jsonl", [{"id": r["id"],
+                                                                     "content": r["text"]} for r in texts()])
+    data_refused(data_project,
+                 r"train file '.*renamed.jsonl' has no text column 'text' \(columns: \['id', 'content'\]\)",
+            train=str(path))
+
+
+def test_non_utf8_jsonl_names_file_and_line(data_project):
+    rows = texts()
+    raw = b"".join((json.dumps(r) + "\n").encode() for r in rows[:4])
+    raw += '{"id": "doc-4", "text": "Jos\u00e9 record 4"}\n'.encode("latin-1")
+    raw += b"".join((json.dumps(r) + "\n").encode() for r in rows[5:])
+    bad = data_project.data.parent / "latin1.jsonl"
+    bad.write_bytes(raw)
+    data_refused(data_project, r"train file '.*latin1.jsonl' is not valid UTF-8: line 5, byte offset \d+ \(byte 0xe9.*"
+                     r"re-encode the file as UTF-8", secrets=("Jos",), train=str(bad))
+
+
+@pytest.mark.parametrize("role", ["train", "holdout", "test"])
+def test_empty_file_names_file_and_role(data_project, role):
+    empty = data_project.data.parent / f"{role}-empty.jsonl"
+    empty.write_text("\n")
+    data_refused(data_project,
+                 rf"the {role} file '.*{role}-empty.jsonl' has no examples \(an empty file, blank lines only, "
+                     r"or a header without rows\)", **{role: str(empty)})
+
+
+def test_empty_forget_file(data_project):
+    forget = data_project.data.parent / "forget.csv"
+    forget.write_text("text\n")  # a header, no rows
+    data_refused(data_project, r"the forget set is empty: the forget file '.*forget.csv' has no examples",
+            forget_ids=None, id_column=None, forget=str(forget))
+
+
+def test_empty_split_has_no_batch(shared):
+    dm = data_module(shared, test_fraction=0.0)
+    before = shared.snapshot()
+    with pytest.raises(UserInputError, match=r"the test split is empty \(0 examples\), so it has no batch; set "
+                                             r"test_fraction > 0 or give test=<data>"):
+        dm.dataloader("test")
+    assert shared.snapshot() == before
+
+
+# ------------------------------------------------------------------ tokenizers
+
+
+def test_holdout_from_another_tokenizer(data_project):
+    """A holdout tokenised with a bigger tokenizer: its ids do not fit the project's (45-token) tokenizer."""
+    rows = [{"id": f"h-{i}", "text": f"held out {i}: kilo lima mike", "input_ids": [3, 70_000 + i]} for i in range(5)]
+    holdout = write_jsonl(data_project.data.parent / "holdout.jsonl", rows)
+    data_refused(data_project,
+                 r"the holdout file '.*holdout.jsonl' holds token id 70004 but the tokenizer has only \d+ tokens: "
+                     r"it was tokenised with another tokenizer", holdout=str(holdout))
+
+
+def test_pretokenised_retain_without_text(data_project):
+    retain = write_jsonl(data_project.data.parent / "retain.jsonl", [{"input_ids": [1, 2, 3]} for _ in range(5)])
+    data_refused(data_project,
+                 r"retain file '.*retain.jsonl' is pre-tokenised \(an input_ids column, no 'text' column.*give "
+                     r"the texts", forget_ids=None, id_column=None, train=None,
+            forget=[texts()[0]["text"]], retain=str(retain))
+
+
+# ------------------------------------------------------------------ through the command
+
+
+def test_cli_regex_matching_everything(data_project):
+    before = data_project.snapshot()
+    code, output = data_cli(data_project, "--data.forget_ids", "null", "--data.forget_regex", "cord [0-9]+:")
+    assert code != 0
+    assert "retain is empty: the forget selection (forget_regex) selected 36 of 36 training examples" in output
+    assert "cord [0-9]+:" not in output and "num_samples" not in output
+    assert data_project.snapshot() == before and not data_project.output.exists()
+
+
+def test_cli_invalid_regex_is_not_echoed(data_project):
+    before = data_project.snapshot()
+    code, output = data_cli(data_project, "--data.forget_ids", "null", "--data.forget_regex", "ssn-([")
+    assert code != 0
+    assert "forget_regex is not a valid regular expression: unterminated character set at position 5" in output
+    assert "ssn-([" not in output and "ssn" not in output
+    assert data_project.snapshot() == before and not data_project.output.exists()
+
+
+def test_cli_forget_ids_not_found(data_project):
+    before = data_project.snapshot()
+    code, output = data_cli(data_project, "--data.forget_ids", json.dumps(FORGET_IDS[:1] + ["doc-771"]))
+    assert code != 0
+    assert "1 of the 2 forget_ids are not in the training data" in output and "doc-771" not in output
+    assert data_project.snapshot() == before and not data_project.output.exists()

@@ -1,0 +1,82 @@
+"""Bad input across processes: a process without forget batches, processes with different numbers of batches. Every
+process raises the same clear error (not a hang, not "Connection closed by peer" on the others) before any weight
+changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from bad_input_fixtures import user_files_untouched  # noqa: F401 - the autouse check of every case
+from lightning.fabric import Fabric
+
+
+def _rank_without_forget(fabric: Fabric, out: Path) -> None:
+    from lightning_unlearn.distributed import leave_process_group
+    from lightning_unlearn.fabric import fabric_unlearn
+    from lightning_unlearn.models import small_causal_lm
+
+    torch.set_num_threads(1)
+    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    forget = [batch] if fabric.global_rank == 0 else []  # rank 1's share of the forget set is empty
+    try:
+        fabric_unlearn(fabric, small_causal_lm("gpt2", seed=0), forget, [batch])
+        message = "no error"
+    except Exception as err:  # noqa: BLE001 - the test records what each rank saw
+        message = f"{type(err).__name__}: {err}"
+    (out / f"rank{fabric.global_rank}.txt").write_text(message)
+    leave_process_group()
+
+
+def test_a_process_without_forget_batches_fails_the_same_way_on_every_process(tmp_path):
+    """Not "Connection closed by peer" on the other process: both raise the same clear error."""
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_rank_without_forget, tmp_path)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1], messages
+    assert "UserInputError: fabric_unlearn: process 1 of 2 got no forget batch" in messages[0]
+    assert "forget batches per process: [1, 0]" in messages[0]
+
+
+def _ranks_with_different_batch_counts(fabric: Fabric, out: Path) -> None:
+    from lightning_unlearn.distributed import leave_process_group
+    from lightning_unlearn.fabric import fabric_unlearn
+    from lightning_unlearn.models import small_causal_lm
+
+    torch.set_num_threads(1)
+    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    model = small_causal_lm("gpt2", seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    extra = 1 if fabric.global_rank == 0 else 0  # rank 0 has one batch more of the kind under test
+    cases = {"forget": dict(forget_loader=[batch] * (1 + extra), retain_loader=[batch] * 2),
+             "retain": dict(forget_loader=[batch], retain_loader=[batch] * (2 + extra)),
+             "holdout": dict(forget_loader=[batch], retain_loader=[batch] * 2, holdout=[batch] * (1 + extra))}
+    lines = []
+    for kind, data in cases.items():
+        try:
+            fabric_unlearn(fabric, model, steps=1, **data)
+            message = "no error"
+        except Exception as err:  # noqa: BLE001 - the test records what each rank saw
+            message = f"{type(err).__name__}: {err}"
+        lines.append(f"{kind}\t{message}")
+    unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    (out / f"rank{fabric.global_rank}.txt").write_text("\n".join([*lines, f"unchanged\t{unchanged}"]))
+    leave_process_group()
+
+
+def test_processes_with_different_batch_counts_fail_the_same_way_on_every_process(tmp_path):
+    """Rank 0 with 2 forget batches and rank 1 with 1 (then retain 3 vs 2, holdout 2 vs 1): each keeps its share of
+    its own list, so one of rank 0's batches would never enter the request. Both processes raise the same error,
+    naming the kind of data, the counts per process and the fix, before any weight changes."""
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_ranks_with_different_batch_counts, tmp_path)
+    ranks = [dict(line.split("\t", 1) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines())
+             for r in (0, 1)]
+    assert ranks[0] == ranks[1], ranks
+    for kind, counts in (("forget", "[2, 1]"), ("retain", "[3, 2]"), ("holdout", "[2, 1]")):
+        message = ranks[0][kind]
+        assert message.startswith(f"UserInputError: fabric_unlearn: the processes got different numbers of {kind} "
+                                  f"batches ({kind} batches per process: {counts})"), message
+        assert f"pass the same {kind} batches on every process" in message, message
+    assert ranks[0]["unchanged"] == "True"
