@@ -55,9 +55,16 @@ class SecondOrderUnlearner(Unlearner):
       `damping_mode="absolute"` it is λ itself.
     - **a step search to the target**: the direction is computed once per step; η is found along it by
       bracketing (×4 / ÷4 from `scale`) and bisection in log space (`search_iters`), each point a forward pass over
-      the forget set and the held retain batch. It takes the *smallest* η whose forget loss reaches the target
+      the forget set and the holdout. It takes the *smallest* η whose forget loss reaches the target
       (see `Unlearner.calibrate`) within the retain budget, or else the largest η within the budget. λ grows
       (×`damping_growth`) only when the direction is non-finite or no η makes progress.
+      `lazy_budget` (default on): the held retain batch is measured at the η the search would take, not at every point
+      (the search falls back to measuring every point when that η is out of the budget): the same steps for 40-70 % of
+      the forward examples on the tests' canaries and lines. `guided_search` (default on): the bisection measures next
+      to where the per-example forget and holdout losses, interpolated linearly in η, cross the aim, and stops at the
+      bracket six bisections would leave (23-29 points per run instead of 40-42 on the canaries, the same outcome to
+      within 0.01 of the score). `reuse_protection` keeps the first step's holdout gradients for the whole run (off: on
+      the line corpus it stopped a run short of the target).
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
       of data. `protect_retain=k` adds k such constraints on groups of the step's retain examples (`fit` hands
@@ -104,6 +111,8 @@ class SecondOrderUnlearner(Unlearner):
         protect_retain: int = 0,
         retain_repair: float = 0.0,
         reuse_protection: bool = False,
+        lazy_budget: bool = True,
+        guided_search: bool = True,
         stop_at_budget: bool = True,
         search_iters: int = 6,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
@@ -149,6 +158,8 @@ class SecondOrderUnlearner(Unlearner):
         self.protect_retain = int(protect_retain)
         self.retain_repair = float(retain_repair)
         self.reuse_protection = bool(reuse_protection)
+        self.lazy_budget = bool(lazy_budget)
+        self.guided_search = bool(guided_search)
         self.stop_at_budget = bool(stop_at_budget)
         self._retain_gradient: Vector | None = None
         self._repair_data: list[Batch] = []
@@ -373,8 +384,14 @@ class SecondOrderUnlearner(Unlearner):
                 continue
             curvature_norm = self.curvature.quadratic(direction) if predicted_budget is not None else None
             snapshot = self._snapshot()
-            search = StepSearch(self._step_evaluator(snapshot, direction, offset, forget, held, reference, aim,
-                                                     predicted_budget, curvature_norm), forget_before)
+            evaluate = self._step_evaluator(snapshot, direction, offset, forget, held, reference, aim,
+                                            predicted_budget, curvature_norm)
+            lazy = self.lazy_budget and aim is not None and held is not None
+            evaluate.lazy = lazy  # type: ignore[attr-defined]
+            guided = (self.guided_search and aim is not None and bool(self.holdout) and self.relative_target
+                      and self.forget_target is None)
+            search = StepSearch(evaluate, forget_before, evaluate.budget if lazy else None,  # type: ignore[attr-defined]
+                                evaluate.guess if guided else None)  # type: ignore[attr-defined]
             start = min(self.scale, largest_trusted_step(self.named_params(), direction, self.max_step_norm,
                                                          predicted_budget, curvature_norm))
             try:
@@ -442,22 +459,55 @@ class SecondOrderUnlearner(Unlearner):
                         aim: float | None, predicted_budget: float | None,
                         curvature_norm: float | None) -> Callable[[float], Point | None]:
         """The step search's `evaluate(eta)`: the step η applied and measured (a forward pass over the forget set
-        and the budget's batches), or None when η lies outside the trust region (not measured)."""
+        and the budget's batches), or None when η lies outside the trust region (not measured). Its attribute
+        `budget(eta)` -> (retain loss, within the budget) measures the budget's batches alone, and
+        `evaluate.lazy = True` makes `evaluate` leave them to it (`lazy_budget`: `StepSearch`'s `budget`)."""
+        applied: list[float] = []  # the η the weights hold now
+        losses: dict[float, list[Tensor]] = {}  # η -> its per-example forget and holdout losses
+
+        def apply(eta: float) -> None:
+            if applied != [eta]:
+                self._apply_step(snapshot, direction, offset, eta)
+                applied[:] = [eta]
+
+        def budget(eta: float) -> tuple[float | None, bool]:
+            apply(eta)
+            retain = self.measure(held) if held is not None else None
+            ok = retain is None or math.isfinite(retain)
+            ok = ok and not (reference is not None and retain is not None
+                             and over_retain_budget(retain, reference, self.max_retain_increase))
+            return retain, ok
 
         def evaluate(eta: float) -> Point | None:
             if predicted_budget is not None and 0.5 * eta**2 * float(curvature_norm) > predicted_budget:
                 return None  # outside the curvature's trust region: not even tried
-            self._apply_step(snapshot, direction, offset, eta)
+            apply(eta)
             if self.outside_trust_region(snapshot):
                 return None  # moved the weights too far: not even measured
-            score = self.forget_score(forget)
-            retain = self.measure(held) if held is not None else None
-            finite = all(map(math.isfinite, score)) and (retain is None or math.isfinite(retain))
-            finite = finite and all(bool(torch.isfinite(p).all()) for p in self.named_params().values())
-            ok = finite and not (reference is not None and retain is not None
-                                 and over_retain_budget(retain, reference, self.max_retain_increase))
+            losses[eta] = []
+            score = self.forget_score(forget, losses_out=losses[eta])
+            ok = all(map(math.isfinite, score)) and all(bool(torch.isfinite(p).all())
+                                                        for p in self.named_params().values())
+            retain = None
+            if ok and not evaluate.lazy:  # type: ignore[attr-defined]
+                retain, ok = budget(eta)
             return Point(score, retain, ok, ok and aim is not None and score[0] >= aim)
 
+        def guess(lo: float, hi: float) -> float | None:
+            a, b = losses.get(lo), losses.get(hi)
+            if aim is None or a is None or b is None or len(a) != 2 or len(b) != 2:
+                return None
+            if self.score_between(a, b, 1.0) < aim:
+                return None  # the model does not reach the aim in the bracket
+            low, high = 0.0, 1.0
+            for _ in range(20):  # the smallest t whose predicted score reaches the aim
+                t = 0.5 * (low + high)
+                low, high = (low, t) if self.score_between(a, b, t) >= aim else (t, high)
+            return lo + high * (hi - lo)
+
+        evaluate.budget = budget  # type: ignore[attr-defined]
+        evaluate.guess = guess  # type: ignore[attr-defined]
+        evaluate.lazy = False  # type: ignore[attr-defined]
         return evaluate
 
 

@@ -5,6 +5,17 @@ space for the *smallest* η that reaches the aim within the retain budget, or el
 the forget score most. `evaluate(eta)` applies the step η and measures it (one forward pass over the forget set and
 the held retain batch: no gradient, no curvature); it returns a `Point`, or None for a step length outside the trust
 region (not measured). The search only decides: its caller owns the weights.
+
+With `budget` (`StepSearch(evaluate, forget_before, budget)`), `evaluate` measures the forget score only and
+`budget(eta)` the held retain batch, on demand: the search first runs as if every step length short of the aim
+were within the budget (the held retain loss rises with η) and measures the budget at the η it would take; only when
+that η is out of the budget does it search again, measuring every point as above. Where the assumption holds the
+same η is taken for one held-batch pass instead of one per point.
+
+With `guess` (`guess(lo, hi)`: the η in (lo, hi) where a model of the measured points predicts the aim is first
+reached, or None), the bisection measures next to the predicted crossing instead of at the geometric mean, just above
+it or just below it (the side farther from it), and stops once `hi / lo` is as small as `iters` bisections would
+make it: where the prediction is good, two points close the bracket that six bisections would.
 """
 
 from __future__ import annotations
@@ -35,38 +46,61 @@ class StepSearch:
     growth = 4.0
     max_bracket = 12
 
-    def __init__(self, evaluate: Callable[[float], Point | None], forget_before: tuple[float, float]) -> None:
+    def __init__(self, evaluate: Callable[[float], Point | None], forget_before: tuple[float, float],
+                 budget: Callable[[float], tuple[float | None, bool]] | None = None,
+                 guess: Callable[[float, float], float | None] | None = None) -> None:
         self._evaluate = evaluate
+        self._budget = budget
+        self._guess = guess
         self.forget_before = forget_before
-        self.evaluations = 0
+        self.evaluations = 0  # step lengths measured (forget score)
+        self.budget_checks = 0  # held retain measurements made on demand (`budget`)
         self.points: dict[float, Point] = {}
         self.refused: set[float] = set()  # step lengths outside the trust region
+        self.unchecked: set[float] = set()  # measured without the budget (`budget`): `ok` means finite only
 
-    def evaluate(self, eta: float) -> Point:
-        """The point at η (cached)."""
-        if eta in self.points:
-            return self.points[eta]
-        self.evaluations += 1
-        point = self._evaluate(eta)
-        if point is None:
-            point = NOT_MEASURED
-            self.refused.add(eta)
-        self.points[eta] = point
-        return point
+    def evaluate(self, eta: float, checked: bool = True) -> Point:
+        """The point at η (cached); `checked=False` leaves the budget unmeasured (with `budget`)."""
+        if eta not in self.points:
+            self.evaluations += 1
+            point = self._evaluate(eta)
+            if point is None:
+                point = NOT_MEASURED
+                self.refused.add(eta)
+            elif self._budget is not None:
+                self.unchecked.add(eta)
+            self.points[eta] = point
+        if checked and eta in self.unchecked:
+            self.unchecked.discard(eta)
+            point = self.points[eta]
+            if point.ok:
+                self.budget_checks += 1
+                retain, ok = self._budget(eta)  # type: ignore[misc]
+                self.points[eta] = Point(point.forget, retain, ok, ok and point.reached)
+        return self.points[eta]
 
     def run(self, start: float, iters: int) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
         """(the chosen η or None, its ((forget score, forget loss), retain loss), reason): "target_reached",
         "retain_budget" (the largest step within the budget, which it spends) or "accepted" with an η; else why
         none was taken ("trust_region", "non_finite", "retain_increase" or "no_progress")."""
+        if self._budget is not None:
+            self._search(start, iters, checked=False)
+            reached = sorted(e for e, p in self.points.items() if p.reached)
+            if reached and self.evaluate(reached[0]).reached:
+                return self._choose()
+        return self._search(start, iters, checked=True)
+
+    def _search(self, start: float, iters: int, checked: bool
+                ) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
         lo = hi = None  # lo: largest η within budget short of the target; hi: smallest η reached or out of budget
         eta = start
-        _, _, ok, reached = self.evaluate(eta)
+        _, _, ok, reached = self.evaluate(eta, checked)
         if ok and not reached:
             lo = eta
             for _ in range(self.max_bracket):
                 previous = self.points[eta][0]
                 eta *= self.growth
-                forget, _, ok, reached = self.evaluate(eta)
+                forget, _, ok, reached = self.evaluate(eta, checked)
                 if not ok or reached or forget < previous:  # out of budget, at the target, or past the peak
                     hi = eta
                     break
@@ -75,36 +109,54 @@ class StepSearch:
             hi = eta
             for _ in range(self.max_bracket):
                 eta /= self.growth
-                _, _, ok, reached = self.evaluate(eta)
+                _, _, ok, reached = self.evaluate(eta, checked)
                 if ok and not reached:
                     lo = eta
                     break
                 hi = eta
+        tolerance = self.growth ** (0.5 ** iters)  # hi / lo after `iters` bisections of one bracket
         for _ in range(iters if (lo is not None and hi is not None) else 0):
-            mid = math.sqrt(lo * hi)
-            _, _, ok, reached = self.evaluate(mid)
+            if self._guess is not None and hi <= lo * tolerance:
+                break
+            mid = self._next(lo, hi, tolerance)  # type: ignore[arg-type]
+            _, _, ok, reached = self.evaluate(mid, checked)
             if ok and not reached:
                 lo = mid
             else:
                 hi = mid
-        reached_points = [e for e, p in self.points.items() if p.reached]
+        return self._choose(lo, hi)
+
+    def _next(self, lo: float, hi: float, tolerance: float) -> float:
+        """The next step length inside (lo, hi): the geometric mean, or next to the guessed crossing (`guess`)."""
+        mid = math.sqrt(lo * hi)
+        crossing = self._guess(lo, hi) if self._guess is not None else None
+        if crossing is None or not lo < crossing < hi:
+            return mid
+        nudge = math.sqrt(tolerance)
+        near = crossing * nudge if hi / crossing > crossing / lo else crossing / nudge
+        return near if lo < near < hi else mid
+
+    def _choose(self, lo: float | None = None, hi: float | None = None
+                ) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
+        points = {e: p for e, p in self.points.items() if e not in self.unchecked}
+        reached_points = [e for e, p in points.items() if p.reached]
         if reached_points:
             best = min(reached_points)
-            forget, retain, _, _ = self.points[best]
+            forget, retain, _, _ = points[best]
             return best, (forget, retain), "target_reached"
-        ok_points = [e for e, p in self.points.items() if p.ok]
+        ok_points = [e for e, p in points.items() if p.ok]
         if ok_points:
-            best = max(ok_points, key=lambda e: self.points[e].forget)
-            forget, retain, _, _ = self.points[best]
+            best = max(ok_points, key=lambda e: points[e].forget)
+            forget, retain, _, _ = points[best]
             if forget > self.forget_before:
                 # a larger step was out of the retain budget: this step spends it
-                spent = any(not p.ok and e > best and e not in self.refused for e, p in self.points.items())
+                spent = any(not p.ok and e > best and e not in self.refused for e, p in points.items())
                 return best, (forget, retain), "retain_budget" if spent else "accepted"
-        probe = self.points.get(lo if lo is not None else hi, NOT_MEASURED)  # type: ignore[arg-type]
-        failed = [p for p in self.points.values() if not math.isfinite(p.forget[1])]
-        if self.refused and len(self.refused) == len(self.points):
+        probe = points.get(lo if lo is not None else hi, NOT_MEASURED)  # type: ignore[arg-type]
+        failed = [p for p in points.values() if not math.isfinite(p.forget[1])]
+        if self.refused and len(self.refused) == len(points):
             reason = "trust_region"
-        elif failed and len(failed) == len(self.points):
+        elif failed and len(failed) == len(points):
             reason = "non_finite"
         else:
             reason = "retain_increase" if not ok_points else "no_progress"

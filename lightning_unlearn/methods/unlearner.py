@@ -153,31 +153,45 @@ class Unlearner(ABC):
         """(this process's per-example mean token NLL [n], token NLL sum, token count), the sums reduced."""
         return example_losses(self.model, as_batches(batches), self.reduce)
 
-    def _holdout_histogram(self) -> tuple[Tensor, float]:
+    def _holdout_histogram(self, losses_out: list[Tensor] | None = None) -> tuple[Tensor, float]:
         """The holdout's per-example losses as a histogram (`target.holdout_histogram`) and its mean token NLL, at
-        the current weights. A non-finite loss makes the mean non-finite on every process (the sums are reduced):
-        the callers read that as "no score"."""
+        the current weights (the losses themselves appended to `losses_out`). A non-finite loss makes the mean
+        non-finite on every process (the sums are reduced): the callers read that as "no score"."""
         losses, total, count = self.example_losses(self.holdout)
+        if losses_out is not None:
+            losses_out.append(losses)
         return holdout_histogram(losses, self.reduce), total / count
 
-    def forget_score(self, forget: Batch | Sequence[Batch]) -> tuple[float, float]:
+    def forget_score(self, forget: Batch | Sequence[Batch],
+                     losses_out: list[Tensor] | None = None) -> tuple[float, float]:
         """(score, mean token NLL) of the forget batches. The score is what the target is compared with: with a
         holdout target, the mean percentile of the forget examples' losses among the holdout examples' losses
         (`target.forget_score`) at the current weights (before unlearning with `relative_target=False`); otherwise
-        the mean token NLL. NaN when a loss of either set is not finite (a trial that is rolled back)."""
+        the mean token NLL. NaN when a loss of either set is not finite (a trial that is rolled back).
+        `losses_out` receives this process's per-example forget losses and, with a relative holdout target, the
+        holdout's (what `score_between` interpolates)."""
         losses, total, count = self.example_losses(forget)
+        if losses_out is not None:
+            losses_out.append(losses)
         nll = total / count
         if not self.holdout or self.forget_target is not None:
             return nll, nll
         if not math.isfinite(nll):  # reduced sums: every process returns here alike
             return float("nan"), nll
         if self.relative_target:
-            hist, holdout_loss = self._holdout_histogram()
+            hist, holdout_loss = self._holdout_histogram(losses_out)
             if not math.isfinite(holdout_loss):
                 return float("nan"), nll
         else:
             hist = self._holdout_hist
         return forget_score(losses, hist, self.reduce), nll
+
+    def score_between(self, a: Sequence[Tensor], b: Sequence[Tensor], t: float) -> float:
+        """The forget score (relative holdout target) of the per-example losses `(1 - t) a + t b` (forget losses,
+        holdout losses: what `forget_score` put in `losses_out` at two weights): the score predicted in between
+        when every example's loss moves linearly."""
+        forget_losses, holdout_losses = ((1.0 - t) * x + t * y for x, y in zip(a, b))
+        return forget_score(forget_losses, holdout_histogram(holdout_losses, self.reduce), self.reduce)
 
     def forget_gradient(self, forget: Sequence[Batch], kind: str | None = None) -> Vector:
         """`-∇ U` over `param_names` (U the forget objective to minimise, `kind` or `forget_loss`): the direction
