@@ -64,7 +64,7 @@ def test_demo_writes_the_report_the_model_and_the_summary(tiny_demo):
             assert isinstance(report[column][key], float), (column, key)
     assert set(report["timing"]) >= {"train_seconds", "retrain_seconds", "unlearn_seconds"}
     # the default recipe's run: how it ended and what it aimed at (the never-inserted canaries)
-    assert report["status"] in ("target_reached", "budget_exhausted", "nothing_accepted")
+    assert report["status"] == "target_reached", report["unlearning"]  # what the tiny seeded demo gives
     assert report["target_source"] == "holdout" and isinstance(report["target"], float)
     assert report["unlearning"]["status"] == report["status"]
     assert report["hyperparameters"]["unlearning"]["damping"] is None  # no knob set
