@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .inputs import check_settings
+from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .step_search import Point, StepSearch
-from .target import over_retain_budget, retain_budget_nats, staged_aim
+from .target import over_retain_budget, retain_budget_nats, score_between, staged_aim
 from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step
 from .unlearner import Unlearner
 
@@ -272,20 +273,9 @@ class SecondOrderUnlearner(Unlearner):
         return self.group_gradients(self.holdout, self.protect_groups)
 
     def group_gradients(self, batches: Sequence[Batch], k: int) -> list[Vector]:
-        """`∇` of the mean token NLL of up to `k` groups of the examples of `batches` (example i in group i mod k of
-        its batch), each reduced across processes."""
-        groups = []
-        for j in range(k):
-            kept = []
-            for b in batches:
-                rows = torch.arange(int(b["input_ids"].shape[0]))
-                keep = rows[rows % k == j]
-                if len(keep):
-                    kept.append({key: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == rows.shape else v)
-                                 for key, v in b.items()})
-            if kept:
-                groups.append(kept)
-        return [self.forget_gradient(g, kind="nll") for g in groups]
+        """`∇` of the mean token NLL of up to `k` groups of the examples of `batches` (`protection.example_groups`),
+        each reduced across processes."""
+        return [self.forget_gradient(g, kind="nll") for g in example_groups(batches, k)]
 
     def _direction(self, context: Any) -> Vector:
         """The search direction for the current damping: the Newton direction, with holdout data (and
@@ -305,27 +295,9 @@ class SecondOrderUnlearner(Unlearner):
                                [{n: h[n] for n in self.param_names} for h in self._holdout_gradients],
                                self.damping, mode=self.damping_mode)
         direction = self.newton_direction(context)
-        hs = self._holdout_gradients
-        if not hs:
+        if not self._holdout_gradients:
             return direction
-        names = list(direction)
-
-        def flat(v: Mapping[str, Tensor]) -> Tensor:
-            return torch.cat([v[n].reshape(-1).double().cpu() for n in names])
-
-        ds = [self.newton_direction(h) for h in hs]
-        H, D = torch.stack([flat(h) for h in hs], 1), torch.stack([flat(d) for d in ds], 1)  # [p, k]
-        gram = H.T @ D  # [k, k], Hᵀ(C + λI)⁻¹H: symmetric positive definite
-        rhs = H.T @ flat(direction)
-        alpha = torch.linalg.lstsq(gram + 1e-12 * gram.diagonal().mean() * torch.eye(len(hs), dtype=gram.dtype),
-                                   rhs[:, None]).solution[:, 0]
-        if not bool(torch.isfinite(alpha).all()):
-            return direction
-        out = {}
-        for n in names:
-            correction = sum(float(a) * d[n].double() for a, d in zip(alpha, ds))
-            out[n] = (direction[n].double() - correction).to(direction[n].dtype)
-        return out
+        return constrained_direction(direction, self._holdout_gradients, self.newton_direction)
 
     def _offset(self, context: Any) -> Vector | None:
         """A fixed part of the update that does not scale with η (Fisher Forgetting's noise); None here."""
@@ -497,12 +469,12 @@ class SecondOrderUnlearner(Unlearner):
             a, b = losses.get(lo), losses.get(hi)
             if aim is None or a is None or b is None or len(a) != 2 or len(b) != 2:
                 return None
-            if self.score_between(a, b, 1.0) < aim:
+            if score_between(a, b, 1.0, self.reduce) < aim:
                 return None  # the model does not reach the aim in the bracket
             low, high = 0.0, 1.0
             for _ in range(20):  # the smallest t whose predicted score reaches the aim
                 t = 0.5 * (low + high)
-                low, high = (low, t) if self.score_between(a, b, t) >= aim else (t, high)
+                low, high = (low, t) if score_between(a, b, t, self.reduce) >= aim else (t, high)
             return lo + high * (hi - lo)
 
         evaluate.budget = budget  # type: ignore[attr-defined]

@@ -81,3 +81,11 @@ def staged_aim(target: float, start: float, fraction: float, score: float) -> fl
     or the target itself once `score` has passed that point."""
     aim = start + fraction * (target - start)
     return target if score >= aim else aim
+
+
+def score_between(a: Sequence[Tensor], b: Sequence[Tensor], t: float, reduce: Callable[[Tensor], Tensor]) -> float:
+    """The forget score (relative holdout target) of the per-example losses `(1 - t) a + t b` (forget losses,
+    holdout losses: what `Unlearner.forget_score` put in `losses_out` at two weights): the score predicted in
+    between when every example's loss moves linearly."""
+    forget_losses, holdout_losses = ((1.0 - t) * x + t * y for x, y in zip(a, b))
+    return forget_score(forget_losses, holdout_histogram(holdout_losses, reduce), reduce)

@@ -169,7 +169,7 @@ class Unlearner(ABC):
         (`target.forget_score`) at the current weights (before unlearning with `relative_target=False`); otherwise
         the mean token NLL. NaN when a loss of either set is not finite (a trial that is rolled back).
         `losses_out` receives this process's per-example forget losses and, with a relative holdout target, the
-        holdout's (what `score_between` interpolates)."""
+        holdout's (what `target.score_between` interpolates)."""
         losses, total, count = self.example_losses(forget)
         if losses_out is not None:
             losses_out.append(losses)
@@ -185,13 +185,6 @@ class Unlearner(ABC):
         else:
             hist = self._holdout_hist
         return forget_score(losses, hist, self.reduce), nll
-
-    def score_between(self, a: Sequence[Tensor], b: Sequence[Tensor], t: float) -> float:
-        """The forget score (relative holdout target) of the per-example losses `(1 - t) a + t b` (forget losses,
-        holdout losses: what `forget_score` put in `losses_out` at two weights): the score predicted in between
-        when every example's loss moves linearly."""
-        forget_losses, holdout_losses = ((1.0 - t) * x + t * y for x, y in zip(a, b))
-        return forget_score(forget_losses, holdout_histogram(holdout_losses, self.reduce), self.reduce)
 
     def forget_gradient(self, forget: Sequence[Batch], kind: str | None = None) -> Vector:
         """`-∇ U` over `param_names` (U the forget objective to minimise, `kind` or `forget_loss`): the direction

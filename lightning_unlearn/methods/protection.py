@@ -1,0 +1,56 @@
+"""Protection constraints (`docs/recipe.md`: holdout protection): the Newton direction constrained to leave the
+mean loss of groups of examples unchanged to first order.
+
+With constraint gradients `h_1..h_k` and `solve(v) = (C + λI)⁻¹ v`, the step `d = d_f − Σ α_i solve(h_i)` with
+`α` solving `Hᵀ solve(H) α = Hᵀ d_f` is the most forgetting in the curvature's metric among steps with `h_iᵀ d = 0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..curvature.base import Vector
+from .records import Batch
+
+
+def example_groups(batches: Sequence[Batch], k: int) -> list[list[Batch]]:
+    """Up to `k` groups of the examples of `batches`: example i of a batch in group i mod k (empty groups dropped)."""
+    groups = []
+    for j in range(k):
+        kept = []
+        for b in batches:
+            rows = torch.arange(int(b["input_ids"].shape[0]))
+            keep = rows[rows % k == j]
+            if len(keep):
+                kept.append({key: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == rows.shape else v)
+                             for key, v in b.items()})
+        if kept:
+            groups.append(kept)
+    return groups
+
+
+def constrained_direction(direction: Vector, constraints: Sequence[Mapping[str, Tensor]],
+                          solve: Callable[[Mapping[str, Tensor]], Vector]) -> Vector:
+    """`direction` (= solve(g_f)) minus its component along `solve(h_i)` so that every `h_iᵀ d = 0`; `direction`
+    unchanged when the k × k system has no finite solution."""
+    names = list(direction)
+
+    def flat(v: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([v[n].reshape(-1).double().cpu() for n in names])
+
+    ds = [solve(h) for h in constraints]
+    H, D = torch.stack([flat(h) for h in constraints], 1), torch.stack([flat(d) for d in ds], 1)  # [p, k]
+    gram = H.T @ D  # [k, k], Hᵀ(C + λI)⁻¹H: symmetric positive definite
+    rhs = H.T @ flat(direction)
+    alpha = torch.linalg.lstsq(gram + 1e-12 * gram.diagonal().mean() * torch.eye(len(ds), dtype=gram.dtype),
+                               rhs[:, None]).solution[:, 0]
+    if not bool(torch.isfinite(alpha).all()):
+        return direction
+    out = {}
+    for n in names:
+        correction = sum(float(a) * d[n].double() for a, d in zip(alpha, ds))
+        out[n] = (direction[n].double() - correction).to(direction[n].dtype)
+    return out
