@@ -131,8 +131,9 @@ def run(args: Sequence[str]) -> int:
 
     from .data.adapters import load_muse_privleak, load_tofu_eval
     from .data.tokenizer import check_tokenizer_fits, load_tokenizer
+    from .metrics.answer_scoring import ScoringOptions
     from .metrics.privacy_leak import DEFAULT_REFERENCE_AUC, muse_privleak
-    from .metrics.qa_scoring import ScoringOptions, min_k_auc, reference_statistics, tofu_evaluation
+    from .metrics.qa_scoring import min_k_auc, reference_statistics, tofu_evaluation
     from .models import parse_dtype, resolve_device
 
     try:

@@ -32,8 +32,8 @@ from lightning_unlearn.metrics import (
     truth_ratio,
     truth_ratios,
 )
+from lightning_unlearn.metrics.answer_scoring import encode_qa, greedy_generate, score_answers
 from lightning_unlearn.metrics.privacy_leak import min_k_scores_from_logits
-from lightning_unlearn.metrics.qa_scoring import encode_qa, greedy_generate, score_answers
 from lightning_unlearn.metrics.rouge import rouge_l_recall_scores
 
 E = math.e

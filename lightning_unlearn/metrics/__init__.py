@@ -11,6 +11,7 @@ from lightning_unlearn.metrics.answer_probability import (
     answer_probability,
     normalised_answer_probability,
 )
+from lightning_unlearn.metrics.answer_scoring import ScoringOptions
 from lightning_unlearn.metrics.evaluate import Evaluation, evaluate
 from lightning_unlearn.metrics.exposure import CanarySpec, Exposure, canary_specs
 from lightning_unlearn.metrics.extraction import ExactMemorization, ExtractionStrength
@@ -19,7 +20,6 @@ from lightning_unlearn.metrics.membership import MembershipInference, privleak
 from lightning_unlearn.metrics.model_utility import MODEL_UTILITY_KEYS, ModelUtility, model_utility
 from lightning_unlearn.metrics.privacy_leak import PrivLeak, mia_auc, min_k_scores, muse_privleak
 from lightning_unlearn.metrics.qa_scoring import (
-    ScoringOptions,
     TofuEvaluation,
     forget_truth_ratios,
     min_k_auc,

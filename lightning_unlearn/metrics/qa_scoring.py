@@ -20,14 +20,8 @@ from lightning_unlearn.metrics.answer_scoring import (
     AnswerScores,
     Row,
     ScoringOptions,
-    encode_qa,
-    encode_texts,
-    eval_mode,
     generate_answers,
-    greedy_generate,
-    max_positions,
     score_answers,
-    score_encoded,
     score_texts,
     scoring_options,
 )
@@ -37,11 +31,8 @@ from lightning_unlearn.metrics.privacy_leak import DEFAULT_REFERENCE_AUC, mia_au
 from lightning_unlearn.metrics.rouge import rouge_l_recall_scores
 from lightning_unlearn.metrics.truth_ratio import aggregate_truth_ratios, truth_ratios
 
-#: the scoring API of `answer_scoring`, reachable here as before, and this module's own
-__all__ = ["REQUIRED_FIELDS", "TOFU_PARTS", "AnswerScores", "PartScores", "Row", "ScoringOptions", "TofuEvaluation",
-           "check_rows", "encode_qa", "encode_texts", "eval_mode", "forget_truth_ratios", "generate_answers",
-           "greedy_generate", "max_positions", "min_k_auc", "perturbed_losses", "reference_statistics",
-           "score_answers", "score_encoded", "score_part", "score_texts", "tofu_evaluation"]
+__all__ = ["REQUIRED_FIELDS", "TOFU_PARTS", "PartScores", "TofuEvaluation", "check_rows", "forget_truth_ratios",
+           "min_k_auc", "perturbed_losses", "reference_statistics", "score_part", "tofu_evaluation"]
 
 TOFU_PARTS = ("forget", "retain", "real_authors", "world_facts", "holdout")
 #: the fields each part's rows need (TOFU's `*_perturbed.json` files; holdout `holdoutNN.json`)
