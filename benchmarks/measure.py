@@ -4,7 +4,6 @@ forward+backward pass (the unit of `time_over_fwd_bwd`), and the bytes of parame
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,22 +43,6 @@ class PeakRSS:
     @property
     def delta_mb(self) -> float:
         return (self.peak - self.start) / 2**20
-
-
-def fwd_bwd_seconds(model: torch.nn.Module, batches: Sequence[dict], repeats: int = 3) -> float:
-    """Seconds of one forward+backward pass (mean token NLL) over `batches`, gradients discarded: the fastest of
-    `repeats` (the least disturbed by other work on the machine; the ratios over it are conservative)."""
-    from lightning_unlearn.methods.losses import mean_nll
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for b in batches:
-            s, n = mean_nll(model, b)
-            torch.autograd.grad(s / max(n, 1), params, allow_unused=True)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def param_bytes(model: torch.nn.Module, names: Sequence[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import PeakRSS, fwd_bwd_seconds, param_bytes
+from benchmarks.measure import PeakRSS, param_bytes
+from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.presets import Preset
 from benchmarks.request_cost import request_scaling
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import PeakRSS, fwd_bwd_seconds, param_bytes
+from benchmarks.measure import PeakRSS, param_bytes
+from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.presets import SECOND_ORDER, Preset
 from lightning_unlearn.experiment import Experiment
 from lightning_unlearn.request import serve_request
