@@ -8,6 +8,7 @@ It is also an ordinary LightningModule to which the drop-in `Unlearn` callback c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,19 @@ from torch import nn
 from .curvature.objective import CrossEntropyObjective, model_logits
 from .models import load_causal_lm
 
+
+def warmup_cosine(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    """The learning-rate factor of step `step`: linear warmup over `warmup` steps, then a cosine from 1 down to
+    `floor` at step `total` (for `torch.optim.lr_scheduler.LambdaLR`)."""
+    warmup = max(1, warmup)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
 
 class CausalLMModule(L.LightningModule):
     """Train `model` (an nn.Module, or a path/hub id loaded with `from_pretrained`) with AdamW on the mean token NLL.
@@ -70,13 +84,6 @@ class CausalLMModule(L.LightningModule):
             lr=self.lr, betas=(0.9, 0.98),
         )
         total = self.max_steps or int(self.trainer.estimated_stepping_batches)
-        warmup, floor = max(1, self.warmup_steps), self.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
