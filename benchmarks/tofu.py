@@ -69,9 +69,7 @@ class TofuPlan:
     retain_weight: float = 1.0  # the retain term of gradient difference (and of NPO/SimNPO: 0, as the papers' plain)
     #: second-order variants of the default recipe, each one point: label -> `method_kwargs` (or settings fields)
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "newton_kfac_protect_retain": {"method_kwargs": {"protect_retain": 8}},
-        "newton_kfac_knowledge": {"forget_loss": "nll", "max_retain_increase": 0.3,
-                                  "method_kwargs": {"protect_retain": 8}}})
+        "newton_kfac_secret_recipe": {"knowledge": False}})
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,7 +78,7 @@ def plan(name: str) -> TofuPlan:
         return TofuPlan("smoke", TofuConfig.smoke(), seeds=(0,), splits=("forget10",), taus=(), lrs=(1e-3,),
                         checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16, variants={})
     if name == "cpu-small":
-        return TofuPlan("cpu-small", TofuConfig(), taus=(0.35,), lrs=(1e-4, 1e-3), checkpoints=(5, 20),
+        return TofuPlan("cpu-small", TofuConfig(), taus=(0.35, 0.65), lrs=(1e-4, 1e-3), checkpoints=(5, 20),
                         baselines=("gradient_ascent", "gradient_difference", "npo"), baseline_seeds=(0,))
     raise ValueError(f"unknown preset {name!r}; choose smoke or cpu-small")
 

@@ -70,6 +70,9 @@ class UnlearnSettings:
         full_curvature: for `full_minus_forget`: a curvature file, a Lightning checkpoint, a finalized `Curvature`
             or its state_dict.
         refresh_every: re-estimate the curvature every k steps (second-order methods; None: never).
+        knowledge: the knowledge regime of the second-order recipe (`methods.knowledge`: NLL objective, retain
+            protection, a budget of at least 30 %); None: on when the held retain data is memorised (mean token NLL
+            below 0.1 nats), as after finetuning on QA pairs; False: the secret recipe always; True: always.
         method_kwargs, curvature_kwargs: further arguments of the method and of the backend (typos are refused).
 
     Invalid values raise `UserInputError` at construction (and on `dataclasses.replace`), before any work.
@@ -89,6 +92,7 @@ class UnlearnSettings:
     fisher_type: str | None = None
     full_curvature: FullCurvature = None
     refresh_every: int | None = None
+    knowledge: bool | None = None
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     curvature_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +124,12 @@ class UnlearnSettings:
                        forget_loss=self.forget_loss, curvature_batches=self.curvature_batches,
                        holdout_batches=self.holdout_batches, steps=self.steps, refresh_every=self.refresh_every,
                        forget_target=self.forget_target)
+        if self.knowledge is not None and not isinstance(self.knowledge, bool):
+            raise UserInputError(f"knowledge must be true, false or null (decided from the held retain loss), got "
+                                 f"{self.knowledge!r}")
+        if self.knowledge is not None and not self.second_order:
+            raise UserInputError(f"knowledge applies to the second-order methods (newton, fisher_removal, ...), not to "
+                                 f"{self.method!r}; leave it unset")
         if self.fisher_type is not None and not (isinstance(self.fisher_type, str) and self.fisher_type):
             raise UserInputError(f"fisher_type must be a name (mc, empirical, type2) or None, got {self.fisher_type!r}")
         if self.second_order:
@@ -155,6 +165,8 @@ class UnlearnSettings:
                       curvature_kwargs=self.backend_kwargs())
             if self.refresh_every is not None:
                 kw["refresh_every"] = self.refresh_every
+            if self.knowledge is not None:
+                kw["knowledge"] = self.knowledge
             if curvature is not None:
                 kw["curvature"] = curvature
             if full_curvature is not None:

@@ -80,7 +80,8 @@ def test_every_driver_takes_every_setting_with_the_dataclass_default(driver, fn)
 CHANGED = {"method": "fisher_removal", "curvature": "diagonal", "curvature_data": "forget", "curvature_batches": 3,
            "holdout_batches": 2, "damping": 0.5, "scale": 0.25, "steps": 3, "forget_loss": "nll",
            "max_retain_increase": 0.1, "forget_target": 2.0, "fisher_type": "empirical",
-           "full_curvature": "c.safetensors", "refresh_every": 2, "method_kwargs": {"protect_groups": 2},
+           "full_curvature": "c.safetensors", "refresh_every": 2, "knowledge": False,
+           "method_kwargs": {"protect_groups": 2},
            "curvature_kwargs": {"include": ["h.0.mlp"]}}
 
 

@@ -19,6 +19,14 @@ from torch import Tensor, nn
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .inputs import check_settings
+from .knowledge import (
+    KNOWLEDGE_FORGET_LOSS,
+    KNOWLEDGE_PROTECT_RETAIN,
+    KNOWLEDGE_STEPS,
+    is_memorised,
+    knowledge_budget,
+)
+from .losses import DEFAULT_FORGET_LOSS
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .step_search import Point, StepSearch
@@ -104,12 +112,14 @@ class SecondOrderUnlearner(Unlearner):
         damping: float | None = None,
         damping_mode: str = "relative",
         scale: float = 1.0,
-        steps: int = DEFAULT_NEWTON_STEPS,
+        steps: int | None = None,
         step_search: bool = True,
         staged: bool = True,
         protect_holdout: bool = True,
         protect_groups: int = 8,
-        protect_retain: int = 0,
+        protect_retain: int | None = None,
+        knowledge: bool | None = None,
+        staged_budget: bool | None = None,
         retain_repair: float = 0.0,
         reuse_protection: bool = False,
         lazy_budget: bool = True,
@@ -129,7 +139,8 @@ class SecondOrderUnlearner(Unlearner):
                 raise ValueError("damping_mode='absolute' needs damping=<λ>: absolute damping has no scale-free "
                                  "default; use damping_mode='relative' (the default, ρ = 0.1)")
             damping = DEFAULT_RELATIVE_DAMPING
-        super().__init__(model, damping=damping, scale=scale, reduce=reduce, steps=steps, **kw)
+        super().__init__(model, damping=damping, scale=scale, reduce=reduce,
+                         steps=DEFAULT_NEWTON_STEPS if steps is None else steps, **kw)
         check_settings(refresh_every=refresh_every, search_iters=search_iters, predicted_trust=predicted_trust)
         curvature_backend = BACKEND_ALIASES.get(curvature_backend, curvature_backend)
         if curvature_backend not in CURVATURE_BACKENDS:
@@ -153,10 +164,20 @@ class SecondOrderUnlearner(Unlearner):
         self.staged = bool(staged)
         self.protect_holdout = bool(protect_holdout)
         self.protect_groups = int(protect_groups)
-        if int(protect_retain) < 0:
+        if protect_retain is not None and int(protect_retain) < 0:
             raise ValueError(f"protect_retain must be >= 0 (groups of the step's retain examples; 0: none), got "
                              f"{protect_retain}")
-        self.protect_retain = int(protect_retain)
+        if knowledge is not None and not isinstance(knowledge, bool):
+            raise ValueError(f"knowledge must be None (decided from the held retain loss), True or False, got "
+                             f"{knowledge!r}")
+        self.knowledge = knowledge
+        #: what the caller set (None: not set), restored at the start of every run before the regime is chosen
+        self._given = {"forget_loss": self.forget_loss if kw.get("forget_loss") is not None else None,
+                       "protect_retain": protect_retain, "max_retain_increase": self.max_retain_increase,
+                       "steps": steps, "staged_budget": staged_budget}
+        self.protect_retain = 0
+        self.knowledge_regime = False
+        self.use_regime(bool(knowledge))
         self.retain_repair = float(retain_repair)
         self.reuse_protection = bool(reuse_protection)
         self.lazy_budget = bool(lazy_budget)
@@ -180,6 +201,34 @@ class SecondOrderUnlearner(Unlearner):
             raise RuntimeError(f"{self.name}: no curvature yet; pass curvature=<finalized curvature>, call "
                                "fit_curvature(batches) or use fit(forget_batches, retain_batches)")
         return tuple(self.curvature.param_names)
+
+    def use_regime(self, knowledge: bool) -> None:
+        """Set the knowledge regime on or off (`methods.knowledge`): the objective, the retain protection, the
+        budget, the number of steps and the staged budget the caller did not set take the regime's values."""
+        given = self._given
+        self.knowledge_regime = bool(knowledge)
+        self.forget_loss = given["forget_loss"] or (KNOWLEDGE_FORGET_LOSS if knowledge else DEFAULT_FORGET_LOSS)
+        protect = given["protect_retain"]
+        self.protect_retain = int(protect) if protect is not None else (KNOWLEDGE_PROTECT_RETAIN if knowledge else 0)
+        budget = given["max_retain_increase"]
+        self.max_retain_increase = knowledge_budget(budget) if knowledge else budget
+        steps = given["steps"]
+        self.steps = int(steps) if steps is not None else (KNOWLEDGE_STEPS if knowledge else DEFAULT_NEWTON_STEPS)
+        staged_budget = given["staged_budget"]
+        self.staged_budget = bool(staged_budget) if staged_budget is not None else bool(knowledge)
+
+    def begin(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
+              held_retain_batch: Batch | None = None) -> bool:
+        """The base class's `begin`, then the regime: with `knowledge=None` the knowledge regime when the retain
+        data the budget is read on is memorised (`methods.knowledge.is_memorised`; never on a retain-free request,
+        whose budget is read on the holdout)."""
+        self.use_regime(bool(self.knowledge))
+        done = super().begin(forget, retain, held_retain_batch)
+        if self.knowledge is None:
+            held = self.budget_batches(held_retain_batch, as_batches(retain))
+            measured_on_retain = held is not None and held is not self.holdout
+            self.use_regime(measured_on_retain and is_memorised(self._losses.get("retain_before")))
+        return done
 
     def _new_curvature(self) -> Curvature:
         kwargs = dict(self.curvature_kwargs)
@@ -221,6 +270,21 @@ class SecondOrderUnlearner(Unlearner):
         self._repair_data, self._repair_origin = list(retain), None
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
+
+    def budget_fraction(self) -> float:
+        """The share of the retain budget the current step may have spent by its end: with `staged_budget` (and
+        staging), k/K at step k of K, so that a step that cannot reach its stage does not spend the whole budget
+        and leave nothing to the steps after it (each protecting other retain examples); else 1."""
+        if not (self.staged_budget and self.staged):
+            return 1.0
+        return min(1.0, max(self.step_count - self._stage_origin, 1) / self.steps)
+
+    def should_stop(self, record: StepRecord) -> bool:
+        """The base rule, except that a step that spent its stage's share of a staged budget (not the whole budget)
+        does not end the run."""
+        if record.accepted and record.reason == "retain_budget" and self.budget_fraction() < 1.0:
+            return False
+        return super().should_stop(record)
 
     def stage_target(self, target: float | None, forget_loss: float) -> float | None:
         """What the current step aims at: stage k/K of the way from the run's first forget loss to `target`."""
@@ -435,6 +499,7 @@ class SecondOrderUnlearner(Unlearner):
         `budget(eta)` -> (retain loss, within the budget) measures the budget's batches alone, and
         `evaluate.lazy = True` makes `evaluate` leave them to it (`lazy_budget`: `StepSearch`'s `budget`)."""
         applied: list[float] = []  # the η the weights hold now
+        fraction = self.budget_fraction()
         losses: dict[float, list[Tensor]] = {}  # η -> its per-example forget and holdout losses
 
         def apply(eta: float) -> None:
@@ -447,7 +512,7 @@ class SecondOrderUnlearner(Unlearner):
             retain = self.measure(held) if held is not None else None
             ok = retain is None or math.isfinite(retain)
             ok = ok and not (reference is not None and retain is not None
-                             and over_retain_budget(retain, reference, self.max_retain_increase))
+                             and over_retain_budget(retain, reference, self.max_retain_increase, fraction))
             return retain, ok
 
         def evaluate(eta: float) -> Point | None:

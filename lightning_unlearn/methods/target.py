@@ -41,9 +41,12 @@ def retain_budget_nats(max_retain_increase: float, reference: float | None = Non
     return nats if reference is None else max(nats, float(max_retain_increase) * float(reference))
 
 
-def over_retain_budget(loss: float, reference: float, max_retain_increase: float | None) -> bool:
-    """Whether the held retain loss `loss` spends more than the budget above `reference` (its value at the start)."""
-    return max_retain_increase is not None and loss > reference + retain_budget_nats(max_retain_increase, reference)
+def over_retain_budget(loss: float, reference: float, max_retain_increase: float | None,
+                       fraction: float = 1.0) -> bool:
+    """Whether the held retain loss `loss` spends more than `fraction` of the budget above `reference` (its value at
+    the start)."""
+    return max_retain_increase is not None and loss > reference + fraction * retain_budget_nats(max_retain_increase,
+                                                                                                reference)
 
 
 def held_out_retain(retain: Sequence[Batch]) -> tuple[list[Batch], Batch]:

@@ -453,13 +453,14 @@ class Unlearner(ABC):
 
     def summary(self) -> dict[str, Any]:
         """Numbers only (`records.SUMMARY_FIELDS`): status, target and where it came from, steps accepted, losses
-        before and after."""
+        before and after, and whether the knowledge regime ran (second-order methods; None for the others)."""
         losses = self._losses
         return summarize(self.history, self.status, target=losses.get("target"),
                          target_source=self.target_source, holdout_loss=self.holdout_loss,
                          forget_score_before=losses.get("score_before"), forget_score_after=losses.get("score_after"),
                          forget_loss_before=losses.get("forget_before"), forget_loss_after=losses.get("forget_after"),
-                         retain_loss_before=losses.get("retain_before"), retain_loss_after=losses.get("retain_after"))
+                         retain_loss_before=losses.get("retain_before"), retain_loss_after=losses.get("retain_after"),
+                         knowledge_regime=getattr(self, "knowledge_regime", None))
 
     def fit(
         self,

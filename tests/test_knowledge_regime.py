@@ -1,0 +1,112 @@
+"""The knowledge regime (`lightning_unlearn.methods.knowledge`): the second-order recipe switches to the NLL
+objective, retain protection and a 30 % budget when the held retain data is memorised, and keeps the secret recipe
+when it is not; what the caller sets wins. Measured on a tiny Llama that memorised every one of its "facts"
+(random token rows labelled on their last 6 tokens, as an answer after a question) and on the canary corpus."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from canary_corpus import memorise
+
+from lightning_unlearn.errors import UserInputError
+from lightning_unlearn.methods import build_unlearner
+from lightning_unlearn.methods.knowledge import (
+    KNOWLEDGE_PROTECT_RETAIN,
+    KNOWLEDGE_RETAIN_INCREASE,
+    KNOWLEDGE_STEPS,
+    MEMORISED_NATS,
+)
+from lightning_unlearn.models import small_causal_lm
+from lightning_unlearn.settings import UnlearnSettings
+
+V, T, ANSWER = 40, 12, 6
+
+
+def _qa(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    labels = torch.full_like(x, -100)
+    labels[:, -ANSWER:] = x[:, -ANSWER:]
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def facts():
+    """(model, forget batch, retain batches, held retain batch, holdout batch): 72 trained facts, all memorised."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, V, (88, T), generator=g)
+    trained, holdout = rows[:72], rows[72:]
+    model = small_causal_lm("llama", vocab_size=V, hidden=48, seed=0).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss = model(**_qa(trained[torch.randint(0, 72, (24,), generator=g)])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    forget = _qa(trained[:8])
+    retain = [_qa(trained[8 + 16 * i: 24 + 16 * i]) for i in range(3)]
+    held = _qa(trained[56:72])
+    return model, forget, retain, held, _qa(holdout)
+
+
+def test_memorised_retain_switches_to_the_knowledge_regime(facts):
+    base, forget, retain, held, holdout = facts
+    model = copy.deepcopy(base)
+    u = build_unlearner("newton", model)
+    assert u.measure(held) < MEMORISED_NATS  # the fixture memorised its retain facts
+    records = u.fit([forget], retain, held, holdout_batches=[holdout])
+    summary = u.summary()
+    assert summary["knowledge_regime"] is True
+    assert (u.forget_loss, u.protect_retain, u.max_retain_increase, u.steps) == (
+        "nll", KNOWLEDGE_PROTECT_RETAIN, KNOWLEDGE_RETAIN_INCREASE, KNOWLEDGE_STEPS)
+    # the regime's budget bounds the run: the held retain loss rose by at most log(1.3) nats
+    budget = torch.log1p(torch.tensor(KNOWLEDGE_RETAIN_INCREASE)).item()
+    assert summary["retain_loss_after"] <= summary["retain_loss_before"] + budget + 1e-6
+    assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0
+    # the staged budget: step k of K spends at most k/K of it, and a stage that spends its share does not end the run
+    assert u.staged_budget and summary["steps_accepted"] > 1
+    for k, record in enumerate(r for r in records if r.accepted):
+        share = (k + 1) / KNOWLEDGE_STEPS * budget
+        assert record.retain_loss <= summary["retain_loss_before"] + share + 1e-6
+
+    secret = build_unlearner("newton", copy.deepcopy(base), knowledge=False)
+    secret.fit([forget], retain, held, holdout_batches=[holdout])
+    assert secret.summary()["knowledge_regime"] is False and not secret.staged_budget
+    assert (secret.forget_loss, secret.protect_retain, secret.max_retain_increase, secret.steps) == (
+        "unlikelihood", 0, 0.05, 5)
+    # the knowledge regime forgets more of the memorised facts than the secret recipe within its budget
+    assert summary["forget_loss_after"] > secret.summary()["forget_loss_after"]
+
+
+def test_what_the_caller_sets_wins(facts):
+    base, forget, retain, held, holdout = facts
+    u = build_unlearner("newton", copy.deepcopy(base), forget_loss="unlikelihood", protect_retain=2,
+                        max_retain_increase=0.5, steps=1)
+    u.fit([forget], retain, held, holdout_batches=[holdout])
+    assert u.summary()["knowledge_regime"] is True
+    assert (u.forget_loss, u.protect_retain, u.max_retain_increase, u.steps) == ("unlikelihood", 2, 0.5, 1)
+    # the next run starts from the caller's settings again, and knowledge=True needs no memorised data
+    forced = build_unlearner("newton", copy.deepcopy(base), knowledge=True, max_retain_increase=None)
+    assert (forced.forget_loss, forced.protect_retain, forced.max_retain_increase) == ("nll", 8, None)
+
+
+def test_canaries_keep_the_secret_recipe():
+    model, forget, retain, held, holdout = memorise("gpt2")
+    u = build_unlearner("newton", model, steps=1)
+    u.fit([forget], retain, held, holdout_batches=[holdout])
+    assert u.measure(held) > MEMORISED_NATS
+    assert u.summary()["knowledge_regime"] is False
+    assert (u.forget_loss, u.protect_retain, u.max_retain_increase) == ("unlikelihood", 0, 0.05)
+
+
+def test_knowledge_setting_is_checked():
+    assert UnlearnSettings(knowledge=False).kwargs()["knowledge"] is False
+    assert "knowledge" not in UnlearnSettings().kwargs()
+    with pytest.raises(UserInputError, match="second-order"):
+        UnlearnSettings(method="gradient_ascent", knowledge=True)
+    with pytest.raises(UserInputError, match="knowledge must be"):
+        UnlearnSettings(knowledge="yes")
+    with pytest.raises(ValueError, match="knowledge must be"):
+        build_unlearner("newton", small_causal_lm("gpt2"), knowledge=1)
