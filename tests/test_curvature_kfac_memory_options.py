@@ -234,3 +234,18 @@ def test_memory_benchmark_measures_the_closed_form_and_keeps_results_md(tmp_path
     text = (tmp_path / "results.md").read_text()
     assert text.count(kfac_memory.SECTION) == 1 and "old" in text and text.index("old") < text.index(
         kfac_memory.SECTION) < text.index("## Plots")
+
+
+@pytest.mark.parametrize(("kind", "block"), [(None, 0), ("diagonal", 1), ("block", 2)])
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_apply_many_equals_apply_one_by_one(kind: str | None, block: int, mode: str) -> None:
+    """The batched solve of a protected Newton step (`apply_many`) is `apply` per vector, for every form of G."""
+    model = wide_mlp()
+    kw = {"wide_layer": kind, "wide_block": block} if kind else {}
+    kfac = fit(model, batch(1), batch(2), **kw)
+    vectors = [vector(kfac, seed) for seed in (1, 2, 3)]
+    for power in (-1.0, -0.25):
+        many = kfac.apply_many(vectors, 0.05, power, mode=mode)
+        assert len(many) == 3
+        for v, got in zip(vectors, many):
+            close(got, kfac.apply(v, 0.05, power, mode=mode), rtol=1e-12, atol=1e-14)

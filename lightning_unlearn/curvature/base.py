@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -172,6 +172,23 @@ class Curvature(ABC):
             return self._apply(dict(vector), lambda block: damping, float(power))
         scales = self.damping_scales()
         return self._apply(dict(vector), lambda block: damping * scales[block], float(power))
+
+    def apply_many(self, vectors: Sequence[Mapping[str, Tensor]], damping: float, power: float = -1.0, *,
+                   mode: str = "absolute") -> list[Vector]:
+        """`apply` to each of `vectors` (the same λ): one call for the k + 1 solves of a protected Newton step. A
+        backend with a batched form (`_apply_many`: K-FAC) computes them together, the others one by one."""
+        damping = check_damping(damping)
+        check_damping_mode(mode)
+        batched = getattr(self, "_apply_many", None)
+        if batched is None or not self.finalized or len(vectors) < 2 or (
+                self.supported_powers is not None and not any(math.isclose(power, p) for p in self.supported_powers)):
+            return [self.apply(v, damping, power, mode=mode) for v in vectors]
+        for v in vectors:
+            self.check_vector(v)
+        if mode == "absolute":
+            return batched([dict(v) for v in vectors], lambda block: damping, float(power))
+        scales = self.damping_scales()
+        return batched([dict(v) for v in vectors], lambda block: damping * scales[block], float(power))
 
     def inverse(self, vector: Mapping[str, Tensor], damping: float, *, mode: str = "absolute") -> Vector:
         """`(C + λI)^-1 v`: the Newton direction for gradient `v`."""

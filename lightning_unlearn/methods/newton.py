@@ -358,10 +358,12 @@ class SecondOrderUnlearner(Unlearner):
             return constrained({n: context[n] for n in self.param_names},
                                [{n: h[n] for n in self.param_names} for h in self._holdout_gradients],
                                self.damping, mode=self.damping_mode)
-        direction = self.newton_direction(context)
         if not self._holdout_gradients:
-            return direction
-        return constrained_direction(direction, self._holdout_gradients, self.newton_direction)
+            return self.newton_direction(context)
+        assert self.curvature is not None
+        vectors = [{n: v[n] for n in self.param_names} for v in (context, *self._holdout_gradients)]
+        solved = self.curvature.apply_many(vectors, self.damping, -1.0, mode=self.damping_mode)
+        return constrained_direction(solved[0], self._holdout_gradients, self.newton_direction, solved=solved[1:])
 
     def _offset(self, context: Any) -> Vector | None:
         """A fixed part of the update that does not scale with η (Fisher Forgetting's noise); None here."""

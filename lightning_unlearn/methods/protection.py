@@ -33,15 +33,16 @@ def example_groups(batches: Sequence[Batch], k: int) -> list[list[Batch]]:
 
 
 def constrained_direction(direction: Vector, constraints: Sequence[Mapping[str, Tensor]],
-                          solve: Callable[[Mapping[str, Tensor]], Vector]) -> Vector:
+                          solve: Callable[[Mapping[str, Tensor]], Vector],
+                          solved: Sequence[Vector] | None = None) -> Vector:
     """`direction` (= solve(g_f)) minus its component along `solve(h_i)` so that every `h_iᵀ d = 0`; `direction`
-    unchanged when the k × k system has no finite solution."""
+    unchanged when the k × k system has no finite solution. `solved`: the `solve(h_i)` when already computed."""
     names = list(direction)
 
     def flat(v: Mapping[str, Tensor]) -> Tensor:
         return torch.cat([v[n].reshape(-1).double().cpu() for n in names])
 
-    ds = [solve(h) for h in constraints]
+    ds = list(solved) if solved is not None else [solve(h) for h in constraints]
     H, D = torch.stack([flat(h) for h in constraints], 1), torch.stack([flat(d) for d in ds], 1)  # [p, k]
     gram = H.T @ D  # [k, k], Hᵀ(C + λI)⁻¹H: symmetric positive definite
     rhs = H.T @ flat(direction)
