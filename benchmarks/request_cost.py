@@ -12,7 +12,7 @@ curvature fit) and the public methods (`PHASES`) of the unlearner that `prepare_
 instance only). Each phase gets its seconds, forward examples, backward examples and calls; a phase called inside
 another (`forget_gradient` inside `holdout_gradients`, `measure` inside `check_holdout`) belongs to the outer one, so
 the phases never overlap and their seconds sum to at most the request's. `other` is the rest of the request (the
-projection and solves of `_direction` outside `newton_direction`, snapshots, weight checks, data preparation).
+projection of `_direction` outside the solves `newton_direction(s)`, snapshots, weight checks, data preparation).
 
 `request_scaling(preset, say)` times the default request (`UnlearnSettings()`, holdout target) on briefly trained
 random-token GPT-2 models of the preset's sizes and forget-set sizes and fits the log-log exponent of the request's
@@ -37,7 +37,7 @@ from benchmarks.passes import count_passes, fwd_bwd_seconds
 
 #: the unlearner's methods timed as phases, when the method has them (in call order of a default request)
 PHASES = ("fit_curvature", "calibrate", "check_holdout", "holdout_gradients", "forget_gradient", "newton_direction",
-          "forget_score", "measure")
+          "newton_directions", "forget_score", "measure")
 COUNTS = ("forward_examples", "backward_examples")
 
 

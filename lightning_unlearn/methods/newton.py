@@ -316,6 +316,13 @@ class SecondOrderUnlearner(Unlearner):
         return self.curvature.apply({n: gradient[n] for n in self.param_names}, self.damping, -1.0,
                                     mode=self.damping_mode)
 
+    def newton_directions(self, gradients: Sequence[Mapping[str, Tensor]]) -> list[Vector]:
+        """`newton_direction` of each of `gradients`, solved together (`Curvature.apply_many`: one stacked product
+        per layer for K-FAC): the forget gradient and the protection constraints of one step."""
+        assert self.curvature is not None
+        return self.curvature.apply_many([{n: g[n] for n in self.param_names} for g in gradients], self.damping,
+                                         -1.0, mode=self.damping_mode)
+
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
         if self.curvature is None or not self.curvature.finalized:
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
@@ -360,9 +367,7 @@ class SecondOrderUnlearner(Unlearner):
                                self.damping, mode=self.damping_mode)
         if not self._holdout_gradients:
             return self.newton_direction(context)
-        assert self.curvature is not None
-        vectors = [{n: v[n] for n in self.param_names} for v in (context, *self._holdout_gradients)]
-        solved = self.curvature.apply_many(vectors, self.damping, -1.0, mode=self.damping_mode)
+        solved = self.newton_directions([context, *self._holdout_gradients])
         return constrained_direction(solved[0], self._holdout_gradients, self.newton_direction, solved=solved[1:])
 
     def _offset(self, context: Any) -> Vector | None:

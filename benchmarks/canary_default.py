@@ -1,0 +1,97 @@
+"""The default request on the frontier benchmark's canary experiments, alone: seeds 0, 1, 2 of the demo's experiment
+(models trained or loaded from `--cache`, as `benchmarks.run`'s frontier caches them), the request timed and counted
+per phase, privacy and utility against the retrained model.
+
+    python -m benchmarks.canary_default            # ~25 min on 2 cores with training, ~2 min from cached models
+
+Writes `benchmarks/results/canary-default/results.json` (numbers only): per seed the original, retrained and default
+rows (`frontier_bench.privacy_row`: exposure, MIA AUC, Δ test perplexity) with status, steps, whether the knowledge
+regime ran, seconds, `time_over_fwd_bwd` and `time_over_retrain`; and the mean ± sd of the default rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def seed_rows(seed: int, cache: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The original, retrained and default-request rows of one seed, and its canaries' secrets (no file may hold
+    one); one torch thread: two seeds run side by side."""
+    torch.set_num_threads(1)
+    from benchmarks.frontier_bench import make_experiment, privacy_row
+    from benchmarks.passes import fwd_bwd_seconds
+    from benchmarks.request_cost import profiled_request
+    from benchmarks.run import secrets_of
+    from lightning_unlearn.demo import DEFAULT_SETTINGS, quiet_libraries
+    from lightning_unlearn.experiment import ExperimentConfig
+
+    quiet_libraries()
+    exp = make_experiment("canaries", dataclasses.replace(ExperimentConfig(), seed=seed), cache)
+    original, retrained = exp.train("full").eval(), exp.train("retain").eval()
+    forget, holdout, held = exp.forget_batches(), exp.holdout_batches(), exp.held_retain_batch()
+    retain = exp.retain_batches(DEFAULT_SETTINGS.curvature_batches)
+    before = exp.evaluate(original, reference=retrained)
+    ppl = float(before["test/perplexity"])
+    rows = [{"seed": seed, "method": "original", **privacy_row("canaries", before, ppl)},
+            {"seed": seed, "method": "retrain",
+             **privacy_row("canaries", exp.evaluate(retrained, reference=retrained), ppl)}]
+    model = copy.deepcopy(original)
+    result, cost = profiled_request(model, forget, retain, holdout, settings=DEFAULT_SETTINGS, held_retain=held)
+    unit = fwd_bwd_seconds(original, forget + retain)
+    summary = result.summary
+    rows.append({"seed": seed, "method": "default",
+                 **privacy_row("canaries", exp.evaluate(model, reference=retrained), ppl),
+                 "status": summary["status"], "steps_accepted": summary["steps_accepted"],
+                 "knowledge_regime": summary["knowledge_regime"], "seconds": cost["seconds"],
+                 "fwd_bwd_seconds": unit, "time_over_fwd_bwd": cost["seconds"] / unit,
+                 "time_over_retrain": cost["seconds"] / exp.timings["retrain_seconds"],
+                 "breakdown": cost["breakdown"]})
+    return rows, secrets_of(exp)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± sd over seeds of the default rows; the exposure gap is against each seed's retrained model."""
+    retrain = {r["seed"]: r for r in rows if r["method"] == "retrain"}
+    default = [r for r in rows if r["method"] == "default"]
+    values = {"mia_auc": [r["mia_auc"] for r in default], "dppl_percent": [r["dppl_percent"] for r in default],
+              "exposure_gap_bits": [r["exposure"] - retrain[r["seed"]]["exposure"] for r in default],
+              "time_over_fwd_bwd": [r["time_over_fwd_bwd"] for r in default]}
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in default], "status": [r["status"] for r in default]}
+    for key, vals in values.items():
+        out[key] = statistics.mean(vals)
+        out[f"{key}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out[f"{key}_per_seed"] = vals
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", default="runs/benchmarks")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results/canary-default")
+    args = parser.parse_args(argv)
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(seed_rows, args.seeds, [args.cache] * len(args.seeds)))
+    rows = [r for seed_done, _ in done for r in seed_done]
+    secrets = sorted({s for _, seed_secrets in done for s in seed_secrets})
+    results = {"default_recipe": {"canaries": summarize(rows)}, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from lightning_unlearn.report import atomic_write
+
+    atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode(), secrets)
+    print(json.dumps(results["default_recipe"], indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
