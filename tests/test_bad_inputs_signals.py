@@ -73,6 +73,7 @@ def test_ctrl_c_raises_through_finally_blocks_and_exits_130():
     from lightning_unlearn.cli.signals import Interrupted
     from lightning_unlearn.cli.signals import install_signal_handlers as _install_signal_handlers
 
+    previous = signal.getsignal(signal.SIGINT)  # Python's default_int_handler, or SIG_IGN in a background job
     restore = _install_signal_handlers()
     cleaned = []
     try:
@@ -85,4 +86,4 @@ def test_ctrl_c_raises_through_finally_blocks_and_exits_130():
     finally:
         restore()
     assert info.value.code == 130 and cleaned == [True]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler from before is back
