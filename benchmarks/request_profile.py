@@ -1,4 +1,7 @@
-"""The default request's cost on the demo's canaries and on the TOFU-faithful benchmark (seed 0), per phase.
+"""The default request's cost on the demo's canaries and on the TOFU-faithful benchmark (seed 0), per phase; and the
+cached-curvature request on the canaries (`curvature_data="full_minus_forget"` with a K-FAC of the whole training
+data taken beforehand, as the `CurvatureCallback` takes it during training: no retain pass at request time; its
+unit is one forward+backward over the forget set alone).
 
     python -m benchmarks.request_profile [--out benchmarks/results/request_profile]
 
@@ -20,6 +23,7 @@ import torch
 
 from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.request_cost import breakdown_markdown, profiled_request
+from lightning_unlearn.curvature.registry import build_curvature
 from lightning_unlearn.experiment import Experiment, ExperimentConfig
 from lightning_unlearn.settings import UnlearnSettings
 from lightning_unlearn.tofu_experiment import TofuConfig, TofuExperiment
@@ -38,9 +42,9 @@ def main() -> None:
     out: dict = {}
     lines: list[str] = ["# The default request's cost, per phase (one process, one thread)", ""]
 
-    def run(name: str, model: torch.nn.Module, forget: list, retain: list, holdout: list, held: dict,
+    def run(name: str, model: torch.nn.Module, forget: list, retain: list | None, holdout: list, held: dict | None,
             retrain_seconds: float, settings: UnlearnSettings) -> None:
-        unit = fwd_bwd_seconds(model, list(forget) + list(retain))
+        unit = fwd_bwd_seconds(model, list(forget) + list(retain or []))
         result, cost = profiled_request(copy.deepcopy(model).eval(), forget, retain, holdout, settings=settings,
                                         held_retain=held)
         s = result.summary
@@ -50,9 +54,10 @@ def main() -> None:
                "steps_accepted": s["steps_accepted"], "forget_score_after": s["forget_score_after"],
                "breakdown": cost["breakdown"]}
         out[name] = row
+        unit_extra = " and the curvature batches" if retain else ""
         lines.extend([f"## {name}", "",
                       f"{row['seconds']:.1f} s = {row['time_over_fwd_bwd']:.2f} x one forward+backward over the forget "
-                      f"set and the curvature batches ({unit:.2f} s); 1/{1 / row['time_over_retrain']:.0f} of "
+                      f"set{unit_extra} ({unit:.2f} s); 1/{1 / row['time_over_retrain']:.0f} of "
                       f"retraining ({retrain_seconds:.0f} s); {row['forward_examples']} forward and "
                       f"{row['backward_examples']} backward examples; {s['status']}, {s['steps_accepted']} steps, "
                       f"forget score {s['forget_score_after']:.2f}", ""])
@@ -65,6 +70,11 @@ def main() -> None:
     exp.train("retain")
     run("canaries (the demo, seed 0)", original, exp.forget_batches(), exp.retain_batches(8), exp.holdout_batches(),
         exp.held_retain_batch(), exp.timings["retrain_seconds"], UnlearnSettings(curvature_batches=8))
+    # the curvature checkpoint of the training data (not timed: it is taken during training, once for all requests)
+    full = build_curvature("kfac", original).fit(exp.retain_batches(None) + exp.forget_batches())
+    run("canaries, cached curvature (full_minus_forget, no retain data)", original, exp.forget_batches(), None,
+        exp.holdout_batches(), None, exp.timings["retrain_seconds"],
+        UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full))
     tofu = TofuExperiment(TofuConfig(seed=0), args.tofu_cache)
     for split in ("forget05", "forget10"):
         retain = tofu.retain_batches(split, 16)
