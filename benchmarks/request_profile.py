@@ -74,7 +74,7 @@ def main() -> None:
     full = build_curvature("kfac", original).fit(exp.retain_batches(None) + exp.forget_batches())
     run("canaries, cached curvature (full_minus_forget, no retain data)", original, exp.forget_batches(), None,
         exp.holdout_batches(), None, exp.timings["retrain_seconds"],
-        UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full))
+        UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full.state_dict()))
     tofu = TofuExperiment(TofuConfig(seed=0), args.tofu_cache)
     for split in ("forget05", "forget10"):
         retain = tofu.retain_batches(split, 16)

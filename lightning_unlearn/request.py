@@ -148,6 +148,11 @@ def load_full_curvature(
     `lightning_unlearn.checkpoint.load_curvature_state`: never unpickled, refused for another backend or model), or
     a curvature `state_dict`. The loaded object reduces through `reduce`/`gather`."""
     if isinstance(source, Curvature):
+        if not any(source.model is m for m in model.modules()):
+            # its gradients and steps would go to the other model's parameters: this one would never move
+            raise UserInputError(
+                f"{who}: full_curvature is a Curvature of another model object (e.g. fitted before a copy.deepcopy "
+                "of the model); pass its state_dict() or a curvature file instead, which are loaded onto this model")
         return source
     if source is None:
         raise UserInputError(

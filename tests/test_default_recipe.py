@@ -135,6 +135,28 @@ def test_retain_free_request_is_bounded_by_the_curvature(gpt2):
     assert u.measure(forget) > u.summary()["forget_loss_before"] + 1.0
 
 
+def test_a_curvature_of_another_model_object_is_refused_and_its_state_dict_serves(gpt2):
+    """A `Curvature` fitted on another copy of the model would take the gradients and steps to that copy's parameters
+    (the request's model never moved: `nothing_accepted`, `no_progress` on every trial): refused, naming the fix; its
+    `state_dict()` is loaded onto the request's model and serves."""
+    from lightning_unlearn.errors import UserInputError
+    from lightning_unlearn.request import serve_request
+    from lightning_unlearn.settings import UnlearnSettings
+
+    base, forget, retain, held, holdout = gpt2
+    full = build_curvature("kfac", base).fit([*retain, forget])
+    model = copy.deepcopy(base)
+    with pytest.raises(UserInputError, match="another model object.*state_dict"):
+        serve_request(model, [forget], None, [holdout],
+                      settings=UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+    result = serve_request(model, [forget], None, [holdout],
+                           settings=UnlearnSettings(curvature_data="full_minus_forget",
+                                                    full_curvature=full.state_dict()))
+    assert result.summary["steps_accepted"] >= 1
+    assert result.summary["forget_loss_after"] > result.summary["forget_loss_before"]
+
+
 def test_eigenvalue_correction_through_build_unlearner(gpt2):
     base, forget, retain, held, holdout = gpt2
     u = build_unlearner("newton", copy.deepcopy(base), curvature_kwargs={"eigenvalue_correction": True})
