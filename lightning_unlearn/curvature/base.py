@@ -17,6 +17,7 @@ A finalized curvature has a `state_dict()`, so one saved at the end of training 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -320,3 +321,13 @@ class Curvature(ABC):
 def tensor_bytes(*tensors: Tensor | None) -> int:
     """Bytes of the given tensors (None ignored)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def clone_curvature(curvature: Curvature) -> Curvature:
+    """A deep copy of a curvature's statistics that shares the model and the reduce/gather functions."""
+    memo: dict[int, Any] = {id(curvature.model): curvature.model}
+    for attr in ("reduce", "gather", "objective"):
+        value = getattr(curvature, attr, None)
+        if value is not None:
+            memo[id(value)] = value
+    return copy.deepcopy(curvature, memo)

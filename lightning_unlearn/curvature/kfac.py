@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
 from .kfac_statistics import KFACStatistics
-from .kronecker import g_from_basis, g_structure, g_to_basis, largest_divisor, partition_layers
+from .kronecker import g_from_basis, g_structure, g_to_basis, kronecker_scale_many, largest_divisor, partition_layers
 from .layers import TrackedLayer, find_layers
 from .objective import Objective
 
@@ -365,17 +365,10 @@ class KFAC(KFACStatistics, Curvature):
                 for out, v in zip(outs, vs):
                     out.update(layer.from_matrix(torch.zeros_like(v)))
                 continue
-            dtype = vs[0].dtype
             stacked = torch.stack(vs).to(self.compute_dtype)  # [n, out, c]
-            n, rows, cols = stacked.shape
             u_a, u_g = self._bases(layer.name, stacked.device)
-            s = self._eigenvalues(layer.name).to(stacked.device)
-            columns = stacked.permute(1, 0, 2).reshape(rows, n * cols)  # g_to_basis works on columns
-            m = g_to_basis(u_g, columns).reshape(rows, n, cols).permute(1, 0, 2) @ u_a
-            m = m * (s + damping(layer.name)).pow(power)
-            back = (m @ u_a.T).permute(1, 0, 2).reshape(rows, n * cols)
-            result = g_from_basis(u_g, back).reshape(rows, n, cols).permute(1, 0, 2).to(dtype)
-            for out, r in zip(outs, result):
+            scale = (self._eigenvalues(layer.name).to(stacked.device) + damping(layer.name)).pow(power)
+            for out, r in zip(outs, kronecker_scale_many(u_a, u_g, scale, stacked).to(vs[0].dtype)):
                 out.update(layer.from_matrix(r))
         if self.sharded:
             outs = [{name: self.reduce(t.contiguous()) for name, t in out.items()} for out in outs]

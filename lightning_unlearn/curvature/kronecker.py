@@ -47,6 +47,17 @@ def g_from_basis(u: Tensor | None, y: Tensor) -> Tensor:
     return (u @ y.reshape(m, k, -1)).reshape(y.shape)
 
 
+def kronecker_scale_many(u_a: Tensor, u_g: Tensor | None, scale: Tensor, stacked: Tensor) -> Tensor:
+    """`U_G (scale ⊙ (U_Gᵀ M U_A)) U_Aᵀ` for each matrix M [out, c] of `stacked` [n, out, c]: a function of a
+    Kronecker-factored matrix (eigenbases U_A, U_G; `scale` [out, c] its eigenvalues' function) applied to n vectors
+    in one product per factor."""
+    n, rows, cols = stacked.shape
+    columns = stacked.permute(1, 0, 2).reshape(rows, n * cols)  # g_to_basis works on columns
+    m = g_to_basis(u_g, columns).reshape(rows, n, cols).permute(1, 0, 2) @ u_a
+    back = ((m * scale) @ u_a.T).permute(1, 0, 2).reshape(rows, n * cols)
+    return g_from_basis(u_g, back).reshape(rows, n, cols).permute(1, 0, 2)
+
+
 def g_structure(u: Tensor | None) -> str:
     """"dense", "block" or "diagonal": how a layer's G is kept, read from its eigenbasis."""
     return "diagonal" if u is None else ("block" if u.dim() == 3 else "dense")

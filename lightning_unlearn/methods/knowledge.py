@@ -24,6 +24,12 @@ budget of at least `KNOWLEDGE_RETAIN_INCREASE` (the held retain answers' per-tok
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from .losses import DEFAULT_FORGET_LOSS
+from .records import Batch, StepRecord, as_batches
+
 #: the held retain loss (mean token NLL, nats) below which the retain data counts as memorised (p > 0.905 per token)
 MEMORISED_NATS = 0.1
 #: the retain budget of the knowledge regime (relative; `target.retain_budget_nats`: log 1.3 = 0.26 nats)
@@ -46,3 +52,71 @@ def is_memorised(reference_loss: float | None) -> bool:
 def knowledge_budget(max_retain_increase: float | None) -> float | None:
     """The knowledge regime's retain budget: at least `KNOWLEDGE_RETAIN_INCREASE`; None (no check) stays None."""
     return None if max_retain_increase is None else max(float(max_retain_increase), KNOWLEDGE_RETAIN_INCREASE)
+
+
+class KnowledgeRegime:
+    """The regime's part of `SecondOrderUnlearner` (a mixin before `Unlearner`): which settings the run uses, chosen
+    in `begin` from the held retain loss, and the staged budget (`budget_fraction`, `should_stop`). The host sets
+    `secret_steps` (the secret recipe's number of steps) and `staged`, and calls `init_regime` in its constructor."""
+
+    secret_steps: int
+    staged: bool
+
+    def init_regime(self, knowledge: bool | None, **given: Any) -> None:
+        """Check `knowledge` and keep what the caller set (`given`: forget_loss, protect_retain,
+        max_retain_increase, steps, staged_budget; None: not set), restored at the start of every run."""
+        protect = given.get("protect_retain")
+        if protect is not None and int(protect) < 0:
+            raise ValueError(f"protect_retain must be >= 0 (groups of the step's retain examples; 0: none), got "
+                             f"{protect}")
+        if knowledge is not None and not isinstance(knowledge, bool):
+            raise ValueError(f"knowledge must be None (decided from the held retain loss), True or False, got "
+                             f"{knowledge!r}")
+        self.knowledge = knowledge
+        self._given = dict(given)
+        self.use_regime(bool(knowledge))
+
+    def use_regime(self, knowledge: bool) -> None:
+        """Set the knowledge regime on or off: the objective, the retain protection, the budget, the number of steps
+        and the staged budget the caller did not set take the regime's values."""
+        given = self._given
+        self.knowledge_regime = bool(knowledge)
+        self.forget_loss = given["forget_loss"] or (KNOWLEDGE_FORGET_LOSS if knowledge else DEFAULT_FORGET_LOSS)
+        protect = given["protect_retain"]
+        self.protect_retain = int(protect) if protect is not None else (KNOWLEDGE_PROTECT_RETAIN if knowledge else 0)
+        budget = given["max_retain_increase"]
+        self.max_retain_increase = knowledge_budget(budget) if knowledge else budget
+        steps = given["steps"]
+        self.steps = int(steps) if steps is not None else (KNOWLEDGE_STEPS if knowledge else self.secret_steps)
+        staged_budget = given["staged_budget"]
+        self.staged_budget = bool(staged_budget) if staged_budget is not None else bool(knowledge)
+
+    def begin(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
+              held_retain_batch: Batch | None = None) -> bool:
+        """The host's `begin`, then the regime: with `knowledge=None` the knowledge regime when the retain data the
+        budget is read on is memorised (`is_memorised`; never on a retain-free request, whose budget is read on the
+        holdout)."""
+        self.use_regime(bool(self.knowledge))
+        done = super().begin(forget, retain, held_retain_batch)  # type: ignore[misc]
+        if self.knowledge is None:
+            held = self.budget_batches(held_retain_batch, as_batches(retain))  # type: ignore[attr-defined]
+            measured_on_retain = held is not None and held is not self.holdout  # type: ignore[attr-defined]
+            self.use_regime(measured_on_retain
+                            and is_memorised(self._losses.get("retain_before")))  # type: ignore[attr-defined]
+        return done
+
+    def budget_fraction(self) -> float:
+        """The share of the retain budget the current step may have spent by its end: with `staged_budget` (and
+        staging), k/K at step k of K, so that a step that cannot reach its stage does not spend the whole budget
+        and leave nothing to the steps after it (each protecting other retain examples); else 1."""
+        if not (self.staged_budget and self.staged):
+            return 1.0
+        done = self.step_count - self._stage_origin  # type: ignore[attr-defined]
+        return min(1.0, max(done, 1) / self.steps)
+
+    def should_stop(self, record: StepRecord) -> bool:
+        """The host's rule, except that a step that spent its stage's share of a staged budget (not the whole budget)
+        does not end the run."""
+        if record.accepted and record.reason == "retain_budget" and self.budget_fraction() < 1.0:
+            return False
+        return super().should_stop(record)  # type: ignore[misc]

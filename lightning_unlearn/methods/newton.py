@@ -8,7 +8,6 @@ One-shot (`steps=1`) or iterative (the forget gradient re-estimated every step, 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -16,17 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode
+from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .inputs import check_settings
-from .knowledge import (
-    KNOWLEDGE_FORGET_LOSS,
-    KNOWLEDGE_PROTECT_RETAIN,
-    KNOWLEDGE_STEPS,
-    is_memorised,
-    knowledge_budget,
-)
-from .losses import DEFAULT_FORGET_LOSS
+from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .step_search import Point, StepSearch
@@ -38,22 +30,12 @@ from .unlearner import Unlearner
 CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
 
 
-def clone_curvature(curvature: Curvature) -> Curvature:
-    """A deep copy of a curvature's statistics that shares the model and the reduce/gather functions."""
-    memo: dict[int, Any] = {id(curvature.model): curvature.model}
-    for attr in ("reduce", "gather", "objective"):
-        value = getattr(curvature, attr, None)
-        if value is not None:
-            memo[id(value)] = value
-    return copy.deepcopy(curvature, memo)
-
-
 #: the default recipe of the second-order methods (see `SecondOrderUnlearner`)
 DEFAULT_RELATIVE_DAMPING = 0.1
 DEFAULT_NEWTON_STEPS = 5
 
 
-class SecondOrderUnlearner(Unlearner):
+class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
     """Methods with curvature: the damped Newton direction `d = (C + λI)^-1 (-∇U)` (U the forget objective to
     minimise; for `nll` this is `(C + λI)^-1 ∇L_forget`), on the parameters the curvature covers, and a step
     `η d` whose length η is searched.
@@ -100,6 +82,7 @@ class SecondOrderUnlearner(Unlearner):
     """
 
     name = "second_order"
+    secret_steps = DEFAULT_NEWTON_STEPS
 
     def __init__(
         self,
@@ -164,20 +147,9 @@ class SecondOrderUnlearner(Unlearner):
         self.staged = bool(staged)
         self.protect_holdout = bool(protect_holdout)
         self.protect_groups = int(protect_groups)
-        if protect_retain is not None and int(protect_retain) < 0:
-            raise ValueError(f"protect_retain must be >= 0 (groups of the step's retain examples; 0: none), got "
-                             f"{protect_retain}")
-        if knowledge is not None and not isinstance(knowledge, bool):
-            raise ValueError(f"knowledge must be None (decided from the held retain loss), True or False, got "
-                             f"{knowledge!r}")
-        self.knowledge = knowledge
-        #: what the caller set (None: not set), restored at the start of every run before the regime is chosen
-        self._given = {"forget_loss": self.forget_loss if kw.get("forget_loss") is not None else None,
-                       "protect_retain": protect_retain, "max_retain_increase": self.max_retain_increase,
-                       "steps": steps, "staged_budget": staged_budget}
-        self.protect_retain = 0
-        self.knowledge_regime = False
-        self.use_regime(bool(knowledge))
+        self.init_regime(knowledge, forget_loss=self.forget_loss if kw.get("forget_loss") is not None else None,
+                         protect_retain=protect_retain, max_retain_increase=self.max_retain_increase, steps=steps,
+                         staged_budget=staged_budget)
         self.retain_repair = float(retain_repair)
         self.reuse_protection = bool(reuse_protection)
         self.lazy_budget = bool(lazy_budget)
@@ -201,34 +173,6 @@ class SecondOrderUnlearner(Unlearner):
             raise RuntimeError(f"{self.name}: no curvature yet; pass curvature=<finalized curvature>, call "
                                "fit_curvature(batches) or use fit(forget_batches, retain_batches)")
         return tuple(self.curvature.param_names)
-
-    def use_regime(self, knowledge: bool) -> None:
-        """Set the knowledge regime on or off (`methods.knowledge`): the objective, the retain protection, the
-        budget, the number of steps and the staged budget the caller did not set take the regime's values."""
-        given = self._given
-        self.knowledge_regime = bool(knowledge)
-        self.forget_loss = given["forget_loss"] or (KNOWLEDGE_FORGET_LOSS if knowledge else DEFAULT_FORGET_LOSS)
-        protect = given["protect_retain"]
-        self.protect_retain = int(protect) if protect is not None else (KNOWLEDGE_PROTECT_RETAIN if knowledge else 0)
-        budget = given["max_retain_increase"]
-        self.max_retain_increase = knowledge_budget(budget) if knowledge else budget
-        steps = given["steps"]
-        self.steps = int(steps) if steps is not None else (KNOWLEDGE_STEPS if knowledge else DEFAULT_NEWTON_STEPS)
-        staged_budget = given["staged_budget"]
-        self.staged_budget = bool(staged_budget) if staged_budget is not None else bool(knowledge)
-
-    def begin(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
-              held_retain_batch: Batch | None = None) -> bool:
-        """The base class's `begin`, then the regime: with `knowledge=None` the knowledge regime when the retain
-        data the budget is read on is memorised (`methods.knowledge.is_memorised`; never on a retain-free request,
-        whose budget is read on the holdout)."""
-        self.use_regime(bool(self.knowledge))
-        done = super().begin(forget, retain, held_retain_batch)
-        if self.knowledge is None:
-            held = self.budget_batches(held_retain_batch, as_batches(retain))
-            measured_on_retain = held is not None and held is not self.holdout
-            self.use_regime(measured_on_retain and is_memorised(self._losses.get("retain_before")))
-        return done
 
     def _new_curvature(self) -> Curvature:
         kwargs = dict(self.curvature_kwargs)
@@ -270,21 +214,6 @@ class SecondOrderUnlearner(Unlearner):
         self._repair_data, self._repair_origin = list(retain), None
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
-
-    def budget_fraction(self) -> float:
-        """The share of the retain budget the current step may have spent by its end: with `staged_budget` (and
-        staging), k/K at step k of K, so that a step that cannot reach its stage does not spend the whole budget
-        and leave nothing to the steps after it (each protecting other retain examples); else 1."""
-        if not (self.staged_budget and self.staged):
-            return 1.0
-        return min(1.0, max(self.step_count - self._stage_origin, 1) / self.steps)
-
-    def should_stop(self, record: StepRecord) -> bool:
-        """The base rule, except that a step that spent its stage's share of a staged budget (not the whole budget)
-        does not end the run."""
-        if record.accepted and record.reason == "retain_budget" and self.budget_fraction() < 1.0:
-            return False
-        return super().should_stop(record)
 
     def stage_target(self, target: float | None, forget_loss: float) -> float | None:
         """What the current step aims at: stage k/K of the way from the run's first forget loss to `target`."""
