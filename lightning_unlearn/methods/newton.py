@@ -73,6 +73,9 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
       retain budget is measured on the holdout and the step's predicted retain increase ½ΔᵀCΔ is bounded too;
       without holdout data either, `fit` refuses the request (`require_measured_guard`): a prediction alone is no
       bound.
+    - **the knowledge regime** (`knowledge=None`: chosen in `begin` from the held retain loss, `methods.knowledge`):
+      on memorised retain data the NLL objective, `protect_retain=8`, a 30 % budget, 10 steps and a staged budget
+      (`staged_budget`: step k of K may have spent k/K of it), each unless set; `knowledge=False`: never.
     `step_search=False` gives the fixed step `scale · d` with Levenberg-Marquardt backtracking on λ.
 
     `curvature`: a finalized curvature is used as is; an unfinalized one (or None: built from `curvature_backend`
