@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
 from .kfac_statistics import KFACStatistics
-from .kronecker import g_from_basis, g_structure, g_to_basis, kronecker_scale_many, largest_divisor, partition_layers
+from .kronecker import g_structure, g_to_basis, kronecker_scale_many, largest_divisor, partition_layers
 from .layers import TrackedLayer, find_layers
 from .objective import Objective
 
@@ -331,29 +331,12 @@ class KFAC(KFACStatistics, Curvature):
         return total
 
     def _apply(self, vector: Vector, damping, power: float) -> Vector:
-        if self.eigenvalue_correction and not self.corrected:
-            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
-                               "correct_eigenvalues(batches) after finalize() (and again after subtract())")
-        out: Vector = {}
-        owned = set(self.owned)
-        for layer in self.layers:
-            v = layer.to_matrix(vector)
-            if layer.name not in owned:  # its owner computes it; the sum below brings it here
-                out.update(layer.from_matrix(torch.zeros_like(v)))
-                continue
-            u_a, u_g = self._bases(layer.name, v.device)
-            s = self._eigenvalues(layer.name).to(v.device)
-            m = g_to_basis(u_g, v.to(self.compute_dtype)) @ u_a
-            m = m * (s + damping(layer.name)).pow(power)
-            result = g_from_basis(u_g, m @ u_a.T).to(v.dtype)
-            out.update(layer.from_matrix(result))
-        if self.sharded:  # every layer is non-zero on its owner only: the sum is the whole result on every process
-            out = {name: self.reduce(t.contiguous()) for name, t in out.items()}
-        return out
+        return self._apply_many([vector], damping, power)[0]
 
     def _apply_many(self, vectors: list[Vector], damping, power: float) -> list[Vector]:
-        """`_apply` for several vectors at once: per layer one stacked product in the eigenbasis instead of one per
-        vector (the same arithmetic; the protected Newton step solves 1 + k systems per trial)."""
+        """`(C + λ_l I)^power v` for each of `vectors`: per layer one stacked product in the eigenbasis
+        (`kronecker_scale_many`), so the 1 + k solves of a protected Newton step cost one call; `_apply` is the
+        case of one vector."""
         if self.eigenvalue_correction and not self.corrected:
             raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
                                "correct_eigenvalues(batches) after finalize() (and again after subtract())")
