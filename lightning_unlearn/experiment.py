@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -200,16 +201,20 @@ class Experiment:
         c = self.config
         L.seed_everything(c.seed, verbose=False)
         module = CausalLMModule(self.new_model(), lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.train_steps)
-        trainer = L.Trainer(max_steps=c.train_steps, accelerator=self.accelerator, devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=self.progress,
+        loader = self.data.dataloader(split, shuffle=True)
+        # max_steps ends the training; max_epochs, the epochs those steps take, only gives the progress bar a bound
+        # ("Epoch 9/11" instead of Lightning's "Epoch 9/-2" when only max_steps is set)
+        epochs = math.ceil(c.train_steps / max(len(loader), 1))
+        trainer = L.Trainer(max_steps=c.train_steps, max_epochs=epochs, accelerator=self.accelerator, devices=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=self.progress,
                             enable_model_summary=False, callbacks=_progress_callbacks(self.progress),
                             default_root_dir=str(self.output))
         start = time.perf_counter()
-        trainer.fit(module, train_dataloaders=self.data.dataloader(split, shuffle=True))
+        trainer.fit(module, train_dataloaders=loader)
         seconds = time.perf_counter() - start
         model = module.model.eval().to(self.device)
         atomic_save_pretrained(model, path)
-        meta.write_text(json.dumps({"seconds": seconds, "steps": c.train_steps, "split": split}))
+        meta.write_text(json.dumps({"seconds": seconds, "steps": trainer.global_step, "split": split}))
         self.timings[timing] = seconds
         return model
 

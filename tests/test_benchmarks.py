@@ -7,6 +7,7 @@ their consistency (ratios are their quotients, phases fit in the request; the ti
 and timings vary).
 """
 
+import dataclasses
 import json
 import math
 
@@ -165,3 +166,15 @@ def test_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_training_takes_all_its_steps_within_its_epoch_bound(tmp_path):
+    """`Experiment.train` gives the Trainer `max_epochs` (the epochs its `max_steps` take) so the progress bar has a
+    bound instead of "Epoch 9/-2": the bound must never end the training before its steps."""
+    smoke = PRESETS["smoke"].experiment
+    batches = len(Experiment(smoke, tmp_path / "count", progress=False).data.dataloader("full", shuffle=True))
+    config = dataclasses.replace(smoke, train_steps=2 * batches + 3)  # ends inside a third epoch
+    exp = Experiment(config, tmp_path / "train", progress=False)
+    exp.train("full")
+    meta = json.loads((exp.cache / "original" / "training.json").read_text())
+    assert meta["steps"] == config.train_steps
