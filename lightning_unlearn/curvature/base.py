@@ -162,34 +162,35 @@ class Curvature(ABC):
         eigenvalue (`damping_scales()`), so the same `damping` means the same thing for every layer and model
         (scaling the loss by a constant scales C and the gradient alike and leaves the Newton direction unchanged).
         """
+        block_damping = self._checked_damping(damping, power, mode, [vector])
+        return self._apply(dict(vector), block_damping, float(power))
+
+    def apply_many(self, vectors: Sequence[Mapping[str, Tensor]], damping: float, power: float = -1.0, *,
+                   mode: str = "absolute") -> list[Vector]:
+        """`apply` to each of `vectors` (the same λ): one call for the k + 1 solves of a protected Newton step. A
+        backend with a batched form (`_apply_many`: K-FAC) computes them together, the others one by one."""
+        block_damping = self._checked_damping(damping, power, mode, vectors)
+        batched = getattr(self, "_apply_many", None)
+        if batched is None:
+            return [self._apply(dict(v), block_damping, float(power)) for v in vectors]
+        return batched([dict(v) for v in vectors], block_damping, float(power))
+
+    def _checked_damping(self, damping: float, power: float, mode: str,
+                         vectors: Sequence[Mapping[str, Tensor]]) -> Callable[[str], float]:
+        """The checks of `apply` (damping, mode, finalized, power, the vectors' names and shapes); returns λ per
+        block key (`damping`, or `damping` × the block's scale with `mode="relative"`)."""
         damping = check_damping(damping)
         check_damping_mode(mode)
         if not self.finalized:
             raise RuntimeError(f"{self.name}: apply() before finalize(); accumulate batches, then call finalize()")
         if self.supported_powers is not None and not any(math.isclose(power, p) for p in self.supported_powers):
             raise ValueError(f"{self.name} supports power in {self.supported_powers}, got {power}")
-        self.check_vector(vector)
+        for vector in vectors:
+            self.check_vector(vector)
         if mode == "absolute":
-            return self._apply(dict(vector), lambda block: damping, float(power))
+            return lambda block: damping
         scales = self.damping_scales()
-        return self._apply(dict(vector), lambda block: damping * scales[block], float(power))
-
-    def apply_many(self, vectors: Sequence[Mapping[str, Tensor]], damping: float, power: float = -1.0, *,
-                   mode: str = "absolute") -> list[Vector]:
-        """`apply` to each of `vectors` (the same λ): one call for the k + 1 solves of a protected Newton step. A
-        backend with a batched form (`_apply_many`: K-FAC) computes them together, the others one by one."""
-        damping = check_damping(damping)
-        check_damping_mode(mode)
-        batched = getattr(self, "_apply_many", None)
-        if batched is None or not self.finalized or len(vectors) < 2 or (
-                self.supported_powers is not None and not any(math.isclose(power, p) for p in self.supported_powers)):
-            return [self.apply(v, damping, power, mode=mode) for v in vectors]
-        for v in vectors:
-            self.check_vector(v)
-        if mode == "absolute":
-            return batched([dict(v) for v in vectors], lambda block: damping, float(power))
-        scales = self.damping_scales()
-        return batched([dict(v) for v in vectors], lambda block: damping * scales[block], float(power))
+        return lambda block: damping * scales[block]
 
     def inverse(self, vector: Mapping[str, Tensor], damping: float, *, mode: str = "absolute") -> Vector:
         """`(C + λI)^-1 v`: the Newton direction for gradient `v`."""
