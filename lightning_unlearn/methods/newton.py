@@ -344,7 +344,8 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
                 self._fixed_step_budget = None
         forget, retain, held, reference, target, context, index = self._begin_step(
             forget_batch, retain_batch, held_retain_batch)
-        forget_before = self.forget_score(forget)
+        before: list[Tensor] = []  # the per-example losses at η = 0 (the guided search's first guess)
+        forget_before = self.forget_score(forget, losses_out=before)
         aim = self.stage_target(target, forget_before[0])
         predicted_budget = self._predicted_budget(held, reference)
         record: StepRecord | None = None
@@ -360,7 +361,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
             curvature_norm = self.curvature.quadratic(direction) if predicted_budget is not None else None
             snapshot = self._snapshot()
             evaluate = self._step_evaluator(snapshot, direction, offset, forget, held, reference, aim,
-                                            predicted_budget, curvature_norm)
+                                            predicted_budget, curvature_norm, before if offset is None else None)
             lazy = self.lazy_budget and aim is not None and held is not None
             evaluate.lazy = lazy  # type: ignore[attr-defined]
             guided = (self.guided_search and aim is not None and bool(self.holdout) and self.relative_target
@@ -431,15 +432,18 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
 
     def _step_evaluator(self, snapshot: Mapping[str, Tensor], direction: Vector, offset: Vector | None,
                         forget: Sequence[Batch], held: Batch | list[Batch] | None, reference: float | None,
-                        aim: float | None, predicted_budget: float | None,
-                        curvature_norm: float | None) -> Callable[[float], Point | None]:
+                        aim: float | None, predicted_budget: float | None, curvature_norm: float | None,
+                        before: list[Tensor] | None = None) -> Callable[[float], Point | None]:
         """The step search's `evaluate(eta)`: the step η applied and measured (a forward pass over the forget set
         and the budget's batches), or None when η lies outside the trust region (not measured). Its attribute
         `budget(eta)` -> (retain loss, within the budget) measures the budget's batches alone, and
-        `evaluate.lazy = True` makes `evaluate` leave them to it (`lazy_budget`: `StepSearch`'s `budget`)."""
+        `evaluate.lazy = True` makes `evaluate` leave them to it (`lazy_budget`: `StepSearch`'s `budget`).
+        `before`: the per-example losses at `snapshot` (η = 0, no offset), for `guess(0.0, hi)`."""
         applied: list[float] = []  # the η the weights hold now
         fraction = self.budget_fraction()
         losses: dict[float, list[Tensor]] = {}  # η -> its per-example forget and holdout losses
+        if before:
+            losses[0.0] = before  # the weights of `snapshot` (no offset): η = 0
 
         def apply(eta: float) -> None:
             if applied != [eta]:

@@ -9,13 +9,17 @@ region (not measured). The search only decides: its caller owns the weights.
 With `budget` (`StepSearch(evaluate, forget_before, budget)`), `evaluate` measures the forget score only and
 `budget(eta)` the held retain batch, on demand: the search first runs as if every step length short of the aim
 were within the budget (the held retain loss rises with η) and measures the budget at the η it would take; only when
-that η is out of the budget does it search again, measuring every point as above. Where the assumption holds the
-same η is taken for one held-batch pass instead of one per point.
+that η is out of the budget does it look below it for the largest η within the budget, bracketing and bisecting on the
+held retain batch alone and measuring the forget score once, at the η it takes (below the aim the forget score rises
+with η). Where the first assumption holds the same η is taken for one held-batch pass instead of one per point; where
+the budget binds, a bisection costs a held-batch pass per point instead of a forget score and a held-batch pass.
 
 With `guess` (`guess(lo, hi)`: the η in (lo, hi) where a model of the measured points predicts the aim is first
 reached, or None), the bisection measures next to the predicted crossing instead of at the geometric mean, just above
 it or just below it (the side farther from it), and stops once `hi / lo` is as small as `iters` bisections would
-make it: where the prediction is good, two points close the bracket that six bisections would.
+make it: where the prediction is good, two points close the bracket that six bisections would. When the first point
+already reaches the aim, `guess(0.0, hi)` (η = 0: the weights before the step, which fall short of it) places the
+first point below it, instead of `hi` / 4.
 """
 
 from __future__ import annotations
@@ -88,11 +92,51 @@ class StepSearch:
             reached = sorted(e for e, p in self.points.items() if p.reached)
             if reached and self.evaluate(reached[0]).reached:
                 return self._choose()
+            if reached:
+                found = self._largest_within_budget(reached[0], iters)
+                if found is not None:
+                    return found
         return self._search(start, iters, checked=True)
+
+    def _largest_within_budget(self, beyond: float, iters: int
+                               ) -> tuple[float | None, tuple[tuple[float, float], float | None], str] | None:
+        """With `budget`, when the smallest η reaching the aim (`beyond`) is out of the budget: the largest η below it
+        within the budget, bracketed (÷4) and bisected on the budget's measurement alone (a held retain pass, not a
+        forget score: below the aim the forget score rises with η, so the largest η within the budget raises it
+        most), then its forget score measured once. None (the caller searches again measuring every point) when no
+        η within the budget is found or the one found does not raise the forget score."""
+        checks: dict[float, tuple[float | None, bool]] = {}
+
+        def within(eta: float) -> bool:
+            if eta not in checks:
+                self.budget_checks += 1
+                checks[eta] = self._budget(eta)  # type: ignore[misc]
+            return checks[eta][1]
+
+        hi, lo = beyond, beyond / self.growth
+        for _ in range(self.max_bracket):
+            if within(lo):
+                break
+            hi, lo = lo, lo / self.growth
+        else:
+            return None
+        tolerance = self.growth ** (0.5 ** iters)
+        while hi > lo * tolerance:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if within(mid) else (lo, mid)
+        point = self.evaluate(lo, checked=False)
+        self.unchecked.discard(lo)
+        retain, ok = checks[lo]
+        ok = ok and point.ok
+        self.points[lo] = Point(point.forget, retain, ok, ok and point.reached)
+        if not ok or not point.forget > self.forget_before:
+            return None
+        return lo, (point.forget, retain), "target_reached" if point.reached else "retain_budget"
 
     def _search(self, start: float, iters: int, checked: bool
                 ) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
         lo = hi = None  # lo: largest η within budget short of the target; hi: smallest η reached or out of budget
+        tolerance = self.growth ** (0.5 ** iters)  # hi / lo after `iters` bisections of one bracket
         eta = start
         _, _, ok, reached = self.evaluate(eta, checked)
         if ok and not reached:
@@ -107,14 +151,23 @@ class StepSearch:
                 lo = eta
         else:
             hi = eta
-            for _ in range(self.max_bracket):
+            crossing = self._guess(0.0, hi) if self._guess is not None and ok else None
+            if crossing is not None and 0.0 < crossing < hi:
+                # the weights before the step (η = 0) fall short of the aim: measure just below the crossing the
+                # model predicts between them and `hi` rather than `hi` / 4
+                eta = crossing / math.sqrt(tolerance)
+                _, _, ok, reached = self.evaluate(eta, checked)
+                if ok and not reached:
+                    lo = eta
+                else:
+                    hi = eta
+            for _ in range(self.max_bracket if lo is None else 0):
                 eta /= self.growth
                 _, _, ok, reached = self.evaluate(eta, checked)
                 if ok and not reached:
                     lo = eta
                     break
                 hi = eta
-        tolerance = self.growth ** (0.5 ** iters)  # hi / lo after `iters` bisections of one bracket
         for _ in range(iters if (lo is not None and hi is not None) else 0):
             if self._guess is not None and hi <= lo * tolerance:
                 break
