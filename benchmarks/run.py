@@ -82,7 +82,15 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         part["seconds"] = time.perf_counter() - start
         output.mkdir(parents=True, exist_ok=True)
         atomic_write(output / "scaling.json", json.dumps(json_safe(part), indent=1).encode(), [])
-        say(f"wrote {output / 'scaling.json'} in {part['seconds']:.0f} s")
+        plots = {"scaling.png": plot_scaling(part["scaling"]),
+                 "request_scaling.png": plot_request_scaling(part["scaling"]["request"])}
+        for name, data in plots.items():
+            atomic_write(output / name, data, [])
+        shown = {**part, "scaling_source": "this run (--scaling-only)", "plots": list(plots)}
+        md = "\n".join([f"# Scaling: preset {preset_name}, {part['seconds']:.0f} s", "",
+                        *markdown_memory_scaling(shown)]) + "\n"
+        atomic_write(output / "scaling.md", md.encode(), [])
+        say(f"wrote {output / 'scaling.json'}, scaling.md and its plots in {part['seconds']:.0f} s")
         return part
     if preset.frontier:
         return frontier_benchmark(preset, output, cache, say, start, reuse_scaling=reuse_scaling,

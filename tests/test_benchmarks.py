@@ -152,6 +152,18 @@ def test_request_scaling_curve(smoke):
         assert math.isfinite(request[key]), key
 
 
+def test_scaling_only_writes_its_report(tmp_path):
+    """`--scaling-only` (no model of the experiment trained) writes scaling.json, a markdown report with the
+    request's curve and both plots."""
+    part = run_benchmark("smoke", tmp_path, tmp_path / "cache", progress=False, scaling_only=True)
+    assert {p.name for p in tmp_path.iterdir()} >= {"scaling.json", "scaling.md", "scaling.png",
+                                                    "request_scaling.png"}
+    assert json.loads((tmp_path / "scaling.json").read_text())["scaling"]["request"]["model_size"]
+    md = (tmp_path / "scaling.md").read_text()
+    assert "## Scaling of the default request" in md and "![request_scaling.png](request_scaling.png)" in md
+    assert len(part["scaling"]["request"]["model_size"]) == len(PRESETS["smoke"].scaling_sizes)
+
+
 def test_results_hold_no_secret(smoke, tmp_path):
     out, _ = smoke
     exp = Experiment(PRESETS["smoke"].experiment, tmp_path, progress=False)
