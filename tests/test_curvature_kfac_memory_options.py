@@ -249,3 +249,26 @@ def test_apply_many_equals_apply_one_by_one(kind: str | None, block: int, mode: 
         assert len(many) == 3
         for v, got in zip(vectors, many):
             close(got, kfac.apply(v, 0.05, power, mode=mode), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("kind", "block"), [(None, 0), ("diagonal", 1), ("block", 2)])
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_constrained_inverse_is_the_constrained_direction_of_its_solves(kind: str | None, block: int,
+                                                                        mode: str) -> None:
+    """K-FAC's constrained solve in the eigenbasis equals `constrained_direction` of the k + 1 solves of
+    `apply_many`, and the step it gives leaves every constraint's loss in place to first order (hᵀd = 0)."""
+    from lightning_unlearn.methods.protection import constrained_direction
+
+    model = wide_mlp()
+    kw = {"wide_layer": kind, "wide_block": block} if kind else {}
+    kfac = fit(model, batch(1), batch(2), **kw)
+    g, *hs = (vector(kfac, seed) for seed in (1, 2, 3, 4))
+    solve = lambda v: kfac.apply(v, 0.05, mode=mode)  # noqa: E731
+    solved = kfac.apply_many([g, *hs], 0.05, mode=mode)
+    expected = constrained_direction(solved[0], hs, solve, solved=solved[1:])
+    got = kfac.constrained_inverse(g, hs, 0.05, mode=mode)
+    close(got, expected, rtol=1e-9, atol=1e-12)
+    for h in hs:
+        assert abs(sum(float((h[n] * got[n]).sum()) for n in got)) < 1e-9 * sum(float(h[n].norm() * got[n].norm())
+                                                                              for n in got)
+    close(kfac.constrained_inverse(g, [], 0.05, mode=mode), solved[0], rtol=1e-12, atol=1e-14)

@@ -53,8 +53,17 @@ import torch
 from torch import Tensor, nn
 
 from .base import Curvature, Vector, check_finite, tensor_bytes
+from .constraints import constraint_weights
 from .kfac_statistics import KFACStatistics
-from .kronecker import g_structure, g_to_basis, kronecker_scale_many, largest_divisor, partition_layers
+from .kronecker import (
+    from_kronecker_basis,
+    g_structure,
+    g_to_basis,
+    kronecker_scale_many,
+    largest_divisor,
+    partition_layers,
+    to_kronecker_basis,
+)
 from .layers import TrackedLayer, find_layers
 from .objective import Objective
 
@@ -356,6 +365,56 @@ class KFAC(KFACStatistics, Curvature):
         if self.sharded:
             outs = [{name: self.reduce(t.contiguous()) for name, t in out.items()} for out in outs]
         return outs
+
+    def constrained_inverse(self, vector: Mapping[str, Tensor], constraints: list[Mapping[str, Tensor]],
+                            damping: float, *, mode: str = "absolute") -> Vector:
+        """The damped Newton direction of `vector` that leaves each constraint's loss in place to first order:
+        `x = A⁻¹v − A⁻¹Hα` with `HᵀA⁻¹H α = HᵀA⁻¹v` (A = C + λI, H the constraint gradients, e.g. holdout groups),
+        what `methods.protection.constrained_direction` computes from the k + 1 solves of `apply_many`, here in the
+        eigenbasis: the 1 + k vectors are rotated in once, the k × k system is formed from inner products there (the
+        rotation is orthogonal: `hᵀA⁻¹g = (Uᵀh)ᵀ D⁻¹ (Uᵀg)`), and only x is rotated back, so about half the products
+        of the k + 1 solves. `vector` solved unconstrained when the system has no finite solution; `damping`/`mode`
+        as in `apply`."""
+        vectors = [dict(vector), *(dict(h) for h in constraints)]
+        block_damping = self._checked_damping(damping, -1.0, mode, vectors)
+        if not constraints:
+            return self._apply_many(vectors, block_damping, -1.0)[0]
+        if self.eigenvalue_correction and not self.corrected:
+            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
+                               "correct_eigenvalues(batches) after finalize() (and again after subtract())")
+        k = len(constraints)
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        rhs = torch.zeros(k, dtype=torch.float64)
+        rotated: dict[str, tuple[Tensor, Tensor]] = {}
+        for layer in self._owned_layers():
+            stacked = torch.stack([layer.to_matrix(v) for v in vectors]).to(self.compute_dtype)  # [1 + k, out, c]
+            u_a, u_g = self._bases(layer.name, stacked.device)
+            inverse = (self._eigenvalues(layer.name).to(stacked.device) + block_damping(layer.name)).reciprocal()
+            r = to_kronecker_basis(u_a, u_g, stacked)
+            rotated[layer.name] = (r, inverse)
+            flat = r.reshape(len(vectors), -1).double()
+            solved = flat * inverse.reshape(1, -1).double()
+            gram += (flat[1:] @ solved[1:].T).cpu()
+            rhs += (flat[1:] @ solved[0]).cpu()
+        if self.sharded:  # each process summed its own layers
+            gram, rhs = self.reduce(gram), self.reduce(rhs)
+        alpha = constraint_weights(gram, rhs)
+        out: Vector = {}
+        for layer in self.layers:
+            v = layer.to_matrix(vector)
+            if layer.name not in rotated:
+                out.update(layer.from_matrix(torch.zeros_like(v)))
+                continue
+            r, inverse = rotated.pop(layer.name)
+            combined = r[0]
+            if alpha is not None:
+                combined = combined - torch.einsum("k,kij->ij", alpha.to(device=r.device, dtype=r.dtype), r[1:])
+            u_a, u_g = self._bases(layer.name, r.device)
+            x = from_kronecker_basis(u_a, u_g, (combined * inverse)[None])[0]
+            out.update(layer.from_matrix(x.to(v.dtype)))
+        if self.sharded:
+            out = {name: self.reduce(t.contiguous()) for name, t in out.items()}
+        return out
 
     # ------------------------------------------------------------------ full_minus_forget
     def _subtract(self, other: Curvature) -> None:

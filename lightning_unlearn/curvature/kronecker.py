@@ -51,10 +51,21 @@ def kronecker_scale_many(u_a: Tensor, u_g: Tensor | None, scale: Tensor, stacked
     """`U_G (scale ⊙ (U_Gᵀ M U_A)) U_Aᵀ` for each matrix M [out, c] of `stacked` [n, out, c]: a function of a
     Kronecker-factored matrix (eigenbases U_A, U_G; `scale` [out, c] its eigenvalues' function) applied to n vectors
     in one product per factor."""
+    return from_kronecker_basis(u_a, u_g, to_kronecker_basis(u_a, u_g, stacked) * scale)
+
+
+def to_kronecker_basis(u_a: Tensor, u_g: Tensor | None, stacked: Tensor) -> Tensor:
+    """`U_Gᵀ M U_A` for each matrix M [out, c] of `stacked` [n, out, c]: the matrices in the Kronecker eigenbasis (an
+    orthogonal change of basis: inner products are kept)."""
     n, rows, cols = stacked.shape
     columns = stacked.permute(1, 0, 2).reshape(rows, n * cols)  # g_to_basis works on columns
-    m = g_to_basis(u_g, columns).reshape(rows, n, cols).permute(1, 0, 2) @ u_a
-    back = ((m * scale) @ u_a.T).permute(1, 0, 2).reshape(rows, n * cols)
+    return g_to_basis(u_g, columns).reshape(rows, n, cols).permute(1, 0, 2) @ u_a
+
+
+def from_kronecker_basis(u_a: Tensor, u_g: Tensor | None, stacked: Tensor) -> Tensor:
+    """`U_G M U_Aᵀ` for each M of `stacked` [n, out, c]: the inverse of `to_kronecker_basis`."""
+    n, rows, cols = stacked.shape
+    back = (stacked @ u_a.T).permute(1, 0, 2).reshape(rows, n * cols)
     return g_from_basis(u_g, back).reshape(rows, n, cols).permute(1, 0, 2)
 
 

@@ -255,6 +255,15 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         return self.curvature.apply_many([{n: g[n] for n in self.param_names} for g in gradients], self.damping,
                                          -1.0, mode=self.damping_mode)
 
+    def constrained_newton_direction(self, gradient: Mapping[str, Tensor],
+                                     constraints: Sequence[Mapping[str, Tensor]]) -> Vector:
+        """`(C + λI)^-1 g` constrained to `hᵀd = 0` for each of `constraints`, in one call of the backend's
+        `constrained_inverse` (K-FAC: in its eigenbasis; CG: one projected solve)."""
+        assert self.curvature is not None
+        return self.curvature.constrained_inverse(  # type: ignore[attr-defined]
+            {n: gradient[n] for n in self.param_names}, [{n: h[n] for n in self.param_names} for h in constraints],
+            self.damping, mode=self.damping_mode)
+
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
         if self.curvature is None or not self.curvature.finalized:
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
@@ -290,13 +299,11 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         `d_h = (C + λI)⁻¹ ∇L_holdout` and `α = ∇L_holdoutᵀ d_f / ∇L_holdoutᵀ d_h`: the most forgetting in the
         curvature's metric among steps that leave the holdout (the level "never seen") where it is. With
         `protect_groups=k` there are k such constraints (the holdout split in k groups), `α` solving a k × k system:
-        the holdout's losses stay in place group by group, not only on average. A backend with a one-solve form of
-        this (`constrained_inverse`: CG's projected solve) computes it in one solve instead of k + 1."""
-        constrained = getattr(self.curvature, "constrained_inverse", None)
-        if self._holdout_gradients and constrained is not None:
-            return constrained({n: context[n] for n in self.param_names},
-                               [{n: h[n] for n in self.param_names} for h in self._holdout_gradients],
-                               self.damping, mode=self.damping_mode)
+        the holdout's losses stay in place group by group, not only on average. A backend with a one-call form of
+        this (`constrained_inverse`: K-FAC in its eigenbasis, CG's projected solve) computes it in one call instead of
+        k + 1 solves (`constrained_newton_direction`)."""
+        if self._holdout_gradients and hasattr(self.curvature, "constrained_inverse"):
+            return self.constrained_newton_direction(context, self._holdout_gradients)
         if not self._holdout_gradients:
             return self.newton_direction(context)
         solved = self.newton_directions([context, *self._holdout_gradients])

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.base import Vector
+from ..curvature.constraints import constraint_weights
 from .records import Batch
 
 
@@ -44,11 +45,8 @@ def constrained_direction(direction: Vector, constraints: Sequence[Mapping[str, 
 
     ds = list(solved) if solved is not None else [solve(h) for h in constraints]
     H, D = torch.stack([flat(h) for h in constraints], 1), torch.stack([flat(d) for d in ds], 1)  # [p, k]
-    gram = H.T @ D  # [k, k], Hᵀ(C + λI)⁻¹H: symmetric positive definite
-    rhs = H.T @ flat(direction)
-    alpha = torch.linalg.lstsq(gram + 1e-12 * gram.diagonal().mean() * torch.eye(len(ds), dtype=gram.dtype),
-                               rhs[:, None]).solution[:, 0]
-    if not bool(torch.isfinite(alpha).all()):
+    alpha = constraint_weights(H.T @ D, H.T @ flat(direction))  # [k, k] Hᵀ(C + λI)⁻¹H, [k] Hᵀ d_f
+    if alpha is None:
         return direction
     out = {}
     for n in names:
