@@ -195,7 +195,7 @@ def _median(values: Sequence[float]) -> float | None:
 
 def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
     """`default_recipe.tofu`: per split the seeds, the medians of forget quality, model utility (and the retain
-    model's), privleak, and each seed's status."""
+    model's), privleak, seconds and its ratios to one forward+backward and to retraining, and each seed's status."""
     out: dict[str, Any] = {}
     for split in sorted({r["split"] for r in rows}):
         mine = [r for r in rows if r["split"] == split and r.get("default")]
@@ -209,6 +209,8 @@ def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
             "status": [r["status"] for r in mine],
             "steps_accepted": [r["steps_accepted"] for r in mine],
             "seconds": _median([r["seconds"] for r in mine]),
+            "time_over_fwd_bwd": _median([r["time_over_fwd_bwd"] for r in mine]),
+            "time_over_retrain": _median([r["time_over_retrain"] for r in mine]),
             "forget_quality_per_seed": [r["forget_quality"] for r in mine],
             "model_utility_per_seed": [r["model_utility"] for r in mine],
         }

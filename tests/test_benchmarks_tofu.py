@@ -43,6 +43,9 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     recipe = on_disk["default_recipe"]["tofu"]["forget10"]
     for key in ("seeds", "forget_quality", "model_utility", "model_utility_retain", "privleak", "status"):
         assert key in recipe, key
+    mine = [r for r in on_disk["rows"] if r["split"] == "forget10" and r.get("default")]
+    assert recipe["time_over_fwd_bwd"] == mine[0]["seconds"] / mine[0]["fwd_bwd_seconds"] > 0
+    assert recipe["time_over_retrain"] == mine[0]["time_over_retrain"] > 0
     # the smoke models memorise nothing: the forget authors already look like the holdout authors
     assert recipe["seeds"] == [0] and recipe["status"] == ["target_reached"]
     assert set(on_disk["frontier_wins"]["tofu"]) == set(p.baselines)
