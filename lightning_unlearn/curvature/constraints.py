@@ -14,9 +14,9 @@ from torch import Tensor
 
 def constraint_weights(gram: Tensor, rhs: Tensor) -> Tensor | None:
     """α with `gram α = rhs` (`gram` = Hᵀ A⁻¹ H [k, k], symmetric positive semi-definite; `rhs` = Hᵀ A⁻¹ g [k]), in
-    float64 with a 1e-12 relative ridge (least squares: dependent constraints are allowed); None when it has no finite
-    solution (the caller leaves the direction unconstrained)."""
-    gram, rhs = gram.double(), rhs.double()
-    ridge = 1e-12 * gram.diagonal().mean() * torch.eye(len(rhs), dtype=gram.dtype, device=gram.device)
+    float64 on the CPU with a 1e-12 relative ridge (least squares: dependent constraints are allowed); None when it has
+    no finite solution (the caller leaves the direction unconstrained)."""
+    gram, rhs = gram.detach().double().cpu(), rhs.detach().double().cpu()  # k × k: small, solved on the CPU
+    ridge = 1e-12 * gram.diagonal().mean() * torch.eye(len(rhs), dtype=gram.dtype)
     alpha = torch.linalg.lstsq(gram + ridge, rhs[:, None]).solution[:, 0]
     return alpha if bool(torch.isfinite(alpha).all()) else None

@@ -383,8 +383,9 @@ class KFAC(KFACStatistics, Curvature):
             raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
                                "correct_eigenvalues(batches) after finalize() (and again after subtract())")
         k = len(constraints)
-        gram = torch.zeros(k, k, dtype=torch.float64)
-        rhs = torch.zeros(k, dtype=torch.float64)
+        device = next(iter(vector.values())).device  # the system is reduced across processes on the vectors' device
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        rhs = torch.zeros(k, dtype=torch.float64, device=device)
         rotated: dict[str, tuple[Tensor, Tensor]] = {}
         for layer in self._owned_layers():
             stacked = torch.stack([layer.to_matrix(v) for v in vectors]).to(self.compute_dtype)  # [1 + k, out, c]
@@ -394,8 +395,8 @@ class KFAC(KFACStatistics, Curvature):
             rotated[layer.name] = (r, inverse)
             flat = r.reshape(len(vectors), -1).double()
             solved = flat * inverse.reshape(1, -1).double()
-            gram += (flat[1:] @ solved[1:].T).cpu()
-            rhs += (flat[1:] @ solved[0]).cpu()
+            gram += (flat[1:] @ solved[1:].T).to(device)
+            rhs += (flat[1:] @ solved[0]).to(device)
         if self.sharded:  # each process summed its own layers
             gram, rhs = self.reduce(gram), self.reduce(rhs)
         alpha = constraint_weights(gram, rhs)
