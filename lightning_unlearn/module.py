@@ -27,6 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
@@ -35,6 +36,7 @@ from .curvature import model_logits
 from .curvature.objective import IGNORE_INDEX
 from .distributed import broadcast_parameters, share, strategy_gather, strategy_reduce
 from .fsdp import full_parameters, gathered_state_dict, is_sharded, shard_model
+from .methods.knowledge import KNOWLEDGE_STEPS
 from .methods.newton import DEFAULT_NEWTON_STEPS
 from .methods.records import SUMMARY_FIELDS
 from .metrics import ExtractionStrength, MembershipInference
@@ -221,6 +223,18 @@ class UnlearningModule(pl.LightningModule):
         max_steps = self.trainer.max_steps
         return int(max_steps) if max_steps is not None and max_steps > 0 else DEFAULT_NEWTON_STEPS
 
+    def _warn_if_the_regime_is_short(self, unlearner: Any) -> None:
+        """The knowledge regime (memorised retain data) was measured with `KNOWLEDGE_STEPS` staged steps; under
+        Lightning the trainer's `max_steps` sets their number, so fewer is said once, with the fix."""
+        steps = getattr(unlearner, "steps", KNOWLEDGE_STEPS)
+        if getattr(unlearner, "knowledge_regime", False) and steps < KNOWLEDGE_STEPS:
+            rank_zero_warn(
+                "UnlearningModule: the held retain data is memorised, so the default recipe runs its knowledge "
+                f"regime, chosen with {KNOWLEDGE_STEPS} staged steps; the trainer's max_steps={steps} gives it "
+                f"{steps} larger stages (on TOFU-style data 5 stages ended budget_exhausted with less forgetting: "
+                f"docs/recipe.md §9). Set Trainer(max_steps={KNOWLEDGE_STEPS}) (--trainer.max_steps "
+                f"{KNOWLEDGE_STEPS}); the run still stops at its target.", category=UserWarning)
+
     def _split(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         if isinstance(batch, Mapping) and "forget" in batch:
             forget = self._prepare(batch["forget"])
@@ -246,6 +260,7 @@ class UnlearningModule(pl.LightningModule):
                 self.log_dict({f"unlearn/{k}": v for k, v in summary_numbers(unlearner.summary()).items()},
                               on_step=True, on_epoch=False, batch_size=size)
                 return None
+            self._warn_if_the_regime_is_short(unlearner)
         record = self.optimizers().step(closure=lambda: unlearner.step(forget, retain, self._held_retain))
         self.history.append(record)
         if unlearner.should_stop(record):

@@ -110,3 +110,35 @@ def test_knowledge_setting_is_checked():
         UnlearnSettings(knowledge="yes")
     with pytest.raises(ValueError, match="knowledge must be"):
         build_unlearner("newton", small_causal_lm("gpt2"), knowledge=1)
+
+
+def test_lightning_max_steps_below_the_regime_steps_is_said_with_the_fix(facts, tmp_path):
+    """Under Lightning the trainer's max_steps sets the regime's stages: fewer than KNOWLEDGE_STEPS is warned about,
+    naming the fix, and the run still goes on (the stages spread over max_steps)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    from torch.utils.data import DataLoader
+
+    from lightning_unlearn.module import UnlearningModule
+
+    base, forget, retain, held, holdout = facts
+
+    class Data(pl.LightningDataModule):
+        def dataloader(self, split):
+            return {"forget": [forget], "retain": retain, "holdout": [holdout]}[split]
+
+        def curvature_dataloader(self, split="retain"):
+            return self.dataloader(split)
+
+        def train_dataloader(self):
+            return CombinedLoader({"forget": DataLoader([forget] * 4, batch_size=None),
+                                   "retain": DataLoader([held] * 4, batch_size=None)}, "max_size_cycle")
+
+    module = UnlearningModule(copy.deepcopy(base), method="newton", curvature="kfac")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, max_epochs=1, enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=rf"knowledge regime.*max_steps={KNOWLEDGE_STEPS}\)"):
+        trainer.fit(module, datamodule=Data())
+    assert module.unlearner.knowledge_regime and module.unlearner.steps == 2
+    assert len(module.history) >= 1
