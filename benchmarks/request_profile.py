@@ -1,7 +1,7 @@
 """The default request's cost on the demo's canaries and on the TOFU-faithful benchmark (seed 0), per phase; and the
 cached-curvature request on the canaries (`curvature_data="full_minus_forget"` with a K-FAC of the whole training
 data taken beforehand, as the `CurvatureCallback` takes it during training: no retain pass at request time; its
-unit is one forward+backward over the forget set alone).
+unit is one forward+backward over the forget set alone), without and with one held retain batch for the budget.
 
     python -m benchmarks.request_profile [--out benchmarks/results/request_profile]
 
@@ -74,6 +74,10 @@ def main() -> None:
     full = build_curvature("kfac", original).fit(exp.retain_batches(None) + exp.forget_batches())
     run("canaries, cached curvature (full_minus_forget, no retain data)", original, exp.forget_batches(), None,
         exp.holdout_batches(), None, exp.timings["retrain_seconds"],
+        UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full.state_dict()))
+    # the same with one held retain batch for the budget (no curvature pass over it)
+    run("canaries, cached curvature and one held retain batch", original, exp.forget_batches(), None,
+        exp.holdout_batches(), exp.held_retain_batch(), exp.timings["retrain_seconds"],
         UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full.state_dict()))
     tofu = TofuExperiment(TofuConfig(seed=0), args.tofu_cache)
     for split in ("forget05", "forget10"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -135,6 +136,30 @@ def test_retain_free_request_is_bounded_by_the_curvature(gpt2):
     assert u.measure(forget) > u.summary()["forget_loss_before"] + 1.0
 
 
+def test_a_retain_free_budget_read_on_the_holdout_says_so_when_it_stops_the_run(gpt2):
+    """Without retain data the budget is read on the holdout, data of the forget set's kind that unlearning moves too:
+    when it ends the run (`budget_exhausted`) the run says so and names the fix (one held retain batch); with that
+    batch the budget is read on it and nothing of the kind is said."""
+    from lightning_unlearn.methods import HoldoutBudgetWarning
+
+    base, forget, retain, held, holdout = gpt2
+    outcomes = {}
+    for given in (None, held):
+        model = copy.deepcopy(base)
+        full = build_curvature("kfac", model).fit([*retain, forget])
+        u = build_unlearner("newton", model, curvature_data="full_minus_forget", full_curvature=full,
+                            max_retain_increase=0.002)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            u.fit([forget], [], given, holdout_batches=[holdout])
+        said = [w for w in caught if issubclass(w.category, HoldoutBudgetWarning)]
+        outcomes["held" if given is not None else "holdout"] = (u.status, said)
+    status, said = outcomes["holdout"]
+    assert status == "budget_exhausted" and len(said) == 1, outcomes
+    assert "held retain batch" in str(said[0].message)
+    assert outcomes["held"][1] == [], outcomes
+
+
 def test_a_curvature_of_another_model_object_is_refused_and_its_state_dict_serves(gpt2):
     """A `Curvature` fitted on another copy of the model would take the gradients and steps to that copy's parameters
     (the request's model never moved: `nothing_accepted`, `no_progress` on every trial): refused, naming the fix; its
@@ -149,6 +174,9 @@ def test_a_curvature_of_another_model_object_is_refused_and_its_state_dict_serve
     with pytest.raises(UserInputError, match="another model object.*state_dict"):
         serve_request(model, [forget], None, [holdout],
                       settings=UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full))
+    for kw in ({"curvature_data": "full_minus_forget", "full_curvature": full}, {"curvature": full}):
+        with pytest.raises(UserInputError, match="another model object.*state_dict"):
+            build_unlearner("newton", model, **kw)  # the engine refuses it too, not only the request path
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
     result = serve_request(model, [forget], None, [holdout],
                            settings=UnlearnSettings(curvature_data="full_minus_forget",

@@ -13,7 +13,7 @@ from .fisher import FisherForgetting, FisherRemoval
 from .inputs import check_settings
 from .losses import DEFAULT_FORGET_LOSS, FORGET_LOSSES
 from .newton import CURVATURE_DATA, Newton, SecondOrderUnlearner
-from .records import NothingAcceptedWarning, StepRecord
+from .records import HoldoutBudgetWarning, NothingAcceptedWarning, StepRecord
 from .registry import METHODS, build_unlearner, check_method_settings, is_second_order, register, second_order_methods
 from .unlearner import Unlearner
 
@@ -31,6 +31,7 @@ __all__ = [
     "GradientAscent",
     "GradientDifference",
     "Newton",
+    "HoldoutBudgetWarning",
     "NothingAcceptedWarning",
     "SecondOrderUnlearner",
     "SimNPO",

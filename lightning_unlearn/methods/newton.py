@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
-from .inputs import check_settings
+from .inputs import check_curvature_model, check_settings
 from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
@@ -138,6 +138,8 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
             if full_curvature is None or not full_curvature.finalized:
                 raise ValueError("curvature_data='full_minus_forget' needs full_curvature=<a finalized curvature over"
                                  " the whole training data> (e.g. a curvature checkpoint loaded with load_state_dict)")
+        check_curvature_model(curvature, model, f"{self.name}: curvature")
+        check_curvature_model(full_curvature, model, f"{self.name}: full_curvature")
         self.predicted_trust = None if predicted_trust is None else float(predicted_trust)
         self.curvature = curvature
         self.curvature_backend = curvature.name if curvature is not None else curvature_backend

@@ -26,6 +26,11 @@ class NothingAcceptedWarning(UserWarning):
     """A run accepted no step: the model is unchanged (every trial was rolled back)."""
 
 
+class HoldoutBudgetWarning(UserWarning):
+    """A retain-free run spent its retain budget read on the holdout: data of the forget set's kind, which unlearning
+    moves too, so the budget may have stopped the run far from its target."""
+
+
 @dataclass
 class StepRecord:
     """One logged decision (one trial update); never contains text.

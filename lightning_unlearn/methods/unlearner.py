@@ -39,6 +39,7 @@ from .inputs import check_batches, check_finite_weights, check_settings, vocabul
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
 from .records import (
     Batch,
+    HoldoutBudgetWarning,
     NothingAcceptedWarning,
     StepRecord,
     as_batches,
@@ -441,6 +442,14 @@ class Unlearner(ABC):
                 " data; non_finite or trust_region: lower the scale; no_progress: the forget loss cannot rise along"
                 " this direction)",
                 NothingAcceptedWarning, stacklevel=3)
+        if self._status == "budget_exhausted" and held is not None and held is self.holdout:
+            warnings.warn(
+                f"{self.name}: the run spent its retain budget, read on the holdout (no retain data was given). The "
+                "holdout is data of the forget set's kind, which unlearning moves too (retraining moves it further), "
+                "so this budget can stop a run far from its target. Pass one held retain batch (`held_retain_batch=` "
+                "of fit, `held_retain=` of serve_request, or a single retain batch; no curvature pass is made over "
+                "it) to read the budget on retain data",
+                HoldoutBudgetWarning, stacklevel=3)
         return self._status
 
     @property
