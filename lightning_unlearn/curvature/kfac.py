@@ -12,7 +12,8 @@ valid positions; then `A = Σ_b â_b â_b^T / B` (B sequences) and `G = Σ_b ĝ_
 
 The output gradients `g` come from `torch.autograd.grad` w.r.t. the layer outputs (captured by forward hooks),
 never through `.grad` (the statistics are gathered by `kfac_statistics.KFACStatistics`, this module's operator
-decomposes, applies, subtracts and saves them; G's eigenbasis helpers are in `kronecker`).
+decomposes, subtracts and saves them, `kfac_products.KFACProducts` applies them; G's eigenbasis helpers are in
+`kronecker`).
 Which loss they are gradients of is the Fisher type:
 - `mc` (default): labels sampled from the model (the true Fisher; `mc_samples` draws, averaged);
 - `empirical`: the data labels (the empirical Fisher);
@@ -52,18 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Curvature, Vector, check_finite, tensor_bytes
-from .constraints import constraint_weights
+from .base import Curvature, check_finite, tensor_bytes
+from .kfac_products import KFACProducts
 from .kfac_statistics import KFACStatistics
-from .kronecker import (
-    from_kronecker_basis,
-    g_structure,
-    g_to_basis,
-    kronecker_scale_many,
-    largest_divisor,
-    partition_layers,
-    to_kronecker_basis,
-)
+from .kronecker import g_structure, largest_divisor, partition_layers
 from .layers import TrackedLayer, find_layers
 from .objective import Objective
 
@@ -75,7 +68,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": to
                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class KFAC(KFACStatistics, Curvature):
+class KFAC(KFACStatistics, KFACProducts, Curvature):
     """Kronecker-factored curvature over the `nn.Linear`/`Conv1D` layers of a model (see the module docstring).
 
     Args:
@@ -294,128 +287,6 @@ class KFAC(KFACStatistics, Curvature):
     def _after_fit(self, batches: list[Mapping[str, Tensor]]) -> None:
         if self.eigenvalue_correction:
             self.correct_eigenvalues(batches)
-
-    # ------------------------------------------------------------------ apply
-    def _eigenvalues(self, name: str) -> Tensor:
-        """The layer's eigenvalues in its Kronecker eigenbasis, [out, in+1]: EK-FAC's when corrected."""
-        if name in self.corrected:
-            return self.corrected[name].to(self.compute_dtype)
-        _, s_a, _, s_g = self.eigen[name]
-        return s_g.to(self.compute_dtype)[:, None] * s_a.to(self.compute_dtype)[None, :]
-
-    def _damping_scales(self) -> dict[str, float]:
-        """Per layer: the mean of its eigenvalue products `s_G s_Aᵀ` (= mean(s_G) · mean(s_A); EK-FAC's mean when
-        corrected)."""
-        if self.eigenvalue_correction and not self.corrected:
-            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
-                               "correct_eigenvalues(batches) after finalize() (fit(batches) does it)")
-        out = {}
-        for layer in self._owned_layers():
-            if layer.name in self.corrected:
-                out[layer.name] = float(self.corrected[layer.name].float().mean())
-            else:
-                _, s_a, _, s_g = self.eigen[layer.name]
-                out[layer.name] = float(s_g.double().mean() * s_a.double().mean())
-        if self.sharded:  # every process needs every layer's scale (the floor of `damping_scales` uses them all)
-            values = torch.tensor([out.get(layer.name, 0.0) for layer in self.layers], dtype=torch.float64)
-            values = self.reduce(values)
-            out = {layer.name: float(v) for layer, v in zip(self.layers, values)}
-        return out
-
-    def _bases(self, name: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """(U_A, U_G) of a layer on `device` in the compute dtype."""
-        u_a, _, u_g, _ = self.eigen[name]
-        u_a = u_a.to(device=device, dtype=self.compute_dtype)
-        return u_a, None if u_g is None else u_g.to(device=device, dtype=self.compute_dtype)
-
-    def _quadratic(self, vector: Vector) -> float:
-        total = 0.0
-        for layer in self._owned_layers():
-            v = layer.to_matrix(vector)
-            u_a, u_g = self._bases(layer.name, v.device)
-            m = g_to_basis(u_g, v.to(self.compute_dtype)) @ u_a
-            total += float((m.pow(2) * self._eigenvalues(layer.name).to(m.device)).sum())
-        if self.sharded:  # each process summed its own layers
-            total = float(self.reduce(torch.tensor(total, dtype=torch.float64)))
-        return total
-
-    def _apply(self, vector: Vector, damping, power: float) -> Vector:
-        return self._apply_many([vector], damping, power)[0]
-
-    def _apply_many(self, vectors: list[Vector], damping, power: float) -> list[Vector]:
-        """`(C + λ_l I)^power v` for each of `vectors`: per layer one stacked product in the eigenbasis
-        (`kronecker_scale_many`), so the 1 + k solves of a protected Newton step cost one call; `_apply` is the
-        case of one vector."""
-        if self.eigenvalue_correction and not self.corrected:
-            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
-                               "correct_eigenvalues(batches) after finalize() (and again after subtract())")
-        outs: list[Vector] = [{} for _ in vectors]
-        owned = set(self.owned)
-        for layer in self.layers:
-            vs = [layer.to_matrix(v) for v in vectors]
-            if layer.name not in owned:
-                for out, v in zip(outs, vs):
-                    out.update(layer.from_matrix(torch.zeros_like(v)))
-                continue
-            stacked = torch.stack(vs).to(self.compute_dtype)  # [n, out, c]
-            u_a, u_g = self._bases(layer.name, stacked.device)
-            scale = (self._eigenvalues(layer.name).to(stacked.device) + damping(layer.name)).pow(power)
-            for out, r in zip(outs, kronecker_scale_many(u_a, u_g, scale, stacked).to(vs[0].dtype)):
-                out.update(layer.from_matrix(r))
-        if self.sharded:
-            outs = [{name: self.reduce(t.contiguous()) for name, t in out.items()} for out in outs]
-        return outs
-
-    def constrained_inverse(self, vector: Mapping[str, Tensor], constraints: list[Mapping[str, Tensor]],
-                            damping: float, *, mode: str = "absolute") -> Vector:
-        """The damped Newton direction of `vector` that leaves each constraint's loss in place to first order:
-        `x = A⁻¹v − A⁻¹Hα` with `HᵀA⁻¹H α = HᵀA⁻¹v` (A = C + λI, H the constraint gradients, e.g. holdout groups),
-        what `methods.protection.constrained_direction` computes from the k + 1 solves of `apply_many`, here in the
-        eigenbasis: the 1 + k vectors are rotated in once, the k × k system is formed from inner products there (the
-        rotation is orthogonal: `hᵀA⁻¹g = (Uᵀh)ᵀ D⁻¹ (Uᵀg)`), and only x is rotated back, so about half the products
-        of the k + 1 solves. `vector` solved unconstrained when the system has no finite solution; `damping`/`mode`
-        as in `apply`."""
-        vectors = [dict(vector), *(dict(h) for h in constraints)]
-        block_damping = self._checked_damping(damping, -1.0, mode, vectors)
-        if not constraints:
-            return self._apply_many(vectors, block_damping, -1.0)[0]
-        if self.eigenvalue_correction and not self.corrected:
-            raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "
-                               "correct_eigenvalues(batches) after finalize() (and again after subtract())")
-        k = len(constraints)
-        device = next(iter(vector.values())).device  # the system is reduced across processes on the vectors' device
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-        rhs = torch.zeros(k, dtype=torch.float64, device=device)
-        rotated: dict[str, tuple[Tensor, Tensor]] = {}
-        for layer in self._owned_layers():
-            stacked = torch.stack([layer.to_matrix(v) for v in vectors]).to(self.compute_dtype)  # [1 + k, out, c]
-            u_a, u_g = self._bases(layer.name, stacked.device)
-            inverse = (self._eigenvalues(layer.name).to(stacked.device) + block_damping(layer.name)).reciprocal()
-            r = to_kronecker_basis(u_a, u_g, stacked)
-            rotated[layer.name] = (r, inverse)
-            flat = r.reshape(len(vectors), -1).double()
-            solved = flat * inverse.reshape(1, -1).double()
-            gram += (flat[1:] @ solved[1:].T).to(device)
-            rhs += (flat[1:] @ solved[0]).to(device)
-        if self.sharded:  # each process summed its own layers
-            gram, rhs = self.reduce(gram), self.reduce(rhs)
-        alpha = constraint_weights(gram, rhs)
-        out: Vector = {}
-        for layer in self.layers:
-            v = layer.to_matrix(vector)
-            if layer.name not in rotated:
-                out.update(layer.from_matrix(torch.zeros_like(v)))
-                continue
-            r, inverse = rotated.pop(layer.name)
-            combined = r[0]
-            if alpha is not None:
-                combined = combined - torch.einsum("k,kij->ij", alpha.to(device=r.device, dtype=r.dtype), r[1:])
-            u_a, u_g = self._bases(layer.name, r.device)
-            x = from_kronecker_basis(u_a, u_g, (combined * inverse)[None])[0]
-            out.update(layer.from_matrix(x.to(v.dtype)))
-        if self.sharded:
-            out = {name: self.reduce(t.contiguous()) for name, t in out.items()}
-        return out
 
     # ------------------------------------------------------------------ full_minus_forget
     def _subtract(self, other: Curvature) -> None:
