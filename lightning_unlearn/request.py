@@ -37,7 +37,7 @@ from .distributed import agree_on_batches, broadcast_parameters, share
 from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
-from .methods.inputs import check_finite_weights
+from .methods.inputs import check_curvature_model, check_finite_weights
 from .methods.records import STATUSES
 from .methods.target import held_out_retain
 from .settings import FullCurvature, UnlearnSettings
@@ -148,11 +148,7 @@ def load_full_curvature(
     `lightning_unlearn.checkpoint.load_curvature_state`: never unpickled, refused for another backend or model), or
     a curvature `state_dict`. The loaded object reduces through `reduce`/`gather`."""
     if isinstance(source, Curvature):
-        if not any(source.model is m for m in model.modules()):
-            # its gradients and steps would go to the other model's parameters: this one would never move
-            raise UserInputError(
-                f"{who}: full_curvature is a Curvature of another model object (e.g. fitted before a copy.deepcopy "
-                "of the model); pass its state_dict() or a curvature file instead, which are loaded onto this model")
+        check_curvature_model(source, model, f"{who}: full_curvature")
         return source
     if source is None:
         raise UserInputError(

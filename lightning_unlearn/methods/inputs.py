@@ -179,6 +179,6 @@ def check_curvature_model(curvature: Any, model: nn.Module, what: str) -> None:
     gradients and steps would go to that object's parameters, and this model would never move."""
     if curvature is not None and not any(curvature.model is m for m in model.modules()):
         raise UserInputError(
-            f"{what} is a Curvature of another model object (e.g. fitted before a copy.deepcopy of the model); fit it "
-            "on this model, or load its state_dict() onto a curvature of this model (build_curvature(backend, model)"
-            ".load_state_dict(state)), as serve_request does with a state_dict or a curvature file")
+            f"{what} is a Curvature of another model object (e.g. fitted before a copy.deepcopy of the model); pass "
+            "its state_dict() or a curvature file to a request, which loads them onto this model, or fit the curvature "
+            "on this model")
