@@ -6,6 +6,7 @@ schema (`Unlearner.summary`, `serve_request`'s `RequestResult.summary`, `Unlearn
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -117,3 +118,23 @@ def summarize(records: Sequence[StepRecord], status: str | None, **values: Any) 
     if unknown:
         raise KeyError(f"not a summary field: {unknown[0]!r}")
     return out
+
+
+def warn_how_it_ended(name: str, status: str, trials: int, *, budget_on_holdout: bool) -> None:
+    """The warnings of a run's end: `NothingAcceptedWarning` when no step was accepted; `HoldoutBudgetWarning` when a
+    retain budget read on the holdout (a retain-free run) ended it."""
+    if status == "nothing_accepted":
+        warnings.warn(
+            f"{name}: no step was accepted ({trials} trial(s) rolled back): the model is unchanged."
+            " Check the step records' reasons (retain_increase: raise max_retain_increase or give more retain"
+            " data; non_finite or trust_region: lower the scale; no_progress: the forget loss cannot rise along"
+            " this direction)",
+            NothingAcceptedWarning, stacklevel=4)
+    if status == "budget_exhausted" and budget_on_holdout:
+        warnings.warn(
+            f"{name}: the run spent its retain budget, read on the holdout (no retain data was given). The "
+            "holdout is data of the forget set's kind, which unlearning moves too (retraining moves it further), "
+            "so this budget can stop a run far from its target. Pass one held retain batch (`held_retain_batch=` "
+            "of fit, `held_retain=` of serve_request, or a single retain batch; no curvature pass is made over "
+            "it) to read the budget on retain data",
+            HoldoutBudgetWarning, stacklevel=4)

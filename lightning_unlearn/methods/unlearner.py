@@ -6,7 +6,7 @@
     unlearner.summary()    # status, target, steps, losses before and after (numbers only)
 
 A run is `begin` (checks, curvature, the losses before; it may find the target already met), then `step` until
-`should_stop`, then `finish` (the losses after, the status, a `NothingAcceptedWarning` when nothing was accepted).
+`should_stop`, then `finish` (the losses after, the status, the warnings of `records.warn_how_it_ended`).
 `fit` is that loop; `UnlearningModule` runs the same protocol with Lightning driving the steps.
 
 Every method proposes an update from the forget data; `step` applies it as a *trial*: the held retain loss and the
@@ -39,14 +39,13 @@ from .inputs import check_batches, check_finite_weights, check_settings, vocabul
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
 from .records import (
     Batch,
-    HoldoutBudgetWarning,
-    NothingAcceptedWarning,
     StepRecord,
     as_batches,
     run_status,
     stops_run,
     summarize,
     trial_reason,
+    warn_how_it_ended,
 )
 from .target import forget_score, held_out_retain, holdout_histogram, over_retain_budget
 from .trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
@@ -424,8 +423,8 @@ class Unlearner(ABC):
 
     def finish(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
                held_retain_batch: Batch | None = None) -> str:
-        """End a run: measure the losses after, set `status` (warns with `NothingAcceptedWarning` when nothing was
-        accepted). Returns the status."""
+        """End a run: measure the losses after, set `status` and warn where it needs the user
+        (`records.warn_how_it_ended`). Returns the status."""
         if self._status == "target_reached" and not self.run_records:  # `begin` found nothing to do
             return self._status
         records = self.run_records
@@ -435,21 +434,8 @@ class Unlearner(ABC):
         if records:
             self._losses["target"] = records[-1].target
         self._status = run_status(records) or "nothing_accepted"
-        if self._status == "nothing_accepted":
-            warnings.warn(
-                f"{self.name}: no step was accepted ({len(records)} trial(s) rolled back): the model is unchanged."
-                " Check the step records' reasons (retain_increase: raise max_retain_increase or give more retain"
-                " data; non_finite or trust_region: lower the scale; no_progress: the forget loss cannot rise along"
-                " this direction)",
-                NothingAcceptedWarning, stacklevel=3)
-        if self._status == "budget_exhausted" and held is not None and held is self.holdout:
-            warnings.warn(
-                f"{self.name}: the run spent its retain budget, read on the holdout (no retain data was given). The "
-                "holdout is data of the forget set's kind, which unlearning moves too (retraining moves it further), "
-                "so this budget can stop a run far from its target. Pass one held retain batch (`held_retain_batch=` "
-                "of fit, `held_retain=` of serve_request, or a single retain batch; no curvature pass is made over "
-                "it) to read the budget on retain data",
-                HoldoutBudgetWarning, stacklevel=3)
+        warn_how_it_ended(self.name, self._status, len(records),
+                          budget_on_holdout=held is not None and held is self.holdout)
         return self._status
 
     @property
