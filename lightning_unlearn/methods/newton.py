@@ -22,8 +22,8 @@ from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .step_search import Point, StepSearch
-from .target import over_retain_budget, retain_budget_nats, score_between, staged_aim
-from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step
+from .target import over_retain_budget, score_between, staged_aim
+from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
 from .unlearner import Unlearner
 
 #: where a second-order method's curvature comes from (`SecondOrderUnlearner`)
@@ -406,16 +406,10 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         return record
 
     def _predicted_budget(self, held: Batch | None, reference: float | None) -> float | None:
-        """The bound on the curvature's predicted retain increase ½ΔᵀCΔ (nats) of one step: the guard itself without
-        a held retain batch (the retain budget in nats, `retain_budget_nats`), a trust region (`predicted_trust` ×
-        the budget) with one, when C is a retain curvature; None where neither applies."""
-        if self.max_retain_increase is None:
-            return None
-        if held is None:
-            return retain_budget_nats(self.max_retain_increase)
-        if self.predicted_trust is not None and reference is not None and self.curvature_data != "forget":
-            return self.predicted_trust * retain_budget_nats(self.max_retain_increase, reference)
-        return None
+        """`trust_region.predicted_budget` of this method's settings (C a retain curvature unless fitted on the
+        forget set)."""
+        return predicted_budget(self.max_retain_increase, held is not None, reference, self.predicted_trust,
+                                retain_curvature=self.curvature_data != "forget")
 
     def outside_trust_region(self, snapshot: Mapping[str, Tensor]) -> bool:
         """The base class's bound on ‖Δθ‖ and, for the fixed step, the bound on ½ΔᵀCΔ (`_predicted_budget`)."""

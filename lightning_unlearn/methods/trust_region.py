@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor
 
+from .target import retain_budget_nats
+
 #: the trust region: no accepted step moves the updated parameters by more than this fraction of their norm
 DEFAULT_MAX_STEP_NORM = 1.0
 #: ... nor predicts (½ΔᵀCΔ, retain curvature) a retain increase above this multiple of the retain budget
@@ -46,3 +48,18 @@ def largest_trusted_step(params: Mapping[str, Tensor], direction: Mapping[str, T
         if length > 0 and size > 0:
             largest = min(largest, max_step_norm * size / length)
     return largest
+
+
+def predicted_budget(max_retain_increase: float | None, held: bool, reference: float | None,
+                     predicted_trust: float | None, *, retain_curvature: bool) -> float | None:
+    """The bound on the curvature's predicted retain increase ½ΔᵀCΔ (nats) of one step: the guard itself without a
+    held retain batch (`held` False: the retain budget in nats, `retain_budget_nats`), a trust region
+    (`predicted_trust` × the budget above the `reference` loss) with one, when C is a retain curvature; None where
+    neither applies."""
+    if max_retain_increase is None:
+        return None
+    if not held:
+        return retain_budget_nats(max_retain_increase)
+    if predicted_trust is not None and reference is not None and retain_curvature:
+        return predicted_trust * retain_budget_nats(max_retain_increase, reference)
+    return None
