@@ -11,6 +11,7 @@ import copy
 import math
 
 import pytest
+import torch
 from canary_corpus import memorise
 
 from lightning_unlearn.methods import build_unlearner
@@ -123,3 +124,43 @@ def test_cheaper_search_reaches_the_same_outcome_with_fewer_forward_passes():
     assert cheap[2] <= plain[2] + 0.1 * abs(plain[2]) + 1e-3, outcomes
     assert cheap[3] <= 0.5 * plain[3], outcomes
     assert cheap[4] < plain[4], outcomes
+
+
+def _count_measurements(unlearner) -> list[int]:
+    """A list that grows by one whenever `unlearner` measures a forget score (a forward pass over forget and
+    holdout)."""
+    measured: list[int] = []
+    measure = unlearner.measure_forget_score
+    unlearner.measure_forget_score = lambda *a, **k: measured.append(1) or measure(*a, **k)
+    return measured
+
+
+def test_a_forget_score_is_measured_once_per_weights_and_data():
+    """`score_memo`: the forget score of weights and data already measured is not measured again. A default run
+    measures at least `steps + 1` times less than it asks for (each step's start and the run's end are weights the
+    search or `begin` measured) and ends with the same weights as measuring every time; a write to a parameter or
+    new batch tensors with the same values are measured again."""
+    base, forget, retain, held, holdout = memorise("gpt2")
+    runs = {}
+    for remember in (True, False):
+        model = copy.deepcopy(base)
+        u = build_unlearner("newton", model)
+        if not remember:
+            u._score_memo.get = lambda key, reduce: None  # every request for a score measures
+        measured = _count_measurements(u)
+        u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
+        runs[remember] = (model.state_dict(), len(measured), u.summary())
+    (weights, remembered, summary), (weights_every, every, summary_every) = runs[True], runs[False]
+    assert summary == summary_every
+    assert all(torch.equal(weights[n], weights_every[n]) for n in weights)
+    assert summary["steps_accepted"] >= 2 and remembered <= every - summary["steps_accepted"] - 1, (remembered, every)
+
+    u = build_unlearner("newton", copy.deepcopy(base))
+    u.calibrate([holdout])
+    measured = _count_measurements(u)
+    first = u.forget_score([forget])
+    assert u.forget_score([forget]) == first and len(measured) == 1
+    assert u.forget_score([{k: v.clone() for k, v in forget.items()}]) == first and len(measured) == 2
+    with torch.no_grad():
+        next(iter(u.model.parameters())).mul_(1.5)
+    assert u.forget_score([forget]) != first and len(measured) == 3

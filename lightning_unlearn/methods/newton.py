@@ -244,8 +244,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         return {n: params[n] for n in self.param_names}
 
     def newton_direction(self, gradient: Mapping[str, Tensor]) -> Vector:
-        """`(C + λI)^-1 g` for a gradient dict over `param_names` (the current λ, relative or absolute per
-        `damping_mode`)."""
+        """`(C + λI)^-1 g` over `param_names` (the current λ, relative or absolute per `damping_mode`)."""
         assert self.curvature is not None
         return self.curvature.apply({n: gradient[n] for n in self.param_names}, self.damping, -1.0,
                                     mode=self.damping_mode)
@@ -388,6 +387,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
                 reason = "accepted"  # this step's stage, not yet the target
             if eta is not None:
                 self._apply_step(snapshot, direction, offset, eta)
+                self._score_memo.remember(self, forget, point[0], evaluate.losses.get(eta))  # type: ignore[attr-defined]
                 predicted = None if curvature_norm is None else 0.5 * eta**2 * curvature_norm
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=eta,
                                                forget_loss=point[0][1], retain_loss=point[1], accepted=True,
@@ -406,8 +406,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         return record
 
     def _predicted_budget(self, held: Batch | None, reference: float | None) -> float | None:
-        """`trust_region.predicted_budget` of this method's settings (C a retain curvature unless fitted on the
-        forget set)."""
+        """`trust_region.predicted_budget` for this method (C a retain curvature unless fitted on the forget set)."""
         return predicted_budget(self.max_retain_increase, held is not None, reference, self.predicted_trust,
                                 retain_curvature=self.curvature_data != "forget")
 
@@ -490,6 +489,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
 
         evaluate.budget = budget  # type: ignore[attr-defined]
         evaluate.guess = guess  # type: ignore[attr-defined]
+        evaluate.losses = losses  # type: ignore[attr-defined]
         evaluate.lazy = False  # type: ignore[attr-defined]
         return evaluate
 

@@ -47,6 +47,7 @@ from .records import (
     trial_reason,
     warn_how_it_ended,
 )
+from .score_memo import ScoreMemo
 from .target import forget_score, held_out_retain, holdout_histogram, over_retain_budget
 from .trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
 
@@ -109,6 +110,7 @@ class Unlearner(ABC):
         self._status: str | None = None
         self._run_start = 0  # index in `history` of the current run's first record
         self._losses: dict[str, float | None] = {}
+        self._score_memo = ScoreMemo()
 
     # ------------------------------------------------------------------ what subclasses provide
     @property
@@ -164,6 +166,11 @@ class Unlearner(ABC):
 
     def forget_score(self, forget: Batch | Sequence[Batch],
                      losses_out: list[Tensor] | None = None) -> tuple[float, float]:
+        """`measure_forget_score`, measured once per weights and data (see `score_memo`)."""
+        return self._score_memo.score(self, as_batches(forget), losses_out)
+
+    def measure_forget_score(self, forget: Batch | Sequence[Batch],
+                             losses_out: list[Tensor] | None = None) -> tuple[float, float]:
         """(score, mean token NLL) of the forget batches. The score is what the target is compared with: with a
         holdout target, the mean percentile of the forget examples' losses among the holdout examples' losses
         (`target.forget_score`) at the current weights (before unlearning with `relative_target=False`); otherwise

@@ -1,0 +1,78 @@
+"""The last forget score, kept while nothing it depends on has changed.
+
+A run measures the forget score at the same weights more than once: `begin` measures it, the first step starts by
+measuring it again, every later step starts where the previous step's search measured the accepted step length, and
+`finish` measures the last step's weights once more. The search's measurement is remembered when the accepted step
+is applied again (`remember`: the same `_apply_step` of the same step length gives the same weights bit for bit).
+Each measurement is a forward pass over the forget set and the holdout (on the TOFU-faithful benchmark about a fifth
+of a request's forget scores). So the score is kept with a key of everything it reads: the identity and version
+counter of every parameter of the model (an in-place write such as `copy_` bumps it) and of every tensor of the
+forget and holdout batches, and the target's holdout histogram; the memo holds references to them, so that no new
+tensor can take a remembered one's identity. Across processes a hit counts only when every process has one (one all-
+reduce of a flag): a process that measured alone would wait forever in the others' collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .records import Batch
+
+
+def _tensor_ids(batches: Iterable[Batch]) -> tuple[tuple[int, int], ...]:
+    return tuple((id(v), v._version) for b in batches for v in b.values() if isinstance(v, Tensor))
+
+
+def score_key(model: nn.Module, forget: Sequence[Batch], holdout: Sequence[Batch], *extra: Any) -> tuple:
+    """What a forget score depends on: parameters, forget and holdout tensors (identity, version), and `extra`."""
+    params = tuple((id(p), p._version) for p in model.parameters())
+    return params, _tensor_ids(forget), _tensor_ids(holdout), tuple(id(x) for x in extra)
+
+
+class ScoreMemo:
+    """One remembered `(value, per-example losses)` under its `score_key`."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[float, float] | None = None
+        self._losses: list[Tensor] = []
+        self._held: tuple = ()
+
+    def get(self, key: tuple, reduce: Callable[[Tensor], Tensor]) -> tuple[tuple[float, float], list[Tensor]] | None:
+        """The remembered value and losses when `key` matches on every process (`reduce` sums a miss flag)."""
+        miss = 0.0 if (self._key is not None and self._key == key) else 1.0
+        if float(reduce(torch.tensor([miss], dtype=torch.float64))[0]) > 0:
+            return None
+        assert self._value is not None
+        return self._value, list(self._losses)
+
+    def score(self, unlearner: Any, forget: list[Batch], losses_out: list[Tensor] | None) -> tuple[float, float]:
+        """`unlearner.measure_forget_score(forget, losses_out)`, remembered (see the module docstring)."""
+        key = score_key(unlearner.model, forget, unlearner.holdout, unlearner._holdout_hist)
+        hit = self.get(key, unlearner.reduce)
+        if hit is None:
+            losses: list[Tensor] = []
+            hit = unlearner.measure_forget_score(forget, losses), losses
+            self.put(key, hit[0], losses, forget, unlearner.holdout, unlearner._holdout_hist)
+        if losses_out is not None:
+            losses_out.extend(hit[1])
+        return hit[0]
+
+    def remember(self, unlearner: Any, forget: list[Batch], value: tuple[float, float],
+                 losses: list[Tensor] | None) -> None:
+        """Remember a score measured earlier at the weights the model holds now (a step search's accepted step length,
+        applied again); nothing without its `losses`."""
+        if losses is not None:
+            key = score_key(unlearner.model, forget, unlearner.holdout, unlearner._holdout_hist)
+            self.put(key, value, losses, forget, unlearner.holdout, unlearner._holdout_hist)
+
+    def put(self, key: tuple, value: tuple[float, float], losses: list[Tensor], *held: Any) -> None:
+        """Remember `value` and `losses` under `key`; `held`: the objects whose identities `key` holds."""
+        self._key, self._value, self._losses, self._held = key, value, list(losses), held
