@@ -120,7 +120,7 @@ def test_default_request_cost_and_breakdown(smoke):
             assert r["time_over_fwd_bwd"] == pytest.approx(r["seconds"] / r["fwd_bwd_seconds"])
             assert r["forward_examples"] >= r["forget_examples"] > 0
             phases = r["breakdown"]
-            assert {"curvature", "calibrate", "forget_gradient", "holdout_gradients", "forget_score", "measure",
+            assert {"curvature", "calibrate", "forget_gradient", "holdout_gradients", "measure_forget_score", "measure",
                     "other"} <= set(phases), kind
             measured = sum(v["seconds"] for name, v in phases.items() if name != "other")
             assert 0 < measured <= r["seconds"]
@@ -129,7 +129,7 @@ def test_default_request_cost_and_breakdown(smoke):
                 assert all(v[key] >= 0 for v in phases.values()), (kind, key)
                 assert sum(v[key] for v in phases.values()) == r[key], (kind, key)
             assert phases["curvature"]["backward_examples"] > 0 and phases["forget_gradient"]["backward_examples"] > 0
-            assert phases["forget_score"]["forward_examples"] >= r["forget_examples"]
+            assert phases["measure_forget_score"]["forward_examples"] >= r["forget_examples"]
             assert phases["curvature"]["seconds"] == pytest.approx(r["curvature_seconds"])
         assert set(recipe["breakdown"]) == set(default[0]["breakdown"])
     md = (out / "results.md").read_text()
