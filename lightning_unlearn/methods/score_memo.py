@@ -9,7 +9,9 @@ of a request's forget scores). So the score is kept with a key of everything it 
 counter of every parameter of the model (an in-place write such as `copy_` bumps it) and of every tensor of the
 forget and holdout batches, and the target's holdout histogram; the memo holds references to them, so that no new
 tensor can take a remembered one's identity. Across processes a hit counts only when every process has one (one all-
-reduce of a flag): a process that measured alone would wait forever in the others' collectives.
+reduce of a flag): a process that measured alone would wait forever in the others' collectives. A write through
+`param.data` bypasses the version counter: change weights in place (`copy_` under `no_grad`), as the engine does, or
+call `clear()`. `Unlearner.finish` clears the memo, so that it keeps no forget batch alive after a run.
 """
 
 from __future__ import annotations

@@ -437,6 +437,7 @@ class Unlearner(ABC):
         records = self.run_records
         held = self.budget_batches(held_retain_batch, as_batches(retain))
         self._losses["score_after"], self._losses["forget_after"] = self.forget_score(as_batches(forget))
+        self._score_memo.clear()  # let the forget batches go
         self._losses["retain_after"] = self.measure(held) if held is not None else None
         if records:
             self._losses["target"] = records[-1].target
@@ -473,8 +474,7 @@ class Unlearner(ABC):
     ) -> list[StepRecord]:
         """The whole run: `begin`, up to `steps` steps over all forget batches until `should_stop`, `finish`.
         `holdout_batches` set the target (`calibrate`); without `held_retain_batch` the last of two or more retain
-        batches is held out for the budget (`target.held_out_retain`). Returns every record of this run (rolled-back
-        trials too)."""
+        batches is held out for the budget (`target.held_out_retain`). Returns this run's records (rollbacks too)."""
         forget = as_batches(forget_batches)
         retain = as_batches(retain_batches)
         if not forget:
