@@ -4,6 +4,7 @@ per phase, privacy and utility against the retrained model.
 
     python -m benchmarks.canary_default            # ~25 min on 2 cores with training, ~2 min from cached models
     python -m benchmarks.canary_default --method-kwargs '{"protect_groups": 1}' --out DIR   # one knob changed
+    python -m benchmarks.canary_default --settings '{"curvature_kwargs": {"kfac_approx": "reduce"}}' --out DIR
 
 Writes `benchmarks/results/canary-default/results.json` (numbers only): per seed the original, retrained and default
 rows (`frontier_bench.privacy_row`: exposure, MIA AUC, Δ test perplexity) with status, steps, whether the knowledge
@@ -25,11 +26,11 @@ from typing import Any
 import torch
 
 
-def seed_rows(seed: int, cache: str, method_kwargs: dict[str, Any] | None = None
-              ) -> tuple[list[dict[str, Any]], list[bytes]]:
+def seed_rows(seed: int, cache: str, method_kwargs: dict[str, Any] | None = None,
+              settings_changes: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The original, retrained and default-request rows of one seed (`method_kwargs`: one knob changed, e.g.
-    `{"protect_groups": 1}`), and its canaries' secrets (no file may hold one); one torch thread: two seeds run side
-    by side."""
+    `{"protect_groups": 1}`; `settings_changes`: fields of `UnlearnSettings` changed, e.g. `curvature_kwargs`), and its
+    canaries' secrets (no file may hold one); one torch thread: two seeds run side by side."""
     torch.set_num_threads(1)
     from benchmarks.frontier_bench import make_experiment, privacy_row
     from benchmarks.passes import fwd_bwd_seconds
@@ -49,7 +50,8 @@ def seed_rows(seed: int, cache: str, method_kwargs: dict[str, Any] | None = None
             {"seed": seed, "method": "retrain",
              **privacy_row("canaries", exp.evaluate(retrained, reference=retrained), ppl)}]
     model = copy.deepcopy(original)
-    settings = dataclasses.replace(DEFAULT_SETTINGS, method_kwargs=dict(method_kwargs or {}))
+    settings = dataclasses.replace(DEFAULT_SETTINGS, method_kwargs=dict(method_kwargs or {}),
+                                   **(settings_changes or {}))
     result, cost = profiled_request(model, forget, retain, holdout, settings=settings, held_retain=held)
     unit = fwd_bwd_seconds(original, forget + retain)
     summary = result.summary
@@ -85,13 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/canary-default")
     parser.add_argument("--method-kwargs", type=json.loads, default={},
                         help='one knob changed from the default, as JSON (e.g. \'{"protect_groups": 1}\')')
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help='UnlearnSettings fields changed, as JSON (e.g. \'{"curvature_kwargs": {"kfac_approx": '
+                             '"reduce"}}\')')
     args = parser.parse_args(argv)
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         done = list(pool.map(seed_rows, args.seeds, [args.cache] * len(args.seeds),
-                             [args.method_kwargs] * len(args.seeds)))
+                             [args.method_kwargs] * len(args.seeds), [args.settings] * len(args.seeds)))
     rows = [r for seed_done, _ in done for r in seed_done]
     secrets = sorted({s for _, seed_secrets in done for s in seed_secrets})
-    results = {"default_recipe": {"canaries": summarize(rows)}, "method_kwargs": args.method_kwargs, "rows": rows}
+    results = {"default_recipe": {"canaries": summarize(rows)}, "method_kwargs": args.method_kwargs,
+               "settings": args.settings, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from lightning_unlearn.report import atomic_write
