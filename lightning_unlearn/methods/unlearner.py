@@ -322,8 +322,8 @@ class Unlearner(ABC):
         holdout_loss = self.holdout_loss if self.holdout_loss is not None else self.measure(self.holdout)
         refusal, found = holdout_checks.holdout_findings(
             duplicates=counts[:3].tolist(), shared=counts[3:].tolist(), vocabulary=vocabulary_size(self.model),
-            holdout_loss=holdout_loss, forget_loss=self.measure(forget),
-            retain_loss=self.measure(held) if held is not None and held is not self.holdout else None)
+            holdout_loss=holdout_loss, forget_loss=self.forget_score(forget)[1],  # both reused by begin
+            retain_loss=self.reference_retain_loss(held) if held is not None and held is not self.holdout else None)
         if refusal is not None:
             raise UserInputError(f"{self.name}: {refusal}")
         for message in found:
