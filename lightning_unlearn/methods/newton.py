@@ -467,7 +467,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
             if self.outside_trust_region(snapshot):
                 return None  # moved the weights too far: not even measured
             losses[eta] = []
-            score = self.forget_score(forget, losses_out=losses[eta])
+            score = self.measure_forget_score(forget, losses_out=losses[eta])  # new weights: nothing to reuse
             ok = all(map(math.isfinite, score)) and all(bool(torch.isfinite(p).all())
                                                         for p in self.named_params().values())
             retain = None

@@ -57,24 +57,22 @@ class ScoreMemo:
 
     def score(self, unlearner: Any, forget: list[Batch], losses_out: list[Tensor] | None) -> tuple[float, float]:
         """`unlearner.measure_forget_score(forget, losses_out)`, remembered (see the module docstring)."""
-        key = score_key(unlearner.model, forget, unlearner.holdout, unlearner._holdout_hist)
-        hit = self.get(key, unlearner.reduce)
+        hit = self.get(score_key(unlearner.model, forget, unlearner.holdout, unlearner._holdout_hist),
+                       unlearner.reduce)
         if hit is None:
             losses: list[Tensor] = []
             hit = unlearner.measure_forget_score(forget, losses), losses
-            self.put(key, hit[0], losses, forget, unlearner.holdout, unlearner._holdout_hist)
+            self.remember(unlearner, forget, *hit)
         if losses_out is not None:
             losses_out.extend(hit[1])
         return hit[0]
 
     def remember(self, unlearner: Any, forget: list[Batch], value: tuple[float, float],
                  losses: list[Tensor] | None) -> None:
-        """Remember a score measured earlier at the weights the model holds now (a step search's accepted step length,
-        applied again); nothing without its `losses`."""
+        """Remember `value` and `losses`, measured at the weights the model holds now (just now, or earlier at the
+        same step length applied again by a step search), under their `score_key`; holds what the key identifies.
+        Nothing without `losses`."""
         if losses is not None:
-            key = score_key(unlearner.model, forget, unlearner.holdout, unlearner._holdout_hist)
-            self.put(key, value, losses, forget, unlearner.holdout, unlearner._holdout_hist)
-
-    def put(self, key: tuple, value: tuple[float, float], losses: list[Tensor], *held: Any) -> None:
-        """Remember `value` and `losses` under `key`; `held`: the objects whose identities `key` holds."""
-        self._key, self._value, self._losses, self._held = key, value, list(losses), held
+            held = (forget, unlearner.holdout, unlearner._holdout_hist)
+            self._key = score_key(unlearner.model, *held)
+            self._value, self._losses, self._held = value, list(losses), held
