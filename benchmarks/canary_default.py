@@ -5,6 +5,7 @@ per phase, privacy and utility against the retrained model.
     python -m benchmarks.canary_default            # ~25 min on 2 cores with training, ~2 min from cached models
     python -m benchmarks.canary_default --method-kwargs '{"protect_groups": 1}' --out DIR   # one knob changed
     python -m benchmarks.canary_default --settings '{"curvature_kwargs": {"kfac_approx": "reduce"}}' --out DIR
+    python -m benchmarks.canary_default --config '{"arch": "llama"}' --out DIR   # another model: trains its own
 
 Writes `benchmarks/results/canary-default/results.json` (numbers only): per seed the original, retrained and default
 rows (`frontier_bench.privacy_row`: exposure, MIA AUC, Δ test perplexity) with status, steps, whether the knowledge
@@ -27,10 +28,12 @@ import torch
 
 
 def seed_rows(seed: int, cache: str, method_kwargs: dict[str, Any] | None = None,
-              settings_changes: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[bytes]]:
+              settings_changes: dict[str, Any] | None = None,
+              config_changes: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The original, retrained and default-request rows of one seed (`method_kwargs`: one knob changed, e.g.
-    `{"protect_groups": 1}`; `settings_changes`: fields of `UnlearnSettings` changed, e.g. `curvature_kwargs`), and its
-    canaries' secrets (no file may hold one); one torch thread: two seeds run side by side."""
+    `{"protect_groups": 1}`; `settings_changes`: fields of `UnlearnSettings` changed, e.g. `curvature_kwargs`;
+    `config_changes`: fields of `ExperimentConfig` changed, e.g. `arch`), and its canaries' secrets (no file may hold
+    one); one torch thread: two seeds run side by side."""
     torch.set_num_threads(1)
     from benchmarks.frontier_bench import make_experiment, privacy_row
     from benchmarks.passes import fwd_bwd_seconds
@@ -40,7 +43,8 @@ def seed_rows(seed: int, cache: str, method_kwargs: dict[str, Any] | None = None
     from lightning_unlearn.experiment import ExperimentConfig
 
     quiet_libraries()
-    exp = make_experiment("canaries", dataclasses.replace(ExperimentConfig(), seed=seed), cache)
+    exp = make_experiment("canaries", dataclasses.replace(ExperimentConfig(), seed=seed, **(config_changes or {})),
+                          cache)
     original, retrained = exp.train("full").eval(), exp.train("retain").eval()
     forget, holdout, held = exp.forget_batches(), exp.holdout_batches(), exp.held_retain_batch()
     retain = exp.retain_batches(DEFAULT_SETTINGS.curvature_batches)
@@ -90,14 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", type=json.loads, default={},
                         help='UnlearnSettings fields changed, as JSON (e.g. \'{"curvature_kwargs": {"kfac_approx": '
                              '"reduce"}}\')')
+    parser.add_argument("--config", type=json.loads, default={},
+                        help='ExperimentConfig fields changed, as JSON (e.g. \'{"arch": "llama"}\': the models of '
+                             'another architecture, trained and cached on first use)')
     args = parser.parse_args(argv)
+    n = len(args.seeds)
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        done = list(pool.map(seed_rows, args.seeds, [args.cache] * len(args.seeds),
-                             [args.method_kwargs] * len(args.seeds), [args.settings] * len(args.seeds)))
+        done = list(pool.map(seed_rows, args.seeds, [args.cache] * n, [args.method_kwargs] * n, [args.settings] * n,
+                             [args.config] * n))
     rows = [r for seed_done, _ in done for r in seed_done]
     secrets = sorted({s for _, seed_secrets in done for s in seed_secrets})
     results = {"default_recipe": {"canaries": summarize(rows)}, "method_kwargs": args.method_kwargs,
-               "settings": args.settings, "rows": rows}
+               "settings": args.settings, "config": args.config, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from lightning_unlearn.report import atomic_write
