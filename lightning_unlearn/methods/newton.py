@@ -29,7 +29,6 @@ from .unlearner import Unlearner
 #: where a second-order method's curvature comes from (`SecondOrderUnlearner`)
 CURVATURE_DATA = ("retain", "forget", "full_minus_forget")
 
-
 #: the default recipe of the second-order methods (see `SecondOrderUnlearner`)
 DEFAULT_RELATIVE_DAMPING = 0.1
 DEFAULT_NEWTON_STEPS = 5
@@ -388,6 +387,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
             if eta is not None:
                 self._apply_step(snapshot, direction, offset, eta)
                 self._score_memo.remember(self, forget, point[0], evaluate.losses.get(eta))  # type: ignore[attr-defined]
+                self._score_memo.remember_held(self, held, point[1])  # what `finish` measures after the last step
                 predicted = None if curvature_norm is None else 0.5 * eta**2 * curvature_norm
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=eta,
                                                forget_loss=point[0][1], retain_loss=point[1], accepted=True,

@@ -12,6 +12,10 @@ tensor can take a remembered one's identity. Across processes a hit counts only 
 reduce of a flag): a process that measured alone would wait forever in the others' collectives. A write through
 `param.data` bypasses the version counter: change weights in place (`copy_` under `no_grad`), as the engine does, or
 call `clear()`. `Unlearner.finish` clears the memo, so that it keeps no forget batch alive after a run.
+
+The held retain loss of the budget has the same story in small: a step search measures it at the step length it takes,
+and `finish` measures the same weights on the same batch again (one held-batch pass of about six per run on the
+canaries). `held_loss` and `remember_held` keep that one value under the same kind of key.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .records import Batch
+from .records import Batch, as_batches
 
 
 def _tensor_ids(batches: Iterable[Batch]) -> tuple[tuple[int, int], ...]:
@@ -46,6 +50,9 @@ class ScoreMemo:
         self._value: tuple[float, float] | None = None
         self._losses: list[Tensor] = []
         self._held: tuple = ()
+        self._held_key: tuple | None = None
+        self._held_value: float | None = None
+        self._held_batches: tuple = ()
 
     def get(self, key: tuple, reduce: Callable[[Tensor], Tensor]) -> tuple[tuple[float, float], list[Tensor]] | None:
         """The remembered value and losses when `key` matches on every process (`reduce` sums a miss flag)."""
@@ -76,3 +83,22 @@ class ScoreMemo:
             held = (forget, unlearner.holdout, unlearner._holdout_hist)
             self._key = score_key(unlearner.model, *held)
             self._value, self._losses, self._held = value, list(losses), held
+
+    def held_loss(self, unlearner: Any, batches: Batch | Sequence[Batch]) -> float:
+        """`unlearner.measure(batches)`, or the value `remember_held` kept for these weights and batches."""
+        batches = as_batches(batches)
+        key = score_key(unlearner.model, batches, ())
+        miss = 0.0 if (self._held_key is not None and self._held_key == key) else 1.0
+        if float(unlearner.reduce(torch.tensor([miss], dtype=torch.float64))[0]) == 0:
+            assert self._held_value is not None
+            return self._held_value
+        value = unlearner.measure(batches)
+        self.remember_held(unlearner, batches, value)
+        return value
+
+    def remember_held(self, unlearner: Any, batches: Batch | Sequence[Batch], value: float | None) -> None:
+        """Remember the held retain loss `value` measured at the weights the model holds now (nothing for None)."""
+        if value is not None:
+            batches = as_batches(batches)
+            self._held_key = score_key(unlearner.model, batches, ())
+            self._held_value, self._held_batches = float(value), tuple(batches)

@@ -437,8 +437,8 @@ class Unlearner(ABC):
         records = self.run_records
         held = self.budget_batches(held_retain_batch, as_batches(retain))
         self._losses["score_after"], self._losses["forget_after"] = self.forget_score(as_batches(forget))
-        self._score_memo.clear()  # let the forget batches go
-        self._losses["retain_after"] = self.measure(held) if held is not None else None
+        self._losses["retain_after"] = self._score_memo.held_loss(self, held) if held is not None else None
+        self._score_memo.clear()  # let the forget and held batches go
         if records:
             self._losses["target"] = records[-1].target
         self._status = run_status(records) or "nothing_accepted"
