@@ -126,12 +126,12 @@ def test_cheaper_search_reaches_the_same_outcome_with_fewer_forward_passes():
     assert cheap[4] < plain[4], outcomes
 
 
-def _count_measurements(unlearner) -> list[int]:
+def _count_measurements(unlearner, method: str = "measure_forget_score") -> list[int]:
     """A list that grows by one whenever `unlearner` measures a forget score (a forward pass over forget and
-    holdout)."""
+    holdout), or calls `method`."""
     measured: list[int] = []
-    measure = unlearner.measure_forget_score
-    unlearner.measure_forget_score = lambda *a, **k: measured.append(1) or measure(*a, **k)
+    measure = getattr(unlearner, method)
+    setattr(unlearner, method, lambda *a, **k: measured.append(1) or measure(*a, **k))
     return measured
 
 
@@ -150,9 +150,7 @@ def test_a_forget_score_is_measured_once_per_weights_and_data():
             u._score_memo.get = lambda key, reduce: None  # every request for a score measures
             u._score_memo.remember_held = lambda *args: None  # and for the held retain loss
         measured = _count_measurements(u)
-        held_measured: list[int] = []
-        measure_held = u.measure
-        u.measure = lambda *a, **k: held_measured.append(1) or measure_held(*a, **k)
+        held_measured = _count_measurements(u, "measure")
         u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
         runs[remember] = (model.state_dict(), len(measured), u.summary(), len(held_measured))
     (weights, remembered, summary, held_n), (weights_every, every, summary_every, held_every) = runs[True], runs[False]
