@@ -79,7 +79,7 @@ def plan(name: str) -> TofuPlan:
                         checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16, variants={})
     if name == "cpu-small":
         return TofuPlan("cpu-small", TofuConfig(), taus=(0.35, 0.65), lrs=(1e-4, 1e-3), checkpoints=(5, 20),
-                        baselines=("gradient_ascent", "gradient_difference", "npo"), baseline_seeds=(0,))
+                        baseline_seeds=(0,))
     raise ValueError(f"unknown preset {name!r}; choose smoke or cpu-small")
 
 
