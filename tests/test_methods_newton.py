@@ -83,6 +83,27 @@ def test_iterative_newton_stops_at_forget_target_and_refreshes_curvature(memoris
     assert len(accepted) >= 1 and all(r.retain_loss <= records[0].retain_loss * 1.06 for r in accepted)
 
 
+def test_a_last_step_short_of_the_target_is_repeated_with_a_fresh_direction():
+    """`final_repeats`: when the last planned step ends short of the target for no other reason (here the trust region
+    caps it), `fit` takes up to `final_repeats` more steps at the full target, and stops at the target; with
+    `final_repeats=0`, an explicit `steps` and no `final_repeats`, or a first-order method, the run ends after `steps`.
+    A bad value is refused."""
+    base, forget, retain, held, holdout = memorise("gpt2")
+    runs = {}
+    for repeats in (None, 0, 2):
+        u = build_unlearner("newton", copy.deepcopy(base), steps=1, max_step_norm=0.1, final_repeats=repeats)
+        records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
+        runs[repeats] = ([r.reason for r in records], u.summary())
+    assert runs[0] == runs[None] and runs[0][0] == ["accepted"] and runs[0][1]["status"] == "budget_exhausted", runs
+    reasons, summary = runs[2]
+    assert reasons[0] == "accepted" and reasons[-1] == "target_reached" and 2 <= len(reasons) <= 3, reasons
+    assert summary["status"] == "target_reached" and summary["forget_score_after"] >= 0.5, summary
+    ascent = build_unlearner("gradient_ascent", copy.deepcopy(base), steps=1)
+    assert len(ascent.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])) == 1
+    with pytest.raises(ValueError, match="final_repeats"):
+        build_unlearner("newton", copy.deepcopy(base), final_repeats=-1)
+
+
 def test_full_minus_forget_recovers_retain_curvature_direction_diagonal():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))

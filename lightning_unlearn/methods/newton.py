@@ -2,8 +2,7 @@
 backend, the holdout protection, the staged aim and the step-length search (`docs/recipe.md`: the default recipe,
 the curvature, holdout protection, staging, the step length).
 
-One-shot (`steps=1`) or iterative (the forget gradient re-estimated every step, the curvature every
-`refresh_every` steps), under the safety check of `Unlearner.step`.
+One-shot (`steps=1`) or iterative (the forget gradient every step, the curvature every `refresh_every` steps).
 """
 
 from __future__ import annotations
@@ -49,38 +48,35 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
       (see `Unlearner.calibrate`) within the retain budget, or else the largest η within the budget. λ grows
       (×`damping_growth`) only when the direction is non-finite or no η makes progress.
       `lazy_budget` (default on): the held retain batch is measured at the η the search would take, not at every point
-      (the search falls back to measuring every point when that η is out of the budget): the same steps for 40-70 % of
-      the forward examples on the tests' canaries and lines. `guided_search` (default on): the bisection measures next
-      to where the per-example forget and holdout losses, interpolated linearly in η, cross the aim, and stops at the
-      bracket six bisections would leave (23-29 points per run instead of 40-42 on the canaries, the same outcome to
-      within 0.01 of the score). `reuse_protection` keeps the first step's holdout gradients for the whole run (off: on
-      the line corpus it stopped a run short of the target).
+      (at every point when that η is out of the budget). `guided_search` (default on): the bisection measures next to
+      where the per-example forget and holdout losses, interpolated linearly in η, cross the aim, and stops at the
+      bracket six bisections would leave. `reuse_protection` keeps the first step's holdout gradients for the whole run
+      (off: on the line corpus it stopped a run short of the target). Measured: `docs/recipe.md` §3.
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
       of data. `protect_retain=k` adds k such constraints on groups of the step's retain examples (`fit` hands
       each step the next retain batch, so the staged steps go through the retain data): on memorised retain data
       the loss is flat to second order (p ≈ one-hot: the Fisher sees nothing), but its gradient still points where
       the answer's margin shrinks, and each step recomputes it as the damage grows.
-    - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated
-      every `refresh_every` steps, never by default); step k of K aims at the stage `s₀ + k/K (target − s₀)` of the
-      forget score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of
-      one long step along the first gradient. A step that reaches the full target ends the run; `staged=False` aims
-      every step at the full target. Measured on the demo's canaries (seed 0): staged, +0.09 % test perplexity at
-      1.94 bits of exposure; one step, +1.23 % at 1.11 bits (the retrained model: 1.49 bits); on the tiny models of
-      the tests, staged kept the held retain loss within +1.6 % where one step cost up to +4 %.
-    - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the
-      retain budget is measured on the holdout and the step's predicted retain increase ½ΔᵀCΔ is bounded too;
-      without holdout data either, `fit` refuses the request (`require_measured_guard`): a prediction alone is no
-      bound.
-    - **the knowledge regime** (`knowledge=None`: chosen in `begin` from the held retain loss, `methods.knowledge`):
-      on memorised retain data the NLL objective, `protect_retain=8`, a 30 % budget, 10 steps and a staged budget
+    - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated every
+      `refresh_every` steps, never by default); step k of K aims at the stage `s₀ + k/K (target − s₀)` of the forget
+      score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of one long
+      step along the first gradient. A step that reaches the full target ends the run; `staged=False` aims every step at
+      the full target. When the last step falls short of the target (its direction's score peaks below it: the holdout's
+      losses rise past first order) with the budget unspent, `fit` takes up to `final_repeats` more steps at the full
+      target, each with a fresh direction (2 unless `steps` is set). Measured: `docs/recipe.md` §4.
+    - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the retain
+      budget is measured on the holdout and the step's predicted retain increase ½ΔᵀCΔ is bounded too; without
+      holdout data either, `fit` refuses the request (`require_measured_guard`): a prediction alone is no bound.
+    - **the knowledge regime** (`knowledge=None`: chosen in `begin` from the held retain loss, `methods.knowledge`): on
+      memorised retain data the NLL objective, `protect_retain=8`, a 30 % budget, 10 steps and a staged budget
       (`staged_budget`: step k of K may have spent k/K of it), each unless set; `knowledge=False`: never.
     `step_search=False` gives the fixed step `scale · d` with Levenberg-Marquardt backtracking on λ.
 
-    `curvature`: a finalized curvature is used as is; an unfinalized one (or None: built from `curvature_backend`
-    and `curvature_kwargs`) is fitted by `fit()` on the `curvature_data` source: "retain" (retain batches),
-    "forget" (forget batches) or "full_minus_forget" (`full_curvature`, a finalized checkpoint over the whole
-    training data, minus a curvature of the forget batches; the checkpoint itself is not modified).
+    `curvature`: a finalized curvature is used as is; an unfinalized one (or None: built from `curvature_backend` and
+    `curvature_kwargs`) is fitted by `fit()` on the `curvature_data` source: "retain" (retain batches), "forget"
+    (forget batches) or "full_minus_forget" (`full_curvature`, a finalized checkpoint over the whole training data,
+    minus a curvature of the forget batches; the checkpoint itself is not modified).
     """
 
     name = "second_order"
@@ -111,6 +107,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         guided_search: bool = True,
         stop_at_budget: bool = True,
         search_iters: int = 6,
+        final_repeats: int | None = None,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,
         curvature_kwargs: Mapping[str, Any] | None = None,
@@ -126,7 +123,8 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
             damping = DEFAULT_RELATIVE_DAMPING
         super().__init__(model, damping=damping, scale=scale, reduce=reduce,
                          steps=DEFAULT_NEWTON_STEPS if steps is None else steps, **kw)
-        check_settings(refresh_every=refresh_every, search_iters=search_iters, predicted_trust=predicted_trust)
+        check_settings(refresh_every=refresh_every, search_iters=search_iters, predicted_trust=predicted_trust,
+                       final_repeats=final_repeats)
         curvature_backend = BACKEND_ALIASES.get(curvature_backend, curvature_backend)
         if curvature_backend not in CURVATURE_BACKENDS:
             raise ValueError(f"unknown curvature backend {curvature_backend!r}; choose one of "
@@ -149,6 +147,8 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         self.damping_mode = damping_mode
         self.step_search = bool(step_search)
         self.staged = bool(staged)
+        repeats = final_repeats if final_repeats is not None else (2 if steps is None else 0)  # set `steps`: no repeat
+        self.final_repeats = int(repeats) if self.staged else 0
         self.protect_holdout = bool(protect_holdout)
         self.protect_groups = int(protect_groups)
         self.init_regime(knowledge, forget_loss=self.forget_loss if kw.get("forget_loss") is not None else None,

@@ -37,16 +37,7 @@ from ..errors import UserInputError
 from . import holdout as holdout_checks
 from .inputs import check_batches, check_finite_weights, check_settings, vocabulary_size
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
-from .records import (
-    Batch,
-    StepRecord,
-    as_batches,
-    run_status,
-    stops_run,
-    summarize,
-    trial_reason,
-    warn_how_it_ended,
-)
+from .records import Batch, StepRecord, as_batches, run_status, stops_run, summarize, trial_reason, warn_how_it_ended
 from .score_memo import ScoreMemo
 from .target import forget_score, held_out_retain, holdout_histogram, over_retain_budget
 from .trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
@@ -63,6 +54,8 @@ class Unlearner(ABC):
     name: str = "unlearner"
     #: whether a step that spends the retain budget ends the run (second-order methods make it a setting)
     stop_at_budget: bool = True
+    #: steps `fit` may take after `steps` while the last one fell short of its aim with nothing else stopping the run
+    final_repeats: int = 0
 
     def __init__(
         self,
@@ -472,7 +465,7 @@ class Unlearner(ABC):
         held_retain_batch: Batch | None = None,
         holdout_batches: Iterable[Batch] | None = None,
     ) -> list[StepRecord]:
-        """The whole run: `begin`, up to `steps` steps over all forget batches until `should_stop`, `finish`.
+        """The whole run: `begin`, up to `steps` (+ `final_repeats`) steps until `should_stop`, `finish`.
         `holdout_batches` set the target (`calibrate`); without `held_retain_batch` the last of two or more retain
         batches is held out for the budget (`target.held_out_retain`). Returns this run's records (rollbacks too)."""
         forget = as_batches(forget_batches)
@@ -490,8 +483,10 @@ class Unlearner(ABC):
             retain, held_retain_batch = held_out_retain(retain)
         if self.begin(forget, retain, held_retain_batch):
             return []
-        held = self.budget_batches(held_retain_batch, retain)
-        for i in range(self.steps):
+        held, record = self.budget_batches(held_retain_batch, retain), None
+        for i in range(self.steps + self.final_repeats):
+            if i >= self.steps and not (record.accepted and record.reason == "accepted"):  # type: ignore[union-attr]
+                break  # a repeat only after a step short of its aim (not the budget, not a rollback)
             self._before_step(i, forget, retain)
             record = self.step(forget, [retain[i % len(retain)]] if retain else [], held)
             if self.should_stop(record):
