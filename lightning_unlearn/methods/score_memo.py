@@ -39,28 +39,38 @@ def score_key(model: nn.Module, forget: Sequence[Batch], holdout: Sequence[Batch
     return params, _tensor_ids(forget), _tensor_ids(holdout), tuple(id(x) for x in extra)
 
 
+class _Remembered:
+    """One value under its key, agreed across processes, with the objects the key identifies kept alive (so that no new
+    tensor can take a remembered one's identity)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: Any = None
+        self.held: tuple = ()
+
+    def found(self, key: tuple, reduce: Callable[[Tensor], Tensor]) -> Any:
+        """The value when `key` matches on every process (`reduce` sums a miss flag), else None."""
+        miss = 0.0 if (self.key is not None and self.key == key) else 1.0
+        return None if float(reduce(torch.tensor([miss], dtype=torch.float64))[0]) > 0 else self.value
+
+    def put(self, key: tuple, value: Any, held: tuple) -> None:
+        self.key, self.value, self.held = key, value, held
+
+
 class ScoreMemo:
-    """One remembered `(value, per-example losses)` under its `score_key`."""
+    """The last forget score `(value, per-example losses)` and the last held retain loss, each under its key."""
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self._key: tuple | None = None
-        self._value: tuple[float, float] | None = None
-        self._losses: list[Tensor] = []
-        self._held: tuple = ()
-        self._held_key: tuple | None = None
-        self._held_value: float | None = None
-        self._held_batches: tuple = ()
+        self._score = _Remembered()
+        self._held = _Remembered()
 
     def get(self, key: tuple, reduce: Callable[[Tensor], Tensor]) -> tuple[tuple[float, float], list[Tensor]] | None:
-        """The remembered value and losses when `key` matches on every process (`reduce` sums a miss flag)."""
-        miss = 0.0 if (self._key is not None and self._key == key) else 1.0
-        if float(reduce(torch.tensor([miss], dtype=torch.float64))[0]) > 0:
-            return None
-        assert self._value is not None
-        return self._value, list(self._losses)
+        """The remembered value and losses when `key` matches on every process."""
+        hit = self._score.found(key, reduce)
+        return None if hit is None else (hit[0], list(hit[1]))
 
     def score(self, unlearner: Any, forget: list[Batch], losses_out: list[Tensor] | None) -> tuple[float, float]:
         """`unlearner.measure_forget_score(forget, losses_out)`, remembered (see the module docstring)."""
@@ -77,28 +87,22 @@ class ScoreMemo:
     def remember(self, unlearner: Any, forget: list[Batch], value: tuple[float, float],
                  losses: list[Tensor] | None) -> None:
         """Remember `value` and `losses`, measured at the weights the model holds now (just now, or earlier at the
-        same step length applied again by a step search), under their `score_key`; holds what the key identifies.
-        Nothing without `losses`."""
+        same step length applied again by a step search), under their `score_key`. Nothing without `losses`."""
         if losses is not None:
             held = (forget, unlearner.holdout, unlearner._holdout_hist)
-            self._key = score_key(unlearner.model, *held)
-            self._value, self._losses, self._held = value, list(losses), held
+            self._score.put(score_key(unlearner.model, *held), (value, list(losses)), held)
 
     def held_loss(self, unlearner: Any, batches: Batch | Sequence[Batch]) -> float:
         """`unlearner.measure(batches)`, or the value `remember_held` kept for these weights and batches."""
         batches = as_batches(batches)
-        key = score_key(unlearner.model, batches, ())
-        miss = 0.0 if (self._held_key is not None and self._held_key == key) else 1.0
-        if float(unlearner.reduce(torch.tensor([miss], dtype=torch.float64))[0]) == 0:
-            assert self._held_value is not None
-            return self._held_value
-        value = unlearner.measure(batches)
-        self.remember_held(unlearner, batches, value)
+        value = self._held.found(score_key(unlearner.model, batches, ()), unlearner.reduce)
+        if value is None:
+            value = unlearner.measure(batches)
+            self.remember_held(unlearner, batches, value)
         return value
 
     def remember_held(self, unlearner: Any, batches: Batch | Sequence[Batch], value: float | None) -> None:
         """Remember the held retain loss `value` measured at the weights the model holds now (nothing for None)."""
         if value is not None:
             batches = as_batches(batches)
-            self._held_key = score_key(unlearner.model, batches, ())
-            self._held_value, self._held_batches = float(value), tuple(batches)
+            self._held.put(score_key(unlearner.model, batches, ()), float(value), tuple(batches))

@@ -416,6 +416,11 @@ class Unlearner(ABC):
         """Whether the step that gave `record` ends the run (`records.stops_run`)."""
         return stops_run(record, self.stop_at_budget)
 
+    def repeats_last_stage(self, record: StepRecord | None) -> bool:
+        """Whether `fit` takes one more step (of `final_repeats`) after the step that gave `record`: it was accepted
+        short of its aim with nothing else to say (not the target, not the retain budget, not a rollback)."""
+        return record is not None and record.accepted and record.reason == "accepted"
+
     @property
     def run_records(self) -> list[StepRecord]:
         """Every record of the current (or last) run, rolled-back trials too."""
@@ -485,8 +490,8 @@ class Unlearner(ABC):
             return []
         held, record = self.budget_batches(held_retain_batch, retain), None
         for i in range(self.steps + self.final_repeats):
-            if i >= self.steps and not (record.accepted and record.reason == "accepted"):  # type: ignore[union-attr]
-                break  # a repeat only after a step short of its aim (not the budget, not a rollback)
+            if i >= self.steps and not self.repeats_last_stage(record):
+                break
             self._before_step(i, forget, retain)
             record = self.step(forget, [retain[i % len(retain)]] if retain else [], held)
             if self.should_stop(record):
