@@ -37,7 +37,7 @@ from benchmarks.passes import count_passes, fwd_bwd_seconds
 
 #: the unlearner's methods timed as phases, when the method has them (in call order of a default request)
 PHASES = ("fit_curvature", "calibrate", "check_holdout", "holdout_gradients", "forget_gradient", "newton_direction",
-          "newton_directions", "constrained_newton_direction", "measure_forget_score", "measure")
+          "newton_directions", "constrained_newton_direction", "measure_forget_score", "measure", "repair")
 COUNTS = ("forward_examples", "backward_examples")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from .fsdp import full_parameters, gathered_state_dict, is_sharded, shard_model
 from .methods.knowledge import KNOWLEDGE_STEPS
 from .methods.newton import DEFAULT_NEWTON_STEPS
 from .methods.records import SUMMARY_FIELDS
+from .methods.repair import REPAIR_BATCHES
 from .metrics import ExtractionStrength, MembershipInference
 from .models import atomic_save_pretrained, build_model
 from .request import STATUS_CODES, default_batch_transform, prepare_request, record_numbers, summary_numbers
@@ -214,6 +216,7 @@ class UnlearningModule(pl.LightningModule):
             steps=self._planned_steps())
         self.history = []
         self._held_retain, self._forget, self._begun = None, None, False
+        self._recent_retain: deque[dict[str, Tensor]] = deque(maxlen=REPAIR_BATCHES)  # what the retain repair descends
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
             self.unlearner.calibrate(share(holdout, rank, world))
 
@@ -251,6 +254,8 @@ class UnlearningModule(pl.LightningModule):
             unlearner.fit_curvature(share(self._curvature_source(), self.global_rank, self.trainer.world_size))
         if retain is not None and self._held_retain is None:
             self._held_retain = retain  # the first retain batch: the safety budget bounds the damage of the whole run
+        elif retain is not None:
+            self._recent_retain.append(retain)
         size = forget["input_ids"].shape[0]
         self._forget = forget
         if not self._begun:
@@ -272,7 +277,8 @@ class UnlearningModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self._begun and self._forget is not None:
-            self.unlearner.finish([self._forget], [], self._held_retain)  # the losses after, the status, the warning
+            # the retain repair (knowledge regime) on the last retain batches; the losses after, the status, the warning
+            self.unlearner.finish([self._forget], list(self._recent_retain), self._held_retain)
         if self.trainer.world_size > 1:
             broadcast_parameters(self.model)  # every process ends with the same weights (see serve_request)
         if is_sharded(self.model) and self.trainer.is_global_zero:  # full values for save_pretrained on rank 0

@@ -142,3 +142,32 @@ def test_lightning_max_steps_below_the_regime_steps_is_said_with_the_fix(facts, 
         trainer.fit(module, datamodule=Data())
     assert module.unlearner.knowledge_regime and module.unlearner.steps == 2
     assert len(module.history) >= 1
+
+
+def test_the_retain_repair_lowers_the_held_retain_loss_and_keeps_the_forgetting(facts):
+    """The knowledge regime ends with the retain repair (`methods.repair`): the held retain loss falls from where the
+    staged steps left it, the forget score stays at least at min(its value, the target), and the forget examples'
+    loss stays far above its start. `retain_repair=False` ends where the steps ended; the secret recipe never
+    repairs."""
+    base, forget, retain, held, holdout = facts
+    repaired = build_unlearner("newton", copy.deepcopy(base))
+    repaired.fit([forget], retain, held, holdout_batches=[holdout])
+    plain = build_unlearner("newton", copy.deepcopy(base), retain_repair=False)
+    plain.fit([forget], retain, held, holdout_batches=[holdout])
+    r, p = repaired.summary(), plain.summary()
+    assert r["knowledge_regime"] and p["knowledge_regime"]
+    assert p["retain_loss_before_repair"] is None
+    # the same steps (the repair runs after them, in finish)
+    assert r["steps_accepted"] == p["steps_accepted"]
+    assert r["retain_loss_before_repair"] == pytest.approx(p["retain_loss_after"], rel=1e-5)
+    assert r["retain_loss_after"] < r["retain_loss_before_repair"]
+    assert r["forget_score_after"] >= min(p["forget_score_after"], r["target"]) - 1e-9
+    assert r["forget_loss_after"] > r["forget_loss_before"] + 1.0
+    secret = build_unlearner("newton", copy.deepcopy(base), knowledge=False, retain_repair=None)
+    secret.fit([forget], retain, held, holdout_batches=[holdout])
+    assert secret.summary()["retain_loss_before_repair"] is None
+    # forced on outside the regime it runs too; without retain batches there is nothing to descend
+    forced = build_unlearner("newton", copy.deepcopy(base), knowledge=False, retain_repair=True)
+    forced.fit([forget], retain, held, holdout_batches=[holdout])
+    f = forced.summary()
+    assert f["retain_loss_before_repair"] is not None and f["retain_loss_after"] < f["retain_loss_before_repair"]

@@ -20,6 +20,7 @@ from .inputs import check_curvature_model, check_settings
 from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
+from .repair import RetainRepair
 from .step_search import Point, StepSearch
 from .target import over_retain_budget, score_between, staged_aim
 from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
@@ -33,7 +34,7 @@ DEFAULT_RELATIVE_DAMPING = 0.1
 DEFAULT_NEWTON_STEPS = 5
 
 
-class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
+class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
     """Methods with curvature: the damped Newton direction `d = (C + λI)^-1 (-∇U)` (U the forget objective to
     minimise; for `nll` this is `(C + λI)^-1 ∇L_forget`), on the parameters the curvature covers, and a step
     `η d` whose length η is searched.
@@ -71,6 +72,8 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
     - **the knowledge regime** (`knowledge=None`: chosen in `begin` from the held retain loss, `methods.knowledge`): on
       memorised retain data the NLL objective, `protect_retain=8`, a 30 % budget, 10 steps and a staged budget
       (`staged_budget`: step k of K may have spent k/K of it), each unless set; `knowledge=False`: never.
+    - **the retain repair** (`retain_repair=None`: in the knowledge regime): `finish` ends the run with one Newton step
+      down the retain loss that leaves groups of forget examples in place to first order (`methods.repair`).
     `step_search=False` gives the fixed step `scale · d` with Levenberg-Marquardt backtracking on λ.
 
     `curvature`: a finalized curvature is used as is; an unfinalized one (or None: built from `curvature_backend` and
@@ -101,7 +104,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         protect_retain: int | None = None,
         knowledge: bool | None = None,
         staged_budget: bool | None = None,
-        retain_repair: float = 0.0,
+        retain_repair: bool | None = None,
         reuse_protection: bool = False,
         lazy_budget: bool = True,
         guided_search: bool = True,
@@ -154,14 +157,11 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         self.init_regime(knowledge, forget_loss=self.forget_loss if kw.get("forget_loss") is not None else None,
                          protect_retain=protect_retain, max_retain_increase=self.max_retain_increase, steps=steps,
                          staged_budget=staged_budget)
-        self.retain_repair = float(retain_repair)
+        self.init_repair(retain_repair)
         self.reuse_protection = bool(reuse_protection)
         self.lazy_budget = bool(lazy_budget)
         self.guided_search = bool(guided_search)
         self.stop_at_budget = bool(stop_at_budget)
-        self._retain_gradient: Vector | None = None
-        self._repair_data: list[Batch] = []
-        self._repair_origin: Vector | None = None
         self._holdout_gradients: list[Vector] = []
         self.search_iters = int(search_iters)
         self._stage_origin = 0  # step_count when the current run began
@@ -215,7 +215,6 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
     def _begin_fit(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
         self._stage_origin, self._stage_start = self.step_count, None
         self._holdout_gradients = []  # the protection is computed at the first step of every run
-        self._repair_data, self._repair_origin = list(retain), None
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
 
@@ -272,11 +271,6 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
             self._holdout_gradients = (self.holdout_gradients() if self.protect_holdout and self.holdout else [])
             if self.protect_retain and retain:
                 self._holdout_gradients += self.group_gradients(retain, self.protect_retain)
-        if self.retain_repair and self._repair_data:
-            g = self.forget_gradient(self._repair_data, kind="nll")
-            if self._repair_origin is None:
-                self._repair_origin = g
-            self._retain_gradient = {n: g[n] - self._repair_origin[n] for n in g}
         return self.forget_gradient(forget)
 
     def holdout_gradients(self) -> list[Vector]:
@@ -302,32 +296,26 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         the holdout's losses stay in place group by group, not only on average. A backend with a one-call form of
         this (`constrained_inverse`: K-FAC in its eigenbasis, CG's projected solve) computes it in one call instead of
         k + 1 solves (`constrained_newton_direction`)."""
-        if self._holdout_gradients and hasattr(self.curvature, "constrained_inverse"):
-            return self.constrained_newton_direction(context, self._holdout_gradients)
-        if not self._holdout_gradients:
-            return self.newton_direction(context)
-        solved = self.newton_directions([context, *self._holdout_gradients])
-        return constrained_direction(solved[0], self._holdout_gradients, self.newton_direction, solved=solved[1:])
+        return self.protected_direction(context, self._holdout_gradients)
+
+    def protected_direction(self, gradient: Mapping[str, Tensor],
+                            constraints: Sequence[Mapping[str, Tensor]]) -> Vector:
+        """`(C + λI)⁻¹ gradient` constrained to `hᵀd = 0` for each of `constraints` (none: the Newton direction)."""
+        if constraints and hasattr(self.curvature, "constrained_inverse"):
+            return self.constrained_newton_direction(gradient, constraints)
+        if not constraints:
+            return self.newton_direction(gradient)
+        solved = self.newton_directions([gradient, *constraints])
+        return constrained_direction(solved[0], constraints, self.newton_direction, solved=solved[1:])
 
     def _offset(self, context: Any) -> Vector | None:
         """A fixed part of the update that does not scale with η (Fisher Forgetting's noise); None here."""
         return None
 
-    def _full_offset(self, context: Any) -> Vector | None:
-        """`_offset` plus the retain repair `-retain_repair · (C + λI)⁻¹ ∇L_retain` (None when neither applies)."""
-        offset = self._offset(context)
-        if self._retain_gradient is None:
-            return offset
-        repair = self.newton_direction(self._retain_gradient)
-        repair = {n: -self.retain_repair * r for n, r in repair.items()}
-        if offset is None:
-            return repair
-        return {n: repair[n] + offset[n].to(repair[n].dtype) for n in repair}
-
     def _propose(self, context: Any) -> Vector:
         direction = self._direction(context)
         update = {n: self.scale * d for n, d in direction.items()}
-        offset = self._full_offset(context)
+        offset = self._offset(context)
         if offset is not None:
             update = {n: update[n] + offset[n].to(update[n].dtype) for n in update}
         return update
@@ -358,7 +346,7 @@ class SecondOrderUnlearner(KnowledgeRegime, Unlearner):
         record: StepRecord | None = None
         for trial in range(self.max_retries + 1):
             direction = self._direction(context)
-            offset = self._full_offset(context)
+            offset = self._offset(context)
             if not all(bool(torch.isfinite(d).all()) for d in direction.values()):
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=float("nan"),
                                                forget_loss=float("nan"), retain_loss=None, accepted=False,

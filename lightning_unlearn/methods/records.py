@@ -20,7 +20,8 @@ STATUSES = ("target_reached", "budget_exhausted", "nothing_accepted")
 #: the keys of every run's summary, in order
 SUMMARY_FIELDS = ("status", "target", "target_source", "holdout_loss", "forget_score_before", "forget_score_after",
                   "steps_accepted", "trials", "evaluations", "forget_loss_before", "forget_loss_after",
-                  "retain_loss_before", "retain_loss_after", "knowledge_regime")
+                  "retain_loss_before", "retain_loss_after", "knowledge_regime",
+                  "retain_loss_before_repair")
 
 
 class NothingAcceptedWarning(UserWarning):
