@@ -171,3 +171,38 @@ def test_the_retain_repair_lowers_the_held_retain_loss_and_keeps_the_forgetting(
     forced.fit([forget], retain, held, holdout_batches=[holdout])
     f = forced.summary()
     assert f["retain_loss_before_repair"] is not None and f["retain_loss_after"] < f["retain_loss_before_repair"]
+
+
+def test_lightning_runs_the_retain_repair_on_its_last_retain_batches(facts, tmp_path):
+    """`UnlearningModule` hands `finish` the last retain batches it stepped on (up to `REPAIR_BATCHES`), so a run
+    under Lightning in the knowledge regime ends with the retain repair as `fit` does: the held retain loss (the first
+    retain batch, the module's budget batch) falls from where the steps left it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    from torch.utils.data import DataLoader
+
+    from lightning_unlearn.module import UnlearningModule
+
+    base, forget, retain, held, holdout = facts
+
+    class Data(pl.LightningDataModule):
+        def dataloader(self, split):
+            return {"forget": [forget], "retain": retain, "holdout": [holdout]}[split]
+
+        def curvature_dataloader(self, split="retain"):
+            return self.dataloader(split)
+
+        def train_dataloader(self):
+            steps = [held, *retain] * 4  # the first is the module's held (budget) batch
+            return CombinedLoader({"forget": DataLoader([forget] * len(steps), batch_size=None),
+                                   "retain": DataLoader(steps, batch_size=None)}, "max_size_cycle")
+
+    module = UnlearningModule(copy.deepcopy(base), method="newton", curvature="kfac")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=KNOWLEDGE_STEPS, max_epochs=1, enable_progress_bar=False,
+                         logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=Data())
+    summary = module.unlearner.summary()
+    assert summary["knowledge_regime"] and summary["steps_accepted"] >= 1
+    assert summary["retain_loss_before_repair"] is not None
+    assert summary["retain_loss_after"] < summary["retain_loss_before_repair"]
