@@ -112,9 +112,10 @@ def test_knowledge_setting_is_checked():
         build_unlearner("newton", small_causal_lm("gpt2"), knowledge=1)
 
 
-def test_lightning_max_steps_below_the_regime_steps_is_said_with_the_fix(facts, tmp_path):
-    """Under Lightning the trainer's max_steps sets the regime's stages: fewer than KNOWLEDGE_STEPS is warned about,
-    naming the fix, and the run still goes on (the stages spread over max_steps)."""
+def _lightning_run(facts, tmp_path, step_retain, max_steps):
+    """(UnlearningModule, Trainer, data module) of a Lightning run on the `facts`: the forget batch at every step
+    beside `step_retain` (the first is the module's held budget batch); the data module's splits for the curvature
+    and the holdout."""
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
     from torch.utils.data import DataLoader
@@ -131,15 +132,23 @@ def test_lightning_max_steps_below_the_regime_steps_is_said_with_the_fix(facts, 
             return self.dataloader(split)
 
         def train_dataloader(self):
-            return CombinedLoader({"forget": DataLoader([forget] * 4, batch_size=None),
-                                   "retain": DataLoader([held] * 4, batch_size=None)}, "max_size_cycle")
+            return CombinedLoader({"forget": DataLoader([forget] * len(step_retain), batch_size=None),
+                                   "retain": DataLoader(step_retain, batch_size=None)}, "max_size_cycle")
 
     module = UnlearningModule(copy.deepcopy(base), method="newton", curvature="kfac")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, max_epochs=1, enable_progress_bar=False, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=1, enable_progress_bar=False,
+                         logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    return module, trainer, Data()
+
+
+def test_lightning_max_steps_below_the_regime_steps_is_said_with_the_fix(facts, tmp_path):
+    """Under Lightning the trainer's max_steps sets the regime's stages: fewer than KNOWLEDGE_STEPS is warned about,
+    naming the fix, and the run still goes on (the stages spread over max_steps)."""
+    held = facts[3]
+    module, trainer, data = _lightning_run(facts, tmp_path, [held] * 4, max_steps=2)
     with pytest.warns(UserWarning, match=rf"knowledge regime.*max_steps={KNOWLEDGE_STEPS}\)"):
-        trainer.fit(module, datamodule=Data())
+        trainer.fit(module, datamodule=data)
     assert module.unlearner.knowledge_regime and module.unlearner.steps == 2
     assert len(module.history) >= 1
 
@@ -177,31 +186,10 @@ def test_lightning_runs_the_retain_repair_on_its_last_retain_batches(facts, tmp_
     """`UnlearningModule` hands `finish` the last retain batches it stepped on (up to `REPAIR_BATCHES`), so a run
     under Lightning in the knowledge regime ends with the retain repair as `fit` does: the held retain loss (the first
     retain batch, the module's budget batch) falls from where the steps left it."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.utilities.combined_loader import CombinedLoader
-    from torch.utils.data import DataLoader
-
-    from lightning_unlearn.module import UnlearningModule
-
-    base, forget, retain, held, holdout = facts
-
-    class Data(pl.LightningDataModule):
-        def dataloader(self, split):
-            return {"forget": [forget], "retain": retain, "holdout": [holdout]}[split]
-
-        def curvature_dataloader(self, split="retain"):
-            return self.dataloader(split)
-
-        def train_dataloader(self):
-            steps = [held, *retain] * 4  # the first is the module's held (budget) batch
-            return CombinedLoader({"forget": DataLoader([forget] * len(steps), batch_size=None),
-                                   "retain": DataLoader(steps, batch_size=None)}, "max_size_cycle")
-
-    module = UnlearningModule(copy.deepcopy(base), method="newton", curvature="kfac")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=KNOWLEDGE_STEPS, max_epochs=1, enable_progress_bar=False,
-                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=Data())
+    _, _, retain, held, _ = facts
+    steps = [held, *retain] * 4  # the first is the module's held (budget) batch
+    module, trainer, data = _lightning_run(facts, tmp_path, steps, max_steps=KNOWLEDGE_STEPS)
+    trainer.fit(module, datamodule=data)
     summary = module.unlearner.summary()
     assert summary["knowledge_regime"] and summary["steps_accepted"] >= 1
     assert summary["retain_loss_before_repair"] is not None
