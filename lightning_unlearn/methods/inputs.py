@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,6 +66,11 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
                     f"{where} holds token ids outside the model's embedding (ids in [{bottom}, {top}], the embedding "
                     f"has {vocab} rows): the data was tokenised with another (larger) tokenizer than the model's; "
                     "use the model's own tokenizer (data.tokenizer = the model folder)")
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every value of every tensor is finite (the check of a trial's weights and of a direction)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def check_finite_weights(model: nn.Module) -> None:

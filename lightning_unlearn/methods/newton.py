@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
-from .inputs import check_curvature_model, check_settings
+from .inputs import all_finite, check_curvature_model, check_settings
 from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
@@ -347,7 +347,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         for trial in range(self.max_retries + 1):
             direction = self._direction(context)
             offset = self._offset(context)
-            if not all(bool(torch.isfinite(d).all()) for d in direction.values()):
+            if not all_finite(direction.values()):
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=float("nan"),
                                                forget_loss=float("nan"), retain_loss=None, accepted=False,
                                                reason="non_finite", trial=trial, target=target, evaluations=0))
@@ -456,8 +456,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
                 return None  # moved the weights too far: not even measured
             losses[eta] = []
             score = self.measure_forget_score(forget, losses_out=losses[eta])  # new weights: nothing to reuse
-            ok = all(map(math.isfinite, score)) and all(bool(torch.isfinite(p).all())
-                                                        for p in self.named_params().values())
+            ok = all(map(math.isfinite, score)) and all_finite(self.named_params().values())
             retain = None
             if ok and not evaluate.lazy:  # type: ignore[attr-defined]
                 retain, ok = budget(eta)

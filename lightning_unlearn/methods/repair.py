@@ -22,8 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
+from .inputs import all_finite
 from .records import Batch, as_batches
 from .trust_region import largest_trusted_step
 
@@ -84,7 +83,7 @@ class RetainRepair:
         floor = score_before if target is None else min(score_before, target)
         descent = {n: -g for n, g in host.forget_gradient(list(retain)[:REPAIR_BATCHES], kind="nll").items()}
         direction = host.protected_direction(descent, host.group_gradients(forget, host.protect_groups))
-        if not all(bool(torch.isfinite(d).all()) for d in direction.values()):
+        if not all_finite(direction.values()):
             return False
         params = host.named_params()
         snapshot = host._snapshot()
@@ -128,7 +127,7 @@ class RetainRepair:
         loss = host.measure(held)
         if not math.isfinite(loss) or loss >= bar:
             return None
-        if not all(bool(torch.isfinite(p).all()) for p in host.named_params().values()):
+        if not all_finite(host.named_params().values()):
             return None
         score = host.forget_score(forget)[0]
         return loss if math.isfinite(score) and score >= floor else None

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..curvature.base import Reduce, Vector, eval_mode, identity
 from ..errors import UserInputError
 from . import holdout as holdout_checks
-from .inputs import check_batches, check_finite_weights, check_settings, vocabulary_size
+from .inputs import all_finite, check_batches, check_finite_weights, check_settings, vocabulary_size
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
 from .records import Batch, StepRecord, as_batches, run_status, stops_run, summarize, trial_reason, warn_how_it_ended
 from .score_memo import ScoreMemo
@@ -369,7 +369,7 @@ class Unlearner(ABC):
             finite = applied and math.isfinite(forget_loss) and math.isfinite(score) and (
                 retain_loss is None or math.isfinite(retain_loss))
             if finite:
-                finite = all(bool(torch.isfinite(p).all()) for p in self.named_params().values())
+                finite = all_finite(self.named_params().values())
             reason = trial_reason(
                 finite=finite, outside_trust_region=finite and self.outside_trust_region(snapshot),
                 over_budget=(reference is not None and retain_loss is not None
