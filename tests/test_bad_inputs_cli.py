@@ -167,8 +167,11 @@ def test_two_runs_into_one_output_cannot_both_succeed(project, tmp_path):
     output = tmp_path / "shared"
     cmd = [sys.executable, "-m", "lightning_unlearn.cli", "fit", "--config", str(project.config), "--output",
            str(output), *ENDLESS]
-    first = subprocess.Popen(cmd, cwd=project.root, env=subprocess_env(project, "first_logs"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # wandb disabled in the holder: the lock is what is tested here, and wandb's own teardown after a signal (its
+    # service flushing an offline run) has been seen to take minutes on a loaded machine; the SIGTERM path with
+    # wandb on is test_bad_inputs_signals.py's
+    env = {**subprocess_env(project, "first_logs"), "WANDB_MODE": "disabled"}
+    first = subprocess.Popen(cmd, cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = _lock_file(_claim_key(output))
     try:
         deadline = time.monotonic() + 240
