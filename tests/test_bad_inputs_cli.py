@@ -331,7 +331,7 @@ def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused_naming_th
     model, good, _ = ckpt
     other = load_causal_lm(make_project(tmp_path / "other").model)  # same architecture, its own initialisation
     path = save_curvature(build_curvature("kfac", other).fit(curvature_batches()), tmp_path / "other.safetensors")
-    refused(path, model, "was computed on other weights", "same shape but other values", "check_weights=False")
+    refused(path, model, "was computed on other weights", "same shapes but other values", "check_weights=False")
     assert load_curvature_state(path, model=model, backend="kfac", check_weights=False)["backend"] == "kfac"
     assert load_curvature_state(good, model=model.to(torch.bfloat16), backend="kfac")  # same weights in bf16: fine
     model.float()
