@@ -1,8 +1,11 @@
 """The default recipe on whole lines about people (tiny untied Llama, Qwen2 and GPT-NeoX; `line_corpus`).
 
 Two budgets, two honest outcomes:
-- budget on held-out retain text (prose never trained on, the model's general ability): the run reaches the target
-  (the forget lines at the never-trained lines' median loss) and the held-out retain loss stays within 5 %;
+- budget on held-out retain text (prose never trained on, the model's general ability): the run takes the knowledge
+  regime (its retain batches hold memorised lines beside a memorised forget set) with the 5 % budget (the prose is
+  not memorised), reaches the target (the forget lines at the never-trained lines' median loss), the held-out retain
+  loss stays within 5 % and the other people's lines, never shown to the unlearner, stay far below the
+  never-trained lines' loss (the secret recipe took them to 2.1-4.5 nats, the holdout's level);
 - budget on the retain *lines* (other people's memorised lines, the knowledge to keep): the run stays within that
   budget and says it stopped there (`budget_exhausted`) rather than claiming the target.
 """
@@ -40,6 +43,8 @@ def test_default_recipe_reaches_the_target_within_the_held_out_retain_budget(mem
     assert u.status == "target_reached", [r.reason for r in records]
     assert u.summary()["forget_score_after"] >= 0.5 and f1 > f0 + 1.0
     assert c1 <= 1.05 * c0, (c0, c1)
+    assert u.knowledge_regime and u.max_retain_increase == 0.05  # memorised retain lines; the budget on prose
+    assert u.measure(retain_lines) < 0.3 * h0  # the other people's lines are still known
 
 
 def test_default_recipe_keeps_a_knowledge_budget_and_says_where_it_stopped(memorised):

@@ -2,9 +2,18 @@
 
 A deletion request either removes a *secret* (a canary, a phone number: nothing else in the data touches it) or
 *knowledge* the model has memorised beside other knowledge of the same kind (what it knows about one author among
-many, TOFU's setting). The two need different recipes, and the request can tell them apart by measuring: when the
-retain data the budget is read on is itself memorised (its mean token NLL below `MEMORISED_NATS`, i.e. the model
-gives its labels more than 90 % probability per token), the request is about knowledge.
+many, TOFU's setting). The two need different recipes, and the request can tell them apart by measuring. It is
+about knowledge when
+- the retain data the budget is read on is itself memorised: its mean token NLL below `MEMORISED_NATS` (the model
+  gives its labels more than 90 % probability per token);
+- or the budget is read on data the model was not trained on (held-out prose) while the retain data holds memorised
+  knowledge of the forget set's kind: the forget set is memorised knowledge (its mean token NLL at most
+  `MEMORISED_SHARE_OF_HOLDOUT` of the holdout's, never-seen data of its kind) and at least `KNOWLEDGE_RETAIN_SHARE` of
+  the first retain batch's examples are memorised (mean token NLL at most `RETAIN_MEMORISED_OF_HELD` of the held
+  batch's). Both comparisons are within one kind of data labelled one way (forget against holdout, retain against
+  held), so canaries labelled on their secret beside prose do not trigger it. Here the budget stays the caller's
+  (5 %): it is read on data that is not memorised, where a relative rise is not noise. Measured in
+  `docs/recipe.md` §9 (`benchmarks/lines_knowledge.py`).
 
 On memorised retain data three things of the secret recipe fail, measured on the TOFU-faithful benchmark
 (`benchmarks/tofu.py`, 3 seeds):
@@ -24,14 +33,25 @@ budget of at least `KNOWLEDGE_RETAIN_INCREASE` (the held retain answers' per-tok
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from .losses import DEFAULT_FORGET_LOSS
 from .records import Batch, StepRecord, as_batches
 
 #: the held retain loss (mean token NLL, nats) below which the retain data counts as memorised (p > 0.905 per token)
 MEMORISED_NATS = 0.1
+#: the forget set is memorised knowledge when its mean token NLL is at most this share of the holdout's (lines about
+#: people: 0.06-0.09; TOFU-style answers: 0.001; the canary benchmarks' canaries, labelled on their secret: 0.22-0.63)
+MEMORISED_SHARE_OF_HOLDOUT = 0.15
+#: a retain example is memorised when its mean token NLL is at most this share of the held retain batch's (the lines'
+#: retain batches: 33-90 % of their examples; trained prose beside canaries: 0.28 at the least, the tests' tiny model)
+RETAIN_MEMORISED_OF_HELD = 0.15
+#: the share of the first retain batch's examples that, memorised beside a memorised forget set, makes it knowledge
+KNOWLEDGE_RETAIN_SHARE = 0.25
 #: the retain budget of the knowledge regime (relative; `target.retain_budget_nats`: log 1.3 = 0.26 nats)
 KNOWLEDGE_RETAIN_INCREASE = 0.3
 #: groups of the step's retain examples protected to first order in the knowledge regime
@@ -76,34 +96,61 @@ class KnowledgeRegime:
         self._given = dict(given)
         self.use_regime(bool(knowledge))
 
-    def use_regime(self, knowledge: bool) -> None:
+    def use_regime(self, knowledge: bool, relax_budget: bool | None = None) -> None:
         """Set the knowledge regime on or off: the objective, the retain protection, the budget, the number of steps
-        and the staged budget the caller did not set take the regime's values."""
+        and the staged budget the caller did not set take the regime's values. `relax_budget` (default: `knowledge`):
+        whether the budget and its staging are the regime's too (only where the budget is read on memorised data)."""
         given = self._given
         self.knowledge_regime = bool(knowledge)
+        relax = bool(knowledge) if relax_budget is None else bool(knowledge and relax_budget)
         self.forget_loss = given["forget_loss"] or (KNOWLEDGE_FORGET_LOSS if knowledge else DEFAULT_FORGET_LOSS)
         protect = given["protect_retain"]
         self.protect_retain = int(protect) if protect is not None else (KNOWLEDGE_PROTECT_RETAIN if knowledge else 0)
         budget = given["max_retain_increase"]
-        self.max_retain_increase = knowledge_budget(budget) if knowledge else budget
+        self.max_retain_increase = knowledge_budget(budget) if relax else budget
         steps = given["steps"]
         self.steps = int(steps) if steps is not None else (KNOWLEDGE_STEPS if knowledge else self.secret_steps)
         staged_budget = given["staged_budget"]
-        self.staged_budget = bool(staged_budget) if staged_budget is not None else bool(knowledge)
+        self.staged_budget = bool(staged_budget) if staged_budget is not None else relax
 
     def begin(self, forget: Sequence[Batch], retain: Sequence[Batch] = (),
               held_retain_batch: Batch | None = None) -> bool:
         """The host's `begin`, then the regime: with `knowledge=None` the knowledge regime when the retain data the
-        budget is read on is memorised (`is_memorised`; never on a retain-free request, whose budget is read on the
-        holdout)."""
+        budget is read on is memorised, or when that data is not but the retain data holds memorised knowledge of the
+        forget set's kind (see the module docstring); never on a retain-free request, whose budget is read on the
+        holdout. The regime's budget only in the first case."""
         self.use_regime(bool(self.knowledge))
         done = super().begin(forget, retain, held_retain_batch)  # type: ignore[misc]
         if self.knowledge is None:
-            held = self.budget_batches(held_retain_batch, as_batches(retain))  # type: ignore[attr-defined]
-            measured_on_retain = held is not None and held is not self.holdout  # type: ignore[attr-defined]
-            self.use_regime(measured_on_retain
-                            and is_memorised(self._losses.get("retain_before")))  # type: ignore[attr-defined]
+            host: Any = self
+            retain = as_batches(retain)
+            held = host.budget_batches(held_retain_batch, retain)
+            held_loss = host._losses.get("retain_before")
+            on_retain = held is not None and held is not host.holdout and held_loss is not None
+            held_memorised = on_retain and is_memorised(held_loss)
+            retain_memorised = (on_retain and not held_memorised and bool(retain) and math.isfinite(held_loss)
+                                and self.forget_is_knowledge()
+                                and self.memorised_share(retain[0], RETAIN_MEMORISED_OF_HELD * held_loss)
+                                >= KNOWLEDGE_RETAIN_SHARE)
+            self.use_regime(held_memorised or retain_memorised, relax_budget=held_memorised)
         return done
+
+    def forget_is_knowledge(self) -> bool:
+        """Whether the forget set's mean token NLL is at most `MEMORISED_SHARE_OF_HOLDOUT` of the holdout's (both
+        measured before the run); False without a holdout."""
+        host: Any = self
+        forget, holdout = host._losses.get("forget_before"), getattr(host, "holdout_loss", None)
+        if forget is None or holdout is None or not (math.isfinite(forget) and math.isfinite(holdout)):
+            return False
+        return forget <= MEMORISED_SHARE_OF_HOLDOUT * holdout
+
+    def memorised_share(self, batch: Batch, level: float) -> float:
+        """The share of `batch`'s examples (over every process) whose mean token NLL is at most `level`."""
+        host: Any = self
+        losses, _, _ = host.example_losses(batch)
+        counts = host.reduce(torch.tensor([float((losses <= level).sum()), float(losses.numel())],
+                                          dtype=torch.float64))
+        return float(counts[0]) / float(counts[1]) if float(counts[1]) > 0 else 0.0
 
     def budget_fraction(self) -> float:
         """The share of the retain budget the current step may have spent by its end: with `staged_budget` (and
