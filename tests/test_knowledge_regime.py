@@ -16,8 +16,10 @@ from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.methods.knowledge import (
     KNOWLEDGE_PROTECT_RETAIN,
     KNOWLEDGE_RETAIN_INCREASE,
+    KNOWLEDGE_RETAIN_SHARE,
     KNOWLEDGE_STEPS,
     MEMORISED_NATS,
+    RETAIN_MEMORISED_OF_HELD,
 )
 from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.settings import UnlearnSettings
@@ -92,11 +94,17 @@ def test_what_the_caller_sets_wins(facts):
     assert (forced.forget_loss, forced.protect_retain, forced.max_retain_increase) == ("nll", 8, None)
 
 
-def test_canaries_keep_the_secret_recipe():
-    model, forget, retain, held, holdout = memorise("gpt2")
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
+def test_canaries_keep_the_secret_recipe(arch):
+    """Neither trigger fires on canaries beside prose, however well the canaries are memorised (forget 0.01-0.02 of
+    the holdout's loss here): the held prose is not memorised, and too few retain examples are (these tiny models
+    overfit their prose: 0-3 % of a retain batch below 0.15 of the held prose's loss, 31 % for Llama below 0.25)."""
+    model, forget, retain, held, holdout = memorise(arch)
     u = build_unlearner("newton", model, steps=1)
+    held_loss = u.measure(held)
+    share = u.memorised_share(retain[0], RETAIN_MEMORISED_OF_HELD * held_loss)  # at the weights the run starts from
     u.fit([forget], retain, held, holdout_batches=[holdout])
-    assert u.measure(held) > MEMORISED_NATS
+    assert held_loss > MEMORISED_NATS and u.forget_is_knowledge() and share < KNOWLEDGE_RETAIN_SHARE
     assert u.summary()["knowledge_regime"] is False
     assert (u.forget_loss, u.protect_retain, u.max_retain_increase) == ("unlikelihood", 0, 0.05)
 
