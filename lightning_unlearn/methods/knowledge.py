@@ -48,7 +48,7 @@ MEMORISED_NATS = 0.1
 #: people: 0.06-0.09; TOFU-style answers: 0.001; the canary benchmarks' canaries, labelled on their secret: 0.22-0.63)
 MEMORISED_SHARE_OF_HOLDOUT = 0.15
 #: a retain example is memorised when its mean token NLL is at most this share of the held retain batch's (the lines'
-#: retain batches: 33-90 % of their examples; trained prose beside canaries: 0.28 at the least, the tests' tiny model)
+#: retain batches: 33-90 % of their examples; the tests' tiny canary models, which overfit their prose: 0-3 %)
 RETAIN_MEMORISED_OF_HELD = 0.15
 #: the share of the first retain batch's examples that, memorised beside a memorised forget set, makes it knowledge
 KNOWLEDGE_RETAIN_SHARE = 0.25
