@@ -45,7 +45,7 @@ from .records import Batch, StepRecord, as_batches
 #: the held retain loss (mean token NLL, nats) below which the retain data counts as memorised (p > 0.905 per token)
 MEMORISED_NATS = 0.1
 #: the forget set is memorised knowledge when its mean token NLL is at most this share of the holdout's (lines about
-#: people: 0.06-0.09; TOFU-style answers: 0.001; the canary benchmarks' canaries, labelled on their secret: 0.22-0.63)
+#: people: 0.05-0.09; TOFU-style answers: 0.001; the canary benchmarks' canaries, labelled on their secret: 0.23-0.6)
 MEMORISED_SHARE_OF_HOLDOUT = 0.15
 #: a retain example is memorised when its mean token NLL is at most this share of the held retain batch's (the lines'
 #: retain batches: 33-90 % of their examples; the tests' tiny canary models, which overfit their prose: 0-3 %)
