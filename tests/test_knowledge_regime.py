@@ -98,7 +98,7 @@ def test_what_the_caller_sets_wins(facts):
 def test_canaries_keep_the_secret_recipe(arch):
     """Neither trigger fires on canaries beside prose, however well the canaries are memorised (forget 0.01-0.02 of
     the holdout's loss here): the held prose is not memorised, and too few retain examples are (these tiny models
-    overfit their prose: 0-3 % of a retain batch below 0.15 of the held prose's loss, 31 % for Llama below 0.25)."""
+    overfit their prose: 0-3 % of a retain batch below 0.15 of the held prose's loss)."""
     model, forget, retain, held, holdout = memorise(arch)
     u = build_unlearner("newton", model, steps=1)
     held_loss = u.measure(held)

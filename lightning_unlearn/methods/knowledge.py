@@ -45,7 +45,7 @@ from .records import Batch, StepRecord, as_batches
 #: the held retain loss (mean token NLL, nats) below which the retain data counts as memorised (p > 0.905 per token)
 MEMORISED_NATS = 0.1
 #: the forget set is memorised knowledge when its mean token NLL is at most this share of the holdout's (lines about
-#: people: 0.05-0.09; TOFU-style answers: 0.001; the canary benchmarks' canaries, labelled on their secret: 0.23-0.6)
+#: people: 0.05-0.09; TOFU-style answers: 0.001; canaries labelled on their secret: 0.01-0.02 in the tests' tiny models)
 MEMORISED_SHARE_OF_HOLDOUT = 0.15
 #: a retain example is memorised when its mean token NLL is at most this share of the held retain batch's (the lines'
 #: retain batches: 33-90 % of their examples; the tests' tiny canary models, which overfit their prose: 0-3 %)
@@ -102,7 +102,7 @@ class KnowledgeRegime:
         whether the budget and its staging are the regime's too (only where the budget is read on memorised data)."""
         given = self._given
         self.knowledge_regime = bool(knowledge)
-        relax = bool(knowledge) if relax_budget is None else bool(knowledge and relax_budget)
+        relax = bool(knowledge) and relax_budget is not False
         self.forget_loss = given["forget_loss"] or (KNOWLEDGE_FORGET_LOSS if knowledge else DEFAULT_FORGET_LOSS)
         protect = given["protect_retain"]
         self.protect_retain = int(protect) if protect is not None else (KNOWLEDGE_PROTECT_RETAIN if knowledge else 0)
@@ -139,7 +139,7 @@ class KnowledgeRegime:
         """Whether the forget set's mean token NLL is at most `MEMORISED_SHARE_OF_HOLDOUT` of the holdout's (both
         measured before the run); False without a holdout."""
         host: Any = self
-        forget, holdout = host._losses.get("forget_before"), getattr(host, "holdout_loss", None)
+        forget, holdout = host._losses.get("forget_before"), host.holdout_loss
         if forget is None or holdout is None or not (math.isfinite(forget) and math.isfinite(holdout)):
             return False
         return forget <= MEMORISED_SHARE_OF_HOLDOUT * holdout
