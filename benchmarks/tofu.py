@@ -17,12 +17,15 @@ recipe's curve has model utility at least the baseline's. Rows hold numbers only
 
     python -m benchmarks.tofu                       # 3 seeds x 3 splits; models cached under runs/tofu_experiment
     python -m benchmarks.tofu --preset smoke        # tiny sizes, a minute (what the tests run)
+    python -m benchmarks.tofu --config '{"arch": "llama"}' --recipe-only --cache runs/tofu_llama --out DIR
+                                                    # the default recipe alone, on a configuration of your choice
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -400,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--splits", nargs="*", default=None, choices=SPLITS)
     parser.add_argument("--workers", type=int, default=1, help="seeds run in parallel processes (one thread each)")
     parser.add_argument("--resume", action="store_true", help="keep the splits already in <out>/rows.jsonl")
+    parser.add_argument("--config", default=None, help="JSON object of TofuConfig fields to override "
+                        "(e.g. '{\"arch\": \"llama\"}'; build its models first: tofu_build --set arch=llama)")
+    parser.add_argument("--recipe-only", action="store_true",
+                        help="the reference models and the default recipe only: no τ sweep, variant or baseline")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("LIGHTNING_UNLEARN_THREADS", "1")))
     p = plan(args.preset)
@@ -407,6 +414,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.seeds = tuple(args.seeds)
     if args.splits:
         p.splits = tuple(args.splits)
+    if args.config:
+        overrides = json.loads(args.config)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TofuConfig)})
+        if unknown:
+            raise SystemExit(f"--config: unknown TofuConfig fields {unknown}")
+        p.config = dataclasses.replace(p.config, **overrides)
+    if args.recipe_only:
+        p.taus, p.variants, p.baselines = (), {}, ()
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"tofu-{p.name}"
     results = run(p, Path(args.cache), out, workers=args.workers, resume=args.resume)
     print(markdown(results["default_recipe"]["tofu"], results["matched"], results["frontier_wins"]["tofu"], p,

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from benchmarks import tofu
+from lightning_unlearn.tofu_experiment import TofuConfig, TofuExperiment
 
 
 def _row(method, fq, mu, seed=0, split="forget10", **extra):
@@ -53,3 +55,19 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     assert (tmp_path / "out" / "frontier_tofu.png").stat().st_size > 1000
     methods = {r["method"] for r in on_disk["rows"]}
     assert {"retain", "original", "newton_kfac", *p.baselines} <= methods
+
+
+def test_command_runs_the_recipe_alone_on_another_architecture(tmp_path, capsys):
+    tofu.main(["--preset", "smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+               "--recipe-only", "--config", '{"arch": "llama"}'])
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["method"] for r in on_disk["rows"]} == {"retain", "original", "newton_kfac"}
+    assert on_disk["frontier_wins"]["tofu"] == {}
+    original = TofuExperiment(dataclasses.replace(TofuConfig.smoke(), arch="llama"), tmp_path / "cache")
+    assert type(original.original_model()).__name__ == "LlamaForCausalLM"
+
+
+def test_command_names_an_unknown_config_field(tmp_path):
+    with pytest.raises(SystemExit, match="unknown TofuConfig fields \\['archh'\\]"):
+        tofu.main(["--preset", "smoke", "--cache", str(tmp_path), "--out", str(tmp_path), "--config",
+                   '{"archh": "llama"}'])
