@@ -511,3 +511,14 @@ def test_no_trackable_layer_and_type2_on_large_outputs():
     kfac = KFAC(model, fisher_type="type2")
     with pytest.raises(ValueError, match="type2.*600"):
         kfac.accumulate(_lm_batch(600, b=1, t=4))
+
+
+@pytest.mark.parametrize("columns,leaf", [(1, 1), (7, 2), (129, 16), (300, 128)])
+def test_symmetric_gram_equals_the_plain_product(columns, leaf):
+    from lightning_unlearn.curvature.kfac_statistics import symmetric_gram
+
+    x = torch.randn(50, columns + 3, dtype=torch.float64)[:, 3:]  # a non-contiguous view, as the layers' rows are
+    gram = symmetric_gram(x, leaf)
+    torch.testing.assert_close(gram, x.T @ x, rtol=1e-12, atol=1e-12)
+    h = columns // 2
+    assert columns <= leaf or torch.equal(gram[:h, h:], gram[h:, :h].T)  # the cross block computed once, mirrored
