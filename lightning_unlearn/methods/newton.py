@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature
+from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
+from .group_gradients import grouped_nll_gradients
 from .inputs import all_finite, check_curvature_model, check_settings
 from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
@@ -280,7 +281,18 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
 
     def group_gradients(self, batches: Sequence[Batch], k: int) -> list[Vector]:
         """`∇` of the mean token NLL of up to `k` groups of the examples of `batches` (`protection.example_groups`),
-        each reduced across processes."""
+        each reduced across processes. When the parameters are exactly the curvature's tracked linear layers (K-FAC)
+        and not sharded, one forward and backward per batch gives all k (`group_gradients.grouped_nll_gradients`);
+        otherwise one per group."""
+        layers = getattr(self.curvature, "layers", None)
+        params = self.named_params()
+        tracked = {n for layer in layers or () for n in layer.param_names}
+        if layers and tracked == set(params) and not any(type(p).__name__ == "DTensor" for p in params.values()):
+            with eval_mode(self.model):
+                grads = grouped_nll_gradients(self.model, layers, batches, k, self.reduce,
+                                              {n: p.dtype for n, p in params.items()})
+            if grads is not None:
+                return grads
         return [self.forget_gradient(g, kind="nll") for g in example_groups(batches, k)]
 
     def _direction(self, context: Any) -> Vector:

@@ -1,0 +1,110 @@
+"""The gradients of the mean token NLL of k groups of examples from one forward and backward pass per batch
+(`SecondOrderUnlearner.group_gradients`, the protection constraints of `docs/recipe.md` §2 and §9).
+
+The protection needs one gradient per group: 8 groups of holdout examples, and in the knowledge regime 8 groups of a
+retain batch's examples. Computed group by group, that is 8 forward and backward passes over 2-3 examples each, where
+a pass costs little more over the whole batch. For the weights of linear layers the groups separate exactly after
+one pass: examples do not interact in a causal LM, so the gradient of the sum of the groups' mean losses with
+respect to a layer's output at a position of group j's example is that of group j's loss alone, and group j's weight
+gradient is `Σ_p g_p a_pᵀ` over its examples' positions (`a` the layer's input, `g` the output gradient): the
+per-example gradient trick, summed per group. It covers the tracked layers of Kronecker-factored curvature
+(`curvature.layers.TrackedLayer`), which are exactly the parameters K-FAC's Newton step moves; other parameter sets
+use the per-group passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.base import Vector
+from ..curvature.layers import TrackedLayer
+from ..curvature.objective import IGNORE_INDEX, model_logits
+from .losses import token_nll
+from .records import Batch
+
+
+def example_group_ids(batch: Batch, k: int) -> Tensor:
+    """The group of each example of `batch`: example i in group i mod k (`protection.example_groups`' rule)."""
+    return torch.arange(int(batch["input_ids"].shape[0])) % k
+
+
+def group_token_counts(batches: Sequence[Batch], k: int) -> Tensor:
+    """[k] this process's valid (shifted) label positions per group: the denominators of the groups' mean NLL."""
+    counts = torch.zeros(k, dtype=torch.float64)
+    for b in batches:
+        valid = (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu()
+        counts.index_add_(0, example_group_ids(b, k), valid)
+    return counts
+
+
+def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+    """A forward hook that keeps a layer's input (detached) and output (in the graph)."""
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        store.append((inputs[0].detach(), output))
+    return hook
+
+
+def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batches: Sequence[Batch], k: int,
+                          reduce: Callable[[Tensor], Tensor], dtypes: Mapping[str, torch.dtype]
+                          ) -> list[Vector] | None:
+    """`∇` of the mean token NLL of each non-empty group of `batches`' examples (example i of a batch in group i mod
+    k), over the parameters of `layers`, each reduced across processes by `reduce`: what one forward and backward per
+    group gives, from one forward and backward per batch (see the module docstring). Groups with examples on no
+    process are left out, as `protection.example_groups` leaves them. None when a layer sees rows that are not the
+    batch's examples (its input's first dimension is not the batch size): the caller then runs one pass per group.
+    Raises ValueError when a group has examples but no label position."""
+    present = torch.zeros(k, dtype=torch.float64)
+    for b in batches:
+        present.index_add_(0, example_group_ids(b, k), torch.ones(int(b["input_ids"].shape[0]), dtype=torch.float64))
+    present = reduce(present)
+    counts = reduce(group_token_counts(batches, k))
+    kept = [j for j in range(k) if float(present[j]) > 0]
+    if any(float(counts[j]) <= 0 for j in kept):
+        raise ValueError("a protection group's examples have no position with labels != -100; nothing to measure "
+                         "its loss on")
+    sums = {layer.name: torch.zeros(len(kept), layer.out_features, layer.in_features + int(layer.has_bias),
+                                    dtype=torch.float32, device=layer.module.weight.device) for layer in layers}
+    slot = {j: i for i, j in enumerate(kept)}
+    for b in batches:
+        captured: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
+
+        handles = [layer.module.register_forward_hook(_capture(captured[layer.name])) for layer in layers]
+        try:
+            with torch.enable_grad():
+                nll, example = token_nll(model_logits(model, b), b)
+        finally:
+            for h in handles:
+                h.remove()
+        size = int(b["input_ids"].shape[0])
+        if any(a.shape[0] != size or out.shape[0] != size for c in captured.values() for a, out in c):
+            return None
+        groups = example_group_ids(b, k).to(nll.device)
+        weights = (1.0 / counts.to(device=nll.device, dtype=nll.dtype))[groups[example]]
+        outputs = [out for layer in layers for _, out in captured[layer.name]]
+        if not outputs or nll.numel() == 0:
+            continue
+        grads = iter(torch.autograd.grad((nll * weights).sum(), outputs, allow_unused=True))
+        rows = example_group_ids(b, k)
+        for layer in layers:
+            for a, _ in captured[layer.name]:
+                g = next(grads)
+                if g is None:
+                    continue
+                a, g = a.float(), g.float()  # [B, ..., in], [B, ..., out]
+                if layer.has_bias:
+                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                for j in rows.unique().tolist():
+                    pick = (rows == j).nonzero()[:, 0].to(a.device)
+                    ga, gg = a[pick].reshape(-1, a.shape[-1]), g[pick].reshape(-1, g.shape[-1])
+                    sums[layer.name][slot[j]] += gg.T @ ga
+    out: list[Vector] = []
+    for i in range(len(kept)):
+        vector: Vector = {}
+        for layer in layers:
+            for name, t in layer.from_matrix(reduce(sums[layer.name][i].contiguous())).items():
+                vector[name] = t.to(dtypes[name])
+        out.append(vector)
+    return out
