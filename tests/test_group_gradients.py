@@ -54,3 +54,32 @@ def test_a_group_without_label_positions_is_named():
     batches[0]["labels"][1::2] = -100  # examples 1 and 3 of the first batch and all of the second: group 1 of 2
     with pytest.raises(ValueError, match="protection group's examples have no position with labels"):
         u.group_gradients(batches, 2)
+
+
+class _FlatRows(torch.nn.Module):
+    """Token ids -> logits through a linear layer that sees [B * T, d] rows, not the batch's examples."""
+
+    def __init__(self, vocab: int = 128, width: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.hidden = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        return self.out(torch.tanh(self.hidden(self.embed(ids).reshape(b * t, -1))).reshape(b, t, -1))
+
+
+def test_layers_that_do_not_see_examples_fall_back_to_per_group_passes():
+    torch.manual_seed(0)
+    model = _FlatRows().eval()
+    u = build_unlearner("newton", model)
+    batches = _batches(4)
+    u.fit_curvature(batches)
+    params = u.named_params()
+    assert grouped_nll_gradients(model, u.curvature.layers, batches, 3, lambda t: t,
+                                 {n: p.dtype for n, p in params.items()}) is None
+    slow = [u.forget_gradient(g, kind="nll") for g in example_groups(batches, 3)]
+    for a, b in zip(u.group_gradients(batches, 3), slow):
+        for n in b:
+            torch.testing.assert_close(a[n], b[n])

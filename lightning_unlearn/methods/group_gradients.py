@@ -54,7 +54,8 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     k), over the parameters of `layers`, each reduced across processes by `reduce`: what one forward and backward per
     group gives, from one forward and backward per batch (see the module docstring). Groups with examples on no
     process are left out, as `protection.example_groups` leaves them. None when a layer sees rows that are not the
-    batch's examples (its input's first dimension is not the batch size): the caller then runs one pass per group.
+    batch's examples (its input's first dimension is not the batch size) or an output the loss's graph does not reach
+    (e.g. recomputed by activation checkpointing): the caller then runs one pass per group.
     Raises ValueError when a group has examples but no label position."""
     present = torch.zeros(k, dtype=torch.float64)
     for b in batches:
@@ -86,14 +87,13 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         outputs = [out for layer in layers for _, out in captured[layer.name]]
         if not outputs or nll.numel() == 0:
             continue
-        grads = iter(torch.autograd.grad((nll * weights).sum(), outputs, allow_unused=True))
-        rows = example_group_ids(b, k)
+        grads = torch.autograd.grad((nll * weights).sum(), outputs, allow_unused=True)
+        if any(g is None for g in grads):  # an output outside the graph (e.g. recomputed by checkpointing)
+            return None
+        rows, remaining = example_group_ids(b, k), iter(grads)
         for layer in layers:
             for a, _ in captured[layer.name]:
-                g = next(grads)
-                if g is None:
-                    continue
-                a, g = a.float(), g.float()  # [B, ..., in], [B, ..., out]
+                a, g = a.float(), next(remaining).float()  # [B, ..., in], [B, ..., out]
                 if layer.has_bias:
                     a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
                 for j in rows.unique().tolist():
