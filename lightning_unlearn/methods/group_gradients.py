@@ -69,7 +69,14 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     sums = {layer.name: torch.zeros(len(kept), layer.out_features, layer.in_features + int(layer.has_bias),
                                     dtype=torch.float32, device=layer.module.weight.device) for layer in layers}
     slot = {j: i for i, j in enumerate(kept)}
-    for b in batches:
+    for batch in batches:
+        # the examples reordered group by group, so that each group's rows are one contiguous slice
+        order = torch.sort(example_group_ids(batch, k), stable=True).indices
+        size = int(batch["input_ids"].shape[0])
+        b = {key: (v[order.to(v.device)] if isinstance(v, Tensor) and v.shape[:1] == (size,) else v)
+             for key, v in batch.items()}
+        ids = example_group_ids(batch, k)[order]
+        bounds = torch.searchsorted(ids, torch.arange(k + 1)).tolist()
         captured: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
 
         handles = [layer.module.register_forward_hook(_capture(captured[layer.name])) for layer in layers]
@@ -79,27 +86,26 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         finally:
             for h in handles:
                 h.remove()
-        size = int(b["input_ids"].shape[0])
         if any(a.shape[0] != size or out.shape[0] != size for c in captured.values() for a, out in c):
             return None
-        groups = example_group_ids(b, k).to(nll.device)
-        weights = (1.0 / counts.to(device=nll.device, dtype=nll.dtype))[groups[example]]
+        weights = (1.0 / counts.to(device=nll.device, dtype=nll.dtype))[ids.to(nll.device)[example]]
         outputs = [out for layer in layers for _, out in captured[layer.name]]
         if not outputs or nll.numel() == 0:
             continue
         grads = torch.autograd.grad((nll * weights).sum(), outputs, allow_unused=True)
         if any(g is None for g in grads):  # an output outside the graph (e.g. recomputed by checkpointing)
             return None
-        rows, remaining = example_group_ids(b, k), iter(grads)
+        remaining = iter(grads)
         for layer in layers:
             for a, _ in captured[layer.name]:
                 a, g = a.float(), next(remaining).float()  # [B, ..., in], [B, ..., out]
                 if layer.has_bias:
                     a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-                for j in rows.unique().tolist():
-                    pick = (rows == j).nonzero()[:, 0].to(a.device)
-                    ga, gg = a[pick].reshape(-1, a.shape[-1]), g[pick].reshape(-1, g.shape[-1])
-                    sums[layer.name][slot[j]] += gg.T @ ga
+                for j in range(k):
+                    start, end = bounds[j], bounds[j + 1]
+                    if end > start:
+                        ga, gg = a[start:end].reshape(-1, a.shape[-1]), g[start:end].reshape(-1, g.shape[-1])
+                        sums[layer.name][slot[j]] += gg.T @ ga
     out: list[Vector] = []
     for i in range(len(kept)):
         vector: Vector = {}
