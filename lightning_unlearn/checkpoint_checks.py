@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .curvature.base import is_shard
 from .errors import UserInputError
 
 #: `scope` of a checkpoint: the reduced state of all processes (any world size may load it), or one rank's share
@@ -58,7 +59,7 @@ def weights_sample(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict
     out: dict[str, list[float]] = {}
     for n in names:
         p = params.get(n)
-        if p is None or p.is_meta or not p.numel() or "DTensor" in (type(p).__name__, type(p.data).__name__):
+        if p is None or p.is_meta or not p.numel() or is_shard(p):
             continue
         flat = p.detach().reshape(-1)
         index = torch.linspace(0, flat.numel() - 1, min(WEIGHTS_SAMPLE, flat.numel())).round().long()

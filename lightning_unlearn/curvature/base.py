@@ -41,6 +41,11 @@ def identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def is_shard(tensor: Tensor) -> bool:
+    """Whether `tensor` is one process's shard of a parameter split across processes (an FSDP2 `DTensor`)."""
+    return "DTensor" in (type(tensor).__name__, type(tensor.data).__name__)
+
+
 def check_finite(what: str, tensor: Tensor) -> None:
     """Raise `FloatingPointError` naming `what` when `tensor` holds NaN or inf."""
     if not torch.isfinite(tensor).all():

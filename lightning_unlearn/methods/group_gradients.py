@@ -23,21 +23,19 @@ from ..curvature.base import Vector
 from ..curvature.layers import TrackedLayer
 from ..curvature.objective import IGNORE_INDEX, model_logits
 from .losses import token_nll
+from .protection import example_group_ids
 from .records import Batch
 
 
-def example_group_ids(batch: Batch, k: int) -> Tensor:
-    """The group of each example of `batch`: example i in group i mod k (`protection.example_groups`' rule)."""
-    return torch.arange(int(batch["input_ids"].shape[0])) % k
-
-
-def group_token_counts(batches: Sequence[Batch], k: int) -> Tensor:
-    """[k] this process's valid (shifted) label positions per group: the denominators of the groups' mean NLL."""
-    counts = torch.zeros(k, dtype=torch.float64)
+def group_sizes(batches: Sequence[Batch], k: int) -> tuple[Tensor, Tensor]:
+    """([k] examples, [k] valid (shifted) label positions) per group on this process: which groups exist, and the
+    denominators of their mean NLL."""
+    examples, positions = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     for b in batches:
-        valid = (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu()
-        counts.index_add_(0, example_group_ids(b, k), valid)
-    return counts
+        ids = example_group_ids(b, k)
+        examples.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        positions.index_add_(0, ids, (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu())
+    return examples, positions
 
 
 def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
@@ -50,18 +48,14 @@ def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[T
 def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batches: Sequence[Batch], k: int,
                           reduce: Callable[[Tensor], Tensor], dtypes: Mapping[str, torch.dtype]
                           ) -> list[Vector] | None:
-    """`∇` of the mean token NLL of each non-empty group of `batches`' examples (example i of a batch in group i mod
-    k), over the parameters of `layers`, each reduced across processes by `reduce`: what one forward and backward per
+    """`∇` of the mean token NLL of each non-empty group of `batches`' examples (`protection.example_group_ids`),
+    over the parameters of `layers`, each reduced across processes by `reduce`: what one forward and backward per
     group gives, from one forward and backward per batch (see the module docstring). Groups with examples on no
     process are left out, as `protection.example_groups` leaves them. None when a layer sees rows that are not the
     batch's examples (its input's first dimension is not the batch size) or an output the loss's graph does not reach
     (e.g. recomputed by activation checkpointing): the caller then runs one pass per group.
     Raises ValueError when a group has examples but no label position."""
-    present = torch.zeros(k, dtype=torch.float64)
-    for b in batches:
-        present.index_add_(0, example_group_ids(b, k), torch.ones(int(b["input_ids"].shape[0]), dtype=torch.float64))
-    present = reduce(present)
-    counts = reduce(group_token_counts(batches, k))
+    present, counts = (reduce(t) for t in group_sizes(batches, k))
     kept = [j for j in range(k) if float(present[j]) > 0]
     if any(float(counts[j]) <= 0 for j in kept):
         raise ValueError("a protection group's examples have no position with labels != -100; nothing to measure "

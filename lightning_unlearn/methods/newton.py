@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode
+from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .group_gradients import grouped_nll_gradients
 from .inputs import all_finite, check_curvature_model, check_settings
@@ -287,7 +287,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         layers = getattr(self.curvature, "layers", None)
         params = self.named_params()
         tracked = {n for layer in layers or () for n in layer.param_names}
-        if layers and tracked == set(params) and not any(type(p).__name__ == "DTensor" for p in params.values()):
+        if layers and tracked == set(params) and not any(map(is_shard, params.values())):
             with eval_mode(self.model):
                 grads = grouped_nll_gradients(self.model, layers, batches, k, self.reduce,
                                               {n: p.dtype for n, p in params.items()})

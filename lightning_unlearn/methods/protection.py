@@ -17,14 +17,19 @@ from ..curvature.constraints import constraint_weights
 from .records import Batch
 
 
+def example_group_ids(batch: Batch, k: int) -> Tensor:
+    """The protection group of each example of `batch`: example i in group i mod k."""
+    return torch.arange(int(batch["input_ids"].shape[0])) % k
+
+
 def example_groups(batches: Sequence[Batch], k: int) -> list[list[Batch]]:
-    """Up to `k` groups of the examples of `batches`: example i of a batch in group i mod k (empty groups dropped)."""
+    """Up to `k` groups of the examples of `batches` (`example_group_ids`; empty groups dropped)."""
     groups = []
     for j in range(k):
         kept = []
         for b in batches:
             rows = torch.arange(int(b["input_ids"].shape[0]))
-            keep = rows[rows % k == j]
+            keep = rows[example_group_ids(b, k) == j]
             if len(keep):
                 kept.append({key: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == rows.shape else v)
                              for key, v in b.items()})
