@@ -99,6 +99,26 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     tmp.replace(target)
 
 
+def check_written_files(ns: argparse.Namespace) -> None:
+    """Refuse, before any work, an `--output` or `--save-reference` file inside a folder the command reads (the model,
+    the tokenizer, the retain model, the TOFU or MUSE folder) or equal to a file it reads (`--reference`): the JSON
+    would replace the model's `config.json`, its weights or the evaluation data."""
+    inputs = {"--model": ns.model, "--tokenizer": ns.tokenizer, "--retain-model": ns.retain_model, "--tofu": ns.tofu,
+              "--muse": ns.muse, "--reference": ns.reference}
+    for key, target in (("--output", ns.output), ("--save-reference", ns.save_reference)):
+        if not target:
+            continue
+        written = Path(target).expanduser().resolve()
+        for name, value in inputs.items():
+            if not value or not Path(value).expanduser().exists():
+                continue  # a hub id, or not given
+            read = Path(value).expanduser().resolve()
+            if written == read or read in written.parents:
+                raise UserInputError(f"{key} {target!r} is {'inside ' if written != read else ''}what {name} reads "
+                                     f"({value!r}); writing the JSON there would replace an input: choose a file "
+                                     "outside the model and data folders")
+
+
 def _read_reference(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -128,6 +148,7 @@ def run(args: Sequence[str]) -> int:
         raise UserInputError("lightning-unlearn evaluate: give --tofu FOLDER and/or --muse FOLDER (see --help)")
     if ns.save_reference and ns.output and Path(ns.save_reference).resolve() == Path(ns.output).resolve():
         raise UserInputError("--save-reference and --output must be different files")
+    check_written_files(ns)
 
     from .data.adapters import load_muse_privleak, load_tofu_eval
     from .data.tokenizer import check_tokenizer_fits, load_tokenizer

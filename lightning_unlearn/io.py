@@ -161,6 +161,9 @@ def check_output(path: str | Path, overwrite: bool = False, protected: Mapping[s
         if resolved in other.parents:
             raise UserInputError(f"{key} {given!r} contains {what}; writing the output there would delete it (even "
                                  "with --overwrite), choose another output folder")
+        if label is not None and label.startswith("model.") and other.is_dir() and other in resolved.parents:
+            raise UserInputError(f"{key} {given!r} is inside {what}; the run must leave the source model's folder as "
+                                 "it was, choose an output folder outside it")
     if path.exists() and not path.is_dir():
         raise UserInputError(f"{key} {given!r} is a file, not a folder; give a folder path (the file is kept)")
     if path.is_dir() and not overwrite and not is_empty_output(path):

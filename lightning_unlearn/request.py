@@ -37,7 +37,8 @@ from .distributed import agree_on_batches, broadcast_parameters, share
 from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
-from .methods.inputs import check_curvature_model, check_finite_weights
+from .methods.first_order import DEFAULT_FIRST_ORDER_STEPS
+from .methods.inputs import check_curvature_model, check_finite_weights, check_gradients_allowed, check_labelled
 from .methods.records import STATUSES
 from .methods.target import held_out_retain
 from .settings import FullCurvature, UnlearnSettings
@@ -83,16 +84,26 @@ def default_batch_transform(batch: Any) -> dict[str, Tensor]:
             if "attention_mask" in out:
                 labels[out["attention_mask"] == 0] = IGNORE_INDEX
             out["labels"] = labels
-        return out
+        return _long_labels(out)
     if isinstance(batch, Tensor) and not batch.is_floating_point():
-        return {"input_ids": batch, "labels": batch}
+        return _long_labels({"input_ids": batch, "labels": batch})
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-        return {"input_ids": batch[0], "labels": batch[1]}
+        return _long_labels({"input_ids": batch[0], "labels": batch[1]})
     raise TypeError(
         f"cannot read a training batch of type {type(batch).__name__} as token ids; give a dict with 'input_ids'"
         " (and optionally 'labels', 'attention_mask'), a LongTensor of ids, an (input_ids, labels) pair, or pass"
         " batch_transform=fn returning such a dict"
     )
+
+
+def _long_labels(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Integer labels of another width (int32 from numpy or a tokenizer) as torch.long, what the loss takes;
+    float or bool labels are left for `check_batches` to refuse by name."""
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and labels.dtype != torch.long and not labels.is_floating_point() \
+            and labels.dtype != torch.bool and not labels.is_complex():
+        batch["labels"] = labels.long()
+    return batch
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -251,6 +262,7 @@ def prepare_request(
     methods the curvature is fitted on this process's share of `curvature_source` (at most
     `settings.curvature_batches`; `full_minus_forget` subtracts it from `full_curvature`, default
     `settings.full_curvature`). `request` goes to the method's constructor last (e.g. the module's `steps`)."""
+    check_gradients_allowed(who)
     if batch_counts:
         agree_on_batches(reduce, rank, world_size, who, required, **batch_counts)
     check_finite_weights(model)  # a broken model fails here, not as rollbacks after the curvature pass
@@ -295,13 +307,20 @@ def serve_request(
     with the status, the summary and the method.
 
     `retain`: retain batches (the curvature for `curvature_data="retain"`, the retain term of some methods, and the
-    held batch of the retain budget unless `held_retain` is given). `holdout`: never-trained batches of the forget
+    held batch of the retain budget unless `held_retain` is given), read no further than `retain_read_limit`: a whole
+    training set's loader may be passed. `holdout`: never-trained batches of the forget
     set's kind, the target (at most `settings.holdout_batches`; 0: none). `full_curvature` (for
     `full_minus_forget`) overrides `settings.full_curvature`. Every process passes the same data and keeps its share
     (the processes agree on their batch counts first: different counts raise the same error on every process);
     `reduce`/`gather` sum/concatenate across processes.
     `prepare` turns a batch into the project's dict on the model's device (default: `batch_preparer(model)`)."""
-    settings = settings if settings is not None else UnlearnSettings()
+    if isinstance(settings, Mapping):
+        settings = UnlearnSettings.from_kwargs(**settings)
+    elif settings is None:
+        settings = UnlearnSettings()
+    elif not isinstance(settings, UnlearnSettings):
+        raise UserInputError(f"{who}: settings must be an UnlearnSettings (or a dict of its fields), got "
+                             f"{type(settings).__name__}")
     with full_parameters(model):  # FSDP2: the engine works on the gathered parameters, written back at the end
         return _serve(model, forget, retain, holdout, settings=settings, held_retain=held_retain,
                       full_curvature=full_curvature, reduce=reduce, gather=gather, rank=rank, world_size=world_size,
@@ -313,8 +332,12 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
            gather: Reduce, rank: int, world_size: int, log: Callable[[StepRecord], None] | None,
            prepare: Prepare | None, who: str) -> RequestResult:
     prepare = prepare or batch_preparer(model)
+    forget, retain, holdout = (_as_iterable(x) for x in (forget, retain, holdout))
     forget_batches = [prepare(b) for b in forget]
-    retain_batches = [prepare(b) for b in retain] if retain is not None else None
+    limit = retain_read_limit(settings, world_size)
+    retain_batches = [prepare(b) for b in itertools.islice(retain, limit)] if retain is not None else None
+    if not retain_batches and world_size == 1:
+        retain_batches = None  # [] is no retain data (the distributed check is for processes left without a share)
     retain_count = None if retain_batches is None else len(retain_batches)  # as given, before a batch is held out
     held = prepare(held_retain) if held_retain is not None else None
     if held is None and retain_batches:
@@ -322,6 +345,9 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
     holdout_list = None  # the holdout batches (`settings.holdout_batches` is how many at most)
     if holdout is not None and settings.holdout_batches != 0:
         holdout_list = [prepare(b) for b in itertools.islice(holdout, settings.holdout_batches)]
+    # a set labelled nowhere fails here by name, not inside the curvature fit (every process holds all the data)
+    check_labelled({"forget": forget_batches, "retain": retain_batches or [],
+                    "held retain": [held] if held is not None else [], "holdout": holdout_list or []})
     counts = {"forget": len(forget_batches), "retain": retain_count,
               "holdout": None if holdout_list is None else len(holdout_list)}
     source = retain_batches if settings.curvature_data == "retain" else forget_batches
@@ -330,11 +356,29 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
                                 log=log, who=who)
     # every process keeps its share of forget, retain and holdout: the engine sums losses across processes
     records = unlearner.fit(share(forget_batches, rank, world_size),
-                            share(retain_batches, rank, world_size) if retain_batches else None, held,
+                            share(retain_batches, rank, world_size) if retain_batches else None, held_retain_batch=held,
                             holdout_batches=share(holdout_list, rank, world_size) if holdout_list else None)
     if world_size > 1:
         broadcast_parameters(model)
     return RequestResult(records, unlearner.summary(), unlearner)
+
+
+def retain_read_limit(settings: UnlearnSettings, world_size: int) -> int | None:
+    """How many retain batches a request reads at most (None: all, with `curvature_batches=None`): each process's
+    curvature batches (`curvature_batches`), or one per step where a method takes more steps than that (the steps
+    cycle through the retain batches: `settings.steps`, else a first-order method's default of
+    `DEFAULT_FIRST_ORDER_STEPS`), plus the held batch of the budget, times the processes. A whole training set's
+    loader passed as `retain` is then read as far as the request uses it, not to its end."""
+    if settings.curvature_batches is None:
+        return None
+    steps = settings.steps if settings.steps is not None else (0 if settings.second_order
+                                                               else DEFAULT_FIRST_ORDER_STEPS)
+    return world_size * (max(settings.curvature_batches, steps) + 1)
+
+
+def _as_iterable(batches: Any) -> Any:
+    """One batch (a dict) given where batches go, as a list of it; anything else as given."""
+    return [batches] if isinstance(batches, Mapping) else batches
 
 
 # ---------------------------------------------------------------------------------------------- logging

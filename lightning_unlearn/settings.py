@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .curvature.base import Curvature, Reduce
-from .curvature.registry import backend_key, curvature_class
+from .curvature.registry import backend_key, curvature_class, fisher_types
 from .errors import UserInputError
 from .methods.inputs import check_keywords, check_settings
 from .methods.newton import CURVATURE_DATA
@@ -30,6 +30,10 @@ FullCurvature = str | Path | Curvature | Mapping[str, Any] | None
 
 #: method arguments that a request sets itself, so they are refused in `method_kwargs` (the request would fit one
 #: curvature and the method be told of another)
+#: the fields that only a second-order method reads: set on a first-order one they are refused, not ignored
+CURVATURE_FIELDS = ("curvature", "curvature_data", "fisher_type", "full_curvature", "refresh_every",
+                    "curvature_kwargs")
+
 REQUEST_KEYWORDS = {
     "curvature": "the request fits the curvature (set curvature, curvature_data, curvature_batches)",
     "full_curvature": "give full_curvature= as a setting of its own",
@@ -133,7 +137,17 @@ class UnlearnSettings:
         if self.fisher_type is not None and not (isinstance(self.fisher_type, str) and self.fisher_type):
             raise UserInputError(f"fisher_type must be a name (mc, empirical, type2) or None, got {self.fisher_type!r}")
         if self.second_order:
+            allowed = fisher_types(self.curvature)
+            if self.fisher_type is not None and allowed is not None and self.fisher_type not in allowed:
+                raise UserInputError(f"fisher_type for curvature {self.curvature!r} must be one of "
+                                     f"{', '.join(allowed)} (or None: the backend's default), got {self.fisher_type!r}")
             check_keywords(curvature_class(self.curvature), self.backend_kwargs(), f"curvature {self.curvature!r}")
+        else:
+            defaults = self.defaults()
+            given = [name for name in CURVATURE_FIELDS if getattr(self, name) != defaults[name]]
+            if given:
+                raise UserInputError(f"{given[0]} applies to the second-order methods (newton, fisher_removal, ...); "
+                                     f"{self.method!r} takes no curvature and would ignore it: leave it unset")
 
     # ------------------------------------------------------------------ derived
     @property

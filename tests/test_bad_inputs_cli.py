@@ -578,3 +578,40 @@ def test_validate_after_a_run_that_accepted_nothing_says_the_model_is_an_earlier
     assert code == 0, err[-3000:]
     assert f"evaluating the unlearned model '{output}'" in out
     assert "wrote no model: this model is from an earlier run" in out and "nothing_accepted" in out
+
+
+# ======================================================================================================================
+# Trainer settings that run no unlearning, or that an unlearning step cannot take
+# ======================================================================================================================
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--trainer.max_steps", "0"], "trainer.max_steps: 0 runs no unlearning step"),
+    (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches: 0 runs no unlearning step"),
+    (["--trainer.fast_dev_run", "true"], "trainer.fast_dev_run runs a debug step"),
+    (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val"),
+    (["--trainer.accumulate_grad_batches", "4"], "trainer.accumulate_grad_batches"),
+    (["--ckpt_path", "nothere.ckpt"], "ckpt_path: 'nothere.ckpt' does not exist"),
+])
+def test_trainer_settings_that_unlearn_nothing_or_cannot_apply_are_one_line(project, tmp_path, args, fragment):
+    code, _, err = fit(project, "--output", str(tmp_path / "out"), *args)
+    error_line(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_in_which_no_step_ran_writes_nothing_and_exits_3(project, tmp_path):
+    # an empty forget set and zero steps are refused before the run; a time limit of zero stops it before a step
+    config = project.write_config("no_step.yaml", **{"trainer.max_time": "00:00:00:00"})
+    code, out, _ = fit(project, "--output", str(tmp_path / "out"), config=config)
+    assert code == EXIT_NOTHING_ACCEPTED, out[-2000:]
+    assert "no unlearning step ran" in out
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_output_or_log_folder_inside_the_source_model_is_refused(project, tmp_path):
+    code, _, err = fit(project, "--output", str(project.model / "unlearned"))
+    error_line(code, err, "is inside model.model", "outside it")
+    # run from the model's folder: the log folder (LIGHTNING_UNLEARN_LOG_DIR, here ./logs) is inside it
+    code, _, err = run_cli(["fit", "--config", str(project.config), "--output", str(tmp_path / "out")], project.model)
+    error_line(code, err, "LIGHTNING_UNLEARN_LOG_DIR", "inside the source model's folder")
+    assert not (project.model / "logs").exists() and not (project.model / "unlearned").exists()

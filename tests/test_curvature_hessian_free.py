@@ -541,7 +541,7 @@ def test_default_cg_finishes_its_solves_within_max_iter_with_one_solve_per_direc
     cg.solve, cg._matvec_flat = counted_solve, counted_product
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = u.fit([forget], retain[:1], held, holdout_batches=[holdout])
+        records = u.fit([forget], retain[:1], held_retain_batch=held, holdout_batches=[holdout])
     said = [str(w.message) for w in caught if str(w.message).startswith("cg:")]
     summary = u.summary()
     assert u.status in ("target_reached", "budget_exhausted"), summary

@@ -99,7 +99,7 @@ def test_step_search_stops_at_the_target(gpt2):
     probe = build_unlearner("gradient_ascent", base)
     target = probe.measure(forget) + 2.0
     u = build_unlearner("newton", model, forget_target=target, steps=1, max_retain_increase=None)
-    (record,) = u.fit([forget], retain, held)
+    (record,) = u.fit([forget], retain, held_retain_batch=held)
     assert record.reason == "target_reached" and record.forget_loss >= target and record.evaluations > 2
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -151,7 +151,7 @@ def test_a_retain_free_budget_read_on_the_holdout_says_so_when_it_stops_the_run(
                             max_retain_increase=0.002)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            u.fit([forget], [], given, holdout_batches=[holdout])
+            u.fit([forget], [], held_retain_batch=given, holdout_batches=[holdout])
         said = [w for w in caught if issubclass(w.category, HoldoutBudgetWarning)]
         outcomes["held" if given is not None else "holdout"] = (u.status, said)
     status, said = outcomes["holdout"]
@@ -188,5 +188,5 @@ def test_a_curvature_of_another_model_object_is_refused_and_its_state_dict_serve
 def test_eigenvalue_correction_through_build_unlearner(gpt2):
     base, forget, retain, held, holdout = gpt2
     u = build_unlearner("newton", copy.deepcopy(base), curvature_kwargs={"eigenvalue_correction": True})
-    u.fit([forget], retain, held, holdout_batches=[holdout])
+    u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     assert u.curvature.corrected and u.status in ("target_reached", "budget_exhausted")

@@ -71,3 +71,25 @@ def test_evaluate_input_errors_are_one_line(setup, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("lightning-unlearn: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["model_config", "model_weights", "inside_tofu", "reference"])
+def test_evaluate_never_writes_its_json_over_an_input(setup, capsys, where):
+    root = setup
+    weights = next((root / "model").glob("*.safetensors"))
+    target, flag = {"model_config": (root / "model" / "config.json", "--output"),
+                    "model_weights": (weights, "--save-reference"),
+                    "inside_tofu": (root / "tofu" / "metrics.json", "--output"),
+                    "reference": (root / "ref_in.json", "--output")}[where]
+    extra = []
+    if where == "reference":
+        target.write_text(json.dumps({"privleak_auc": 0.5}))
+        extra = ["--reference", target]
+    before = target.read_bytes() if target.exists() else None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", *map(str, ["--model", root / "model", "--tofu", root / "tofu", "--device", "cpu",
+                                     flag, target, *extra])])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "would replace an input" in err and len(err.strip().splitlines()) == 1
+    assert (target.read_bytes() if target.exists() else None) == before

@@ -58,7 +58,7 @@ def test_memorised_retain_switches_to_the_knowledge_regime(facts):
     model = copy.deepcopy(base)
     u = build_unlearner("newton", model)
     assert u.measure(held) < MEMORISED_NATS  # the fixture memorised its retain facts
-    records = u.fit([forget], retain, held, holdout_batches=[holdout])
+    records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     summary = u.summary()
     assert summary["knowledge_regime"] is True
     assert (u.forget_loss, u.protect_retain, u.max_retain_increase, u.steps) == (
@@ -74,7 +74,7 @@ def test_memorised_retain_switches_to_the_knowledge_regime(facts):
         assert record.retain_loss <= summary["retain_loss_before"] + share + 1e-6
 
     secret = build_unlearner("newton", copy.deepcopy(base), knowledge=False)
-    secret.fit([forget], retain, held, holdout_batches=[holdout])
+    secret.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     assert secret.summary()["knowledge_regime"] is False and not secret.staged_budget
     assert (secret.forget_loss, secret.protect_retain, secret.max_retain_increase, secret.steps) == (
         "unlikelihood", 0, 0.05, 5)
@@ -86,7 +86,7 @@ def test_what_the_caller_sets_wins(facts):
     base, forget, retain, held, holdout = facts
     u = build_unlearner("newton", copy.deepcopy(base), forget_loss="unlikelihood", protect_retain=2,
                         max_retain_increase=0.5, steps=1)
-    u.fit([forget], retain, held, holdout_batches=[holdout])
+    u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     assert u.summary()["knowledge_regime"] is True
     assert (u.forget_loss, u.protect_retain, u.max_retain_increase, u.steps) == ("unlikelihood", 2, 0.5, 1)
     # the next run starts from the caller's settings again, and knowledge=True needs no memorised data
@@ -103,7 +103,7 @@ def test_canaries_keep_the_secret_recipe(arch):
     u = build_unlearner("newton", model, steps=1)
     held_loss = u.measure(held)
     share = u.memorised_share(retain[0], RETAIN_MEMORISED_OF_HELD * held_loss)  # at the weights the run starts from
-    u.fit([forget], retain, held, holdout_batches=[holdout])
+    u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     assert held_loss > MEMORISED_NATS and u.forget_is_knowledge() and share < KNOWLEDGE_RETAIN_SHARE
     assert u.summary()["knowledge_regime"] is False
     assert (u.forget_loss, u.protect_retain, u.max_retain_increase) == ("unlikelihood", 0, 0.05)
@@ -168,9 +168,9 @@ def test_the_retain_repair_lowers_the_held_retain_loss_and_keeps_the_forgetting(
     repairs."""
     base, forget, retain, held, holdout = facts
     repaired = build_unlearner("newton", copy.deepcopy(base))
-    repaired.fit([forget], retain, held, holdout_batches=[holdout])
+    repaired.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     plain = build_unlearner("newton", copy.deepcopy(base), retain_repair=False)
-    plain.fit([forget], retain, held, holdout_batches=[holdout])
+    plain.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     r, p = repaired.summary(), plain.summary()
     assert r["knowledge_regime"] and p["knowledge_regime"]
     assert p["retain_loss_before_repair"] is None
@@ -181,11 +181,11 @@ def test_the_retain_repair_lowers_the_held_retain_loss_and_keeps_the_forgetting(
     assert r["forget_score_after"] >= min(p["forget_score_after"], r["target"]) - 1e-9
     assert r["forget_loss_after"] > r["forget_loss_before"] + 1.0
     secret = build_unlearner("newton", copy.deepcopy(base), knowledge=False, retain_repair=None)
-    secret.fit([forget], retain, held, holdout_batches=[holdout])
+    secret.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     assert secret.summary()["retain_loss_before_repair"] is None
     # forced on outside the regime it runs too; without retain batches there is nothing to descend
     forced = build_unlearner("newton", copy.deepcopy(base), knowledge=False, retain_repair=True)
-    forced.fit([forget], retain, held, holdout_batches=[holdout])
+    forced.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     f = forced.summary()
     assert f["retain_loss_before_repair"] is not None and f["retain_loss_after"] < f["retain_loss_before_repair"]
 

@@ -26,7 +26,7 @@ def test_first_order_methods_raise_the_forget_loss(method, data):
     model = small_causal_lm("gpt2", vocab_size=32, hidden=16)
     u = build_unlearner(method, model, lr=1e-2, steps=3, max_retain_increase=None)
     before = u.measure(forget)
-    records = u.fit([forget], [retain], held)
+    records = u.fit([forget], [retain], held_retain_batch=held)
     assert len(records) == 3 and all(r.accepted for r in records)
     assert u.measure(forget) > before
     assert records[0].scale == pytest.approx(1e-2) and records[0].damping == 1.0
@@ -91,7 +91,7 @@ def test_first_order_defaults_unlearn_a_memorised_model(method, memorised):
 
     base, forget, retain, held, holdout = memorised
     u = build_unlearner(method, copy.deepcopy(base))
-    records = u.fit([forget], retain, held, holdout_batches=[holdout])
+    records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     summary = u.summary()
     assert u.status in ("target_reached", "budget_exhausted") and len(records) > 10, summary
     assert summary["forget_loss_after"] > summary["forget_loss_before"] + 1.0, summary

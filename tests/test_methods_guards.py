@@ -98,7 +98,7 @@ def test_nan_logits_at_every_trial_with_a_holdout_target_are_rolled_back(memoris
     kwargs = {} if step_search else {"step_search": False, "scale": 1e12}
     u = build_unlearner("newton", model, max_retries=1, **kwargs)
     with pytest.warns(NothingAcceptedWarning):
-        records = u.fit([forget], retain, held, holdout_batches=[holdout])
+        records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     hook.handle.remove()
     assert hook.fired > 0 and u.status == "nothing_accepted" and records
     assert not any(r.accepted for r in records) and {r.reason for r in records} <= {"non_finite", "trust_region"}
@@ -111,7 +111,7 @@ def test_a_single_nan_forward_costs_one_point_of_the_search(memorised):
     model = copy.deepcopy(base)
     hook = NaNLogits(model, every=False)
     u = build_unlearner("newton", model)
-    records = u.fit([forget], retain, held, holdout_batches=[holdout])
+    records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     hook.handle.remove()
     accepted = [r for r in records if r.accepted]
     assert hook.fired == 1 and accepted, records
@@ -164,7 +164,7 @@ def test_a_holdout_of_trained_examples_is_refused(memorised, case):
     u = build_unlearner("newton", model)
     with pytest.raises(UserInputError, match=rf"holdout: of its \d+ examples, \d+ are {what} examples \(the same "
                                              r"token ids\).*never-trained examples of the forget set's kind"):
-        u.fit([forget], retain, held, holdout_batches=[bad])
+        u.fit([forget], retain, held_retain_batch=held, holdout_batches=[bad])
     assert same_weights(model, before) and not u.history
 
 
@@ -172,7 +172,7 @@ def holdout_warnings(model, forget, retain, held, holdout) -> list[str]:
     u = build_unlearner("newton", model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        u.fit([forget], retain, held, holdout_batches=[holdout])
+        u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     return [str(w.message) for w in caught if issubclass(w.category, HoldoutWarning)]
 
 

@@ -28,7 +28,7 @@ def test_kfac_newton_forgets_canaries_at_less_retain_cost_than_gradient_ascent(m
     assert f0 < 0.5, f"the canaries should be memorised before unlearning (span NLL {f0:.3f})"
 
     newton = build_unlearner("newton", copy.deepcopy(base), curvature_backend="kfac", damping=1e-3, scale=3e-3)
-    records = newton.fit([forget], retain, held)
+    records = newton.fit([forget], retain, held_retain_batch=held)
     assert records[-1].accepted
     f_newton, r_newton = newton.measure(forget), newton.measure(held)
     # a clear margin: about chance level for six random digits (ln 10 = 2.3 nats per digit)
@@ -36,7 +36,7 @@ def test_kfac_newton_forgets_canaries_at_less_retain_cost_than_gradient_ascent(m
 
     ascent = build_unlearner("gradient_ascent", copy.deepcopy(base), forget_loss="nll", lr=1e-3, steps=200,
                              max_retain_increase=None, forget_target=f_newton)
-    ga_records = ascent.fit([forget], retain, held)
+    ga_records = ascent.fit([forget], retain, held_retain_batch=held)
     assert ga_records[-1].reason == "target_reached"
     f_ga, r_ga = ascent.measure(forget), ascent.measure(held)
     print(f"forget NLL {f0:.3f} -> newton {f_newton:.3f} / ascent {f_ga:.3f}; "
@@ -52,7 +52,7 @@ def test_unlikelihood_default_beats_nll_ascent_for_same_newton_step(memorised):
         u = build_unlearner("newton", copy.deepcopy(base), curvature_backend="kfac", forget_loss=loss, damping=1e-3,
                             damping_mode="absolute", step_search=False, steps=1, scale=3e-3,
                             max_retain_increase=None)
-        u.fit([forget], retain, held)
+        u.fit([forget], retain, held_retain_batch=held)
         out[loss] = u.measure(forget)
     assert out["unlikelihood"] > out["nll"] + 1.0, out
 
@@ -64,7 +64,7 @@ def test_huge_step_is_rolled_back_bit_identically(memorised):
     log = []
     u = build_unlearner("newton", model, curvature_backend="kfac", damping=1e-3, damping_mode="absolute",
                         step_search=False, steps=1, scale=1e6, max_retries=2, log=log.append)
-    records = u.fit([forget], retain, held)
+    records = u.fit([forget], retain, held_retain_batch=held)
     assert [r.accepted for r in records] == [False, False, False]
     assert all(r.reason in ("retain_increase", "non_finite", "trust_region") for r in records)
     assert [r.damping for r in records] == pytest.approx([1e-3, 1e-2, 1e-1])
@@ -77,7 +77,7 @@ def test_iterative_newton_stops_at_forget_target_and_refreshes_curvature(memoris
     base, forget, retain, held = memorised
     u = build_unlearner("newton", copy.deepcopy(base), curvature_backend="diagonal", damping=1e-3, scale=1e-3,
                         steps=10, refresh_every=2, forget_target=1.0)
-    records = u.fit([forget], retain[:1], held)
+    records = u.fit([forget], retain[:1], held_retain_batch=held)
     assert records[-1].reason == "target_reached" and records[-1].forget_loss >= 1.0
     accepted = [r for r in records if r.accepted]
     assert len(accepted) >= 1 and all(r.retain_loss <= records[0].retain_loss * 1.06 for r in accepted)

@@ -106,7 +106,7 @@ def test_simnpo_fit_on_tiny_gpt2_raises_the_forget_loss(retain_weight):
     assert isinstance(u, SimNPO) and u.beta == 2.5 and u.gamma == 0.0
     assert u.retain_weight == (0.0 if retain_weight is None else 1.0)  # like npo: no retain term by default
     before = u.measure(forget)
-    records = u.fit([forget], [retain], held)
+    records = u.fit([forget], [retain], held_retain_batch=held)
     assert len(records) == 3 and all(r.accepted for r in records)
     assert u.measure(forget) > before
     assert records[0].scale == pytest.approx(1e-2) and records[0].damping == 1.0

@@ -32,7 +32,7 @@ def test_the_step_is_orthogonal_to_the_protected_retain_gradients(memorised, k):
     groups = [probe.forget_gradient([{key: v[j::4] for key, v in b.items()} for b in retain[:1]], kind="nll")
               for j in range(4)]  # the first step's retain batch, grouped as the protection groups it
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    records = u.fit([forget], retain, held, holdout_batches=[holdout])
+    records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     assert records[-1].accepted
     names = [n for n in groups[0] if n in before]
     delta = torch.cat([(dict(model.named_parameters())[n].detach() - before[n]).reshape(-1).double() for n in names])

@@ -57,6 +57,39 @@ def check_paths(config: Any) -> None:
         raise ConfigError("\n  ".join(problems))
 
 
+def check_fit_trainer(config: Any) -> None:
+    """`fit`'s trainer settings that would make the run meaningless or fail inside Lightning, refused naming the key:
+    no step at all (`max_steps`, `max_epochs` or `limit_train_batches` 0: the model written would be the original),
+    a `fast_dev_run` with an `--output` (a debug step is not an unlearned model), and the automatic-optimisation
+    settings an unlearning step cannot take (`gradient_clip_val`, `accumulate_grad_batches`: the method takes its
+    own step, bounded by its trust region); a `ckpt_path` that does not exist."""
+    trainer = config.get("trainer") or {}
+    for key in ("max_steps", "max_epochs", "limit_train_batches"):
+        value = trainer.get(key)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            raise ConfigError(f"trainer.{key}: 0 runs no unlearning step, so the model written would be the original; "
+                              f"give at least 1, or leave it unset (the method's own number of steps)")
+    if trainer.get("fast_dev_run") and config.get("output"):
+        raise ConfigError("trainer.fast_dev_run runs a debug step, not an unlearning run, and its model would be "
+                          "written to --output as the unlearned one; drop --output for a debug run, or drop "
+                          "trainer.fast_dev_run")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and clip != 0:
+        raise ConfigError("trainer.gradient_clip_val: the unlearning method takes its own steps (manual optimisation),"
+                          " which Lightning does not clip; remove it (each step is already bounded by the method's "
+                          "trust region, model.method_kwargs max_step_norm)")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and accumulate != 1:
+        raise ConfigError("trainer.accumulate_grad_batches: each unlearning step uses its whole forget batch (manual "
+                          "optimisation, nothing to accumulate); remove it, and raise data.forget_batch_size for more "
+                          "forget examples per step")
+    ckpt = config.get("ckpt_path")
+    if isinstance(ckpt, (str, os.PathLike)) and ckpt not in ("last", "best", "hpc", "registry") \
+            and not Path(ckpt).expanduser().exists():
+        raise ConfigError(f"ckpt_path: {str(ckpt)!r} does not exist; give an existing Lightning checkpoint (.ckpt) "
+                          "or leave it unset")
+
+
 def check_choices(config: Any) -> None:
     """`model.method`, `model.curvature`, `model.curvature_data` and `model.dtype` among the known values."""
     from ..methods import CURVATURE_BACKENDS, CURVATURE_DATA, METHODS

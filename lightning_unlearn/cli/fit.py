@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_NOTHING_ACCEPTED
-from .config import check_choices, check_paths, protected_paths, redact_forget_selection
+from .config import check_choices, check_fit_trainer, check_paths, protected_paths, redact_forget_selection
 from .signals import Interrupted
 from .validate import choose_evaluated_model
 
@@ -150,6 +150,9 @@ def run(args: Sequence[str]) -> int:
             check_choices(config)
             check_strategy_setting((config.get("trainer") or {}).get("strategy"))
             check_paths(config)
+            if self.subcommand == "fit":
+                check_fit_trainer(config)
+                check_log_folder(config, save_dir)
             if self.subcommand == "fit" and config.get("output"):
                 record.output = check_output(config["output"], bool(config.get("overwrite")),
                                              protected_paths(config, save_dir))
@@ -179,6 +182,13 @@ def run(args: Sequence[str]) -> int:
                 print(f"unlearning status: {status} (target {'none' if target is None else f'{target:.4g}'}, "
                       f"source {summary.get('target_source')}, {summary.get('steps_accepted')} step(s) accepted)")
             output = self.config[self.subcommand].get("output")
+            if status is None:  # no training step ran (an empty forget loader, a trainer limit): nothing was unlearned
+                record.exit_code = EXIT_NOTHING_ACCEPTED
+                print("no unlearning step ran (the trainer stopped before the first step: e.g. trainer.max_time), so "
+                      f"{'no model was written to ' + repr(str(output)) if output else 'nothing was written'} "
+                      f"(exit status {EXIT_NOTHING_ACCEPTED})")
+                record.finish(model_written=False)
+                return
             if status == "nothing_accepted":
                 record.exit_code = EXIT_NOTHING_ACCEPTED
                 reasons: dict[str, int] = {}
@@ -222,6 +232,21 @@ def run(args: Sequence[str]) -> int:
     finally:
         release_output(record.claim)
     return record.exit_code or 0
+
+
+def check_log_folder(config: Any, save_dir: str) -> None:
+    """Refuse a log folder (`LIGHTNING_UNLEARN_LOG_DIR`) inside the source model's folder: the run's CSV and wandb
+    logs would be written into the model the request must leave as it was."""
+    from .config import ConfigError
+
+    model = (config.get("model") or {}).get("model")
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).expanduser().is_dir():
+        return
+    source, logs = Path(model).expanduser().resolve(), Path(save_dir).expanduser().resolve()
+    if logs == source or source in logs.parents:
+        raise ConfigError(f"the log folder (LIGHTNING_UNLEARN_LOG_DIR={save_dir!r}) is inside the source model's "
+                          f"folder {str(model)!r}; the logs would be written into the model: set "
+                          "LIGHTNING_UNLEARN_LOG_DIR to a folder outside it")
 
 
 def _launching_process() -> bool:

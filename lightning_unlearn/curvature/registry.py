@@ -40,6 +40,13 @@ def curvature_class(backend: str) -> type[Curvature]:
                           "backends, e.g. 'diagonal'") from err
 
 
+def fisher_types(backend: str) -> tuple[str, ...] | None:
+    """The `fisher_type` values a backend takes (its module's `FISHER_TYPES`); None when it takes no `fisher_type`
+    (CG multiplies by the GGN)."""
+    cls = curvature_class(backend)
+    return getattr(importlib.import_module(cls.__module__), "FISHER_TYPES", None)
+
+
 def build_curvature(backend: str, model: nn.Module, **kwargs: Any) -> Curvature:
     """Construct an (unfitted) curvature backend: "kfac" | "cg" | "woodfisher" | "diagonal". kwargs (e.g. `reduce`,
     `gather`, `objective`, `fisher_type`) go to the backend's constructor."""

@@ -86,7 +86,9 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         outputs = [out for layer in layers for _, out in captured[layer.name]]
         if not outputs or nll.numel() == 0:
             continue
-        grads = torch.autograd.grad((nll * weights).sum(), outputs, allow_unused=True)
+        with torch.enable_grad():  # the weighted sum is part of the graph too (a caller under torch.no_grad())
+            total = (nll * weights).sum()
+        grads = torch.autograd.grad(total, outputs, allow_unused=True)
         if any(g is None for g in grads):  # an output outside the graph (e.g. recomputed by checkpointing)
             return None
         remaining = iter(grads)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.objective import IGNORE_INDEX
 from ..errors import UserInputError
 
 
@@ -34,10 +35,34 @@ def vocabulary_size(model: nn.Module) -> int | None:
     return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
 
 
+#: names of learned absolute position embeddings (GPT-2's `wpe`, OPT's `embed_positions`, BERT-style
+#: `position_embeddings`): a model with one fails on longer sequences with "index out of range in self"
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with learned absolute position embeddings takes (its config's `n_positions` or
+    `max_position_embeddings`); None for models without them (rotary, ALiBi: no hard limit) or without a config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    learned = any(isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_EMBEDDINGS
+                  for name, m in model.named_modules())
+    if not learned:
+        return None
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], what: str) -> None:
-    """Every batch has `input_ids` with at least one row, token ids inside the model's vocabulary, and `labels` of the
-    same shape; `what` names the data in the message ("forget", "retain", "holdout")."""
+    """Every batch has `input_ids` with at least one row, token ids inside the model's vocabulary, no more positions
+    than the model's learned position embeddings, and integer `labels` of the same shape; `what` names the data in
+    the message ("forget", "retain", "holdout")."""
     vocab = vocabulary_size(model)
+    positions = position_limit(model)
     for i, batch in enumerate(batches):
         where = f"{what} batch {i}"
         if not isinstance(batch, Mapping):
@@ -55,22 +80,68 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise UserInputError(f"{where} is empty (shape {tuple(ids.shape)}); drop empty batches (an empty file or "
                                  "split, or a filter that removed every example)")
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise UserInputError(f"{where}: input_ids are {str(ids.dtype).replace('torch.', '')}; token ids are "
+                                 "integers (torch.long)")
         labels = batch.get("labels")
         if isinstance(labels, Tensor) and labels.shape != ids.shape:
             raise UserInputError(f"{where}: labels have shape {tuple(labels.shape)}, input_ids {tuple(ids.shape)}; "
                                  "labels must align with input_ids (-100 where no loss is taken)")
+        if isinstance(labels, Tensor) and labels.dtype != torch.long:
+            raise UserInputError(f"{where}: labels are {str(labels.dtype).replace('torch.', '')}, the loss needs "
+                                 "torch.long token ids (-100 where no loss is taken); convert them with "
+                                 "labels.long()")
+        if positions is not None and ids.shape[1] > positions:
+            raise UserInputError(
+                f"{where} has sequences of {ids.shape[1]} tokens, but the model's position embeddings hold "
+                f"{positions}; truncate the data to at most {positions} tokens (the data module's max_length)")
         if vocab is not None and ids.numel():
             top, bottom = int(ids.max()), int(ids.min())
-            if top >= vocab or bottom < 0:
+            if bottom < 0:
+                raise UserInputError(
+                    f"{where} holds negative token ids (down to {bottom}): -100 marks positions without a loss in "
+                    "labels, not in input_ids; pad input_ids with the tokenizer's pad (or eos) token id and mask the "
+                    "padding with attention_mask")
+            if top >= vocab:
                 raise UserInputError(
                     f"{where} holds token ids outside the model's embedding (ids in [{bottom}, {top}], the embedding "
                     f"has {vocab} rows): the data was tokenised with another (larger) tokenizer than the model's; "
                     "use the model's own tokenizer (data.tokenizer = the model folder)")
 
 
+def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
+                   reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Refuse a set of batches (forget, retain, holdout, ...) that has batches with `labels` but not one position
+    with a label != -100 across them (summed over processes by `reduce`): nothing to forget, fit or measure there.
+    Sets without `labels` (a custom objective's inputs) are not checked."""
+    names, counts = [], []
+    for what, batches in sets.items():
+        labels = [b["labels"] for b in batches if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor)]
+        names.append(what)
+        counts += [float(sum(int((x != IGNORE_INDEX).sum()) for x in labels)), float(len(labels))]
+    total = torch.tensor(counts, dtype=torch.float64)
+    if reduce is not None:
+        total = reduce(total)
+    for i, what in enumerate(names):
+        labelled, batches = float(total[2 * i]), float(total[2 * i + 1])
+        if batches and not labelled:
+            raise UserInputError(
+                f"the {what} batches have no position with a label (every label is -100): there is nothing to "
+                f"{'forget' if what == 'forget' else 'measure'} on them; label the tokens that carry the data (the "
+                "data module's span option labels a span, the default labels every token)")
+
+
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every value of every tensor is finite (the check of a trial's weights and of a direction)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def check_gradients_allowed(who: str) -> None:
+    """Refuse a call under `torch.inference_mode()`: unlearning takes gradients, which inference mode forbids
+    (`torch.no_grad()` is fine: the engine enables gradients where it takes them)."""
+    if torch.is_inference_mode_enabled():
+        raise UserInputError(f"{who} was called under torch.inference_mode(), where no gradient can be taken, and "
+                             "unlearning needs gradients; call it outside the inference_mode block")
 
 
 def check_finite_weights(model: nn.Module) -> None:

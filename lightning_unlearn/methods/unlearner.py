@@ -35,7 +35,15 @@ from torch import Tensor, nn
 from ..curvature.base import Reduce, Vector, eval_mode, identity
 from ..errors import UserInputError
 from . import holdout as holdout_checks
-from .inputs import all_finite, check_batches, check_finite_weights, check_settings, vocabulary_size
+from .inputs import (
+    all_finite,
+    check_batches,
+    check_finite_weights,
+    check_gradients_allowed,
+    check_labelled,
+    check_settings,
+    vocabulary_size,
+)
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
 from .records import Batch, StepRecord, as_batches, run_status, stops_run, summarize, trial_reason, warn_how_it_ended
 from .score_memo import ScoreMemo
@@ -376,15 +384,18 @@ class Unlearner(ABC):
                              and over_retain_budget(retain_loss, reference, self.max_retain_increase)),
                 target_reached=target is not None and score >= target)
             accepted = reason in ("accepted", "target_reached")
-            record = self._emit(StepRecord(step=index, damping=self.damping, scale=self._record_scale(),
-                                           forget_loss=forget_loss, retain_loss=retain_loss, accepted=accepted,
-                                           reason=reason, trial=trial, target=target, forget_score=score))
+            record = StepRecord(step=index, damping=self.damping, scale=self._record_scale(),
+                                forget_loss=forget_loss, retain_loss=retain_loss, accepted=accepted, reason=reason,
+                                trial=trial, target=target, forget_score=score)
             if accepted:
+                self._emit(record)
                 self._accept()
                 return record
+            # undone before the record goes out: a `log` that raises (or Ctrl-C in it) leaves the weights of before
             if applied:
                 self._restore(snapshot)
             self._restore_state(extra)
+            self._emit(record)
             self._reject()
         assert record is not None
         return record
@@ -467,23 +478,29 @@ class Unlearner(ABC):
         self,
         forget_batches: Iterable[Batch],
         retain_batches: Iterable[Batch] | None = None,
+        *,
         held_retain_batch: Batch | None = None,
         holdout_batches: Iterable[Batch] | None = None,
     ) -> list[StepRecord]:
         """The whole run: `begin`, up to `steps` (+ `final_repeats`) steps until `should_stop`, `finish`.
         `holdout_batches` set the target (`calibrate`); without `held_retain_batch` the last of two or more retain
-        batches is held out for the budget (`target.held_out_retain`). Returns this run's records (rollbacks too)."""
+        batches is held out for the budget (`target.held_out_retain`). Returns this run's records (rollbacks too).
+        Both are keywords: `serve_request` takes the holdout third, and a holdout batch given here third would be
+        read as the held retain batch, a run without a target and without a word."""
         forget = as_batches(forget_batches)
         retain = as_batches(retain_batches)
+        holdout = as_batches(holdout_batches) if holdout_batches is not None else None  # read once: may be an iterator
         if not forget:
             raise ValueError("fit() needs at least one forget batch")
+        check_gradients_allowed("fit()")
         check_finite_weights(self.model)
-        for what, batches in (("forget", forget), ("retain", retain),
-                              ("held retain", [held_retain_batch] if held_retain_batch is not None else []),
-                              ("holdout", as_batches(holdout_batches))):
+        held_list = [held_retain_batch] if held_retain_batch is not None else []
+        sets = (("forget", forget), ("retain", retain), ("held retain", held_list), ("holdout", holdout or []))
+        for what, batches in sets:
             check_batches(self.model, batches, what)
-        if holdout_batches is not None:
-            self.calibrate(holdout_batches)
+        check_labelled(dict(sets), self.reduce)
+        if holdout is not None:
+            self.calibrate(holdout)
         if held_retain_batch is None and retain:
             retain, held_retain_batch = held_out_retain(retain)
         if self.begin(forget, retain, held_retain_batch):
