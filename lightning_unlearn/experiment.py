@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .curvature.base import Curvature
-from .models import atomic_save_pretrained, load_causal_lm, resolve_device
+from .models import atomic_save_pretrained, load_cached_model, resolve_device
 from .request import RequestResult, serve_request, to_device
 from .settings import UnlearnSettings
 
@@ -187,7 +187,8 @@ class Experiment:
 
     def train(self, split: str = "full") -> nn.Module:
         """Train a fresh model on `split` ("full": the original; "retain": the gold standard), or load it from the
-        cache. Records `train_seconds` / `retrain_seconds`."""
+        cache (`UserInputError` naming the cache entry when it cannot be loaded). Records `train_seconds` /
+        `retrain_seconds`."""
         import lightning as L
 
         from .lm import CausalLMModule
@@ -196,8 +197,10 @@ class Experiment:
         path = self.cache / name
         meta = path / "training.json"
         if meta.exists():
-            self.timings[timing] = json.loads(meta.read_text())["seconds"]
-            return load_causal_lm(path, device=self.device)
+            model, seconds = load_cached_model(path, lambda: float(json.loads(meta.read_text())["seconds"]),
+                                               device=self.device)
+            self.timings[timing] = seconds
+            return model
         c = self.config
         L.seed_everything(c.seed, verbose=False)
         module = CausalLMModule(self.new_model(), lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.train_steps)

@@ -3,14 +3,16 @@ checkpoints; the one place that calls `from_pretrained` / `save_pretrained` for 
 
 Nothing here downloads: `load_causal_lm` accepts a local directory (or a hub id when the user is online).
 `build_model` turns what `UnlearningModule` is given (a path, a transformers config or a module, and a dtype's name)
-into a model, with clear errors for an unknown dtype and an unreadable saved model.
+into a model, with clear errors for an unknown dtype and an unreadable saved model; `load_causal_lm` refuses a
+`config.json` that does not match the weights beside it (transformers would only log it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +79,22 @@ def small_causal_lm(arch: str = "gpt2", *, seed: int = 0, dtype: torch.dtype = t
 def build_model(model: str | Path | nn.Module | Any, dtype: str | None = None) -> nn.Module:
     """An `nn.Module` from a saved directory / hub id (`load_causal_lm`), a transformers config, or a module.
 
-    An unknown `dtype` and an unreadable saved model (a corrupt or truncated `*.safetensors`, a broken
-    `config.json`) raise `UserInputError` naming the value or the file."""
+    An unknown `dtype`, an unreadable saved model (a corrupt or truncated `*.safetensors`, a broken `config.json`) and
+    a `config.json` that does not match the weights raise `UserInputError` naming the value or the file."""
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if isinstance(model, nn.Module):
         return model if torch_dtype is None else model.to(torch_dtype)
     if isinstance(model, (str, Path)):
+        from .errors import UserInputError
+
         try:
             return load_causal_lm(model, dtype=torch_dtype)
+        except UserInputError as err:  # already names the folder and the fix: say which setting it came from
+            raise UserInputError(f"model.model: {err}") from err
         except Exception as err:
             problem = _unreadable_model_message(Path(model).expanduser(), err)
             if problem is None:
                 raise
-            from .errors import UserInputError
-
             raise UserInputError(problem) from err
     if hasattr(model, "model_type") and hasattr(model, "to_dict"):  # a PretrainedConfig
         from transformers import AutoModelForCausalLM
@@ -140,19 +144,127 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype | None = None
     """Load a causal LM with `from_pretrained` from a local directory or a hub id, with eager attention; with a
     `device`, moved there and in eval mode.
 
-    Raises a clear error when a local path is missing instead of trying the hub with a path-shaped id.
+    Raises a clear error when a local path is missing instead of trying the hub with a path-shaped id, and
+    `UserInputError` when `config.json` does not describe the saved weights (see `_weights_mismatch_message`):
+    transformers would only log a report and hand back a truncated model, or one with randomly initialised weights.
     """
     from transformers import AutoModelForCausalLM
+
+    from .errors import UserInputError
 
     path = Path(name_or_path)
     looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.exists()
     if looks_local and not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist; give a saved model directory or a hub id")
-    kwargs = {"attn_implementation": "eager"}
+    # ignore_mismatched_sizes: a weight of another shape is reported in the loading info (then refused below, naming
+    # it) instead of a RuntimeError advising `ignore_mismatched_sizes=True`, which would load random weights
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "output_loading_info": True,
+                              "ignore_mismatched_sizes": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    problem = _weights_mismatch_message(str(name_or_path), path if path.is_dir() else None, info, model)
+    if problem is not None:
+        raise UserInputError(problem)
     return model if device is None else model.eval().to(device)
+
+
+def load_cached_model(path: Path, read: Any = None, *,
+                      device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
+    """(the model saved in a cache entry `path`, `read()`: e.g. its training record): `UserInputError` naming the
+    entry when either cannot be read (a truncated `model.safetensors`, a broken `config.json` or record, a missing
+    file), to delete it to train it again. Nothing is deleted here: the cache may be a folder the user gave."""
+    from safetensors import SafetensorError
+
+    from .errors import UserInputError
+
+    try:
+        extra = read() if read is not None else None
+        return load_causal_lm(path, device=device), extra
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # ValueError: UserInputError too
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UserInputError(f"the cached model {str(path)!r} cannot be loaded ({reason}): it is corrupt or "
+                             "incomplete; delete that folder to train it again") from err
+
+
+def _weights_mismatch_message(source: str, folder: Path | None, info: Mapping[str, Any],
+                              model: nn.Module) -> str | None:
+    """The message for a model whose `config.json` does not match its weights, from `from_pretrained`'s loading
+    info (None when it matches): how many weights the config's model lacks in the file (they would be random), the
+    file has beyond it (they would be dropped) or holds in another shape, the first few of each by name.
+
+    transformers has already removed the keys it ignores itself (tied `lm_head` weights, the keys of the model
+    class's `_keys_to_ignore_on_load_*`); buffers are not weights either (computed, never learned: the model's own,
+    and those older transformers saved, `_BUFFER_NAMES`), so they are left out too. What is left is a real
+    disagreement."""
+    buffers = {name for name, _ in model.named_buffers()}
+
+    def weights(keys: Any) -> list[str]:
+        return sorted((k for k in keys or () if k not in buffers and k.rsplit(".", 1)[-1] not in _BUFFER_NAMES),
+                      key=_natural_key)
+
+    missing = weights(info.get("missing_keys"))
+    unexpected = weights(info.get("unexpected_keys"))
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: _natural_key(item[0]))
+    if not (missing or unexpected or mismatched):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{_count(missing)} of the config's model not in the file ({_first(missing)}; they would be "
+                     "random)")
+    if unexpected:
+        parts.append(f"{_count(unexpected)} in the file that the config's model has no place for "
+                     f"({_first(unexpected)}; they would be dropped)")
+    if mismatched:
+        shapes = [f"{name}: {_shape(file)} in the file, {_shape(config)} in the config"
+                  for name, file, config in mismatched[:_SHOWN]]
+        more = f", and {len(mismatched) - _SHOWN} more" if len(mismatched) > _SHOWN else ""
+        parts.append(f"{_count(mismatched)} of another shape ({'; '.join(shapes)}{more})")
+    return (f"config.json does not match the weights in {_weights_files(folder)} of {source!r}: "
+            + ", ".join(parts) + ". The config and the weights come from different models (compare the config's "
+            "layer count, hidden size and vocab_size with the weights): put the config.json saved with these weights "
+            "beside them, or save the model again with save_pretrained")
+
+
+#: how many weight names a mismatch message shows of each kind
+_SHOWN = 3
+#: the last name of buffers that older transformers versions saved with the weights (attention masks, rotary
+#: frequencies, position ids): left in a checkpoint, they are no weight the config's model lacks
+_BUFFER_NAMES = frozenset({"masked_bias", "inv_freq", "original_inv_freq", "position_ids", "_float_tensor"})
+
+
+def _natural_key(name: str) -> list[Any]:
+    """A sort key that orders `h.2` before `h.10` (digit runs compared as numbers), so the first names shown are
+    those of the first layers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _count(names: Sequence[Any]) -> str:
+    """"1 weight" / "12 weights": the size of each kind of disagreement, which tells a layer count from a width."""
+    return f"{len(names)} weight{'s' if len(names) != 1 else ''}"
+
+
+def _first(names: Sequence[str]) -> str:
+    """The first `_SHOWN` names, and how many more there are."""
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f", and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _shape(shape: Any) -> str:
+    """A tensor shape as "128x384" ("scalar" for none): shorter in a one-line message than `torch.Size([128, 384])`."""
+    return "x".join(str(int(n)) for n in shape) if len(shape) else "scalar"
+
+
+def _weights_files(folder: Path | None) -> str:
+    """The weight files of a saved model's folder, for a message ("model.safetensors"; the first shard and a count
+    for a sharded model); "the weights" for a hub id."""
+    if folder is None:
+        return "the weights"
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return "the weights"
+    more = f" (and {len(files) - 1} more shard{'s' if len(files) > 2 else ''})" if len(files) > 1 else ""
+    return files[0].name + more
 
 
 def load_model_config(name_or_path: str | Path) -> Any:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .data.tofu_synthetic import GENERATOR_VERSION, SPLITS, TofuSynthetic, make_authors, make_world
-from .models import atomic_save_pretrained, load_causal_lm, resolve_device
+from .models import atomic_save_pretrained, load_cached_model, resolve_device
 from .request import to_device
 from .tofu_training import answer_scores, block_stream, choice_accuracy, file_lock, fit_adamw, token_loss
 
@@ -301,8 +301,10 @@ class TofuExperiment:
             with file_lock(path.parent, name):
                 if not self.is_cached(name):  # another process may have trained it while we waited
                     self._train(name)
-        self.timings[name] = float(self.training_record(name)["seconds"])
-        return load_causal_lm(path, device=self.device)
+        model, seconds = load_cached_model(path, lambda: float(self.training_record(name)["seconds"]),
+                                           device=self.device)
+        self.timings[name] = seconds
+        return model
 
     def base_model(self) -> nn.Module:
         """The pretrained base (shared by all seeds): a fresh copy from the cache, trained first when absent."""

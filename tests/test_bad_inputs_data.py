@@ -173,6 +173,143 @@ def test_empty_split_has_no_batch(shared):
     assert shared.snapshot() == before
 
 
+def spans_rows(spans: dict[str, Any], marked: set[str] | None = None) -> list[dict[str, Any]]:
+    """The project's rows with a `secret` forget column (true for the forget ids) and `spans` on the forget rows."""
+    marked = set(FORGET_IDS) if marked is None else marked
+    return [{**r, "secret": r["id"] in marked, "spans": spans.get(r["id"])} for r in texts()]
+
+
+def test_flat_spans_name_column_row_and_format(data_project):
+    """`"spans": [5, 12]` (one flat pair) instead of `[[5, 12]]`: refused naming the column, row and format."""
+    rows = spans_rows({i: [5, 12] for i in FORGET_IDS})
+    path = write_jsonl(data_project.data.parent / "flat.jsonl", rows)
+    message = data_refused(data_project, r"column 'spans' of train example 0 \(row 1 of the train data\) is a flat "
+                                         r"list of 2 number\(s\), not a list of pairs; give the spans as \[\[start, "
+                                         r"end\], \.\.\.\] character offsets",
+                           secrets=("5, 12", rows[0]["text"][5:12]), train=str(path), forget_ids=None,
+                           forget_column="secret", span="offsets")
+    assert "Traceback" not in message
+
+
+def test_csv_spans_as_json_text(data_project):
+    """A CSV cell cannot hold a list: `"[[5, 12]]"` is parsed as JSON; a cell that is not a list of pairs is
+    refused naming its row."""
+    import csv
+
+    def write(name: str, cell: str) -> Path:
+        path = data_project.data.parent / name
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["id", "text", "secret", "spans"])
+            writer.writeheader()
+            for row in spans_rows({i: cell for i in FORGET_IDS}):
+                writer.writerow({**row, "secret": int(row["secret"]), "spans": row["spans"] or ""})
+        return path
+
+    dm = data_module(data_project, train=str(write("spans.csv", "[[5, 12]]")), forget_ids=None,
+                     forget_column="secret", span="offsets")
+    dm.setup("fit")
+    forget = dm.split("forget")
+    assert list(forget["example_id"]) == [0, 3, 7] and dm.texts["forget"]["spans"] == [[[5, 12]]] * 3
+    assert all(sum(lab != -100 for lab in labels) == 7 for labels in forget["labels"])  # one char = one token
+    message = data_refused(data_project, r"column 'spans' of train example 0 \(row 1 of the train data\) holds text "
+                                         r"that is not a JSON list; give the spans as \[\[start, end\], \.\.\.\]",
+                           secrets=("5-12",), train=str(write("dash.csv", "5-12")), forget_ids=None,
+                           forget_column="secret", span="offsets")
+    assert "(in a CSV file, the JSON text" in message
+
+
+def test_malformed_jsonl_line_names_the_line(data_project):
+    lines = [json.dumps(r) for r in texts()]
+    lines[4] = '{"id": "doc-4", "text": "hush secret 4242" '  # no closing brace
+    bad = data_project.data.parent / "broken.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    data_refused(data_project, r"train file '.*broken.jsonl' could not be read as json: line 5 is not valid JSON "
+                               r"\(Expecting ',' delimiter\); check that the file is valid json",
+                 secrets=("hush", "4242"), train=str(bad))
+
+
+# ------------------------------------------------------------------ spans and truncation
+
+
+def long_forget_rows(cut: tuple[str, ...], partly: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The project's rows with span-labelled forget rows (char tokenizer: one token per character): those in `cut`
+    have their secret after 80 characters of filler, those in `partly` have it across character 64 (max_length),
+    the others at the start."""
+    filler = "filler words to push the secret along. " * 2
+    rows = []
+    for r in texts():
+        if r["id"] in cut:
+            text = filler + "pin 9173 ok"
+            start = len(filler)
+        elif r["id"] in partly:
+            text = filler[:60] + "pin 9173 ok"
+            start = 60
+        else:
+            text, start = "pin 9173 ok. " + r["text"], 0
+        rows.append({**r, "text": text, "secret": r["id"] in FORGET_IDS, "spans": [[start, start + 8]]})
+    return rows
+
+
+def test_forget_span_cut_off_by_truncation(data_project):
+    """Forget texts whose span lies beyond max_length tokens would keep no label and never be unlearned: refused
+    with the count and the fix (whole or partly cut: a warning for the partly cut one only)."""
+    path = write_jsonl(data_project.data.parent / "long_forget.jsonl", long_forget_rows(cut=("doc-0", "doc-7")))
+    message = data_refused(data_project, r"2 of 3 forget examples \(ids 0, 7\) lost their forget span to truncation "
+                                         r"at max_length=64: every labelled token lies beyond the first 64 tokens, so "
+                                         r"they would never be unlearned; raise max_length \(data.max_length.*shorten "
+                                         r"or split these texts so that the span comes within the first 64 tokens",
+                           secrets=("pin", "9173", "filler"), train=str(path), forget_ids=None,
+                           forget_column="secret", span="offsets")
+    assert "packing" not in message
+
+    path = write_jsonl(data_project.data.parent / "partly.jsonl", long_forget_rows(cut=(), partly=("doc-3",)))
+    dm = data_module(data_project, train=str(path), forget_ids=None, forget_column="secret", span="offsets")
+    with pytest.warns(UserWarning, match=r"1 of 3 forget examples \(ids 3\) lost part of their forget span to "
+                                         r"truncation at max_length=64") as caught:
+        dm.setup("fit")
+    assert not any("9173" in str(w.message) for w in caught)
+    labelled = {i: sum(lab != -100 for lab in labels) for i, labels in zip(dm.split("forget")["example_id"],
+                                                                           dm.split("forget")["labels"])}
+    assert labelled == {0: 8, 3: 4, 7: 8}
+    assert data_module(data_project, train=str(path), forget_ids=None, forget_column="secret", span="offsets",
+                       max_length=128).split("forget")["example_id"] == [0, 3, 7]
+
+
+# ------------------------------------------------------------------ forget texts outside the forget split
+
+
+def test_unmarked_copies_of_forget_texts_leave_held_out_splits(data_project):
+    """An unselected copy of a forget text that lands in the test (or holdout) share is left out of it with a
+    warning (counts only), like copies in retain; an explicit test source holding a forget text is warned about;
+    with forget= and retain= (no train), a copy in the retain source's test share is refused like one in retain."""
+    from lightning_unlearn.data.selection import bucket, text_sha256
+
+    rows = texts()
+    u, first = min((bucket(text_sha256(r["text"]), 0), r["id"]) for r in rows)
+    forget_text = next(r["text"] for r in rows if r["id"] == first)
+    path = write_jsonl(data_project.data.parent / "copies.jsonl", rows + [{"id": "copy", "text": forget_text}])
+    dm = data_module(data_project, train=str(path), forget_ids=[first], test_fraction=u + 1e-9,
+                     holdout_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"1 training example\(s\) repeat a forget text without being selected; they "
+                                         r"were left out of test \(1\)") as caught:
+        dm.setup("fit")
+    assert not any(forget_text in str(w.message) for w in caught)
+    assert forget_text not in dm.texts["test"]["text"] and 36 not in dm.texts["test"]["example_id"]
+
+    test = write_jsonl(data_project.data.parent / "test.jsonl", [{"id": "t-0", "text": "an unseen text"},
+                                                                {"id": "t-1", "text": forget_text}])
+    with pytest.warns(UserWarning, match=r"1 of the 2 examples of the test file '.*test.jsonl' \(ids 1\) have the "
+                                         r"text of a forget example, but this data should be unseen"):
+        data_module(data_project, forget_ids=[first], test=str(test)).setup("fit")
+
+    retain = [r["text"] for r in rows if r["id"] != first] + [forget_text]
+    with pytest.raises(UserInputError, match=r"forget and retain overlap: 1 retain example\(s\) \(ids 36\) have the "
+                                             r"text of a forget example") as err:
+        data_module(data_project, train=None, forget_ids=None, id_column=None, forget=[forget_text], retain=retain,
+                    test_fraction=u + 1e-9, holdout_fraction=0.0).setup("fit")
+    assert forget_text not in str(err.value)
+
+
 # ------------------------------------------------------------------ tokenizers
 
 

@@ -23,7 +23,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserInputError
-from .partition import COLUMNS, FEATURES, check_disjoint, check_retain_left, filter_rows, forget_from, forget_rows
+from .partition import (
+    COLUMNS,
+    FEATURES,
+    check_disjoint,
+    check_retain_left,
+    filter_rows,
+    forget_from,
+    forget_rows,
+    warn_forget_copies,
+    warn_source_overlap,
+)
 from .selection import DEFAULT_MARKERS, Normaliser, Selection, SpanMode
 from .sources import AnyDataset, Source, columns_of, describe, load_source, text_column_of
 from .tokenize import Collate, Overflow, Tokenise
@@ -58,7 +68,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
             This one tokenizer tokenises every split; a source's own `input_ids` column is ignored (the text is
             re-tokenised), and refused when its ids do not fit this tokenizer (tokenised with another one).
         packing: pack retain/full/test/holdout into blocks of `max_length` (forget is never packed).
-        on_overflow: "truncate" (with a warning) or "error" for examples longer than `max_length`.
+        on_overflow: "truncate" (with a warning) or "error" for examples longer than `max_length`. A forget example
+            whose whole span lies beyond `max_length` tokens is always an error (it would keep no label and never be
+            unlearned); one whose span is partly cut gets a warning.
         forget_not_in_train: "error" or "warn" when forget texts are not part of `train`.
         combined_mode: `CombinedLoader` mode of the training loader (`min_size`: one pass over the forget set).
         streaming: stream train/retain/test/holdout with `datasets` (sharded per process with
@@ -248,19 +260,15 @@ class ForgetRetainDataModule(L.LightningDataModule):
             retain = filter_rows(pool, lambda r: r["split"] == "train" and r["text_sha256"] not in hashes)
             check_retain_left(forget, retain, n_train, self.selection, self.test_fraction, self.holdout_fraction)
             full = filter_rows(pool, lambda r: r["split"] in ("train", "forget"))
-            if isinstance(pool, Dataset):
-                dropped = sum(1 for s, h in zip(pool["split"], pool["text_sha256"]) if s == "train" and h in hashes)
-                if dropped:
-                    warnings.warn(f"{dropped} training example(s) repeat a forget text without being selected; they "
-                                  "were left out of retain (select every copy to silence this)", UserWarning,
-                                  stacklevel=2)
+            warn_forget_copies(pool, hashes, ("train", "test", "holdout"))
         else:
             if self.train_source is not None:
                 rds, col = self._load(self.retain_source, "retain", stream)
-                retain = self._normalise(rds, col, "retain", offset=n_train)
-            else:
+                retain = check_disjoint(self._normalise(rds, col, "retain", offset=n_train), hashes)
+                warn_forget_copies(pool, hashes, ("test", "holdout"))
+            else:  # the retain source is the pool: none of it (test and holdout shares too) may be a forget text
+                pool = check_disjoint(pool, hashes)
                 retain = filter_rows(pool, lambda r: r["split"] == "train")
-            retain = check_disjoint(retain, hashes)
             if self.train_source is not None:
                 full = filter_rows(pool, lambda r: r["split"] in ("train", "forget"))
             else:
@@ -271,8 +279,10 @@ class ForgetRetainDataModule(L.LightningDataModule):
             if source is not None:
                 ds, col = self._load(source, name, stream)
                 self.texts[name] = self._normalise(ds, col, name)
-            else:
-                self.texts[name] = filter_rows(pool, lambda r, n=name: r["split"] == n)
+                warn_source_overlap(self.texts[name], hashes, describe(source, name))
+            else:  # a held-out share of the training data, less unselected copies of forget texts
+                self.texts[name] = filter_rows(pool, lambda r, n=name: r["split"] == n
+                                               and r["text_sha256"] not in hashes)
 
     # ------------------------------------------------------------------ tokenizer
     def _ensure_tokenizer(self) -> None:
@@ -310,10 +320,12 @@ class ForgetRetainDataModule(L.LightningDataModule):
             # forget is never packed (every example keeps its id and span), nor a span-labelled holdout (the target
             # compares per-example losses of the two)
             packing = self.packing and name != "forget" and not (name == "holdout" and self._labelling(name) != "text")
-            fn = Tokenise(self.tokenizer, max_length=self.max_length, packing=packing, on_overflow=self.on_overflow)
+            fn = Tokenise(self.tokenizer, max_length=self.max_length, packing=packing, on_overflow=self.on_overflow,
+                          split=name)
             if isinstance(ds, Dataset):
-                out = ds.map(fn, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
-                             keep_in_memory=True)
+                # the forget set (few rows) in one batch: its truncation check counts the whole set
+                out = ds.map(fn, batched=True, batch_size=None if name == "forget" else 1000,
+                             remove_columns=ds.column_names, load_from_cache_file=False, keep_in_memory=True)
             else:
                 out = ds.map(fn, batched=True, remove_columns=COLUMNS)
                 if world > 1:

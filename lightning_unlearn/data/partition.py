@@ -6,6 +6,7 @@ Messages give counts and row numbers, never the texts, the pattern or the ids.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import datasets
@@ -100,6 +101,33 @@ def check_disjoint(retain: AnyDataset, hashes: set[str]) -> AnyDataset:
 
     return retain.map(check)
 
+
+
+def warn_forget_copies(pool: AnyDataset, hashes: set[str], splits: tuple[str, ...]) -> None:
+    """Warn, with counts only, when unselected training rows of `pool` that landed in `splits` ("train" = retain,
+    "test", "holdout") repeat a forget text: the data module leaves them out of those splits (a forget text is neither
+    retained nor unseen data). A streamed pool is filtered as it arrives, uncounted."""
+    if not isinstance(pool, Dataset):
+        return
+    counts = Counter(s for s, h in zip(pool["split"], pool["text_sha256"]) if s in splits and h in hashes)
+    if counts:
+        where = ", ".join(f"{'retain' if name == 'train' else name} ({counts[name]})" for name in splits
+                          if counts[name])
+        warnings.warn(f"{sum(counts.values())} training example(s) repeat a forget text without being selected; they "
+                      f"were left out of {where} (select every copy to silence this)", UserWarning, stacklevel=3)
+
+
+def warn_source_overlap(ds: AnyDataset, hashes: set[str], where: str) -> None:
+    """Warn, with counts and row ids only, when an explicit test or holdout source holds forget texts: it is meant
+    to be data the model never saw, so its losses and the membership inference would compare the forget set with
+    itself."""
+    if not isinstance(ds, Dataset):
+        return
+    bad = [i for i, h in zip(ds["example_id"], ds["text_sha256"]) if h in hashes]
+    if bad:
+        warnings.warn(f"{len(bad)} of the {len(ds)} examples of the {where} (ids {sorted_ids(bad)}) have the text "
+                      "of a forget example, but this data should be unseen; remove them from it", UserWarning,
+                      stacklevel=3)
 
 
 def check_retain_left(forget: Dataset, retain: AnyDataset, n_train: int, selection: Selection, test_fraction: float,

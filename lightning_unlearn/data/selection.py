@@ -9,6 +9,7 @@ and `split` ("forget", "train", "test" or "holdout").
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ class Normaliser:
         elif self.span == "regex":
             spans = selection.regex_spans(text)
         else:  # offsets
-            spans = offsets_from_row(row)
+            spans = offsets_from_row(row, self._where(example_id))
         if not spans:
             raise UserInputError(f"forget example {example_id} has no sensitive span under span={self.span!r}; "
                                  "mark its span (markers, offsets or a regex match) or use span='example'")
@@ -180,6 +181,10 @@ class Normaliser:
                                  f"{len(text)} characters; give character offsets into the text")
         return [[int(s), int(e)] for s, e in spans]
 
+    def _where(self, example_id: int) -> str:
+        """The example and its row (1-based, data rows of the file: the line of a JSON Lines file) for messages."""
+        return f"{self.role} example {example_id} (row {example_id - self.id_offset + 1} of the {self.role} data)"
+
     def _holdout_spans(self, row: dict, text: str, marked: list, example_id: int) -> list[list[int]]:
         """An explicit holdout source's spans, found the forget set's way; none (whole-text labels) where a row has
         none. The data module checks that a span-level forget set gets a span-labelled holdout."""
@@ -188,7 +193,7 @@ class Normaliser:
         elif self.span == "regex":
             spans = self.selection.regex_spans(text) if self.selection._pattern is not None else []
         elif row.get("spans") is not None or ("span_start" in row and "span_end" in row):
-            spans = offsets_from_row(row)
+            spans = offsets_from_row(row, self._where(example_id))
         else:
             spans = []
         for s, e in spans:
@@ -198,16 +203,46 @@ class Normaliser:
         return [[int(s), int(e)] for s, e in spans]
 
 
-def offsets_from_row(row: dict) -> list[list[int]]:
-    """Spans from a `spans` column (list of [start, end]) or from `span_start` / `span_end` columns."""
+def offsets_from_row(row: dict, where: str = "a row") -> list[list[int]]:
+    """Spans from a `spans` column (list of [start, end]; a CSV cell holds it as JSON text) or from `span_start` /
+    `span_end` columns. A malformed `spans` cell is refused naming `where` (the row), the column and the format."""
     if "spans" in row and row["spans"] is not None:
-        return [list(s) for s in row["spans"]]
+        return _span_pairs(row["spans"], where)
     if "span_start" in row and "span_end" in row:
         if row["span_start"] is None or row["span_start"] < 0:
             return []
         return [[row["span_start"], row["span_end"]]]
     raise UserInputError("span='offsets' needs a 'spans' column (a list of [start, end] character offsets) or "
                          "'span_start' and 'span_end' columns; add them or choose span='markers' / 'regex'")
+
+
+def _span_pairs(value: Any, where: str) -> list[list[int]]:
+    """`value` as a list of [start, end] integer pairs: a JSON string is parsed (CSV cells cannot hold lists), an
+    empty one is no span; anything else is refused by its shape only (the offsets are near the secret's text)."""
+    text = isinstance(value, str)
+    if text:
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None  # reported below as text that is not a JSON list
+    if not isinstance(value, (list, tuple)):
+        problem = "holds text that is not a JSON list" if text else f"holds a {type(value).__name__} value"
+    elif value and all(_is_offset(v) for v in value):
+        problem = f"is a flat list of {len(value)} number(s), not a list of pairs"
+    elif all(isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_offset(v) for v in p) for p in value):
+        return [[int(s), int(e)] for s, e in value]
+    else:
+        problem = "is not a list of [start, end] pairs of integers"
+    raise UserInputError(f"column 'spans' of {where} {problem}; give the spans as [[start, end], ...] character "
+                         "offsets into the text, e.g. [[10, 21]] for one span (in a CSV file, the JSON text "
+                         "\"[[10, 21]]\")")
+
+
+def _is_offset(value: Any) -> bool:
+    """An integer character offset (a whole float too: CSV readers turn integer columns with gaps into floats)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def sorted_ids(values: Sequence[Any], limit: int = 5) -> str:

@@ -4,6 +4,7 @@ hub names, or plain lists of strings, as a `datasets.Dataset` (map-style) or `da
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -137,8 +138,39 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, StopIteration) as err:
         if "corresponds to no data" in str(err):  # blank lines only, or a CSV header without rows
             return _empty(streaming)
-        raise UserInputError(f"{name} file {str(path)!r} could not be read as {builder} ({type(err).__name__}); "
-                             f"check that the file is valid {builder} or give it the right suffix") from err
+        bad = json_error_line(path) if builder == "json" else None
+        where = f": line {bad[0]} is not valid JSON ({bad[1]})" if bad else f" ({type(err).__name__})"
+        raise UserInputError(f"{name} file {str(path)!r} could not be read as {builder}{where}; check that the file "
+                             f"is valid {builder} or give it the right suffix") from err
+
+
+def json_error_line(path: str | Path) -> tuple[int, str] | None:
+    """The line number and the parser's complaint (never the text) of the first invalid JSON in a file that
+    `datasets` failed to read: JSON Lines are checked line by line; a file whose first line is not JSON on its own
+    is parsed as one document. None when the JSON is valid (the problem is elsewhere, e.g. mixed column types).
+    Only called after a failure, so the extra read costs nothing on good files."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = True
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    if not first:
+                        return number, getattr(err, "msg", "invalid JSON")
+                    break  # perhaps one (pretty-printed) document: parse it whole below
+                first = False
+            else:
+                return None
+        with open(path, encoding="utf-8-sig") as f:
+            json.load(f)
+    except json.JSONDecodeError as err:
+        return err.lineno, err.msg
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _empty(streaming: bool) -> AnyDataset:

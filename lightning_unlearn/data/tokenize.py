@@ -28,14 +28,37 @@ def span_labels(input_ids: list[int], offsets: list[tuple[int, int]] | None, spa
             for tok, (s_tok, e_tok) in zip(input_ids, offsets)]
 
 
+def span_cuts(ids: list[int], rows_labels: list[list[int]], spans: list[list[list[int]]],
+              max_length: int) -> tuple[list[int], list[int]]:
+    """The ids of span-labelled rows whose labels truncation at `max_length` removes entirely, and of those it
+    removes in part (whole-text rows always keep their first tokens' labels)."""
+    cut, partly = [], []
+    for i, labels, sp in zip(ids, rows_labels, spans):
+        if not sp:
+            continue
+        total = sum(1 for lab in labels if lab != IGNORE)
+        kept = sum(1 for lab in labels[:max_length] if lab != IGNORE)
+        if total and not kept:
+            cut.append(i)
+        elif kept < total:
+            partly.append(i)
+    return cut, partly
+
+
 @dataclass
 class Tokenise:
-    """Batched map function: normalised rows -> tokenised rows (one per example, or packed blocks)."""
+    """Batched map function: normalised rows -> tokenised rows (one per example, or packed blocks).
+
+    `split` names the split in messages; for "forget" (never packed) a row whose whole span lies beyond
+    `max_length` is an error and a partly cut span a warning: truncation would otherwise leave the example with no
+    label, so it would silently never be unlearned. The data module maps the forget split as one batch, so the counts
+    are of the whole forget set."""
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 128
     packing: bool = False
     on_overflow: Overflow = "truncate"
+    split: str = ""
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         texts, ids, spans = batch["text"], batch["example_id"], batch["spans"]
@@ -52,18 +75,34 @@ class Tokenise:
             rows_labels.append(labels)
         if self.packing:
             return self._pack(rows_ids, rows_labels)
-        too_long = [i for i, t in zip(ids, rows_ids) if len(t) > self.max_length]
+        m = self.max_length
+        cut, partly = span_cuts(ids, rows_labels, spans, m) if self.split == "forget" else ([], [])
+        if cut:
+            raise UserInputError(
+                f"{len(cut)} of {len(ids)} forget examples (ids {sorted_ids(cut)}) lost their forget span to "
+                f"truncation at max_length={m}: every labelled token lies beyond the first {m} tokens, so they "
+                "would never be unlearned; raise max_length (data.max_length, at most the model's positions), or "
+                f"shorten or split these texts so that the span comes within the first {m} tokens")
+        too_long = [i for i, t in zip(ids, rows_ids) if len(t) > m]
         if too_long:
             self._overflow(too_long)
-        m = self.max_length
+        if partly:
+            warnings.warn(f"{len(partly)} of {len(ids)} forget examples (ids {sorted_ids(partly)}) lost part of their "
+                          f"forget span to truncation at max_length={m}: only the span tokens within the first {m} are "
+                          "unlearned; raise max_length (data.max_length, at most the model's positions), or shorten "
+                          "or split these texts", UserWarning, stacklevel=2)
         return {"input_ids": [t[:m] for t in rows_ids], "labels": [lab[:m] for lab in rows_labels],
                 "example_id": list(ids)}
 
     def _overflow(self, too_long: list[int]) -> None:
-        what = f"{len(too_long)} example(s) (ids {sorted_ids(too_long)}) are longer than max_length={self.max_length}"
+        which = f"{self.split} example(s)" if self.split else "example(s)"
+        what = f"{len(too_long)} {which} (ids {sorted_ids(too_long)}) are longer than max_length={self.max_length}"
+        # the forget set is never packed: packing=True only helps the other splits
+        packing = "set packing=True for the other splits (the forget set is never packed: shorten or split its " \
+            "long texts)" if self.split == "forget" else "set packing=True"
         if self.on_overflow == "error":
-            raise UserInputError(f"{what} tokens; raise max_length, set packing=True, or pass on_overflow='truncate'")
-        warnings.warn(f"{what} tokens and were truncated; raise max_length, set packing=True, or pass "
+            raise UserInputError(f"{what} tokens; raise max_length, {packing}, or pass on_overflow='truncate'")
+        warnings.warn(f"{what} tokens and were truncated; raise max_length, {packing}, or pass "
                       "on_overflow='error' to make this an error", UserWarning, stacklevel=2)
 
     def _pack(self, rows_ids: list[list[int]], rows_labels: list[list[int]]) -> dict[str, list]:

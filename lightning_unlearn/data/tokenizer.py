@@ -38,8 +38,24 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 1024, min_fre
     return fast
 
 
+#: the files of a saved tokenizer: a local folder with none of them holds no tokenizer (AutoTokenizer would still
+#: load one from its config.json, with an empty vocabulary)
+TOKENIZER_FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                          "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+#: a short text every usable tokenizer encodes to at least one token (letters, digits, punctuation, a CJK character:
+#: one of them is in any vocabulary)
+SAMPLE_TEXT = "Hello, world: the 42 cats. 你好"
+#: where to give the right tokenizer, in the message of a folder without one
+_TOKENIZER_FIX = ("give the folder with the tokenizer the model was trained with (data.tokenizer in a fit config, "
+                  "--tokenizer for evaluate)")
+
+
 def load_tokenizer(name_or_path: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory (or a hub id when online), with a pad token and right padding."""
+    """A tokenizer from a local directory (or a hub id when online), with a pad token and right padding.
+
+    Refuses a local folder without tokenizer files (`TOKENIZER_FOLDER_FILES`: a model folder saved without its
+    tokenizer) and a tokenizer that encodes `SAMPLE_TEXT` to no token: either would encode every text to nothing,
+    and the run would fail much later with an unrelated error."""
     if isinstance(name_or_path, PreTrainedTokenizerBase):
         tok = name_or_path
     else:
@@ -48,7 +64,12 @@ def load_tokenizer(name_or_path: str | Path | PreTrainedTokenizerBase) -> PreTra
         if (path.is_absolute() or text.startswith((".", "~")) or path.exists()) and not path.exists():
             raise FileNotFoundError(f"tokenizer path {text!r} does not exist; give a saved tokenizer directory, "
                                     "a hub id, or tokenizer=None to train one on the training text")
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FOLDER_FILES):
+            what = "a model saved without its tokenizer" if (path / "config.json").is_file() else "no tokenizer"
+            raise UserInputError(f"the folder {str(path)!r} holds {what} (none of "
+                                 f"{', '.join(TOKENIZER_FOLDER_FILES)}): {_TOKENIZER_FIX}")
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else text)
+    _check_encodes(tok)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserInputError("the tokenizer has neither a pad nor an eos token; add one with "
@@ -58,6 +79,21 @@ def load_tokenizer(name_or_path: str | Path | PreTrainedTokenizerBase) -> PreTra
     if not getattr(tok, "is_fast", False):
         raise UserInputError("span-level forgetting and offsets need a fast tokenizer; load it with use_fast=True")
     return tok
+
+
+def _check_encodes(tok: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer that encodes `SAMPLE_TEXT` to no token (an empty vocabulary: tokenizer files without one,
+    or a tokenizer class loaded from a config.json alone). A tokenizer that cannot encode at all (an error) is left
+    to fail where it is used, with its own message."""
+    try:
+        ids = tok(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
+    except Exception:  # not this check's problem (see the docstring)
+        return
+    if len(ids) == 0:
+        source = getattr(tok, "name_or_path", None)
+        where = f"the tokenizer loaded from {str(source)!r}" if source else "the given tokenizer"
+        raise UserInputError(f"{where} encodes every text to no token ({len(tok)} token(s) in its vocabulary, "
+                             f"none for {SAMPLE_TEXT!r}): it has no usable vocabulary; {_TOKENIZER_FIX}")
 
 
 def embedding_rows(model: nn.Module) -> int | None:
