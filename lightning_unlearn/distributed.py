@@ -95,19 +95,52 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
 NOT_GIVEN = -1
 
 
+def examples_fingerprint(batches: Iterable[Any]) -> int:
+    """A fingerprint of the examples of `batches` (dicts with `input_ids`, optionally `attention_mask` and
+    `labels`), independent of their order and batching: the sum, modulo 2⁴⁸, of a hash of each example's attended
+    token ids and labels. Exact in float64, so processes can compare it through a sum-reduce (`agree_on_batches`)."""
+    import hashlib
+
+    total = 0
+    for batch in batches:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            continue
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        ids, mask = ids.detach().cpu(), mask.detach().cpu().bool() if isinstance(mask, Tensor) else None
+        labels = labels.detach().cpu() if isinstance(labels, Tensor) else None
+        for i in range(ids.shape[0]):
+            keep = mask[i] if mask is not None else slice(None)
+            digest = hashlib.blake2b(ids[i][keep].to(torch.int64).numpy().tobytes(), digest_size=6)
+            if labels is not None:
+                digest.update(labels[i][keep].to(torch.int64).numpy().tobytes())
+            total = (total + int.from_bytes(digest.digest(), "little")) % FINGERPRINT_MODULUS
+    return total
+
+
+#: fingerprints are sums modulo 2⁴⁸: below float64's 2⁵³, so a sum-reduce of one non-zero row is exact
+FINGERPRINT_MODULUS = 1 << 48
+
+
 def agree_on_batches(reduce: Reduce, rank: int, world_size: int, who: str, required: tuple[str, ...] = ("forget",),
-                     **counts: int | None) -> dict[str, list[int]]:
+                     fingerprints: dict[str, int] | None = None, **counts: int | None) -> dict[str, list[int]]:
     """The batch counts of every process, by kind (`counts`: this process's, None when that data was not given).
 
     Raises the same `UserInputError` on every process when a process has no batch of a kind in `required`, or of a
     kind that other processes were given, or when the processes have different numbers of batches of a kind: each
     process keeps its share of a batch list (`share`), which only partitions the data when every process holds the
     same list; with different counts some batches would never enter the request, and the processes could run
-    different numbers of collectives. `reduce` sums a tensor over processes (identity on one process).
+    different numbers of collectives. With `fingerprints` (kind -> `examples_fingerprint` of this process's whole
+    list), also when the processes got different examples of a kind (e.g. each a `DistributedSampler`'s shard of the
+    forget set): each would keep its share of its own list, and part of the set would never be unlearned. `reduce`
+    sums a tensor over processes (identity on one process).
     """
     names = list(counts)
-    table = torch.zeros(max(world_size, 1), len(names), dtype=torch.float64)
-    table[rank] = torch.tensor([float(NOT_GIVEN if c is None else c) for c in counts.values()], dtype=torch.float64)
+    prints = list(fingerprints or {})
+    table = torch.zeros(max(world_size, 1), len(names) + len(prints), dtype=torch.float64)
+    table[rank] = torch.tensor([float(NOT_GIVEN if c is None else c) for c in counts.values()]
+                               + [float(fingerprints[k]) for k in prints], dtype=torch.float64)  # type: ignore[index]
     if world_size > 1:
         table = reduce(table)  # each process fills its own row, the others are 0: the sum is every process's row
     per_kind = {name: [int(v) for v in table[:, j].tolist()] for j, name in enumerate(names)}
@@ -129,6 +162,13 @@ def agree_on_batches(reduce: Reduce, rank: int, world_size: int, who: str, requi
                 f"{who}: the processes got different numbers of {name} batches ({name} batches per process: "
                 f"{values}), so some {name} batches would never enter the request; every process needs the same "
                 f"number: pass the same {name} batches on every process (each keeps its share)")
+    for j, name in enumerate(prints, len(names)):
+        if len(set(table[:, j].tolist())) > 1:
+            raise UserInputError(
+                f"{who}: the processes got different {name} examples (the same number of batches, other examples), "
+                f"so each would keep its share of its own list and part of the {name} set would never enter the "
+                f"request; pass the whole {name} set, the same on every process (not a DistributedSampler's shard: "
+                "the request shares it out itself)")
     return per_kind
 
 

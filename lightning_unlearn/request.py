@@ -33,7 +33,7 @@ from .checkpoint import load_curvature_state
 from .curvature.base import Curvature, Reduce, identity
 from .curvature.objective import IGNORE_INDEX
 from .curvature.registry import build_curvature
-from .distributed import agree_on_batches, broadcast_parameters, share
+from .distributed import agree_on_batches, broadcast_parameters, examples_fingerprint, share
 from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
@@ -250,6 +250,7 @@ def prepare_request(
     rank: int = 0,
     world_size: int = 1,
     batch_counts: Mapping[str, int | None] | None = None,
+    fingerprints: dict[str, int] | None = None,
     required: tuple[str, ...] = ("forget",),
     log: Callable[[StepRecord], None] | None = None,
     who: str = "serve_request",
@@ -258,13 +259,14 @@ def prepare_request(
     """Everything before a request's first step; returns the method, its curvature fitted.
 
     The processes agree on `batch_counts` (this process's count of each kind of batch, None: not given; the kinds
-    in `required` must have batches on every process), the weights are checked for NaN/inf, and for second-order
-    methods the curvature is fitted on this process's share of `curvature_source` (at most
+    in `required` must have batches on every process) and on `fingerprints` (kind -> `examples_fingerprint` of this
+    process's batches: every process must hold the same examples), the weights are checked for NaN/inf, and for
+    second-order methods the curvature is fitted on this process's share of `curvature_source` (at most
     `settings.curvature_batches`; `full_minus_forget` subtracts it from `full_curvature`, default
     `settings.full_curvature`). `request` goes to the method's constructor last (e.g. the module's `steps`)."""
     check_gradients_allowed(who)
     if batch_counts:
-        agree_on_batches(reduce, rank, world_size, who, required, **batch_counts)
+        agree_on_batches(reduce, rank, world_size, who, required, fingerprints, **batch_counts)
     check_finite_weights(model)  # a broken model fails here, not as rollbacks after the curvature pass
     curvature = full = None
     if settings.second_order:
@@ -350,10 +352,14 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
                     "held retain": [held] if held is not None else [], "holdout": holdout_list or []})
     counts = {"forget": len(forget_batches), "retain": retain_count,
               "holdout": None if holdout_list is None else len(holdout_list)}
+    # every process must hold the whole forget set and holdout (each keeps its share): a shard per process would
+    # leave part of the forget set out of the request without a word
+    prints = None if world_size <= 1 else {"forget": examples_fingerprint(forget_batches),
+                                           "holdout": examples_fingerprint(holdout_list or [])}
     source = retain_batches if settings.curvature_data == "retain" else forget_batches
     unlearner = prepare_request(model, settings=settings, curvature_source=source, full_curvature=full_curvature,
                                 reduce=reduce, gather=gather, rank=rank, world_size=world_size, batch_counts=counts,
-                                log=log, who=who)
+                                fingerprints=prints, log=log, who=who)
     # every process keeps its share of forget, retain and holdout: the engine sums losses across processes
     records = unlearner.fit(share(forget_batches, rank, world_size),
                             share(retain_batches, rank, world_size) if retain_batches else None, held_retain_batch=held,

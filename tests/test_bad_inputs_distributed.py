@@ -80,3 +80,53 @@ def test_processes_with_different_batch_counts_fail_the_same_way_on_every_proces
                                   f"batches ({kind} batches per process: {counts})"), message
         assert f"pass the same {kind} batches on every process" in message, message
     assert ranks[0]["unchanged"] == "True"
+
+
+def _ranks_with_their_own_shards(fabric: Fabric, out: Path) -> None:
+    from lightning_unlearn.distributed import leave_process_group
+    from lightning_unlearn.fabric import fabric_unlearn
+    from lightning_unlearn.models import small_causal_lm
+
+    torch.set_num_threads(1)
+
+    def batch(seed: int) -> dict:
+        x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+    model = small_causal_lm("gpt2", seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rank = fabric.global_rank
+    whole = [batch(0), batch(1), batch(2), batch(3)]
+    lines = []
+    cases = {  # a DistributedSampler's split of the forget set (then of the holdout); the whole set, reordered
+        "forget": dict(forget_loader=whole[rank::2], retain_loader=[batch(9)] * 2),
+        "holdout": dict(forget_loader=whole[:2], retain_loader=[batch(9)] * 2, holdout=[batch(5 + rank)]),
+        "reordered": dict(forget_loader=whole[:2] if rank == 0 else whole[1::-1], retain_loader=[batch(9)] * 2)}
+    for kind, data in cases.items():
+        try:
+            fabric_unlearn(fabric, model if kind != "reordered" else small_causal_lm("gpt2", seed=0), steps=1,
+                           **data)
+            message = "no error"
+        except Exception as err:  # noqa: BLE001 - the test records what each rank saw
+            message = f"{type(err).__name__}: {err}"
+        lines.append(f"{kind}\t{message}")
+    unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    (out / f"rank{rank}.txt").write_text("\n".join([*lines, f"unchanged\t{unchanged}"]))
+    leave_process_group()
+
+
+def test_processes_with_their_own_shard_of_the_forget_set_are_refused_on_every_process(tmp_path):
+    """Each process passing its own shard of the forget set (the same number of batches, other examples) kept its
+    share of its shard, and half the forget set never entered the request, without a word. Both processes now raise
+    the same error before any weight changes; the same examples in another order on each process are fine."""
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_ranks_with_their_own_shards, tmp_path)
+    ranks = [dict(line.split("\t", 1) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines())
+             for r in (0, 1)]
+    assert ranks[0] == ranks[1], ranks
+    for kind in ("forget", "holdout"):
+        message = ranks[0][kind]
+        assert message.startswith(f"UserInputError: fabric_unlearn: the processes got different {kind} examples"), \
+            message
+        assert "not a DistributedSampler's shard" in message, message
+    assert ranks[0]["reordered"] == "no error", ranks[0]["reordered"]
+    assert ranks[0]["unchanged"] == "True"
