@@ -21,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
@@ -36,6 +37,7 @@ from torchmetrics.text import Perplexity
 from .curvature import model_logits
 from .curvature.objective import IGNORE_INDEX
 from .distributed import broadcast_parameters, share, strategy_gather, strategy_reduce
+from .errors import UserInputError
 from .fsdp import full_parameters, gathered_state_dict, is_sharded, shard_model
 from .methods.knowledge import KNOWLEDGE_STEPS
 from .methods.newton import DEFAULT_NEWTON_STEPS
@@ -51,6 +53,39 @@ SPLITS = ("forget", "retain")
 TEST_SPLITS = ("forget", "retain", "test", "holdout")
 #: every split an evaluation loader may be named after (`ForgetRetainDataModule`'s splits)
 EVAL_SPLITS = ("forget", "retain", "test", "holdout", "full")
+
+
+class ForgetBatchWarning(UserWarning):
+    """The training loader has several batches but no forget loader to read the whole forget set from, so
+    `UnlearningModule` can only judge the target (nothing to do, stop) on each step's forget batch."""
+
+
+@contextlib.contextmanager
+def _random_state_kept(loader: Any) -> Iterator[None]:
+    """Iterate `loader` inside without moving the random state its own passes during the fit read: the global torch
+    RNG (a sampler without a generator seeds itself from it) and the generators of the loader and its samplers (the
+    data module shuffles with a seeded generator). So reading the forget set at the start leaves the order in which
+    the fit sees the batches as it was without that read."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
+    generators = {id(g): (g, g.get_state()) for g in (getattr(o, "generator", None) for o in owners)
+                  if isinstance(g, torch.Generator)}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            for generator, state in generators.values():
+                generator.set_state(state)
+
+
+def _batch_count(loader: Any) -> int | None:
+    """`len(loader)`, or None for a loader without a length (an iterable dataset)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 class UnlearningModule(pl.LightningModule):
     """Unlearning as a Lightning fit: `training_step` runs one step of `method` on `{"forget": b, "retain": b}`.
 
@@ -73,6 +108,14 @@ class UnlearningModule(pl.LightningModule):
     `ForgetRetainDataModule.holdout_dataloader` refuses a holdout of whole texts (or none), naming the fix; pass
     `holdout=` to the data module, `set_holdout_data(...)`, or `holdout_batches=0` for no holdout target.
     After the fit, `status` tells how the run ended and `summary()` gives the numbers.
+
+    A forget loader of several batches (`data.forget_batch_size` below the forget set's size): each step's update
+    comes from its forget batch, but the target is judged on the whole forget set, read once at `on_train_start`
+    (`begin`'s "nothing to do", the stop after each step, the losses before and after), as the `Unlearn` callback
+    and `serve_request` judge it: one batch that happens to look unseen must not end the run while the rest of the
+    forget set is still memorised (a step whose batch already looks unseen takes the whole forget set instead: that
+    batch has nothing left to forget). A run cannot be resumed from a checkpoint (`fit(ckpt_path=...)` is refused, see
+    `on_load_checkpoint`).
     """
 
     @takes_settings(skip=("steps",), types={"full_curvature": str | None}, hide=("settings",))
@@ -107,6 +150,8 @@ class UnlearningModule(pl.LightningModule):
         self._holdout_data: Iterable[Any] | None = None
         self._held_retain: Mapping[str, Tensor] | None = None
         self._forget: Mapping[str, Tensor] | None = None  # the last step's forget batch (the losses after the run)
+        # the whole forget set when the forget loader has several batches: what the target is judged on
+        self._forget_set: list[dict[str, Tensor]] | None = None
         self._begun = False
 
     method = setting("method")
@@ -217,8 +262,58 @@ class UnlearningModule(pl.LightningModule):
         self.history = []
         self._held_retain, self._forget, self._begun = None, None, False
         self._recent_retain: deque[dict[str, Tensor]] = deque(maxlen=REPAIR_BATCHES)  # what the retain repair descends
+        self._forget_set = self._read_forget_set()
         if holdout:  # every process keeps its share: the engine sums the holdout statistics across processes
             self.unlearner.calibrate(share(holdout, rank, world))
+
+    def _read_forget_set(self) -> list[dict[str, Tensor]] | None:
+        """This process's whole forget set (its batches, on the device) when the training loader's forget loader has
+        more than one batch (on any process); None when it has one (each step then sees the whole forget set, the
+        target is judged on it as it comes). The forget loader is the "forget" loader of a `CombinedLoader` (or dict)
+        of named loaders, or the training loader itself when its batches are forget batches alone. The forget set is
+        small (what is to be forgotten), and the steps measure it whole anyway when it is one batch. Without a forget
+        loader of known length (an iterable dataset, or a loader of already-combined batches) and with several
+        training batches, a `ForgetBatchWarning` says that the target is judged per forget batch, and the fix. Every
+        process takes the same decision (the engine's measurements of the forget set are collectives)."""
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+        iterables = loader.iterables if isinstance(loader, CombinedLoader) else loader
+        named = isinstance(iterables, Mapping)
+        source = iterables.get("forget") if named else iterables
+        if isinstance(source, (list, tuple)):
+            source = None  # loaders by position: no forget loader to tell apart
+        batches: list[dict[str, Tensor]] | None = None
+        if source is not None and _batch_count(source) is not None:
+            batches = []
+            seen: set[tuple[int, ...]] = set()
+            read: list[Any] = []  # every batch read, kept alive: the identities in `seen` stay unique
+            with _random_state_kept(source):
+                for batch in source:
+                    if not named and isinstance(batch, Mapping) and "forget" in batch:
+                        batches = None  # the loader combines forget and retain itself: no forget set apart
+                        break
+                    read.append(batch)
+                    tensors = tuple(id(v) for v in (batch.values() if isinstance(batch, Mapping) else ())
+                                    if isinstance(v, Tensor))
+                    if tensors and tensors in seen:
+                        continue  # the very same batch again (a loader that repeats one batch): counted once
+                    seen.add(tensors)
+                    batches.append(self._prepare(batch))
+        flags = torch.tensor([float(batches is None), float(batches is not None and len(batches) > 1)],
+                             device=self.device)
+        unreadable, several = (float(x) > 0 for x in strategy_reduce(trainer)(flags))
+        if not unreadable:
+            return batches if several else None
+        planned = trainer.num_training_batches
+        if not math.isfinite(planned) or planned > 1:
+            rank_zero_warn(
+                "UnlearningModule: the training loader has several batches but no forget loader of known length to "
+                "read the whole forget set from, so the target (nothing to do, stop) is judged on each step's forget "
+                "batch alone: one batch that looks unseen can end the run while the rest of the forget set is still "
+                "memorised. Pass CombinedLoader({'forget': <forget loader>, 'retain': <retain loader>}) with a forget "
+                "loader of finite length, put the whole forget set in one batch (data.forget_batch_size), or use the "
+                "Unlearn callback / serve_request, which judge the whole forget set.", category=ForgetBatchWarning)
+        return None
 
     def _planned_steps(self) -> int:
         """The method's step budget: the trainer's `max_steps` (Lightning drives the steps; a staged recipe spreads its
@@ -260,13 +355,17 @@ class UnlearningModule(pl.LightningModule):
         self._forget = forget
         if not self._begun:
             self._begun = True
-            if unlearner.begin([forget], [], self._held_retain):  # the forget set already looks unseen: nothing to do
+            # the whole forget set (not this step's batch) decides whether it already looks unseen: nothing to do
+            if unlearner.begin(self._forget_set or [forget], [], self._held_retain):
                 self.trainer.should_stop = True
                 self.log_dict({f"unlearn/{k}": v for k, v in summary_numbers(unlearner.summary()).items()},
                               on_step=True, on_epoch=False, batch_size=size)
                 return None
             self._warn_if_the_regime_is_short(unlearner)
-        record = self.optimizers().step(closure=lambda: unlearner.step(forget, retain, self._held_retain))
+        step_forget = self._forget_to_step_on(forget)
+        record = self.optimizers().step(closure=lambda: unlearner.step(step_forget, retain, self._held_retain))
+        if self._forget_set is not None:
+            self._judge_on_forget_set(record)
         self.history.append(record)
         if unlearner.should_stop(record):
             self.trainer.should_stop = True
@@ -275,15 +374,59 @@ class UnlearningModule(pl.LightningModule):
         self.log_dict(numbers, on_step=True, on_epoch=False, batch_size=size)
         return torch.tensor(record.forget_loss)
 
+    def _forget_to_step_on(self, forget: dict[str, Tensor]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """What this step forgets: its forget batch, or the whole forget set when the batch already reaches the
+        target on its own while the whole set does not (else the run would have ended). Such a batch has nothing left
+        to forget: the method's step-length search would take a vanishing step on it and start every later search
+        from that step, and the run would stall on the batches still memorised. Only with a forget set of several
+        batches and a target; the batch's score is the one the step itself starts from (measured once)."""
+        target = self.unlearner.current_target()
+        if self._forget_set is None or target is None:
+            return forget
+        score, _ = self.unlearner.forget_score([forget])
+        return self._forget_set if math.isfinite(score) and score >= target else forget
+
+    def _judge_on_forget_set(self, record: Any) -> None:
+        """Make an accepted step's record speak for the whole forget set, not the step's batch: its forget loss and
+        score become the whole set's, and its reason "target_reached" exactly when the whole set reached the target
+        (a batch that reached it alone: "accepted"). `should_stop` and the run's status read the reason, so neither
+        the stop nor the status is decided on one batch. Rolled-back records keep their numbers (the weights are
+        those of before the step). The record is changed in place: it is the one in the method's history."""
+        if not record.accepted or self._forget_set is None:
+            return
+        score, loss = self.unlearner.forget_score(self._forget_set)
+        record.forget_score, record.forget_loss = score, loss
+        if record.target is not None and math.isfinite(score) and score >= record.target:
+            record.reason = "target_reached"
+        elif record.reason == "target_reached":
+            record.reason = "accepted"
+
     def on_train_end(self) -> None:
         if self._begun and self._forget is not None:
-            # the retain repair (knowledge regime) on the last retain batches; the losses after, the status, the warning
-            self.unlearner.finish([self._forget], list(self._recent_retain), self._held_retain)
+            # the retain repair (knowledge regime) on the last retain batches; the losses after (on the whole forget
+            # set), the status, the warning
+            self.unlearner.finish(self._forget_set or [self._forget], list(self._recent_retain), self._held_retain)
+        self._forget_set = None  # let the forget batches go
         if self.trainer.world_size > 1:
             broadcast_parameters(self.model)  # every process ends with the same weights (see serve_request)
         if is_sharded(self.model) and self.trainer.is_global_zero:  # full values for save_pretrained on rank 0
             self._gathered_state = gathered_state_dict(self.model)
         self._leave_full_parameters(None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a fit from a checkpoint (`trainer.fit(..., ckpt_path=...)`): an unlearning run's retain
+        budget, its losses before and its target are measured on the original model at the start of the run, and
+        `on_train_start` would measure them again on the checkpoint's weights, so a resumed run would get a second
+        full retain budget on top of the one spent, report the checkpoint as "before", and go on after a run that
+        had ended. Validating or testing a checkpoint (`trainer.validate/test(ckpt_path=...)`) loads it as usual."""
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise UserInputError(
+                "UnlearningModule: an unlearning run cannot be resumed from a checkpoint (fit with ckpt_path): its "
+                "retain budget, its losses before and its target belong to the original model, and a resumed run "
+                "would measure them anew on the checkpoint's weights (a second retain budget on top of the spent "
+                "one); re-run the unlearning from the original model without ckpt_path (--ckpt_path), and evaluate a "
+                "checkpoint with trainer.validate/test(ckpt_path=...)")
 
     def on_exception(self, exception: BaseException) -> None:
         self._leave_full_parameters(exception)  # the shards keep their values from before the run
@@ -304,8 +447,10 @@ class UnlearningModule(pl.LightningModule):
         return self.unlearner.status if self.unlearner is not None and self._begun else None
 
     def summary(self) -> dict[str, Any]:
-        """The method's `summary()`: the same numbers as a request's (`records.SUMMARY_FIELDS`); the losses are
-        those of the last step's forget batch and of the held retain batch (the first retain batch)."""
+        """The method's `summary()`: the same numbers as a request's (`records.SUMMARY_FIELDS`); the forget losses
+        are those of the whole forget set (of the last step's forget batch when the forget loader has one batch, or
+        no forget loader could be told apart) and the retain losses those of the held retain batch (the first retain
+        batch)."""
         if self.unlearner is None or not self._begun:
             return dict.fromkeys(SUMMARY_FIELDS)
         return self.unlearner.summary()

@@ -62,7 +62,8 @@ def check_fit_trainer(config: Any) -> None:
     no step at all (`max_steps`, `max_epochs` or `limit_train_batches` 0: the model written would be the original),
     a `fast_dev_run` with an `--output` (a debug step is not an unlearned model), and the automatic-optimisation
     settings an unlearning step cannot take (`gradient_clip_val`, `accumulate_grad_batches`: the method takes its
-    own step, bounded by its trust region); a `ckpt_path` that does not exist."""
+    own step, bounded by its trust region); a `ckpt_path` (a run cannot be resumed; `UnlearningModule` refuses it
+    too)."""
     trainer = config.get("trainer") or {}
     for key in ("max_steps", "max_epochs", "limit_train_batches"):
         value = trainer.get(key)
@@ -88,6 +89,10 @@ def check_fit_trainer(config: Any) -> None:
             and not Path(ckpt).expanduser().exists():
         raise ConfigError(f"ckpt_path: {str(ckpt)!r} does not exist; give an existing Lightning checkpoint (.ckpt) "
                           "or leave it unset")
+    if ckpt:
+        raise ConfigError("ckpt_path: an unlearning run cannot be resumed from a checkpoint (its retain budget, target "
+                          "and curvature belong to the original model); run fit again from the original model without "
+                          "ckpt_path, and evaluate a checkpoint with validate or test --ckpt_path")
 
 
 def check_choices(config: Any) -> None:
