@@ -231,3 +231,14 @@ def test_span_forget_set_with_a_whole_text_holdout_is_refused(memorised_canaries
     assert len(error) == 1 and "the forget set is labelled on its spans (span='offsets') but" in error[0], error
     assert "labelled on every token" in error[0] and "give holdout=" in error[0] and "holdout_batches=0" in error[0]
     assert not (memorised_canaries / "out/refused").exists()
+
+
+def test_a_demo_corpus_too_small_for_its_splits_names_the_demos_option(tmp_path):
+    """The data module's fix names its own options (test_fraction, test=<data>), which `demo` does not have; the
+    demo says which of its options to raise. Nothing is written."""
+    result = run_command(["demo", "--corpus-bytes", "2000", "--train-steps", "1", "--output", "out", "--quiet"],
+                         cwd=tmp_path, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lightning-unlearn: error: ")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "raise --corpus-bytes" in lines[0] and "test_fraction" not in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()

@@ -55,8 +55,16 @@ def run(args: Sequence[str]) -> int:
         config.train_steps = ns.train_steps
     if ns.corpus_bytes is not None:
         config.corpus_bytes = ns.corpus_bytes
-    summary = run_demo(ns.output, config=config, settings=settings, progress=not ns.quiet, overwrite=ns.overwrite,
-                       cache=ns.cache, protected={"--config": ns.config, "the current folder": os.getcwd()})
+    try:
+        summary = run_demo(ns.output, config=config, settings=settings, progress=not ns.quiet, overwrite=ns.overwrite,
+                           cache=ns.cache, protected={"--config": ns.config, "the current folder": os.getcwd()})
+    except UserInputError as err:
+        if " split is empty (0 examples)" not in str(err):
+            raise
+        # the data module's fix names its own options; the demo's corpus is what the user sets here
+        raise UserInputError(f"the demo's synthetic corpus ({config.corpus_bytes} bytes) is too small to leave "
+                             f"examples for every split ({str(err).split(';')[0]}); raise --corpus-bytes (default "
+                             f"{type(config)().corpus_bytes})") from err
     from rich.console import Console
 
     console = Console()
