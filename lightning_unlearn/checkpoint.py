@@ -40,6 +40,7 @@ from .checkpoint_checks import (
     weights_sample,
 )
 from .curvature.base import Curvature
+from .curvature.layers import unwrap_model
 from .errors import UserInputError
 from .io import atomic_file
 
@@ -136,6 +137,7 @@ def save_curvature(curvature: Curvature | Mapping[str, Any], path: str | Path, *
         model = curvature.model if model is None else model
     else:
         state = dict(curvature)
+    model = unwrap_model(model) if model is not None else None  # names without torch.compile's `_orig_mod.`
     shard = state.get("shard")  # one process's share (K-FAC with shard_factors=True): a per-rank checkpoint
     world_size = int(meta.pop("world_size", shard["world_size"] if shard else 1))
     scope = str(meta.pop("scope", "rank" if shard else "full"))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .curvature.base import is_shard
+from .curvature.layers import unwrap_model
 from .errors import UserInputError
 
 #: `scope` of a checkpoint: the reduced state of all processes (any world size may load it), or one rank's share
@@ -243,6 +244,7 @@ def check_curvature_state(
     `header`: the file's recorded shapes, fingerprint, weights sample, world size and scope (none for older
     files)."""
     header = dict(header or {})
+    model = unwrap_model(model) if model is not None else None  # the names a curvature of it carries
     if world_size is None:
         dist = torch.distributed
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

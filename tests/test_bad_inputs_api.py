@@ -194,3 +194,24 @@ def test_a_set_labelled_nowhere_is_refused_by_name(trained, data, which):
     with pytest.raises(UserInputError, match=f"the {which} batches have no position with a label"):
         build_unlearner("newton", fresh(trained)).fit(sets["forget"], sets["retain"],
                                                       holdout_batches=sets["holdout"])
+
+
+def test_a_compiled_model_unlearns_as_the_plain_one_and_shares_its_curvature_checkpoints(trained, data, tmp_path):
+    """`torch.compile` prefixes parameter names with `_orig_mod.`: a curvature checkpoint saved from the compiled model
+    named no parameter of the plain one (refused as "saved from another model"), and the reverse. The engine works on
+    the module the wrapper holds, so both load either checkpoint, and a request gives the same weights."""
+    from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
+    from lightning_unlearn.curvature.registry import build_curvature
+
+    forget, retain, holdout = data
+    plain, compiled = fresh(trained), torch.compile(fresh(trained), backend="eager")
+    for source, target in ((compiled, plain), (plain, compiled)):
+        path = tmp_path / f"{type(source).__name__}.safetensors"
+        curvature = build_curvature("kfac", source).fit(retain)
+        assert not any(n.startswith("_orig_mod.") for n in curvature.param_names)
+        save_curvature(curvature, path)
+        assert load_curvature_state(path, model=target)
+    serve_request(plain, forget, retain, holdout, settings=UnlearnSettings(steps=2))
+    serve_request(compiled, forget, retain, holdout, settings=UnlearnSettings(steps=2))
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), compiled._orig_mod.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(plain.parameters(), trained.parameters()))

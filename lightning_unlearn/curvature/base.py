@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layers import unwrap_model
 from .objective import CrossEntropyObjective, Objective, Positions, model_logits, position_keys
 
 Vector = dict[str, Tensor]
@@ -113,7 +114,9 @@ class Curvature(ABC):
         seed: int = 0,
         temperature: float | None = None,
     ) -> None:
-        self.model = model
+        # the module holding the parameters (no torch.compile or DDP wrapper): its names are the model's own, so a
+        # checkpoint of it fits the plain and the compiled model alike, and its forward runs eagerly under the hooks
+        self.model = unwrap_model(model)
         if temperature is not None and float(temperature) != 1.0:
             if objective is not None:
                 raise ValueError("give either temperature= or objective=, not both (temperature builds the objective)")

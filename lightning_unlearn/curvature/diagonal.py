@@ -39,7 +39,7 @@ class DiagonalFisher(Curvature):
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         self.fisher_type = fisher_type
-        self.param_names = trainable_parameters(model, params)
+        self.param_names = trainable_parameters(self.model, params)
         self._reset()
 
     def _reset(self) -> None:

@@ -145,7 +145,7 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
         if self.shard_factors and self.eigenvalue_correction:
             raise ValueError("kfac: shard_factors=True does not support eigenvalue_correction (EK-FAC projects every "
                              "process's data on every layer's eigenbasis, which only its owner holds); use one of them")
-        self.layers: list[TrackedLayer] = find_layers(model, include, exclude)
+        self.layers: list[TrackedLayer] = find_layers(self.model, include, exclude)
         self.param_names = tuple(n for layer in self.layers for n in layer.param_names)
         dtype = self.layers[0].module.weight.dtype
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32

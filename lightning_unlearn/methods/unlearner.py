@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Reduce, Vector, eval_mode, identity
+from ..curvature.layers import unwrap_model
 from ..errors import UserInputError
 from . import holdout as holdout_checks
 from .inputs import (
@@ -86,7 +87,7 @@ class Unlearner(ABC):
         check_settings(steps=steps, damping_growth=damping_growth, max_retries=max_retries,
                        max_retain_increase=max_retain_increase, max_step_norm=max_step_norm, damping=damping,
                        scale=scale, target_score=target_score, forget_target=forget_target, forget_loss=forget_loss)
-        self.model = model
+        self.model = unwrap_model(model)  # the engine's names are the model's own (see curvature.layers.unwrap_model)
         self.forget_loss = check_forget_loss(forget_loss)
         self.steps = int(steps)
         self.max_retain_increase = max_retain_increase
