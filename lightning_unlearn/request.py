@@ -38,7 +38,7 @@ from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
 from .methods.first_order import DEFAULT_FIRST_ORDER_STEPS
-from .methods.inputs import check_curvature_model, check_finite_weights, check_gradients_allowed, check_labelled
+from .methods.inputs import check_curvature_model, check_finite_weights, check_gradients_allowed, check_sets
 from .methods.records import STATUSES
 from .methods.target import held_out_retain
 from .settings import FullCurvature, UnlearnSettings
@@ -347,8 +347,8 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
     holdout_list = None  # the holdout batches (`settings.holdout_batches` is how many at most)
     if holdout is not None and settings.holdout_batches != 0:
         holdout_list = [prepare(b) for b in itertools.islice(holdout, settings.holdout_batches)]
-    # a set labelled nowhere fails here by name, not inside the curvature fit (every process holds all the data)
-    check_labelled({"forget": forget_batches, "retain": retain_batches or [],
+    # bad batches fail here by name, not inside the curvature fit (every process holds all the data)
+    check_sets(model, {"forget": forget_batches, "retain": retain_batches or [],
                     "held retain": [held] if held is not None else [], "holdout": holdout_list or []})
     counts = {"forget": len(forget_batches), "retain": retain_count,
               "holdout": None if holdout_list is None else len(holdout_list)}

@@ -12,6 +12,15 @@ from bad_input_fixtures import user_files_untouched  # noqa: F401 - the autouse 
 from lightning.fabric import Fabric
 
 
+def _attempt(call) -> str:
+    """What one process saw of `call()`: "no error", or the error's type and message."""
+    try:
+        call()
+        return "no error"
+    except Exception as err:  # noqa: BLE001 - the test records what each rank saw
+        return f"{type(err).__name__}: {err}"
+
+
 def _rank_without_forget(fabric: Fabric, out: Path) -> None:
     from lightning_unlearn.distributed import leave_process_group
     from lightning_unlearn.fabric import fabric_unlearn
@@ -21,11 +30,7 @@ def _rank_without_forget(fabric: Fabric, out: Path) -> None:
     x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
     forget = [batch] if fabric.global_rank == 0 else []  # rank 1's share of the forget set is empty
-    try:
-        fabric_unlearn(fabric, small_causal_lm("gpt2", seed=0), forget, [batch])
-        message = "no error"
-    except Exception as err:  # noqa: BLE001 - the test records what each rank saw
-        message = f"{type(err).__name__}: {err}"
+    message = _attempt(lambda: fabric_unlearn(fabric, small_causal_lm("gpt2", seed=0), forget, [batch]))
     (out / f"rank{fabric.global_rank}.txt").write_text(message)
     leave_process_group()
 
@@ -55,12 +60,7 @@ def _ranks_with_different_batch_counts(fabric: Fabric, out: Path) -> None:
              "holdout": dict(forget_loader=[batch], retain_loader=[batch] * 2, holdout=[batch] * (1 + extra))}
     lines = []
     for kind, data in cases.items():
-        try:
-            fabric_unlearn(fabric, model, steps=1, **data)
-            message = "no error"
-        except Exception as err:  # noqa: BLE001 - the test records what each rank saw
-            message = f"{type(err).__name__}: {err}"
-        lines.append(f"{kind}\t{message}")
+        lines.append(f"{kind}\t{_attempt(lambda data=data: fabric_unlearn(fabric, model, steps=1, **data))}")
     unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     (out / f"rank{fabric.global_rank}.txt").write_text("\n".join([*lines, f"unchanged\t{unchanged}"]))
     leave_process_group()
@@ -103,13 +103,8 @@ def _ranks_with_their_own_shards(fabric: Fabric, out: Path) -> None:
         "holdout": dict(forget_loader=whole[:2], retain_loader=[batch(9)] * 2, holdout=[batch(5 + rank)]),
         "reordered": dict(forget_loader=whole[:2] if rank == 0 else whole[1::-1], retain_loader=[batch(9)] * 2)}
     for kind, data in cases.items():
-        try:
-            fabric_unlearn(fabric, model if kind != "reordered" else small_causal_lm("gpt2", seed=0), steps=1,
-                           **data)
-            message = "no error"
-        except Exception as err:  # noqa: BLE001 - the test records what each rank saw
-            message = f"{type(err).__name__}: {err}"
-        lines.append(f"{kind}\t{message}")
+        target = model if kind != "reordered" else small_causal_lm("gpt2", seed=0)
+        lines.append(f"{kind}\t{_attempt(lambda t=target, d=data: fabric_unlearn(fabric, t, steps=1, **d))}")
     unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     (out / f"rank{rank}.txt").write_text("\n".join([*lines, f"unchanged\t{unchanged}"]))
     leave_process_group()

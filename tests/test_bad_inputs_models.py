@@ -56,6 +56,13 @@ def edit_config(folder: Path, **changes: object) -> None:
     path.write_text(json.dumps(config))
 
 
+def refusal(folder) -> str:
+    """The message of `load_causal_lm`'s refusal of `folder` (it must refuse)."""
+    with pytest.raises(UserInputError) as info:
+        load_causal_lm(folder)
+    return str(info.value)
+
+
 def weights_only(model: Path, folder: Path) -> Path:
     """A copy of a saved model without its tokenizer: config.json, generation_config.json and the weights."""
     folder.mkdir(parents=True)
@@ -72,9 +79,7 @@ def test_a_config_with_fewer_layers_than_the_weights_is_refused_naming_the_weigh
     """n_layer 1 over the weights of 2 layers: transformers logged a report and returned a 1-layer model."""
     folder = saved_gpt2(tmp_path / "model", layers=2)
     edit_config(folder, n_layer=1)
-    with pytest.raises(UserInputError) as info:
-        load_causal_lm(folder)
-    message = str(info.value)
+    message = refusal(folder)
     assert f"config.json does not match the weights in model.safetensors of '{folder}'" in message
     # 12 weights a layer, less attn.c_attn.bias, which GPT-2's own ignore pattern ("attn.bias") leaves out
     assert "11 weights in the file that the config's model has no place for (transformer.h.1." in message
@@ -85,9 +90,7 @@ def test_a_config_with_more_layers_than_the_weights_is_refused_naming_the_weight
     """n_layer 3 over the weights of 2 layers: a model with a randomly initialised layer, which was then unlearned."""
     folder = saved_gpt2(tmp_path / "model", layers=2)
     edit_config(folder, n_layer=3)
-    with pytest.raises(UserInputError) as info:
-        load_causal_lm(folder)
-    message = str(info.value)
+    message = refusal(folder)
     assert f"'{folder}'" in message and "config.json does not match the weights" in message
     assert "12 weights of the config's model not in the file (transformer.h.2." in message
     assert "they would be random" in message and "and 9 more" in message
@@ -97,9 +100,7 @@ def test_a_config_of_another_width_is_refused_instead_of_advising_ignore_mismatc
     """n_embd 8 over weights of width 16: a RuntimeError traceback saying to set ignore_mismatched_sizes=True."""
     folder = saved_gpt2(tmp_path / "model", hidden=16)
     edit_config(folder, n_embd=8)
-    with pytest.raises(UserInputError) as info:
-        load_causal_lm(folder)
-    message = str(info.value)
+    message = refusal(folder)
     assert f"config.json does not match the weights in model.safetensors of '{folder}'" in message
     assert "of another shape (transformer.h.0.attn.c_attn.bias: 48 in the file, 24 in the config" in message
     assert "ignore_mismatched_sizes" not in message

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserInputError
+from ..methods.inputs import learned_positions
 from .partition import (
     COLUMNS,
     FEATURES,
@@ -41,7 +42,6 @@ from .tokenizer import (
     check_same_tokenizer,
     check_token_ids,
     check_tokenizer_fits,
-    learned_positions,
     load_tokenizer,
     train_bpe_tokenizer,
 )

@@ -164,18 +164,3 @@ def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -
         raise UserInputError(f"the data's tokenizer is not the one saved with the model in {str(folder)!r} ({size}, "
                              "but other tokens: every token id would mean another token to the model); give the "
                              f"model's tokenizer (data.tokenizer: {str(folder)!r})")
-
-
-def learned_positions(model: nn.Module) -> int | None:
-    """The number of positions of a model with learned absolute position embeddings (GPT-2, OPT, GPT-Neo: a longer
-    sequence fails with an IndexError); None for rotary or relative positions, which have no hard limit."""
-    inner = getattr(model, "model", model)
-    config = getattr(inner, "config", None)
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    for name, module in inner.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Embedding) and (last == "wpe" or "position" in last):
-            return limit
-    return None

@@ -35,25 +35,18 @@ def vocabulary_size(model: nn.Module) -> int | None:
     return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
 
 
-#: names of learned absolute position embeddings (GPT-2's `wpe`, OPT's `embed_positions`, BERT-style
-#: `position_embeddings`): a model with one fails on longer sequences with "index out of range in self"
-POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """The longest sequence a model with learned absolute position embeddings takes (its config's `n_positions` or
-    `max_position_embeddings`); None for models without them (rotary, ALiBi: no hard limit) or without a config."""
-    config = getattr(model, "config", None)
-    if config is None:
+def learned_positions(model: nn.Module) -> int | None:
+    """The number of positions of a model with learned absolute position embeddings (GPT-2, OPT, GPT-Neo: a longer
+    sequence fails with an IndexError); None for rotary or relative positions, which have no hard limit."""
+    inner = getattr(model, "model", model)
+    config = getattr(inner, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
         return None
-    learned = any(isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_EMBEDDINGS
-                  for name, m in model.named_modules())
-    if not learned:
-        return None
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+    for name, module in inner.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and (last == "wpe" or "position" in last):
+            return limit
     return None
 
 
@@ -62,7 +55,7 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
     than the model's learned position embeddings, and integer `labels` of the same shape; `what` names the data in
     the message ("forget", "retain", "holdout")."""
     vocab = vocabulary_size(model)
-    positions = position_limit(model)
+    positions = learned_positions(model)
     for i, batch in enumerate(batches):
         where = f"{what} batch {i}"
         if not isinstance(batch, Mapping):
@@ -107,6 +100,15 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
                     f"{where} holds token ids outside the model's embedding (ids in [{bottom}, {top}], the embedding "
                     f"has {vocab} rows): the data was tokenised with another (larger) tokenizer than the model's; "
                     "use the model's own tokenizer (data.tokenizer = the model folder)")
+
+
+def check_sets(model: nn.Module, sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
+               reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """`check_batches` on every named set of batches, then `check_labelled` on them all: what a run checks of its
+    data before any pass over it."""
+    for what, batches in sets.items():
+        check_batches(model, batches, what)
+    check_labelled(sets, reduce)
 
 
 def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],

@@ -41,7 +41,7 @@ from .inputs import (
     check_batches,
     check_finite_weights,
     check_gradients_allowed,
-    check_labelled,
+    check_sets,
     check_settings,
     vocabulary_size,
 )
@@ -495,11 +495,8 @@ class Unlearner(ABC):
             raise ValueError("fit() needs at least one forget batch")
         check_gradients_allowed("fit()")
         check_finite_weights(self.model)
-        held_list = [held_retain_batch] if held_retain_batch is not None else []
-        sets = (("forget", forget), ("retain", retain), ("held retain", held_list), ("holdout", holdout or []))
-        for what, batches in sets:
-            check_batches(self.model, batches, what)
-        check_labelled(dict(sets), self.reduce)
+        check_sets(self.model, {"forget": forget, "retain": retain, "held retain": as_batches(held_retain_batch),
+                                "holdout": holdout or []}, self.reduce)
         if holdout is not None:
             self.calibrate(holdout)
         if held_retain_batch is None and retain:
