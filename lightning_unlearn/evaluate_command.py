@@ -12,17 +12,27 @@ ratios and privleak its reference AUC: load it with `--retain-model`, or reuse i
 `evaluate --model <retain model> --save-reference FILE` with `--reference FILE`. Without either, forget quality is
 left out and privleak uses open-unlearning's default reference AUC of 0.5 (`privleak_reference_auc` says which).
 
+A reference file also records what its numbers depend on: the split, the scoring settings (`--max-length`, `--k`,
+`--score-eos`), a sha256 of the tokenizer and sha256s of the forget / holdout rows and MUSE texts (hashes, never
+text). `--reference` refuses (exit 2) a file whose values are malformed or whose record differs from this run, before
+any model is loaded; a file from an older version without that record is used with a warning that it cannot be
+checked. `--save-reference` with `--retain-model` is refused: it saves the statistics of `--model`.
+
 The metrics are printed as one JSON object (numbers only, never a text of the data; NaN becomes null) and written to
-`--output FILE` when given. Keys: see `metrics.qa_scoring.tofu_evaluation`; MUSE's are `muse_mia_auc_min_k`,
-`muse_privleak`, `muse_privleak_reference_auc`.
+`--output FILE` when given. Keys: see `metrics.qa_scoring.tofu_evaluation`, plus `<part>_rows_dropped` (rows without
+an answer token within `--max-length`, left out of every number of their part) and, when `--tofu` has no holdout file
+for the split, `mia_auc_min_k`, `privleak` and `privleak_reference_auc` as null (with a warning); MUSE's are
+`muse_mia_auc_min_k`, `muse_privleak`, `muse_privleak_reference_auc`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
     ref.add_argument("--retain-model", default=None, help="the model retrained without the forget set (reference)")
     ref.add_argument("--reference", default=None, help="reference numbers saved with --save-reference")
     p.add_argument("--save-reference", default=None,
-                   help="write this model's forget truth ratios and Min-K%% AUCs (run it on the retain model)")
+                   help="write this model's forget truth ratios and Min-K%% AUCs, with the split, scoring settings and "
+                        "hashes of the tokenizer and rows they depend on (run it on the retain model; not with "
+                        "--retain-model)")
     p.add_argument("--output", default=None, help="also write the metrics JSON to this file")
     p.add_argument("--batch-size", type=_positive(int), default=16)
     p.add_argument("--max-length", type=_positive(int), default=512, help="tokens per QA text / MUSE text")
@@ -119,6 +131,72 @@ def check_written_files(ns: argparse.Namespace) -> None:
                                      "outside the model and data folders")
 
 
+#: the scoring settings a reference's numbers depend on (`--max-length`, `--k`, `--score-eos`)
+REFERENCE_SCORING = ("max_length", "k", "score_eos")
+#: what a reference records besides its numbers, checked against the run that reads it
+REFERENCE_RECORD = ("split", "scoring", "tokenizer_sha256", "forget_rows_sha256", "holdout_rows_sha256",
+                    "muse_rows_sha256")
+_FLAGS = {"max_length": "--max-length", "k": "--k", "score_eos": "--score-eos"}
+
+
+def sha256_json(value: Any) -> str:
+    """sha256 of a canonical JSON form (sorted keys): identifies rows or settings without holding them."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """sha256 of what decides a tokenizer's ids: its vocabulary, merges, normalizer, pre-tokenizer, post-processor
+    (a BOS it adds) and special token ids (not its class name or saved flags, which vary with the library version)."""
+    record: dict[str, Any] = {"vocab": sorted(tokenizer.get_vocab().items()),
+                              "special": {name: getattr(tokenizer, f"{name}_token_id", None)
+                                          for name in ("bos", "eos", "pad", "unk")}}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        record.update({key: spec.get(key) for key in ("normalizer", "pre_tokenizer", "post_processor")})
+        record["merges"] = (spec.get("model") or {}).get("merges")
+    return sha256_json(record)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_reference_values(data: Mapping[str, Any], path: str) -> None:
+    """Refuse malformed reference values (a hand-edited file): truth ratios must be a list of non-negative finite
+    numbers or nulls with at least one number, AUCs null or a finite number in [0, 1]."""
+    where = f"--reference {path!r}"
+    fix = "re-save it with `lightning-unlearn evaluate --model <retain model> ... --save-reference FILE`"
+    ratios = data.get("forget_truth_ratios")
+    if ratios is not None:
+        if not isinstance(ratios, list) or not ratios:
+            raise UserInputError(f"{where}: forget_truth_ratios must be a non-empty list of numbers or nulls, got "
+                                 f"{type(ratios).__name__}; {fix}")
+        bad = [i for i, r in enumerate(ratios) if r is not None and not (_is_number(r) and math.isfinite(r)
+                                                                          and r >= 0)]
+        if bad:
+            kinds = sorted({type(ratios[i]).__name__ if not _is_number(ratios[i]) else "negative or non-finite number"
+                            for i in bad})
+            raise UserInputError(f"{where}: forget_truth_ratios entries {bad[:10]} are not non-negative finite numbers "
+                                 f"or null ({', '.join(kinds)}); {fix}")
+        if all(r is None for r in ratios):
+            raise UserInputError(f"{where}: forget_truth_ratios holds no number (all null: the retain model scored no "
+                                 f"forget row); {fix}, with a --max-length that keeps the answers")
+    for key in ("privleak_auc", "muse_privleak_auc"):
+        value = data.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and 0.0 <= value <= 1.0):
+            shown = f"{value:g}" if _is_number(value) else f"a {type(value).__name__}"
+            raise UserInputError(f"{where}: {key} must be null or a finite number in [0, 1] (an AUC), got {shown}; "
+                                 f"{fix}")
+    scoring = data.get("scoring")
+    if scoring is not None and not (isinstance(scoring, dict) and set(scoring) == set(REFERENCE_SCORING)):
+        raise UserInputError(f"{where}: scoring must be an object with {', '.join(REFERENCE_SCORING)}; {fix}")
+    for key in ("split", "tokenizer_sha256", "forget_rows_sha256", "holdout_rows_sha256", "muse_rows_sha256"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise UserInputError(f"{where}: {key} must be a string, got {type(data[key]).__name__}; {fix}")
+
+
 def _read_reference(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -132,7 +210,62 @@ def _read_reference(path: str) -> dict[str, Any]:
                                                                   "muse_privleak_auc")):
         raise UserInputError(f"--reference: {path!r} holds none of forget_truth_ratios, privleak_auc, "
                              "muse_privleak_auc; write it with --save-reference")
+    check_reference_values(data, path)
     return data
+
+
+def reference_record(ns: argparse.Namespace, tokenizer: Any, tofu: Mapping[str, Any] | None,
+                     muse: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What this run's reference numbers depend on (saved with them; checked against a `--reference`)."""
+    record: dict[str, Any] = {"scoring": {"max_length": ns.max_length, "k": ns.k, "score_eos": ns.score_eos},
+                              "tokenizer_sha256": tokenizer_sha256(tokenizer)}
+    if tofu is not None:
+        record.update(split=ns.split, forget_rows_sha256=sha256_json(tofu["forget"]),
+                      holdout_rows_sha256=sha256_json(tofu["holdout"]) if "holdout" in tofu else None)
+    if muse is not None:
+        record["muse_rows_sha256"] = sha256_json({"forget": muse["forget"], "holdout": muse["holdout"]})
+    return record
+
+
+def _shown(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def check_reference_record(reference: Mapping[str, Any], record: Mapping[str, Any], path: str) -> None:
+    """Refuse a reference saved for other data or settings than this run (naming what differs); warn when it records
+    nothing to check against (a file from an older version)."""
+    uses_tofu = "split" in record and (reference.get("forget_truth_ratios") is not None
+                                       or reference.get("privleak_auc") is not None)
+    uses_muse = "muse_rows_sha256" in record and reference.get("muse_privleak_auc") is not None
+    checks: list[tuple[str, str]] = []  # (field, how it is named)
+    if uses_tofu or uses_muse:
+        checks += [("scoring", ""), ("tokenizer_sha256", "the tokenizer")]
+    if uses_tofu:
+        checks += [("split", "split"), ("forget_rows_sha256", "the forget rows")]
+        if reference.get("privleak_auc") is not None and record.get("holdout_rows_sha256") is not None:
+            checks.append(("holdout_rows_sha256", "the holdout rows"))  # used only when this run has a holdout
+    if uses_muse:
+        checks.append(("muse_rows_sha256", "the MUSE forget/holdout texts"))
+    differ, unchecked = [], []
+    for field, name in checks:
+        if field not in reference:
+            unchecked.append(field)
+        elif field == "scoring":
+            differ += [f"{_FLAGS[k]} {_shown(reference[field][k])} (this run: {_shown(record[field][k])})"
+                       for k in REFERENCE_SCORING if reference[field][k] != record[field][k]]
+        elif field == "split" and reference[field] != record[field]:
+            differ.append(f"--split {reference[field]} (this run: {record[field]})")
+        elif reference[field] != record[field]:
+            differ.append(f"{name} (sha256 differs)")
+    if differ:
+        raise UserInputError(f"--reference {path!r} was saved for other data or settings than this run: "
+                             f"{'; '.join(differ)}; its numbers do not apply: re-save it with `lightning-unlearn "
+                             "evaluate --model <retain model> --save-reference FILE` with this run's --tofu/--muse, "
+                             "--split, --max-length, --k, --score-eos and tokenizer")
+    if unchecked:
+        warnings.warn(f"--reference {path!r} does not record {', '.join(unchecked)} (saved by an older version): "
+                      "whether it was saved with this run's data and settings cannot be checked; re-save it with "
+                      "--save-reference to have it checked", UserWarning, stacklevel=2)
 
 
 def _load(path: str, dtype: Any, device: Any):
@@ -146,11 +279,15 @@ def run(args: Sequence[str]) -> int:
     ns = parser().parse_args(list(args))
     if ns.tofu is None and ns.muse is None:
         raise UserInputError("lightning-unlearn evaluate: give --tofu FOLDER and/or --muse FOLDER (see --help)")
+    if ns.save_reference and ns.retain_model:
+        raise UserInputError("--save-reference writes the statistics of --model, not of --retain-model: drop one of "
+                             "them (save the reference once with `lightning-unlearn evaluate --model <retain model> "
+                             "--save-reference FILE`, then evaluate with --reference FILE)")
     if ns.save_reference and ns.output and Path(ns.save_reference).resolve() == Path(ns.output).resolve():
         raise UserInputError("--save-reference and --output must be different files")
     check_written_files(ns)
 
-    from .data.adapters import load_muse_privleak, load_tofu_eval
+    from .data.adapters import TOFU_SPLITS, load_muse_privleak, load_tofu_eval
     from .data.tokenizer import check_tokenizer_fits, load_tokenizer
     from .metrics.answer_scoring import ScoringOptions
     from .metrics.privacy_leak import DEFAULT_REFERENCE_AUC, muse_privleak
@@ -164,12 +301,20 @@ def run(args: Sequence[str]) -> int:
     dtype = parse_dtype(ns.dtype) if ns.dtype else None
     options = ScoringOptions(batch_size=ns.batch_size, max_length=ns.max_length, k=ns.k, score_eos=ns.score_eos,
                              max_new_tokens=ns.max_new_tokens, generation_margin=ns.generation_margin)
-    # read every input before loading a model: a missing file fails fast
+    # read and check every input before loading a model: a missing file or a mismatched reference fails fast
     tofu = load_tofu_eval(ns.tofu, ns.split) if ns.tofu else None
     muse = load_muse_privleak(ns.muse) if ns.muse else None
     reference = _read_reference(ns.reference) if ns.reference else {}
-
+    ratios = reference.get("forget_truth_ratios")
+    if tofu is not None and ratios is not None and len(ratios) != len(tofu["forget"]):
+        raise UserInputError(f"the reference has {len(ratios)} forget truth ratios but {ns.split} has "
+                             f"{len(tofu['forget'])} questions: it was saved for another split; re-save it with "
+                             f"--split {ns.split}")
     tokenizer = load_tokenizer(ns.tokenizer or ns.model)
+    record = reference_record(ns, tokenizer, tofu, muse)
+    if ns.reference:
+        check_reference_record(reference, record, ns.reference)
+
     model = _load(ns.model, dtype, device)
     check_tokenizer_fits(tokenizer, model)
     if ns.retain_model:
@@ -184,19 +329,22 @@ def run(args: Sequence[str]) -> int:
         del retain
 
     metrics: dict[str, Any] = {}
-    saved: dict[str, Any] = {}
+    saved: dict[str, Any] = dict(record)
     if tofu is not None:
         ratios = reference.get("forget_truth_ratios")
-        if ratios is not None and len(ratios) != len(tofu["forget"]):
-            raise UserInputError(f"the reference has {len(ratios)} forget truth ratios but {ns.split} has "
-                                 f"{len(tofu['forget'])} questions: it was saved for another split")
         result = tofu_evaluation(model, tokenizer, tofu, options=options,
                                  retain_model_truth_ratios=[math.nan if r is None else r for r in ratios]
                                  if ratios is not None else None,
                                  retain_model_privleak_auc=reference.get("privleak_auc"))
-        metrics.update(result)
-        saved = {"split": ns.split, "forget_truth_ratios": result.per_item["forget_truth_ratio"],
-                 "privleak_auc": result.get("mia_auc_min_k")}
+        metrics.update({k: float(v) for k, v in result.items()})
+        metrics.update({f"{part}_rows_dropped": n for part, n in result.rows_dropped.items()})
+        if "holdout" not in tofu:
+            metrics.update({"mia_auc_min_k": None, "privleak": None, "privleak_reference_auc": None})
+            warnings.warn(f"--tofu {ns.tofu!r} has no {TOFU_SPLITS[ns.split][1]}.json (TOFU's holdout for "
+                          f"{ns.split}): mia_auc_min_k, privleak and privleak_reference_auc are null; add the hub's "
+                          "holdout file to compute them", UserWarning, stacklevel=2)
+        saved.update({"forget_truth_ratios": result.per_item["forget_truth_ratio"],
+                      "privleak_auc": result.get("mia_auc_min_k")})
     if muse is not None:
         auc = min_k_auc(model, tokenizer, muse["forget"], muse["holdout"], options)
         ref_auc = reference.get("muse_privleak_auc")
@@ -204,7 +352,7 @@ def run(args: Sequence[str]) -> int:
         metrics.update({"muse_mia_auc_min_k": auc, "muse_privleak_reference_auc": ref_auc,
                         "muse_privleak": float(muse_privleak(auc, ref_auc))})
         saved["muse_privleak_auc"] = auc
-    metrics = {k: float(v) for k, v in sorted(metrics.items())}
+    metrics = dict(sorted(metrics.items()))
     if ns.save_reference:
         _write_json(ns.save_reference, saved)
     if ns.output:

@@ -332,8 +332,15 @@ def atomic_save_pretrained(model: nn.Module, path: Path, tokenizer: Any = None, 
 
 
 def resolve_device(accelerator: str) -> torch.device:
-    """The torch device of a Lightning accelerator name: "auto" is CUDA when available, else the CPU."""
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    """The torch device of a Lightning accelerator name: "auto" is CUDA when available, else the CPU. Asking for CUDA
+    where torch has none is refused here, naming the devices there are (torch would fail later with an assertion)."""
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise ValueError(f"accelerator {accelerator!r} asked for, but {why}; the only device available is the "
+                             "cpu: pass 'cpu' (or 'auto'), or install a CUDA build of torch on a machine with a GPU")
+        return torch.device("cuda")
+    if accelerator == "auto" and torch.cuda.is_available():
         return torch.device("cuda")
     if accelerator in ("auto", "cpu"):
         return torch.device("cpu")

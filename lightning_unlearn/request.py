@@ -38,7 +38,13 @@ from .errors import UserInputError
 from .fsdp import full_parameters, is_sharded
 from .methods import CURVATURE_DATA, StepRecord, Unlearner, build_unlearner
 from .methods.first_order import DEFAULT_FIRST_ORDER_STEPS
-from .methods.inputs import check_curvature_model, check_finite_weights, check_gradients_allowed, check_sets
+from .methods.inputs import (
+    check_curvature_model,
+    check_finite_weights,
+    check_gradients_allowed,
+    check_materialised,
+    check_sets,
+)
 from .methods.records import STATUSES
 from .methods.target import held_out_retain
 from .settings import FullCurvature, UnlearnSettings
@@ -333,6 +339,7 @@ def _serve(model: nn.Module, forget: Iterable[Any], retain: Iterable[Any] | None
            settings: UnlearnSettings, held_retain: Any | None, full_curvature: FullCurvature, reduce: Reduce,
            gather: Reduce, rank: int, world_size: int, log: Callable[[StepRecord], None] | None,
            prepare: Prepare | None, who: str) -> RequestResult:
+    check_materialised(model)  # before the batches are moved to the model's device
     prepare = prepare or batch_preparer(model)
     forget, retain, holdout = (_as_iterable(x) for x in (forget, retain, holdout))
     forget_batches = [prepare(b) for b in forget]

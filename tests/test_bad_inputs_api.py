@@ -13,6 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lightning_unlearn.errors import UserInputError
 from lightning_unlearn.methods import build_unlearner
+from lightning_unlearn.methods.inputs import UnlabelledForgetRowsWarning
+from lightning_unlearn.methods.records import RunTrustRegionWarning
 from lightning_unlearn.request import retain_read_limit, serve_request
 from lightning_unlearn.settings import UnlearnSettings
 
@@ -215,3 +217,115 @@ def test_a_compiled_model_unlearns_as_the_plain_one_and_shares_its_curvature_che
     serve_request(compiled, forget, retain, holdout, settings=UnlearnSettings(steps=2))
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), compiled._orig_mod.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(plain.parameters(), trained.parameters()))
+
+
+def test_steps_that_grow_the_weights_stop_at_the_run_trust_region(trained, data):
+    """Relative damping 1e-12 gives steps the outputs barely see; each fits the per-step trust region (‖Δθ‖ ≤ ‖θ‖),
+    and before the run-level bound 7 of them grew the weights' norm 30-fold with the forget loss unchanged."""
+    forget, retain, holdout = data
+    model = fresh(trained)
+    start = torch.cat([p.detach().flatten() for p in model.parameters()]).norm()
+    with pytest.warns(RunTrustRegionWarning, match="raise the damping"):
+        build_unlearner("newton", model, damping=1e-12).fit(forget, retain, holdout_batches=holdout)
+    end = torch.cat([p.detach().flatten() for p in model.parameters()]).norm()
+    assert float(end / start) <= 2.0 + 1e-6  # moved by at most ‖θ₀‖ in all
+
+
+def test_retain_data_holding_forget_examples_is_refused_with_counts(trained, data):
+    forget, retain, holdout = data
+    with pytest.raises(UserInputError, match=r"8 of the \d+ retain examples are forget examples"):
+        serve_request(fresh(trained), forget, forget[:1] + retain[:4], holdout)  # the last batch is the held one
+    with pytest.raises(UserInputError, match="8 of the 8 held retain examples are forget examples"):
+        build_unlearner("newton", fresh(trained)).fit(forget, retain, held_retain_batch=forget[0],
+                                                      holdout_batches=holdout)
+
+
+def test_labels_on_padding_are_refused(trained, data):
+    forget, retain, holdout = data
+    padded = {k: v.clone() for k, v in forget[0].items()}
+    padded["attention_mask"][0] = 0  # a row of padding that still carries its labels
+    with pytest.raises(UserInputError, match=r"16 labelled position\(s\) where attention_mask is 0.*= -100"):
+        serve_request(fresh(trained), [padded, forget[1]], retain, holdout)
+    padded["labels"][padded["attention_mask"] == 0] = -100
+    serve_request(fresh(trained), [padded, forget[1]], retain, holdout, settings=UnlearnSettings(steps=1))
+
+
+def test_a_retain_term_without_retain_data_is_refused_not_dropped(trained, data):
+    forget, _, holdout = data
+    with pytest.raises(UserInputError, match="retain_weight=1.*no retain batch"):
+        build_unlearner("gradient_difference", fresh(trained)).fit(forget, [], holdout_batches=holdout)
+    build_unlearner("gradient_difference", fresh(trained), retain_weight=0, steps=1).fit(forget, [],
+                                                                                          holdout_batches=holdout)
+
+
+def test_labels_on_the_first_token_only_are_no_labels(trained, data):
+    """Position 0 is never predicted (no token before it): a set labelled only there is refused, and forget rows
+    labelled only there are named in a warning (they are not unlearned)."""
+    forget, retain, holdout = data
+    first_only = []
+    for b in forget:
+        labels = torch.full_like(b["labels"], -100)
+        labels[:, 0] = b["labels"][:, 0]
+        first_only.append({**b, "labels": labels})
+    with pytest.raises(UserInputError, match="forget batches have no position with a label the loss reads"):
+        serve_request(fresh(trained), first_only, retain, holdout)
+    with pytest.warns(UnlabelledForgetRowsWarning, match="8 of the 16 forget rows have no label the loss reads"):
+        serve_request(fresh(trained), [first_only[0], forget[1]], retain, holdout, settings=UnlearnSettings(steps=1))
+
+
+def test_malformed_batch_fields_are_refused_by_name(trained, data):
+    forget, retain, holdout = data
+    cases = [({"attention_mask": forget[0]["attention_mask"][:, :-1]}, "attention_mask has shape"),
+             ({"input_ids": forget[0]["input_ids"].to(torch.uint8)}, r"input_ids are uint8.*input_ids.long\(\)")]
+    for change, message in cases:
+        with pytest.raises(UserInputError, match=message):
+            serve_request(fresh(trained), [{**forget[0], **change}], retain, holdout)
+    no_labels = {k: v for k, v in forget[0].items() if k != "labels"}
+    with pytest.raises(UserInputError, match="forget batch 0 has input_ids but no labels"):  # the engine: refused
+        build_unlearner("newton", fresh(trained)).fit([no_labels], retain, holdout_batches=holdout)
+    a, b = fresh(trained), fresh(trained)  # the request: labels default to input_ids, padding masked
+    serve_request(a, [no_labels, forget[1]], retain, holdout, settings=UnlearnSettings(steps=1))
+    serve_request(b, forget, retain, holdout, settings=UnlearnSettings(steps=1))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_adam_on_float16_weights_is_refused_and_sgd_runs(trained, data):
+    forget, retain, holdout = data
+    half = fresh(trained).to(torch.float16)
+    with pytest.raises(UserInputError, match="Adam on float16 weights.*bfloat16 or float32.*optimizer='sgd'"):
+        build_unlearner("gradient_ascent", half)
+    build_unlearner("gradient_ascent", half, optimizer="sgd", steps=1).fit(forget, retain, holdout_batches=holdout)
+    assert all(p.dtype == torch.float16 and bool(torch.isfinite(p).all()) for p in half.parameters())
+
+
+def test_a_model_whose_weights_were_never_loaded_is_refused(data):
+    forget, retain, holdout = data
+    with torch.device("meta"):
+        empty = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=POSITIONS))
+    with pytest.raises(UserInputError, match="on the meta device.*never loaded"):
+        serve_request(empty, forget, retain, holdout)
+    with pytest.raises(UserInputError, match="on the meta device"):
+        build_unlearner("gradient_ascent", empty).fit(forget, retain, holdout_batches=holdout)
+
+
+def test_a_second_fit_is_a_run_of_its_own(trained, data):
+    """The summary counts this run's steps and reads this run's budget baseline (it kept the first run's: the second
+    run then had the first's budget to spend, and barely moved)."""
+    forget, retain, holdout = data
+    model = fresh(trained)
+    unlearner = build_unlearner("newton", model, steps=1, final_repeats=0)
+    unlearner.fit(forget, retain, holdout_batches=holdout)
+    first = unlearner.summary()
+    records = unlearner.fit(forget, retain, holdout_batches=holdout)
+    second = unlearner.summary()
+    assert second["trials"] == len(records) and second["steps_accepted"] == sum(r.accepted for r in records)
+    assert second["retain_loss_before"] == pytest.approx(first["retain_loss_after"], rel=1e-6)
+
+
+def test_a_first_order_request_keeps_the_callers_gradients(trained, data):
+    forget, retain, holdout = data
+    model = fresh(trained)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    build_unlearner("gradient_ascent", model, steps=2).fit(forget, retain, holdout_batches=holdout)
+    assert all(p.grad is not None and bool((p.grad == 1).all()) for p in model.parameters())

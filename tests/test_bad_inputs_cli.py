@@ -267,6 +267,74 @@ def test_a_string_of_forget_ids_is_refused_not_read_character_by_character(proje
     assert data.forget_example_ids == [17]  # one id in a list: that row only
 
 
+def logged_files_holding(root: Path, secret: str) -> list[str]:
+    """The files under `root` (the run's logs and outputs) whose bytes hold `secret`."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("value", ['["record 3: my code is SECRETTXT-4471", 5]', "SECRETTXT4471"])
+def test_a_forget_text_given_as_one_string_is_not_sent_to_the_hub_nor_echoed(project, tmp_path, value):
+    """`--data.forget '["a text", 5]'` is read by jsonargparse as one string, which was resolved as a hub dataset
+    name: the text went into an HTTP URL, a log line and a traceback. Refused before any network access, one line."""
+    code, out, err = fit(project, "--data.forget_ids", "null", "--data.id_column", "null", "--data.forget", value,
+                         "--output", str(tmp_path / "out"))
+    error_line(code, err, "forget: the given string is not an existing file or folder", "the value is not shown",
+               "a list of texts")
+    assert "SECRETTXT" not in out + err and "4471" not in err
+    assert not logged_files_holding(project.root / "logs", "SECRETTXT")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_forget_list_of_the_wrong_type_is_not_echoed(project, tmp_path):
+    """A YAML list of forget texts with a number in it: jsonargparse's error quoted the whole list."""
+    config = project.write_config("forget_list_bad.yaml", **{"data.forget": ["record 3: SECRETTXT-88", 5],
+                                                             "data.forget_ids": None, "data.id_column": None,
+                                                             "output": str(tmp_path / "out")})
+    code, out, err = fit(project, config=config)
+    error_line(code, err, "data.forget: expected the path of a file or folder, a list of texts (strings only)",
+               "got a list", "the value is not shown")
+    assert "SECRETTXT" not in out + err
+
+
+def test_forget_texts_in_a_config_are_redacted_where_it_is_saved(project, tmp_path):
+    """`data.forget: [texts]` was saved verbatim in logs/.../config.yaml; it is replaced by a count."""
+    import yaml
+
+    rows = [json.loads(line) for line in project.data.read_text().splitlines()]
+    forget = [r["text"] for r in rows if r["id"] in FORGET_IDS]
+    config = project.write_config("forget_texts.yaml", **{"data.forget": forget, "data.forget_ids": None,
+                                                          "data.id_column": None, "output": str(tmp_path / "out")})
+    start = time.time()
+    code, out, err = fit(project, config=config)
+    assert code == 0, err[-3000:]
+    saved = [p for p in (project.root / "logs").rglob("config.yaml") if p.stat().st_mtime >= start]  # this run's
+    assert saved and all(yaml.safe_load(p.read_text())["data"]["forget"] in (["<3 texts redacted>"],
+                                                                             "['<3 texts redacted>']") for p in saved)
+    for text in forget:
+        assert not logged_files_holding(project.root / "logs", text), text
+
+
+def test_text_sources_are_redacted_and_masked():
+    """The saved config keeps no forget or holdout text (paths stay), and a message that quotes a text given on the
+    command line is masked."""
+    from jsonargparse import Namespace
+
+    from lightning_unlearn.cli.config import redact_forget_selection
+    from lightning_unlearn.cli.user_errors import user_error
+
+    config = Namespace(data=Namespace(forget=["SECRET one", "SECRET two"], holdout="a SECRET text",
+                                      retain=__file__, forget_ids=None, forget_regex=None))
+    redacted = redact_forget_selection(config)
+    assert redacted.data.forget == ["<2 texts redacted>"]
+    assert redacted.data.holdout == "<redacted: not an existing path>"
+    assert redacted.data.retain == __file__ and config.data.forget == ["SECRET one", "SECRET two"]
+    args = ["fit", "--data.forget", '["the SECRET-77 text", "another SECRET-88"]', "--data.holdout=held SECRET-99",
+            "--data.retain", __file__]
+    line = user_error(UserInputError(f"bad: 'the SECRET-77 text' and another SECRET-88 and held SECRET-99 in "
+                                     f"{__file__}"), args)
+    assert "SECRET" not in line and __file__ in line and line.startswith("bad: ")
+
+
 # ======================================================================================================================
 # Curvature checkpoints that their shapes do not give away
 # ======================================================================================================================

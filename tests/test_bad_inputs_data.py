@@ -228,6 +228,22 @@ def test_malformed_jsonl_line_names_the_line(data_project):
                  secrets=("hush", "4242"), train=str(bad))
 
 
+def test_id_column_is_required_only_where_ids_are_matched(data_project):
+    """A holdout (or forget, test) file without the id column was refused, with advice (id_column=None) that broke
+    the forget_ids selection of the training data; it gets row numbers. The training data still needs the column."""
+    holdout = write_jsonl(data_project.data.parent / "holdout.jsonl",
+                          [{"text": f"held out {i}: kilo lima mike"} for i in range(5)])
+    dm = data_module(data_project, holdout=str(holdout))
+    dm.setup("fit")
+    assert dm.forget_example_ids == [0, 3, 7] and dm.texts["holdout"]["key"] == ["0", "1", "2", "3", "4"]
+    forget = write_jsonl(data_project.data.parent / "forget.jsonl", [{"text": texts()[3]["text"]}])
+    assert data_module(data_project, forget_ids=None, forget=str(forget)).forget_example_ids == [3]
+    train = write_jsonl(data_project.data.parent / "no_ids.jsonl", [{"text": r["text"]} for r in texts()])
+    data_refused(data_project, r"id_column 'id' is not a column of the train data \(columns: \['text'\]\); give the "
+                               r"column that holds the ids \(forget_ids are matched against it\), or id_column=None",
+                 secrets=("doc-",), train=str(train))
+
+
 # ------------------------------------------------------------------ spans and truncation
 
 
@@ -273,6 +289,40 @@ def test_forget_span_cut_off_by_truncation(data_project):
     assert labelled == {0: 8, 3: 4, 7: 8}
     assert data_module(data_project, train=str(path), forget_ids=None, forget_column="secret", span="offsets",
                        max_length=128).split("forget")["example_id"] == [0, 3, 7]
+
+
+def test_unclosed_marker_names_the_example_and_the_file(data_project):
+    """span='markers' reads every text for markers: an unclosed one (a retain text's "[0, 1)" interval) was refused
+    without saying which example or file held it."""
+    rows = texts()
+    rows[3] = {**rows[3], "text": "pin ⟦9173⟧ ok"}
+    rows[5] = {**rows[5], "text": "math: the interval ⟦0, 1) is half open"}
+    path = write_jsonl(data_project.data.parent / "marked.jsonl", rows)
+    data_refused(data_project, r"unclosed span marker '⟦' at character 19 of train example 5 \(row 6 of train file "
+                               r"'.*marked.jsonl'\); close it with '⟧', or choose span_markers",
+                 secrets=("interval", "half open", "9173"), train=str(path), forget_ids=["doc-3"], span="markers")
+
+
+@pytest.mark.parametrize(("spans", "match"), [
+    ([[10, 10]], r"forget example 3 has an empty span \[10, 10\) \(the span covers no character"),
+    ([[19, 10]], r"forget example 3 has a reversed span \[19, 10\) \(its start is after its end\); give spans as "
+                 r"\[start, end\) with start < end"),
+    ([[10, 999]], r"forget example 3 has span \[10, 999\) outside its text of \d+ characters"),
+])
+def test_bad_spans_say_what_is_wrong(data_project, spans, match):
+    """An empty or reversed span was reported as "outside its text of N characters"."""
+    path = write_jsonl(data_project.data.parent / "spans.jsonl", spans_rows({"doc-3": spans}, marked={"doc-3"}))
+    data_refused(data_project, match, train=str(path), forget_ids=None, forget_column="secret", span="offsets")
+
+
+def test_empty_marked_span_and_empty_regex_match(data_project):
+    rows = texts()
+    rows[3] = {**rows[3], "text": "pin ⟦⟧ ok"}
+    path = write_jsonl(data_project.data.parent / "empty_marked.jsonl", rows)
+    data_refused(data_project, r"forget example 3 has an empty span \[4, 4\) \(the pair of span markers covers no "
+                               r"character", train=str(path), forget_ids=["doc-3"], span="markers")
+    data_refused(data_project, r"forget example 3: every match of forget_regex is empty.*match at least one character",
+                 secrets=("code",), forget_ids=None, forget_regex=r"record 3(?P<span>x*):", span="regex")
 
 
 # ------------------------------------------------------------------ forget texts outside the forget split

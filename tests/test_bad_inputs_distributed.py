@@ -12,6 +12,11 @@ from bad_input_fixtures import user_files_untouched  # noqa: F401 - the autouse 
 from lightning.fabric import Fabric
 
 
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
 def _attempt(call) -> str:
     """What one process saw of `call()`: "no error", or the error's type and message."""
     try:
@@ -27,10 +32,9 @@ def _rank_without_forget(fabric: Fabric, out: Path) -> None:
     from lightning_unlearn.models import small_causal_lm
 
     torch.set_num_threads(1)
-    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    batch = _batch(0)
     forget = [batch] if fabric.global_rank == 0 else []  # rank 1's share of the forget set is empty
-    message = _attempt(lambda: fabric_unlearn(fabric, small_causal_lm("gpt2", seed=0), forget, [batch]))
+    message = _attempt(lambda: fabric_unlearn(fabric, small_causal_lm("gpt2", seed=0), forget, [_batch(1)]))
     (out / f"rank{fabric.global_rank}.txt").write_text(message)
     leave_process_group()
 
@@ -50,14 +54,13 @@ def _ranks_with_different_batch_counts(fabric: Fabric, out: Path) -> None:
     from lightning_unlearn.models import small_causal_lm
 
     torch.set_num_threads(1)
-    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    batch, retain, holdout = _batch(0), _batch(1), _batch(2)  # forget, retain and holdout examples apart
     model = small_causal_lm("gpt2", seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     extra = 1 if fabric.global_rank == 0 else 0  # rank 0 has one batch more of the kind under test
-    cases = {"forget": dict(forget_loader=[batch] * (1 + extra), retain_loader=[batch] * 2),
-             "retain": dict(forget_loader=[batch], retain_loader=[batch] * (2 + extra)),
-             "holdout": dict(forget_loader=[batch], retain_loader=[batch] * 2, holdout=[batch] * (1 + extra))}
+    cases = {"forget": dict(forget_loader=[batch] * (1 + extra), retain_loader=[retain] * 2),
+             "retain": dict(forget_loader=[batch], retain_loader=[retain] * (2 + extra)),
+             "holdout": dict(forget_loader=[batch], retain_loader=[retain] * 2, holdout=[holdout] * (1 + extra))}
     lines = []
     for kind, data in cases.items():
         lines.append(f"{kind}\t{_attempt(lambda data=data: fabric_unlearn(fabric, model, steps=1, **data))}")

@@ -8,7 +8,9 @@ files stay as they were (the autouse `user_files_untouched` check, and each case
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -264,3 +266,324 @@ def test_the_demo_with_a_corrupt_cached_model_is_one_error_line(tmp_path):
                               "--quiet"], tmp_path)
     error_line(code, err, f"the cached model '{entry}' cannot be loaded", "delete that folder to train it again")
     assert "SafetensorError" not in err and (entry / "model.safetensors").is_file() and not output.exists()
+
+
+# ---------------------------------------------------------------- model kinds the curvature engine meets
+
+VOCAB, LENGTH = 32, 8
+
+
+def lm_batches(n: int = 2, rows: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Token batches for the tiny models below (every position labelled)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (rows, LENGTH), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.fc1 = torch.nn.Linear(d, 2 * d)
+        self.fc2 = torch.nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+
+
+class TinyLM(torch.nn.Module):
+    """A plain causal LM (no `.config`): embeddings, causal mean mixing, two blocks (checkpointed when `reentrant` is
+    not None, as some models do inside their forward), a head."""
+
+    def __init__(self, reentrant: bool | None = None, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.blocks = torch.nn.ModuleList([Block(d), Block(d)])
+        self.head = torch.nn.Linear(d, VOCAB)
+        self.reentrant = reentrant
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.emb(input_ids)
+        x = x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[None, :, None]
+        for block in self.blocks:
+            if self.reentrant is None:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+def fit_and_step(backend: str, model: torch.nn.Module, batches, *, ones: bool = False, **kwargs):
+    """Fit `backend` on `batches` and take one damped Newton direction of the first batch's loss (of a vector of ones
+    with `ones=True`)."""
+    from lightning_unlearn.curvature import build_curvature, gradient
+
+    curvature = build_curvature(backend, model, **kwargs).fit(batches)
+    if ones:
+        params = dict(model.named_parameters())
+        vector = {n: torch.ones_like(params[n]) for n in curvature.param_names}
+    else:
+        loss = curvature.objective.loss(curvature.logits(batches[0]), batches[0])
+        vector = gradient(model, loss, curvature.param_names)
+    return curvature, curvature.inverse(vector, damping=0.1, mode="relative")
+
+
+@pytest.mark.parametrize("backend", ["kfac", "woodfisher", "diagonal"])
+def test_reentrant_activation_checkpointing_inside_the_forward_is_refused_by_name(backend):
+    """torch.utils.checkpoint(..., use_reentrant=True) runs the blocks under no_grad: woodfisher updated the head
+    alone (with the embeddings frozen, zeros for every block weight), kfac and diagonal raised torch's errors."""
+    model = TinyLM(reentrant=True).eval()
+    model.emb.weight.requires_grad_(False)  # the request's case: the checkpoint's input needs no grad
+    with warnings.catch_warnings(), \
+            pytest.raises(UserInputError, match=r"use_reentrant=True.*use_reentrant=False.*gradient_checkpointing"):
+        warnings.simplefilter("ignore")  # torch's "None of the inputs have requires_grad=True" (a warning only)
+        fit_and_step(backend, model, lm_batches())
+    model.emb.weight.requires_grad_(True)
+    with pytest.raises(UserInputError, match=r"use_reentrant=True.*use_reentrant=False"):
+        fit_and_step(backend, model, lm_batches())
+
+
+def test_reentrant_checkpointing_is_refused_by_gradient_and_non_reentrant_gives_the_plain_result():
+    """`gradient` returned zeros for the checkpointed blocks' weights (the checkpoint's node never ran)."""
+    from lightning_unlearn.curvature import CrossEntropyObjective, gradient, model_logits
+
+    batch = lm_batches(1)[0]
+    model = TinyLM(reentrant=True).eval()
+    loss = CrossEntropyObjective().loss(model_logits(model, batch), batch)
+    with pytest.raises(UserInputError, match=r"\['blocks\.0\.fc1\.weight'\].*reentrant.*use_reentrant=False"):
+        gradient(model, loss, ["blocks.0.fc1.weight", "head.weight"])
+    # use_reentrant=False is what the message advises: the same step as without checkpointing
+    plain = fit_and_step("kfac", TinyLM().eval(), lm_batches())[1]
+    checkpointed = fit_and_step("kfac", TinyLM(reentrant=False).eval(), lm_batches())[1]
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_cg_refuses_activation_checkpointing_inside_the_forward_naming_torch_func(reentrant):
+    """torch.func's jvp/vjp raised "must override the setup_context staticmethod" / "don't yet support saved tensor
+    hooks"."""
+    with pytest.raises(UserInputError, match=r"cg: .*activation checkpointing.*torch\.func.*curvature='kfac'"):
+        fit_and_step("cg", TinyLM(reentrant=reentrant).eval(), lm_batches(), ones=True, max_iter=3)
+
+
+def test_cg_refuses_a_forward_hook_that_reads_tensor_data():
+    """An activation recorder calling .numpy() under torch.func.jvp: "Cannot access data pointer of Tensor that
+    doesn't have storage"."""
+    model = small_causal_lm("gpt2", vocab_size=VOCAB).eval()
+    recorded = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: recorded.append(o.detach().numpy().sum()))
+    with pytest.raises(UserInputError, match=r"cg: a hook .* reads tensor data.*torch\.func.*remove such hooks"):
+        fit_and_step("cg", model, lm_batches(), ones=True, max_iter=3)
+    assert recorded  # the hook did run on the ordinary forward
+
+
+def tiny_mixtral():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mixtral", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("backend", ["kfac", "woodfisher", "cg"])
+def test_fused_moe_experts_the_layer_curvatures_do_not_cover_are_named(backend):
+    """transformers 5's Mixtral keeps its experts as 3-D parameters: kfac and woodfisher tracked the nn.Linear layers
+    only, and the experts (most of the weights) never moved without a word."""
+    from lightning_unlearn.curvature import build_curvature
+    from lightning_unlearn.curvature.layers import UncoveredParametersWarning
+
+    model = tiny_mixtral()
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers version keeps Mixtral's experts as nn.Linear layers (covered)")
+    with pytest.warns(UncoveredParametersWarning) as record:
+        build_curvature(backend, model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "model.layers.*.mlp.experts.gate_up_proj" in message and "model.layers.*.mlp.experts.down_proj" in message
+    assert "embed_tokens" not in message and "lm_head" not in message and "norm" not in message
+    assert "curvature='diagonal'" in message and "freeze" in message and "%" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_curvature("diagonal", model)  # covers every parameter
+        build_curvature(backend, model, exclude="experts|gate")  # left out on purpose: no warning (cg: the same)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_the_tiny_architectures_have_no_uncovered_weights(tie):
+    """No false alarm: embeddings, the LM head and 1-D norms are left out by design."""
+    from lightning_unlearn.curvature import build_curvature
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for arch in ARCHITECTURES:
+            model = small_causal_lm(arch, tie_embeddings=tie)
+            for backend in ("kfac", "woodfisher", "cg"):
+                build_curvature(backend, model)
+
+
+class SharedLinear(TinyLM):
+    """One nn.Parameter in two different nn.Linear modules (cross-layer weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[1].fc1.weight = self.blocks[0].fc1.weight
+
+
+def test_a_parameter_shared_by_two_linear_modules_is_refused_by_kfac_and_handled_by_the_others():
+    """woodfisher crashed in finalize (the parameter listed twice); kfac tracked both layers under one weight name,
+    the second layer's factors replacing the first's."""
+    from lightning_unlearn.curvature import WoodFisher, build_curvature, gradient
+    from lightning_unlearn.curvature.layers import covered_parameters
+
+    model = SharedLinear().eval()
+    with pytest.raises(UserInputError, match=r"'blocks\.0\.fc1\.weight' is shared by the tracked layers "
+                                             r"\['blocks\.0\.fc1', 'blocks\.1\.fc1'\].*curvature='diagonal' or 'cg'"):
+        build_curvature("kfac", model)
+    names = covered_parameters(model, None, None, None)
+    assert names.count("blocks.0.fc1.weight") == 1 and "blocks.1.fc1.bias" in names
+    batches = lm_batches()
+    for backend in ("woodfisher", "diagonal", "cg"):
+        curvature, step = fit_and_step(backend, model, batches, **({"max_iter": 3} if backend == "cg" else {}))
+        assert len(set(curvature.param_names)) == len(curvature.param_names)
+        assert all(torch.isfinite(t).all() for t in step.values()) and step["blocks.0.fc1.weight"].abs().sum() > 0
+    # the shared weight's rows are its whole per-example gradient (both uses): vᵀFv = Σ_i (g_iᵀv)² / N
+    wf = WoodFisher(model, blocks="layer").fit(batches)
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters() if n in wf.param_names}
+    expected, count = 0.0, 0
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            one = {k: t[row:row + 1] for k, t in batch.items()}
+            logits = wf.logits(one)
+            pos = wf.objective.positions(logits, one)
+            loss = wf.objective.per_position_loss(pos.outputs, pos.targets).sum()
+            g = gradient(model, loss, wf.param_names)
+            expected += float(sum((g[n].double() * v[n].double()).sum() for n in wf.param_names)) ** 2
+            count += pos.count
+    layer = dict(zip(wf.groups, range(len(wf.groups))))
+    assert ("blocks.0.fc1.weight", "blocks.0.fc1.bias") in layer and ("blocks.1.fc1.bias",) in layer
+    full = WoodFisher(model, blocks="full").fit(batches)
+    assert full.quadratic(v) == pytest.approx(expected / count, rel=1e-4)
+
+
+class Unused(TinyLM):
+    """An nn.Linear the forward never calls (a spare head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = torch.nn.Linear(8, 8)
+
+
+class DetachedAux(Unused):
+    """`aux` runs, but its output never reaches the logits."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.aux(self.emb(input_ids)).detach()
+        return super().forward(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("model_class", [Unused, DetachedAux], ids=["never_called", "output_detached"])
+def test_kfac_names_a_layer_that_never_reaches_the_loss_and_how_to_exclude_it_in_a_request(model_class):
+    """A plain RuntimeError saying `exclude=...`, without the request API's way to pass it."""
+    from lightning_unlearn.curvature import build_curvature
+    from lightning_unlearn.settings import UnlearnSettings
+
+    model = model_class().eval()
+    fix = "UnlearnSettings(curvature_kwargs={'exclude': ['^aux$']})"
+    with pytest.raises(UserInputError, match=r"'aux'.*" + re.escape(fix)):
+        fit_and_step("kfac", model, lm_batches())
+    settings = UnlearnSettings(curvature="kfac", curvature_kwargs={"exclude": ["^aux$"]})
+    curvature = build_curvature(settings.curvature, model, **settings.backend_kwargs()).fit(lm_batches())
+    assert "aux.weight" not in curvature.param_names and "head.weight" in curvature.param_names
+
+
+@pytest.mark.parametrize("backend", ["kfac", "woodfisher", "cg", "diagonal"])
+def test_a_model_with_every_parameter_frozen_is_refused_as_such(backend):
+    """kfac, cg, woodfisher said "no trackable layer ... or use the 'diagonal' backend", which then said "no
+    trainable parameter": two plain ValueErrors."""
+    from lightning_unlearn.curvature import build_curvature
+
+    model = small_causal_lm("gpt2", vocab_size=VOCAB).requires_grad_(False)
+    with pytest.raises(UserInputError, match=r"no trainable parameter \(every parameter has requires_grad=False\)"
+                                             r".*unfreeze the parameters to unlearn") as info:
+        build_curvature(backend, model)
+    assert "diagonal" not in str(info.value)
+
+
+class NeedsMask(TinyLM):
+    def forward(self, input_ids, attention_mask):  # the mask is required
+        assert attention_mask is not None and attention_mask.shape == input_ids.shape
+        return super().forward(input_ids) * attention_mask[..., None]
+
+
+class KeywordOnly(TinyLM):
+    def forward(self, *, input_ids, attention_mask=None):
+        return super().forward(input_ids)
+
+
+class DictOut(TinyLM):
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": super().forward(input_ids), "hidden": None}
+
+
+class LossFirst(TinyLM):
+    def forward(self, input_ids, attention_mask=None):
+        logits = super().forward(input_ids)
+        return logits.mean(), logits
+
+
+@pytest.mark.parametrize("model_class", [NeedsMask, KeywordOnly, DictOut], ids=["required_mask", "keyword_only",
+                                                                                "dict"])
+def test_plain_modules_get_the_attention_mask_and_keywords_their_forward_asks_for(model_class):
+    """forward(input_ids, attention_mask) failed with Python's missing-argument TypeError, a keyword-only forward with
+    "takes 1 positional argument", a dict output with "model returned dict"."""
+    from lightning_unlearn.curvature import model_logits
+
+    batch = lm_batches(1)[0]
+    batch["attention_mask"][0, -2:] = 0
+    expected = TinyLM()(batch["input_ids"])
+    if model_class is NeedsMask:
+        expected = expected * batch["attention_mask"][..., None]
+    assert torch.equal(model_logits(model_class(), batch), expected)
+    no_mask = {k: v for k, v in batch.items() if k != "attention_mask"}
+    assert model_logits(model_class(), no_mask).shape == (4, LENGTH, VOCAB)  # a required mask: all ones
+    fit_and_step("kfac", model_class().eval(), lm_batches())
+
+
+def test_outputs_that_are_not_logits_are_refused_naming_the_expected_form():
+    """(loss, logits) gave "labels (8, 16) do not match logits ()"."""
+    from lightning_unlearn.curvature import model_logits
+
+    batch = lm_batches(1)[0]
+    with pytest.raises(UserInputError, match=r"tuple whose first element is a tensor of shape \(\).*logits \[batch, "
+                                             r"time, vocab\] first.*\(loss, logits, \.\.\.\)"):
+        model_logits(LossFirst(), batch)
+
+    class NoLogits(TinyLM):
+        def forward(self, input_ids, attention_mask=None):
+            return {"hidden": super().forward(input_ids)}
+
+    with pytest.raises(UserInputError, match=r"without a 'logits' entry \(keys \['hidden'\]\)"):
+        model_logits(NoLogits(), batch)
+
+
+def test_an_encoder_decoder_model_is_refused_as_not_a_causal_lm():
+    """A tiny T5 passed by mistake failed inside transformers ("You have to specify either decoder_input_ids...")."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lightning_unlearn.curvature import model_logits
+    from lightning_unlearn.curvature.objective import check_causal_lm
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2, decoder_start_token_id=0))
+    with pytest.raises(UserInputError, match=r"T5ForConditionalGeneration is an encoder-decoder model.*"
+                                             r"AutoModelForCausalLM"):
+        check_causal_lm(t5)
+    with pytest.raises(UserInputError, match="encoder-decoder"):
+        model_logits(t5, lm_batches(1)[0])
+    check_causal_lm(small_causal_lm("gpt2"))  # a causal LM passes

@@ -44,8 +44,10 @@ def test_default_recipe_and_frontier_wins_schema(smoke):
         keys = ("mia_auc", "ks_p", "dppl_percent") + (("exposure_gap_bits",) if kind == "canaries" else ())
         for key in keys:
             assert math.isfinite(recipe[key]), (kind, key)
-        # what the smoke preset's seeded runs give (one seed each)
-        assert [e["status"] for e in recipe["per_seed"]] == ["target_reached"], (kind, recipe["per_seed"])
+        # the smoke preset's barely trained models: a run reaches its target, or its steps together move the weights
+        # by their norm first (the run's trust region) and it says so; it never ends with nothing done
+        assert len(recipe["per_seed"]) == 1, (kind, recipe["per_seed"])
+        assert recipe["per_seed"][0]["status"] in ("target_reached", "budget_exhausted"), (kind, recipe["per_seed"])
         wins = result["frontier_wins"][kind]
         assert set(wins) == {"gradient_ascent"} and all(isinstance(v, bool) for v in wins.values())
         assert set(result["targets"][kind]) >= {"mia_auc<=0.55", "ks_p>=0.05", "dppl_percent<=1"}

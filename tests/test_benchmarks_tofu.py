@@ -48,8 +48,9 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     mine = [r for r in on_disk["rows"] if r["split"] == "forget10" and r.get("default")]
     assert recipe["time_over_fwd_bwd"] == mine[0]["seconds"] / mine[0]["fwd_bwd_seconds"] > 0
     assert recipe["time_over_retrain"] == mine[0]["time_over_retrain"] > 0
-    # the smoke models memorise nothing: the forget authors already look like the holdout authors
-    assert recipe["seeds"] == [0] and recipe["status"] == ["target_reached"]
+    # the smoke models memorise little: the run reaches its target, or its steps together move the weights by their
+    # norm first (the run's trust region) and it says so
+    assert recipe["seeds"] == [0] and recipe["status"][0] in ("target_reached", "budget_exhausted")
     assert set(on_disk["frontier_wins"]["tofu"]) == set(p.baselines)
     assert (tmp_path / "out" / "results.md").read_text().startswith("# TOFU-faithful benchmark")
     assert (tmp_path / "out" / "frontier_tofu.png").stat().st_size > 1000

@@ -385,3 +385,88 @@ def test_span_level_forget_set_refuses_a_whole_text_or_missing_holdout(tok):
     assert dm_of(tok, train=train, forget_ids=[30, 31], holdout_fraction=0.2).holdout_dataloader() is not None
     with pytest.warns(UserWarning, match="no holdout data .* the unlearning has no holdout target"):
         assert dm_of(tok, train=train, forget_ids=[30, 31], holdout_fraction=0).holdout_dataloader() is None
+
+
+# ---------------------------------------------------------------- labels the model can learn from, BOS, tokenizers
+
+
+def test_a_span_on_the_first_token_alone_is_refused(tok):
+    """The label on a row's first token is never learned from (nothing comes before it): a forget example whose span
+    covers only that token kept no usable label and was accepted, never to be unlearned."""
+    from datasets import Dataset
+
+    first = tok(TEXTS[0], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][0][1]
+    spans = [[[0, first]]] + [[[0, len(TEXTS[1])]]] + [[] for _ in TEXTS[2:]]
+    train = Dataset.from_dict({"text": TEXTS, "spans": spans})
+    with pytest.raises(UserInputError, match=r"1 of 2 forget examples \(ids 0\) have no usable label: their only "
+                                             r"labelled token is the first of the example.*widen the span past the "
+                                             r"first token") as err:
+        dm_of(tok, train=train, forget_ids=[0, 1], span="offsets").setup()
+    assert TEXTS[0][:first] not in str(err.value)
+    spans[0] = [[0, first + 1]]  # one more character: the second token is labelled too
+    dm = dm_of(tok, train=Dataset.from_dict({"text": TEXTS, "spans": spans}), forget_ids=[0, 1], span="offsets")
+    assert dm.forget_example_ids == [0, 1]
+
+
+def bos_tokenizer(tok):
+    """A copy of `tok` that puts a BOS before every text by default, as Llama's tokenizers do."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    llama = copy.deepcopy(tok)
+    llama.add_special_tokens({"bos_token": "<s>"})
+    llama._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", llama.bos_token_id)])
+    return llama
+
+
+def test_a_tokenizer_that_adds_bos_gets_it(tok):
+    """Tokenise encodes without special tokens (for the offsets): a Llama-style tokenizer's BOS was missing, so the
+    model saw sequences unlike its training ones. It is put back (as context, never a label); GPT-2-style tokenizers
+    are unchanged."""
+    llama = bos_tokenizer(tok)
+    dm = dm_of(llama, forget_ids=[0], test_fraction=0.0, holdout_fraction=0.0)
+    row = dm.split("forget")[0]
+    assert list(row["input_ids"]) == llama(TEXTS[0])["input_ids"] + [llama.eos_token_id]
+    assert row["input_ids"][0] == llama.bos_token_id and row["labels"][0] == IGNORE
+    assert list(row["labels"][1:]) == list(row["input_ids"][1:])
+    plain = dm_of(tok, forget_ids=[0], test_fraction=0.0, holdout_fraction=0.0).split("forget")[0]
+    assert list(plain["input_ids"]) == tok(TEXTS[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_the_callers_tokenizer_is_not_changed(tok):
+    """load_tokenizer set a pad token on the user's tokenizer object and turned its left padding to the right (used
+    elsewhere, e.g. for batched generation, it changed under the user); it now works on a copy."""
+    import copy
+
+    left = copy.deepcopy(tok)
+    left.padding_side = "left"
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    for user in (left, no_pad):
+        before = (user.pad_token, user.padding_side)
+        dm = dm_of(user, forget_ids=[0])
+        dm.setup()
+        assert (user.pad_token, user.padding_side) == before
+        assert dm.tokenizer.padding_side == "right" and dm.tokenizer.pad_token is not None
+    assert dm_of(tok, forget_ids=[0]).tokenizer is None  # untouched until setup
+    same = dm_of(tok, forget_ids=[0])
+    same.setup()
+    assert same.tokenizer is tok  # nothing to change: the same object
+
+
+def test_a_trained_tokenizer_warns_that_it_saw_the_forget_texts(tmp_path):
+    """tokenizer=None trains the tokenizer on the training texts, the forget texts included (it is the original
+    model's tokenizer: the demo's model is built with it), so its vocabulary can encode them: warned once, by count."""
+    from lightning_unlearn.data.datamodule import ForgetTextsInTokenizerWarning
+
+    secret = "contact: jane.roe.secretmail@example.org"
+    train = TEXTS[:60] + [secret] * 5
+    with pytest.warns(ForgetTextsInTokenizerWarning, match=r"the 5 forget example\(s\) included.*its vocabulary can "
+                                                           r"hold pieces of the forget texts") as caught:
+        ForgetRetainDataModule(train, forget_regex="jane", tokenizer_dir=tmp_path / "tok", vocab_size=300,
+                               max_length=64).setup()
+    assert not any("jane" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForgetTextsInTokenizerWarning)  # saved: loaded again, not trained again
+        ForgetRetainDataModule(train, forget_regex="jane", tokenizer_dir=tmp_path / "tok", max_length=64).setup()

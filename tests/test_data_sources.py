@@ -168,3 +168,88 @@ def test_streaming_shards_across_processes(tmp_path, tokenizer):
         dm._rank_world = lambda rank=rank: (rank, 2)  # what a 2-process Trainer reports
         shards.append([int(i) for b in dm.curvature_dataloader("retain") for i in b["example_id"]])
     assert set(shards[0]).isdisjoint(shards[1]) and sorted(shards[0] + shards[1]) == list(range(1, len(TEXTS)))
+
+
+def test_txt_loses_its_byte_order_mark_and_blank_lines(tmp_path, tokenizer):
+    """A BOM stayed in the first text of a .txt file (JSONL and CSV drop it), blank lines became empty examples, and
+    a file of whitespace lines was not refused as empty (a JSONL one is)."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes(("\ufeff" + TEXTS[0] + "\n\n   \n" + TEXTS[1] + "\n\t\n").encode())
+    assert load_source(path)["text"] == TEXTS[:2]
+    assert [r["text"] for r in load_source(path, streaming=True)] == TEXTS[:2]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\t\n")
+    with pytest.raises(UserInputError, match=r"the holdout file '.*blank.txt' has no examples \(an empty file, blank "
+                                             r"lines only"):
+        ForgetRetainDataModule(TEXTS, forget_ids=[0], holdout=blank, tokenizer=tokenizer).setup()
+
+
+def test_csv_text_column_of_digits_is_text(tmp_path, tokenizer):
+    """A CSV text column of digits ("1234", "0456") was read as integers and refused as "holds int, not text"."""
+    path = tmp_path / "pins.csv"
+    pd.DataFrame({"text": [f"0{i:03d}" for i in range(40)]}).to_csv(path, index=False)
+    assert load_source(path)["text"][:3] == ["0000", "0001", "0002"]
+    dm = ForgetRetainDataModule(path, forget_ids=[3], tokenizer=tokenizer, max_length=64)
+    assert dm.forget_example_ids == [3] and dm.texts["forget"]["text"] == ["0003"]
+
+
+def test_csv_integer_ids_with_a_gap_match_integer_forget_ids(tmp_path, tokenizer):
+    """An integer id column with one empty cell is read as floats (3.0): forget_ids=[3] must still select id 3."""
+    path = tmp_path / "ids.csv"
+    ids = [None if i == 10 else i for i in range(40)]
+    pd.DataFrame({"id": ids, "text": TEXTS}).to_csv(path, index=False)
+    for forget_ids in ([3], ["3"], [3.0]):
+        dm = ForgetRetainDataModule(path, id_column="id", forget_ids=forget_ids, tokenizer=tokenizer, max_length=64)
+        assert dm.forget_example_ids == [3] and dm.texts["forget"]["key"] == ["3"], forget_ids
+
+
+def test_a_dataset_dict_without_the_split_names_source_split(tmp_path, tokenizer):
+    """The fix named `split=`, which the data module does not take: its argument is `source_split`."""
+    DatasetDict({"validation": Dataset.from_dict({"text": TEXTS})}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(UserInputError, match=r"has splits \['validation'\] but not 'train'; pass "
+                                             r"source_split=<one of them>"):
+        ForgetRetainDataModule(tmp_path / "dict", forget_ids=[0], tokenizer=tokenizer).setup()
+    dm = ForgetRetainDataModule(tmp_path / "dict", forget_ids=[0], source_split="validation", tokenizer=tokenizer,
+                                max_length=64)
+    assert dm.forget_example_ids == [0]
+
+
+def test_a_list_source_names_its_bad_item():
+    with pytest.raises(TypeError, match=r"forget: a list source must hold strings \(the texts\); item 2 is a int"):
+        load_source(["a text", "another", 5], name="forget")
+
+
+@pytest.mark.parametrize("role", ["forget", "holdout"])
+@pytest.mark.parametrize("value", ["record 3: the password is ZQXSECRET77813 keep it", "ZQXSECRET77813",
+                                   '["record 3: ZQXSECRET77813", 5]', "ZQXSECRET77813.txt"])
+def test_a_forget_string_is_never_a_hub_id_nor_echoed(value, role):
+    """forget="<a text>" (or a list read as one string by the command) was sent to the hub as a dataset name: the
+    secret went into a URL, the logs and the exception. A forget or holdout string that is not an existing path is
+    refused before anything is sent, without the value."""
+    with pytest.raises(UserInputError, match=rf"{role}: the given string is not an existing file or folder \(the "
+                                             r"value is not shown.*a list of texts") as err:
+        load_source(value, name=role)
+    assert "ZQXSECRET" not in str(err.value)
+    kw = {"train": TEXTS, role: value} if role == "forget" else {"train": TEXTS, "forget_ids": [0], role: value}
+    with pytest.raises(UserInputError, match=rf"{role}: the given string is not an existing file") as err:
+        ForgetRetainDataModule(**kw, tokenizer=None).setup()
+    assert "ZQXSECRET" not in str(err.value)
+
+
+def test_hub_ids_are_only_valid_repo_ids():
+    """Hub names stay sources for the training data ("owner/name"); a string that is no valid repo id is refused
+    without being sent or repeated, whatever the role; forget data from the hub needs "hub:owner/name"."""
+    from lightning_unlearn.data.sources import is_hub_id
+
+    assert is_hub_id("locuslab/TOFU") and is_hub_id("wikitext") and is_hub_id("muse-bench/MUSE-News")
+    for bad in ("two words", "a/b/c", "-x", "a--b", "x..y", '["a", 5]', "a" * 97):
+        assert not is_hub_id(bad), bad
+    with pytest.raises(UserInputError, match=r"train: the given string is neither an existing file or folder nor a "
+                                             r"valid Hugging Face Hub dataset id \(the value is not shown") as err:
+        load_source("my secret text", name="train")
+    assert "secret" not in str(err.value)
+    # a valid id (and a forget source asked for with hub:) goes to the hub: offline in the tests, so it is not reached
+    for source, role in (("someowner/no-such-dataset", "train"), ("hub:someowner/no-such-dataset", "forget")):
+        with pytest.raises(Exception, match="no-such-dataset") as err:
+            load_source(source, name=role)
+        assert not isinstance(err.value, UserInputError)

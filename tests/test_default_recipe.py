@@ -111,10 +111,13 @@ def test_nothing_accepted_warns_and_leaves_the_model_unchanged(gpt2):
     base, forget, retain, _, holdout = gpt2
     model = copy.deepcopy(base)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # the held batch is the forget batch itself with no budget: every step that forgets breaks the budget
+    # the held batch is the forget batch with its first (unlabelled) token changed, and no budget: every step that
+    # forgets the secrets breaks the budget (the forget batch itself is refused as retain data)
+    near = {k: v.clone() for k, v in forget.items()}
+    near["input_ids"][:, 0] = (near["input_ids"][:, 0] + 1) % model.config.vocab_size
     u = build_unlearner("newton", model, max_retain_increase=0.0, max_retries=1)
     with pytest.warns(NothingAcceptedWarning, match="no step was accepted"):
-        records = u.fit([forget], retain, held_retain_batch=forget, holdout_batches=[holdout])
+        records = u.fit([forget], retain, held_retain_batch=near, holdout_batches=[holdout])
     assert u.status == "nothing_accepted" and records and not any(r.accepted for r in records)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -47,8 +47,10 @@ def test_fit_on_combined_loader_logs_and_saves(tmp_path: Path) -> None:
     small_causal_lm("gpt2", seed=0).save_pretrained(original)
     before = tree_hash(original)
     forget, retain = batches(8, seed=1), batches(16, seed=2)
+    # a random model: each step may move the weights by a quarter of their norm, so that the run's trust region
+    # (the steps together, at most their norm) leaves room for several steps
     module = UnlearningModule(str(original), method="newton", curvature="kfac", damping=1e-2, scale=1.0,
-                              max_retain_increase=0.5)
+                              max_retain_increase=0.5, method_kwargs={"max_step_norm": 0.25})
     module.set_curvature_data(retain)
     t = trainer(tmp_path)
     t.fit(module, train_dataloaders=CombinedLoader({"forget": forget, "retain": retain}, "max_size_cycle"),

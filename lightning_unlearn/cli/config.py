@@ -52,7 +52,9 @@ def check_paths(config: Any) -> None:
     for key in DATA_PATH_KEYS:
         value = data.get(key)
         if isinstance(value, str) and _looks_local(value) and not Path(value).expanduser().exists():
-            problems.append(f"data.{key}: path {value!r} does not exist; fix the path in the config")
+            shown = ("(not shown: a string given here may be a text; give a YAML list for texts)"
+                     if f"data.{key}" in REDACTED_TEXT_KEYS else repr(value))
+            problems.append(f"data.{key}: path {shown} does not exist; fix the path in the config")
     if problems:
         raise ConfigError("\n  ".join(problems))
 
@@ -113,13 +115,34 @@ def check_choices(config: Any) -> None:
 
 
 REDACTED_KEYS = ("data.forget_regex", "data.forget_ids")
+#: data sources that may be given as texts (a list, or by mistake one string): masked in every message the command
+#: prints, unless the value is an existing path
+TEXT_KEYS = ("data.forget", "data.retain", "data.holdout")
+#: the text sources replaced in the saved config when they hold texts (retain texts are the data that stays)
+REDACTED_TEXT_KEYS = ("data.forget", "data.holdout")
+
+
+def holds_texts(value: Any) -> bool:
+    """Whether a data source value of a config is texts rather than a place: a list, or a string that is neither an
+    existing path nor an explicit `hub:` id (refused by the data module, as a text given where a list was meant)."""
+    from ..data.sources import HUB_PREFIX
+
+    if isinstance(value, (list, tuple)):
+        return True
+    return isinstance(value, str) and not value.startswith(HUB_PREFIX) and not Path(value).expanduser().exists()
 
 
 def redact_forget_selection(config: Any) -> Any:
     """A copy of a parsed config whose forget selection is replaced by a placeholder that keeps nothing of it:
-    `"<redacted regex>"`, `["<3 ids redacted>"]`. The pattern of a secret can be a secret itself, ids are short
-    (an unsalted hash of `doc-10, doc-17` is brute-forced in a second), and the saved config goes to the logs."""
+    `"<redacted regex>"`, `["<3 ids redacted>"]`, and forget or holdout texts `["<2 texts redacted>"]` (paths stay).
+    The pattern of a secret can be a secret itself, ids are short (an unsalted hash of `doc-10, doc-17` is
+    brute-forced in a second), forget texts are the secrets, and the saved config goes to the logs."""
     config = config.clone()
+    for key in REDACTED_TEXT_KEYS:
+        value = config.get(key)
+        if value is not None and holds_texts(value):
+            config[key] = ([f"<{len(value)} texts redacted>"] if isinstance(value, (list, tuple))
+                           else "<redacted: not an existing path>")
     for key in REDACTED_KEYS:
         value = config.get(key)
         if value is None:

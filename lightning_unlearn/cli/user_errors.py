@@ -3,32 +3,61 @@ selection given on the command line is masked in every message (see the docstrin
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from ..errors import UserInputError
-from .config import REDACTED_KEYS
+from .config import REDACTED_KEYS, TEXT_KEYS, holds_texts
 
 #: set to 1 to see the traceback of every error (instead of the one-line message)
 TRACEBACK_ENV = "LIGHTNING_UNLEARN_TRACEBACK"
 TRACEBACK_HINT = f"(set {TRACEBACK_ENV}=1 for the traceback)"
 
 
-def _forget_values(args: Sequence[str]) -> list[str]:
-    """The forget selection as given on the command line (`--data.forget_regex X`, `--data.forget_ids=[...]`) and
-    its items: masked in every message the command prints."""
+def _flag_values(args: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """The values given on the command line to the flags `--<key>` (as `--key value` or `--key=value`)."""
     values: list[str] = []
-    flags = tuple(f"--{key}" for key in REDACTED_KEYS)
+    flags = tuple(f"--{key}" for key in keys)
     for i, arg in enumerate(args):
         for flag in flags:
             if arg == flag and i + 1 < len(args):
                 values.append(args[i + 1])
             elif arg.startswith(flag + "="):
                 values.append(arg[len(flag) + 1:])
+    return values
+
+
+def _forget_values(args: Sequence[str]) -> list[str]:
+    """The forget selection as given on the command line (`--data.forget_regex X`, `--data.forget_ids=[...]`) and
+    its items: masked in every message the command prints."""
+    values = _flag_values(args, REDACTED_KEYS)
     items = [item for value in values for item in value.strip("[]").replace('"', " ").replace("'", " ")
              .replace(",", " ").split()]
-    return sorted({v for v in values + items if len(v) >= 3}, key=len, reverse=True)
+    return sorted({v for v in values + items + _text_values(args) if len(v) >= 3}, key=len, reverse=True)
+
+
+def _text_values(args: Sequence[str]) -> list[str]:
+    """The forget, retain and holdout sources given on the command line as texts (`--data.forget '["a text"]'`, or
+    one string that is no existing path), and each text in them: masked whole (never word by word), as written and
+    as a message would quote it."""
+    out: list[str] = []
+    for value in _flag_values(args, TEXT_KEYS):
+        if not holds_texts(value):
+            continue
+        out.append(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            continue
+        items = parsed if isinstance(parsed, list) else [parsed]
+        for item in items:
+            if isinstance(item, str):
+                out += [item, repr(item)[1:-1], json.dumps(item)[1:-1]]
+    return out
 
 
 def _mask(text: str, args: Sequence[str]) -> str:
@@ -83,9 +112,19 @@ def _trainer_setting_error(err: BaseException) -> bool:
 def _hide_forget_values(text: str) -> str:
     """A config error of jsonargparse without the forget selection it would echo, whatever its length or source (a
     config file, `--data.forget_ids`, or a whole `--data '{...}'`): for a wrong type of `data.forget_ids` /
-    `data.forget_regex` a message naming the key, the expected and the given type; for any other error that mentions
-    them, the error without the given values and config text it quotes."""
-    if not any(key.split(".")[-1] in text for key in REDACTED_KEYS):
+    `data.forget_regex` (or of a text source, `data.forget` / `data.retain` / `data.holdout`) a message naming the
+    key, the expected and the given type; for any other error that mentions them, the error without the given values
+    and config text it quotes."""
+    source = re.search(r'key "(?:data\.)?(forget|retain|holdout)"', text)
+    if source:  # a data source of the wrong type (e.g. a list of texts with a number in it)
+        key = f"data.{source.group(1)}"
+        given = re.search(r"Given value type: <class '([\w.]+)'>", text)
+        got = f"got a {given.group(1)}" if given else "got a value of another type"
+        return (f"{key}: expected the path of a file or folder, a list of texts (strings only), or null; {got} (the "
+                "value is not shown: it may hold texts to forget)")
+    names = [key.split(".")[-1] for key in REDACTED_KEYS] + [f"{q}{key.split('.')[-1]}{q}" for key in TEXT_KEYS
+                                                             for q in ('"', "'")]
+    if not any(name in text for name in names):
         return text
     wrong = re.search(r'key "(?:data\.)?(forget_ids|forget_regex)"', text)
     if wrong:

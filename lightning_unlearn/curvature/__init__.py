@@ -4,8 +4,8 @@ from .base import Curvature, Reduce, Vector, gradient, identity
 from .diagonal import DiagonalFisher
 from .hessian_free import HessianFree, NegativeCurvatureError
 from .kfac import KFAC
-from .layers import TrackedLayer, find_layers
-from .objective import IGNORE_INDEX, CrossEntropyObjective, MSEObjective, Objective, model_logits
+from .layers import TrackedLayer, UncoveredParametersWarning, find_layers
+from .objective import IGNORE_INDEX, CrossEntropyObjective, MSEObjective, Objective, check_causal_lm, model_logits
 from .registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature, curvature_class
 from .woodfisher import WoodFisher
 
@@ -23,9 +23,11 @@ __all__ = [
     "Objective",
     "Reduce",
     "TrackedLayer",
+    "UncoveredParametersWarning",
     "Vector",
     "WoodFisher",
     "build_curvature",
+    "check_causal_lm",
     "curvature_class",
     "find_layers",
     "gradient",

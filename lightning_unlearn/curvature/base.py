@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserInputError
 from .layers import unwrap_model
 from .objective import CrossEntropyObjective, Objective, Positions, model_logits, position_keys
 
@@ -83,11 +84,56 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+#: the fix for a model whose forward checkpoints its blocks with `use_reentrant=True`
+REENTRANT_FIX = (
+    "the model's forward runs these modules under torch.no_grad, which is what activation checkpointing with "
+    "torch.utils.checkpoint.checkpoint(..., use_reentrant=True) does: autograd.grad then cannot reach their "
+    "parameters, so their curvature and gradient would be missing (a step on the other layers only); checkpoint "
+    "with use_reentrant=False, or use Hugging Face's model.gradient_checkpointing_enable(), which is off in eval mode "
+    "where the curvature and the gradients are computed (or remove the torch.no_grad from the forward)"
+)
+
+
+def _graph_has_reentrant_checkpoint(loss: Tensor) -> bool:
+    """Whether the autograd graph of `loss` holds a node of reentrant activation checkpointing."""
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def checked_grad(what: str, outputs: Tensor | Sequence[Tensor], inputs: Sequence[Tensor],
+                 **kwargs: Any) -> tuple[Tensor | None, ...]:
+    """`torch.autograd.grad(outputs, inputs, **kwargs)`, with torch's error about reentrant activation checkpointing
+    turned into a `UserInputError` naming the fix (`what`: who asks, for the message)."""
+    try:
+        return torch.autograd.grad(outputs, inputs, **kwargs)
+    except RuntimeError as err:
+        if "use_reentrant" not in str(err) and "Checkpointing is not compatible" not in str(err):
+            raise
+        raise UserInputError(f"{what}: the model checkpoints activations with use_reentrant=True inside its forward; "
+                             f"{REENTRANT_FIX}") from err
+
+
 def gradient(model: nn.Module, loss: Tensor, names: Iterable[str]) -> Vector:
-    """d loss / d θ for the named parameters, as a vector dict (does not touch `.grad`)."""
+    """d loss / d θ for the named parameters, as a vector dict (does not touch `.grad`).
+
+    A parameter the loss does not depend on gets zeros (its step is zero); a `UserInputError` when the graph shows
+    reentrant activation checkpointing, which hides parameters from `autograd.grad` (their zeros would be wrong)."""
     params = dict(model.named_parameters())
     names = list(names)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    grads = checked_grad("gradient", loss, [params[n] for n in names], allow_unused=True)
+    missing = [n for n, g in zip(names, grads) if g is None]
+    if missing and _graph_has_reentrant_checkpoint(loss):
+        raise UserInputError(f"gradient: parameters {missing[:3]} get no gradient through the model's reentrant "
+                             f"activation checkpointing; {REENTRANT_FIX}")
     return {n: (torch.zeros_like(params[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
 
 
@@ -251,8 +297,38 @@ class Curvature(ABC):
                 )
 
     def logits(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """The model's logits on `batch` (see `objective.model_logits`)."""
-        return model_logits(self.model, batch)
+        """The model's logits on `batch` (see `objective.model_logits`).
+
+        With gradients on, a `UserInputError` when a module holding a covered parameter runs with gradients off
+        inside the forward (reentrant activation checkpointing): its parameters would get no curvature and no
+        gradient, and the step would move the other layers only."""
+        if not torch.is_grad_enabled():
+            return model_logits(self.model, batch)
+        without_grad: list[str] = []
+
+        def check(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any) -> None:
+                if not torch.is_grad_enabled() and name not in without_grad:
+                    without_grad.append(name)
+            return hook
+
+        handles = [module.register_forward_pre_hook(check(name)) for name, module in self._owner_modules()]
+        try:
+            logits = model_logits(self.model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if without_grad:
+            raise UserInputError(f"{self.name}: the modules {without_grad[:3]}{' ...' if len(without_grad) > 3 else ''}"
+                                 f" ran without gradients inside the model's forward; {REENTRANT_FIX}")
+        return logits
+
+    def _owner_modules(self) -> list[tuple[str, nn.Module]]:
+        """The modules that directly hold a covered parameter (`param_names`), in module order."""
+        names = set(self.param_names)
+        covered = {id(p) for n, p in self.model.named_parameters() if n in names}
+        return [(name, module) for name, module in self.model.named_modules()
+                if any(id(p) in covered for p in module.parameters(recurse=False))]
 
     def sample_targets(self, pos: Positions, batch: Mapping[str, Tensor], draw: int = 0) -> Tensor:
         """Labels for the valid positions `pos` of `batch` drawn from the model (the Monte-Carlo Fisher), keyed by

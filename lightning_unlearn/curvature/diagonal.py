@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Curvature, Vector, check_finite, tensor_bytes
+from .base import Curvature, Vector, check_finite, checked_grad, tensor_bytes
 from .layers import trainable_parameters
 from .objective import Objective
 
@@ -60,7 +60,7 @@ class DiagonalFisher(Curvature):
         per_example = per_example.index_add(0, example, losses)
         rows = example.unique()
         for i, b in enumerate(rows.tolist()):
-            grads = torch.autograd.grad(per_example[b], plist, retain_graph=i < len(rows) - 1, allow_unused=True)
+            grads = checked_grad(self.name, per_example[b], plist, retain_graph=i < len(rows) - 1, allow_unused=True)
             for n, g in zip(self.param_names, grads):
                 if g is None:
                     continue

@@ -53,9 +53,18 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp
 
 from ..errors import UserInputError
-from .base import Curvature, Vector, check_damping, check_damping_mode, check_finite, eval_mode, tensor_bytes
+from .base import (
+    Curvature,
+    Vector,
+    check_damping,
+    check_damping_mode,
+    check_finite,
+    checked_grad,
+    eval_mode,
+    tensor_bytes,
+)
 from .functional import EAGER_HINT, FunctionalModel, eager_attention
-from .layers import covered_parameters, unwrap_model
+from .layers import covered_parameters, find_layers, layer_parameter_names, unwrap_model, warn_uncovered
 from .objective import Objective, model_logits
 
 PRODUCTS = ("ggn", "hessian")
@@ -63,6 +72,18 @@ PRODUCTS = ("ggn", "hessian")
 #: decrease is warned about (once per curvature object): the truncation then changes the direction
 TRUNCATION_WARNING = 0.05
 ON_NEGATIVE = ("raise", "stop")
+#: torch's errors for what torch.func cannot transform inside the model's forward -> what it is and the fix
+TORCH_FUNC_LIMITS = (
+    (("saved tensor hooks", "setup_context"),
+     "the model's forward uses activation checkpointing (torch.utils.checkpoint, with use_reentrant True or False) "
+     "or another autograd.Function / saved-tensor hook, which torch.func (the jvp/vjp of cg's products) does not "
+     "support; turn the checkpointing off inside the forward (Hugging Face's gradient_checkpointing_enable() is fine: "
+     "it is off in eval mode, where the products run), or use curvature='kfac'"),
+    (("doesn't have storage", "does not have storage"),
+     "a hook or the forward reads tensor data (e.g. .cpu().numpy(), .item() or .tolist() in a forward hook that "
+     "records activations), which cg's products cannot do: they run the forward under torch.func (jvp/vjp), whose "
+     "tensors have no storage; remove such hooks while unlearning, or use curvature='kfac'"),
+)
 
 
 class NegativeCurvatureError(ArithmeticError):
@@ -111,7 +132,12 @@ class HessianFree(Curvature):
         self.warm_start = bool(warm_start)
         self.on_negative_curvature = on_negative_curvature
         self._warned: set[str] = set()
-        self.param_names = covered_parameters(self.model, params, include, exclude)
+        if params is None:
+            layers = find_layers(self.model, include, exclude)
+            warn_uncovered(self.model, layers, self.name, include, exclude)
+            self.param_names = layer_parameter_names(layers)
+        else:
+            self.param_names = covered_parameters(self.model, params, include, exclude)
         self.last_solve: dict[str, Any] = {}
         self._reset()
 
@@ -197,10 +223,10 @@ class HessianFree(Curvature):
                 return {n: torch.zeros_like(t) for n, t in primals.items()}
             loss = self.objective.per_position_loss(pos.outputs, pos.targets).sum()
             plist = [leaves[n] for n in self.param_names]
-            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+            grads = checked_grad(self.name, loss, plist, create_graph=True, allow_unused=True)
             pairs = [(g, tangent[n]) for g, n in zip(grads, self.param_names) if g is not None and g.requires_grad]
-            hv = torch.autograd.grad([g for g, _ in pairs], plist, grad_outputs=[t for _, t in pairs],
-                                     allow_unused=True) if pairs else [None] * len(plist)
+            hv = checked_grad(self.name, [g for g, _ in pairs], plist, grad_outputs=[t for _, t in pairs],
+                              allow_unused=True) if pairs else [None] * len(plist)
         return {n: (torch.zeros_like(primals[n]) if h is None else h.detach()) for n, h in zip(self.param_names, hv)}
 
     def _matvec_flat(self, flat: Tensor) -> Tensor:
@@ -213,8 +239,12 @@ class HessianFree(Curvature):
             for batch, sign in self.batches:
                 try:
                     prod = self._batch_product(batch, tangent)
-                except (NotImplementedError, RuntimeError) as err:  # a fused kernel outside transformers' switch
+                except (NotImplementedError, RuntimeError) as err:
                     text = str(err)
+                    for fragments, fix in TORCH_FUNC_LIMITS:
+                        if any(f in text for f in fragments):
+                            raise UserInputError(f"cg: {fix} (torch: {text.splitlines()[0][:120]})") from err
+                    # a fused kernel outside transformers' switch
                     if "attention" not in text or ("forward AD" not in text and "not implemented" not in text):
                         raise
                     raise UserInputError(f"cg: the model's attention kernel has no forward-mode AD or double "

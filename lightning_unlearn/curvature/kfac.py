@@ -53,11 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserInputError
 from .base import Curvature, check_finite, tensor_bytes
 from .kfac_products import KFACProducts
 from .kfac_statistics import KFACStatistics
 from .kronecker import g_structure, largest_divisor, partition_layers
-from .layers import TrackedLayer, find_layers
+from .layers import TrackedLayer, find_layers, shared_parameters, warn_uncovered
 from .objective import Objective
 
 FISHER_TYPES = ("mc", "empirical", "type2")
@@ -146,6 +147,15 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
             raise ValueError("kfac: shard_factors=True does not support eigenvalue_correction (EK-FAC projects every "
                              "process's data on every layer's eigenbasis, which only its owner holds); use one of them")
         self.layers: list[TrackedLayer] = find_layers(self.model, include, exclude)
+        shared = shared_parameters(self.layers)
+        if shared:  # A ⊗ G is per module: a weight used by two modules would get the second one's factors only
+            name, users = next(iter(shared.items()))
+            raise UserInputError(
+                f"kfac: parameter {name!r} is shared by the tracked layers {users} (the same nn.Parameter in several "
+                "modules); K-FAC keeps one Kronecker factor pair per module and cannot combine them; use "
+                "curvature='diagonal' or 'cg' (or 'woodfisher'), which take the parameter's whole gradient"
+            )
+        warn_uncovered(self.model, self.layers, self.name, include, exclude)
         self.param_names = tuple(n for layer in self.layers for n in layer.param_names)
         dtype = self.layers[0].module.weight.dtype
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32

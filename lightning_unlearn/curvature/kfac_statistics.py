@@ -10,18 +10,27 @@ Hessian's square root (`type2`, small outputs only). The conventions: "expand" (
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import check_finite
+from ..errors import UserInputError
+from .base import REENTRANT_FIX, check_finite
 from .kronecker import g_rows_to_basis
 from .layers import TrackedLayer
 
 #: the largest output dimension for which `type2` (one backward pass per output) is allowed
 TYPE2_MAX_OUTPUTS = 512
+
+
+def exclude_hint(names: Iterable[str]) -> str:
+    """How to leave the layers `names` out of K-FAC, directly and through a request's settings."""
+    patterns = [f"^{re.escape(n)}$" for n in names]
+    return (f"leave {'it' if len(patterns) == 1 else 'them'} out with exclude={patterns!r} (KFAC(model, exclude=...); "
+            f"in a request: UnlearnSettings(curvature_kwargs={{'exclude': {patterns!r}}}))")
 
 
 def symmetric_gram(x: Tensor, leaf: int | None = None) -> Tensor:
@@ -91,9 +100,14 @@ class KFACStatistics:
                 h.remove()
         missing = [name for name, c in captures.items() if not c.outputs]
         if missing:
-            raise RuntimeError(
-                f"kfac: tracked layer(s) {missing[:3]} saw no forward pass on this batch; exclude them "
-                "(exclude=...) or make sure the model calls them"
+            # K-FAC's block of a layer that never runs has no statistics (A = G = 0): its gradient is 0 and so is
+            # its Newton step, but a fractional power (fisher_forgetting's noise) would put damping^p-sized noise on
+            # its weights, and dropping it here would change the covered parameters after construction (and the
+            # checkpoint format); so it is refused, naming the exact fix
+            raise UserInputError(
+                f"kfac: tracked layer(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} saw no forward pass on this "
+                f"batch (the model does not call them), so K-FAC has no statistics for them; {exclude_hint(missing)},"
+                " or make sure the model calls them"
             )
         return logits, captures
 
@@ -144,13 +158,18 @@ class KFACStatistics:
         out_tensors = [captures[layer.name].outputs[i] for layer, i in outputs]
         terms = self._backward_terms(pos, batch)
         grads_per_term = []
+        cut = list(dict.fromkeys(layer.name for (layer, _), o in zip(outputs, out_tensors) if not o.requires_grad))
+        if cut:  # run without gradients (reentrant checkpointing, torch.no_grad): autograd.grad cannot reach them
+            raise UserInputError(f"kfac: the outputs of tracked layer(s) {cut[:3]} do not require grad; "
+                                 f"{REENTRANT_FIX}")
         for t, (scalar, w) in enumerate(terms):
             grads = torch.autograd.grad(scalar, out_tensors, retain_graph=t < len(terms) - 1, allow_unused=True)
             for (layer, _), g in zip(outputs, grads):
                 if g is None:
-                    raise RuntimeError(
+                    raise UserInputError(
                         f"kfac: tracked layer {layer.name!r} saw a forward but no backward (its output does not "
-                        "reach the loss); exclude it (exclude=...) or freeze its weight"
+                        f"reach the loss, so its gradient is 0); {exclude_hint([layer.name])}, or freeze its weight "
+                        "(requires_grad_(False))"
                     )
             grads_per_term.append(([g.detach() for g in grads], w))
         reduce_seq = self.kfac_approx == "reduce" and mask.dim() >= 2

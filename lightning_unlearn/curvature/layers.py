@@ -5,16 +5,27 @@ typing so that the engine needs no transformers import. Skipped by default: embe
 (their vocabulary-sized factors do not fit), found through `get_output_embeddings()` and by weights tied to
 an `nn.Embedding`. `include`/`exclude` are regular expressions matched (`re.search`) against module names.
 Only modules with trainable weights are tracked, so PEFT/LoRA models get curvature on the adapters alone.
+A parameter shared by several tracked modules is listed once (`shared_parameters` names such parameters: K-FAC
+refuses them, its factors being per module). Trainable weight tensors outside any tracked module (e.g. the fused 3-D
+experts of a mixture-of-experts model) are named in an `UncoveredParametersWarning` (`warn_uncovered`), since their
+weights would never move.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import UserInputError
+
+
+class UncoveredParametersWarning(UserWarning):
+    """Trainable weights that a layer-wise curvature (K-FAC, WoodFisher, CG) does not cover: they will not move."""
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -84,10 +95,11 @@ def find_layers(
 ) -> list[TrackedLayer]:
     """The linear-like modules of `model` that carry curvature, in module order.
 
-    Raises `ValueError` when nothing is left to track, naming the filters that removed everything.
+    Raises `UserInputError` when the model has no trainable parameter at all, or when nothing is left to track
+    (naming the filters that removed everything).
     """
-    inc = [include] if isinstance(include, str) else list(include or [])
-    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    check_trainable(model)
+    inc, exc = _patterns(include), _patterns(exclude)
     skipped = _skipped_weights(model) if skip_embeddings else set()
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers: list[TrackedLayer] = []
@@ -98,9 +110,7 @@ def find_layers(
         weight = module.weight
         if not weight.requires_grad or id(weight) in skipped or id(weight) not in param_names:
             continue
-        if inc and not any(re.search(p, name) for p in inc):
-            continue
-        if any(re.search(p, name) for p in exc):
+        if not _selected(name, inc, exc):
             continue
         bias = getattr(module, "bias", None)
         bias_name = param_names.get(id(bias)) if bias is not None and bias.requires_grad else None
@@ -110,12 +120,107 @@ def find_layers(
                          in_features=int(in_f), out_features=int(out_f), transposed=conv1d)
         )
     if not layers:
-        raise ValueError(
+        raise UserInputError(
             "no trackable layer: the model has no trainable nn.Linear or Conv1D outside the embeddings and LM head"
             f" (include={inc or None}, exclude={exc or None}); loosen include/exclude, unfreeze layers,"
             " or use the 'diagonal' backend, which covers every trainable parameter"
         )
     return layers
+
+
+def _patterns(patterns: str | Iterable[str] | None) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns or [])
+
+
+def _selected(name: str, inc: list[str], exc: list[str]) -> bool:
+    """Whether module `name` passes the include/exclude regular expressions."""
+    return (not inc or any(re.search(p, name) for p in inc)) and not any(re.search(p, name) for p in exc)
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Raise `UserInputError` when no parameter of `model` requires grad (nothing could be unlearned)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserInputError(
+            "the model has no trainable parameter (every parameter has requires_grad=False), so nothing can be "
+            "unlearned; unfreeze the parameters to unlearn (e.g. p.requires_grad_(True) for the layers to change)"
+        )
+
+
+def layer_parameter_names(layers: Iterable[TrackedLayer]) -> tuple[str, ...]:
+    """The parameter names of `layers`, each once (a weight shared by two layers is one parameter)."""
+    return tuple(dict.fromkeys(n for layer in layers for n in layer.param_names))
+
+
+def shared_parameters(layers: Iterable[TrackedLayer]) -> dict[str, list[str]]:
+    """Parameter name -> the tracked layers using it, for parameters that several tracked modules share."""
+    users: dict[str, list[str]] = {}
+    for layer in layers:
+        for n in layer.param_names:
+            users.setdefault(n, []).append(layer.name)
+    return {n: names for n, names in users.items() if len(names) > 1}
+
+
+def _name_pattern(name: str) -> str:
+    """`model.layers.3.mlp.experts.down_proj` -> `model.layers.*.mlp.experts.down_proj` (one line per kind)."""
+    return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name)
+
+
+def uncovered_parameters(
+    model: nn.Module,
+    layers: Iterable[TrackedLayer],
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> list[str]:
+    """Trainable weight tensors (2-D or more) that no tracked layer covers and that are not left out by design.
+
+    Left out by design: embeddings and the LM head (tied or not), 1-D tensors (norm scales, biases), and parameters
+    of modules that `include`/`exclude` filter out. What remains (e.g. a mixture-of-experts model's fused 3-D
+    experts, a router's raw weight) would never move under a layer-wise curvature.
+    """
+    inc, exc = _patterns(include), _patterns(exclude)
+    covered = set(layer_parameter_names(layers))
+    skipped = _skipped_weights(model)
+    seen: set[int] = set()
+    out = []
+    for module_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            name = f"{module_name}.{local}" if module_name else local
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if (not p.requires_grad or p.dim() < 2 or id(p) in skipped or name in covered
+                    or not _selected(module_name, inc, exc)):
+                continue
+            out.append(name)
+    return out
+
+
+def warn_uncovered(
+    model: nn.Module,
+    layers: Iterable[TrackedLayer],
+    backend: str,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> None:
+    """Warn (`UncoveredParametersWarning`) naming the trainable weights a layer-wise `backend` leaves out, with their
+    share of the trainable weights: without curvature they get no step, silently."""
+    layers = list(layers)
+    names = uncovered_parameters(model, layers, include, exclude)
+    if not names:
+        return
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values() if p.requires_grad)
+    left = sum(params[n].numel() for n in names)
+    kinds = list(dict.fromkeys(_name_pattern(n) for n in names))
+    shown = ", ".join(kinds[:5]) + (f" and {len(kinds) - 5} more" if len(kinds) > 5 else "")
+    warnings.warn(
+        f"{backend}: the curvature covers nn.Linear/Conv1D layers only; {len(names)} trainable weight tensor(s) "
+        f"outside them ({shown}: {left:,} of the {total:,} trainable weights, {left / max(total, 1):.0%}) get no "
+        f"curvature and will not move; use curvature='diagonal', which covers every trainable parameter, or freeze "
+        f"them (requires_grad_(False)) to unlearn with the layers alone",
+        UncoveredParametersWarning,
+        stacklevel=3,
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -136,10 +241,8 @@ def trainable_parameters(model: nn.Module, params: Iterable[str] | None = None) 
     parameter when None. Raises `ValueError` naming the offending names."""
     named = dict(model.named_parameters())
     if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-        if not names:
-            raise ValueError("the model has no trainable parameter; unfreeze some parameters (requires_grad=True)")
-        return tuple(names)
+        check_trainable(model)
+        return tuple(n for n, p in named.items() if p.requires_grad)
     names = list(params)
     unknown = [n for n in names if n not in named]
     if unknown:
@@ -160,7 +263,8 @@ def covered_parameters(
     include: str | Iterable[str] | None,
     exclude: str | Iterable[str] | None,
 ) -> tuple[str, ...]:
-    """The parameter names a matrix-free backend covers: `params` if given, else the tracked layers' ones."""
+    """The parameter names a matrix-free backend covers: `params` if given, else the tracked layers' ones (each
+    once: a weight shared by two layers is one parameter)."""
     if params is None:
-        return tuple(n for layer in find_layers(model, include, exclude) for n in layer.param_names)
+        return layer_parameter_names(find_layers(model, include, exclude))
     return trainable_parameters(model, params)

@@ -15,14 +15,21 @@ the same example, and the curvature does not depend on how the data was split.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import UserInputError
+from .layers import unwrap_model
 
 IGNORE_INDEX = -100
 #: batch keys holding one stable id per example (the data module's collate writes `example_id`; < 0 = none)
@@ -128,32 +135,140 @@ def uniforms(keys: Tensor, stream: int = 0) -> Tensor:
     return (bits.double() + 0.5) / float(1 << 48)
 
 
+class LogitsFormError(UserInputError, TypeError):
+    """The model's output holds no logits in a form `model_logits` reads (also a `TypeError`, what this was before,
+    for callers that catch it to add their own advice)."""
+
+
+#: how a module's forward takes the batch, by forward function and input key (see `_call_plan`)
+_CALL_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """How `model_logits` calls a module without `.config`: the inputs by keyword (a keyword-only parameter of the
+    batch key's name) or positionally, and whether its forward takes `attention_mask` ("no", "optional",
+    "required")."""
+
+    by_keyword: bool = False
+    mask: str = "no"
+
+
+def _call_plan(model: Any, key: str) -> _CallPlan:
+    """Read the forward's signature once per forward function (cached): a module that takes `attention_mask` gets it,
+    a keyword-only `input_ids` is passed by keyword. Wrappers (DDP, `torch.compile`, the functional call of CG) are
+    looked through to the module whose forward runs."""
+    owner = model if isinstance(model, nn.Module) else getattr(model, "module", model)
+    owner = unwrap_model(owner) if isinstance(owner, nn.Module) else owner
+    forward = getattr(owner, "forward", None)
+    func = getattr(forward, "__func__", forward)
+    try:
+        cached = _CALL_PLANS.get(func, {})
+    except TypeError:  # not weak-referenceable: read it each time
+        cached = {}
+    if key in cached:
+        return cached[key]
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # no readable signature: the plain call
+        return _CallPlan()
+    given = params.get(key)
+    mask = params.get("attention_mask")
+    if mask is None or mask.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY,
+                                     inspect.Parameter.VAR_KEYWORD):
+        takes_mask = "no"
+    else:
+        takes_mask = "required" if mask.default is inspect.Parameter.empty else "optional"
+    plan = _CallPlan(by_keyword=given is not None and given.kind is inspect.Parameter.KEYWORD_ONLY, mask=takes_mask)
+    with contextlib.suppress(TypeError):
+        _CALL_PLANS.setdefault(func, {})[key] = plan
+    return plan
+
+
+def check_causal_lm(model: Any) -> None:
+    """Raise `UserInputError` for a Hugging Face encoder-decoder model (`config.is_encoder_decoder`, e.g. T5, BART):
+    its logits need decoder inputs and do not predict the next token of `input_ids`, so unlearning it as a causal LM
+    would be meaningless. Other modules pass (anything mapping `input_ids` to next-token logits is fine)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False) is True:
+        owner = getattr(model, "module", model)
+        raise UserInputError(
+            f"{type(owner).__name__} is an encoder-decoder model (config.is_encoder_decoder=True, like T5 or BART); "
+            "lightning_unlearn unlearns causal language models, whose logits at position t predict token t+1 of "
+            "input_ids: load a decoder-only model with AutoModelForCausalLM (GPT-2, Llama, Qwen2, ...)"
+        )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _logits_of(out: Any, key: str) -> Tensor:
+    """The logits in whatever the model returned: a tensor, an object with `.logits` (Hugging Face), a mapping with
+    "logits", or a tuple/list with the logits first."""
+    expected = "logits [batch, time, vocab]" if key == "input_ids" else "outputs [..., classes]"
+    forms = ("return the logits as a tensor, a tuple with the logits first, a dict with 'logits' or an object with "
+             ".logits")
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, Mapping):
+        if "logits" not in out:
+            raise LogitsFormError(f"the model returned a {type(out).__name__} without a 'logits' entry (keys "
+                                 f"{list(out)[:5]}); expected {expected}: {forms}")
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)):
+        first = out[0] if len(out) else None
+        if not isinstance(first, Tensor) or first.dim() < (2 if key == "input_ids" else 1):
+            shapes = ", ".join(_describe(v) for v in list(out)[:3])
+            raise LogitsFormError(
+                f"the model returned a {type(out).__name__} whose first element is {_describe(first)} ({shapes}); "
+                f"expected {expected} first, the order of a Hugging Face model called without labels (logits, "
+                "past_key_values, ...); (loss, logits, ...) is its order with labels: return the logits first, or a "
+                "dict with 'logits' / an object with .logits"
+            )
+        out = first
+    if not isinstance(out, Tensor):
+        raise LogitsFormError(f"the model returned {_describe(out)}; expected {expected}: {forms}")
+    if out.dim() == 0:
+        raise LogitsFormError(f"the model returned a scalar (a loss?) where {expected} were expected: {forms}")
+    return out
+
+
 def model_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Run `model` on a batch and return its logits, whatever the model returns.
 
-    Hugging Face models get `input_ids`/`attention_mask` as keywords; any other module gets the inputs
-    positionally (`batch["input_ids"]`, or `batch["inputs"]` for non-token models). Outputs with a `.logits`
-    attribute, tuples (first element) and plain tensors are accepted.
+    Hugging Face models (with `.config`) get `input_ids`/`attention_mask` as keywords (an encoder-decoder one is
+    refused: `check_causal_lm`); any other module gets the inputs (`batch["input_ids"]`, or `batch["inputs"]` for
+    non-token models) positionally, or by keyword when its forward takes them keyword-only, and `attention_mask` when
+    its forward has such a parameter (all ones when the batch has none and the forward requires it). Outputs: a
+    tensor, an object with `.logits`, a mapping with "logits", or a tuple/list with the logits first.
     """
     if "input_ids" in batch:
-        inputs = batch["input_ids"]
+        key = "input_ids"
     elif "inputs" in batch:
-        inputs = batch["inputs"]
+        key = "inputs"
     else:
         raise KeyError("batch has neither 'input_ids' nor 'inputs'; give the model's inputs under one of these keys")
-    if hasattr(model, "config") and "attention_mask" in batch:
-        out = model(input_ids=inputs, attention_mask=batch["attention_mask"])
-    elif hasattr(model, "config"):
-        out = model(input_ids=inputs)
-    else:
-        out = model(inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if not isinstance(out, Tensor):
-        raise TypeError(f"model returned {type(out).__name__}; expected logits, a tuple or an object with .logits")
-    return out
+    inputs = batch[key]
+    if hasattr(model, "config"):
+        check_causal_lm(model)
+        if "attention_mask" in batch:
+            out = model(input_ids=inputs, attention_mask=batch["attention_mask"])
+        else:
+            out = model(input_ids=inputs)
+        return _logits_of(out, key)
+    plan = _call_plan(model, key)
+    kwargs: dict[str, Tensor] = {}
+    if plan.mask != "no":
+        mask = batch.get("attention_mask")
+        if mask is None and plan.mask == "required":
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)  # no padding: all real
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+    out = model(**{key: inputs}, **kwargs) if plan.by_keyword else model(inputs, **kwargs)
+    return _logits_of(out, key)
 
 
 @dataclass

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Curvature, Vector, check_finite, tensor_bytes
-from .layers import covered_parameters, find_layers, unwrap_model
+from .base import Curvature, Vector, check_finite, checked_grad, tensor_bytes
+from .layers import covered_parameters, find_layers, layer_parameter_names, unwrap_model, warn_uncovered
 from .objective import Objective
 
 FISHER_TYPES = ("empirical", "mc")
@@ -76,10 +76,19 @@ class WoodFisher(Curvature):
         self.fisher_type = fisher_type
         self.blocks = blocks
         self.max_full_elements = int(max_full_elements)
-        self.param_names = covered_parameters(self.model, params, include, exclude)
         if params is None:
-            self._layer_groups = [layer.param_names for layer in find_layers(self.model, include, exclude)]
+            layers = find_layers(self.model, include, exclude)
+            warn_uncovered(self.model, layers, self.name, include, exclude)
+            self.param_names = layer_parameter_names(layers)
+            # one block per layer; a weight shared by two layers belongs to the first one's block only
+            self._layer_groups, seen = [], set()
+            for layer in layers:
+                group = tuple(n for n in layer.param_names if n not in seen)
+                seen.update(group)
+                if group:
+                    self._layer_groups.append(group)
         else:
+            self.param_names = covered_parameters(self.model, params, include, exclude)
             self._layer_groups = [(n,) for n in self.param_names]
         self._reset()
 
@@ -114,8 +123,12 @@ class WoodFisher(Curvature):
             per_example = per_example.index_add(0, example, losses)
             rows = example.unique().tolist()
             for i, b in enumerate(rows):
-                grads = torch.autograd.grad(per_example[b], plist, retain_graph=i < len(rows) - 1, allow_unused=True)
+                grads = checked_grad(self.name, per_example[b], plist, retain_graph=i < len(rows) - 1,
+                                     allow_unused=True)
                 for n, p, g in zip(self.param_names, plist, grads):
+                    # None: the loss does not depend on p (a layer never called, or whose output is detached), so its
+                    # gradient is exactly 0; a layer run without gradients (reentrant checkpointing) was refused by
+                    # `logits`, so a None here is never a gradient autograd could not reach
                     g = torch.zeros_like(p) if g is None else g.detach()
                     self._rows[n].append(g.reshape(1, -1).to(self._store_dtype(p)))
         self._local_count += pos.count

@@ -50,6 +50,10 @@ SPLITS = ("forget", "retain", "full", "test", "holdout")
 CurvatureSplit = Literal["retain", "forget", "full"]
 
 
+class ForgetTextsInTokenizerWarning(UserWarning):
+    """A tokenizer trained by the data module (tokenizer=None) saw the forget texts: its vocabulary may encode them."""
+
+
 class ForgetRetainDataModule(L.LightningDataModule):
     """Forget and retain data for unlearning.
 
@@ -64,7 +68,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
             "markers" (`span_markers` around the span in the text) or "regex" (the match, or its `span` group).
         text_column: the column holding the text in every source (never guessed: a missing one is an error).
         tokenizer: a tokenizer, a local path or hub id; None trains a byte-level BPE of `vocab_size` on the
-            training text and saves it to `tokenizer_dir` (default: `<trainer.default_root_dir>/tokenizer`).
+            training text, forget texts included (the original model's tokenizer; `ForgetTextsInTokenizerWarning`),
+            and saves it to `tokenizer_dir` (default: `<trainer.default_root_dir>/tokenizer`).
             This one tokenizer tokenises every split; a source's own `input_ids` column is ignored (the text is
             re-tokenised), and refused when its ids do not fit this tokenizer (tokenised with another one).
         packing: pack retain/full/test/holdout into blocks of `max_length` (forget is never packed).
@@ -207,7 +212,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     def _load(self, source: Source, name: str, streaming: bool) -> tuple[AnyDataset, str]:
         """Load one source; refuse an empty one or one without the text column, naming it."""
-        ds = load_source(source, split=self.source_split, streaming=streaming, name=name)
+        ds = load_source(source, split=self.source_split, streaming=streaming, name=name,
+                         text_column=self.text_column)
         where = describe(source, name)
         col = text_column_of(ds, self.text_column, where)
         empty = len(ds) == 0 if isinstance(ds, Dataset) else next(iter(ds), None) is None
@@ -226,13 +232,23 @@ class ForgetRetainDataModule(L.LightningDataModule):
         for where, top in self._pretokenised.items():
             check_token_ids(top, self.tokenizer, where)
 
-    def _normalise(self, ds: AnyDataset, col: str, role: str, offset: int = 0) -> AnyDataset:
-        fn = Normaliser(text_column=col, id_column=self.id_column, selection=self.selection, span=self.span,
+    def _normalise(self, ds: AnyDataset, col: str, role: str, offset: int = 0, *, source: Source | None = None,
+                   name: str | None = None, ids_used: bool = False) -> AnyDataset:
+        """Normalise one source's rows (see `Normaliser`). `id_column` is required only where ids are matched
+        (`ids_used`: the training data); a source without it (a holdout file, a forget file) gets row numbers.
+        `source` and `name` (default: `role`) name the data in messages."""
+        id_column = self.id_column
+        if id_column is not None and id_column not in columns_of(ds):
+            if ids_used:
+                raise UserInputError(
+                    f"id_column {id_column!r} is not a column of the {role} data (columns: {columns_of(ds)}); give "
+                    "the column that holds the ids (forget_ids are matched against it), or id_column=None to match "
+                    "forget_ids against row numbers")
+            id_column = None
+        where = describe(source, name or role) if source is not None else ""
+        fn = Normaliser(text_column=col, id_column=id_column, selection=self.selection, span=self.span,
                         markers=self.span_markers, seed=self.seed, test_fraction=self.test_fraction,
-                        holdout_fraction=self.holdout_fraction, id_offset=offset, role=role)
-        if self.id_column is not None and ds.column_names is not None and self.id_column not in ds.column_names:
-            raise UserInputError(f"id_column {self.id_column!r} is not a column of the {role} data "
-                                 f"(columns: {ds.column_names}); pass id_column=None to use row numbers")
+                        holdout_fraction=self.holdout_fraction, id_offset=offset, role=role, source=where)
         if isinstance(ds, Dataset):
             return ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=FEATURES,
                           load_from_cache_file=False, keep_in_memory=True)
@@ -243,18 +259,19 @@ class ForgetRetainDataModule(L.LightningDataModule):
         forget_src = None
         if self.forget_source is not None:
             fds, col = self._load(self.forget_source, "forget", streaming=False)
-            forget_src = self._normalise(fds, col, "forget")
+            forget_src = self._normalise(fds, col, "forget", source=self.forget_source)
             self.selection.hashes = set(forget_src["text_sha256"]) if self.train_source is not None else None
         if self.train_source is not None:
             tds, col = self._load(self.train_source, "train", stream)
-            pool = self._normalise(tds, col, "train")
+            pool = self._normalise(tds, col, "train", source=self.train_source, ids_used=True)
             selected, n_train = forget_rows(pool)
             forget = forget_from(selected, forget_src, self.selection, self.id_column,
                                  self.forget_not_in_train)
         else:
             forget, n_train = forget_src, 0
             rds, col = self._load(self.retain_source, "retain", stream)
-            pool = self._normalise(rds, col, "train", offset=len(forget))
+            pool = self._normalise(rds, col, "train", offset=len(forget), source=self.retain_source,
+                                   name="retain")
         hashes = set(forget["text_sha256"])
         if self.train_source is not None and self.retain_source is None:
             retain = filter_rows(pool, lambda r: r["split"] == "train" and r["text_sha256"] not in hashes)
@@ -264,7 +281,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
         else:
             if self.train_source is not None:
                 rds, col = self._load(self.retain_source, "retain", stream)
-                retain = check_disjoint(self._normalise(rds, col, "retain", offset=n_train), hashes)
+                retain = check_disjoint(self._normalise(rds, col, "retain", offset=n_train,
+                                                        source=self.retain_source), hashes)
                 warn_forget_copies(pool, hashes, ("test", "holdout"))
             else:  # the retain source is the pool: none of it (test and holdout shares too) may be a forget text
                 pool = check_disjoint(pool, hashes)
@@ -278,7 +296,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         for name, source in (("test", self.test_source), ("holdout", self.holdout_source)):
             if source is not None:
                 ds, col = self._load(source, name, stream)
-                self.texts[name] = self._normalise(ds, col, name)
+                self.texts[name] = self._normalise(ds, col, name, source=source)
                 warn_source_overlap(self.texts[name], hashes, describe(source, name))
             else:  # a held-out share of the training data, less unselected copies of forget texts
                 self.texts[name] = filter_rows(pool, lambda r, n=name: r["split"] == n
@@ -298,6 +316,13 @@ class ForgetRetainDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(save_dir)
             return
         full = self.texts["full"]
+        n_forget = len(self.texts["forget"])
+        warnings.warn(
+            f"tokenizer=None: the tokenizer is trained on the training texts, the {n_forget} forget example(s) "
+            "included (it is the original model's tokenizer, and a tokenizer trained without them would give other "
+            "token ids); its vocabulary can hold pieces of the forget texts and is saved with the unlearned model; "
+            "to keep them out, train the tokenizer without the forget texts before the model is trained and pass "
+            "tokenizer=<it> (see docs/data.md)", ForgetTextsInTokenizerWarning, stacklevel=3)
         if isinstance(full, Dataset):
             texts = (t for t in full.select(range(min(len(full), self.tokenizer_train_examples)))["text"])
         else:

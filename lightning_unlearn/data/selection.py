@@ -26,8 +26,10 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS) -> tuple[str, list[list[int]]]:
-    """Remove span markers from `text`; return the clean text and the [start, end) of each marked span in it."""
+def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS,
+                  where: str = "a text") -> tuple[str, list[list[int]]]:
+    """Remove span markers from `text`; return the clean text and the [start, end) of each marked span in it.
+    `where` names the example (and its data) in the error of an unclosed marker; the text is never shown."""
     open_m, close_m = markers
     out, spans, pos, cursor = [], [], 0, 0
     while True:
@@ -36,7 +38,9 @@ def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS) -> tupl
             break
         end = text.find(close_m, start + len(open_m))
         if end < 0:
-            raise UserInputError(f"unclosed span marker {open_m!r} at character {start}; close it with {close_m!r}")
+            raise UserInputError(f"unclosed span marker {open_m!r} at character {start} of {where}; close it with "
+                                 f"{close_m!r}, or choose span_markers that this text does not use (every text is "
+                                 "read for markers with span='markers', retain texts too)")
         out.append(text[cursor:start])
         pos += start - cursor
         inner = text[start + len(open_m):end]
@@ -71,7 +75,7 @@ class Selection:
                 raise UserInputError(f"forget_ids must be a list of ids, got a {type(self.ids).__name__} (the value is"
                                      " not shown: it may be a secret); give forget_ids=['id-a'] for one id, "
                                      "forget_ids=['id-a', 'id-b'] for several")
-            self._ids = {str(i) for i in self.ids}
+            self._ids = {id_key(i) for i in self.ids}
             if not self._ids:
                 raise UserInputError("the forget set is empty: forget_ids=[] selects nothing; give at least one id")
         if self.regex is not None:
@@ -111,6 +115,33 @@ class Selection:
         return [[m.start(group), m.end(group)] for m in self._pattern.finditer(text) if m.start(group) >= 0]
 
 
+def id_key(value: Any) -> str:
+    """An id as the string it is matched by: a whole float is written as the integer it is (CSV readers turn an
+    integer id column with an empty cell into floats, so id 3 was read as 3.0 and never matched forget_ids=[3])."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def check_spans(spans: Sequence[Sequence[int]], length: int, where: str, how: str = "") -> list[list[int]]:
+    """`spans` as [start, end) integer pairs inside a text of `length` characters; an empty, reversed or outside span
+    is refused naming `where` (the example), the span's offsets and what is wrong (never the text). `how` says where
+    the span came from ("the pair of span markers") for an empty one."""
+    for s, e in spans:
+        if s == e:
+            source = how or "the span"
+            raise UserInputError(f"{where} has an empty span [{s}, {e}) ({source} covers no character, so nothing of "
+                                 "it would be unlearned); give spans of at least one character (for a regex, a pattern "
+                                 "that cannot match empty text, e.g. \\d+ rather than \\d*)")
+        if s > e:
+            raise UserInputError(f"{where} has a reversed span [{s}, {e}) (its start is after its end); give spans as "
+                                 "[start, end) with start < end")
+        if s < 0 or e > length:
+            raise UserInputError(f"{where} has span [{s}, {e}) outside its text of {length} characters; give "
+                                 "character offsets into the text (0 to its length)")
+    return [[int(s), int(e)] for s, e in spans]
+
+
 def bucket(sha: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by the text and the seed: duplicates of a text always share a split."""
     return int(hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()[:12], 16) / 16**12
@@ -130,6 +161,7 @@ class Normaliser:
     holdout_fraction: float = 0.0
     id_offset: int = 0
     role: Literal["train", "forget", "retain", "test", "holdout"] = "train"
+    source: str = ""  # where the rows come from ("train file '/x/d.jsonl'"), for messages
 
     def __call__(self, row: dict, idx: int) -> dict:
         raw = row[self.text_column]
@@ -139,9 +171,10 @@ class Normaliser:
         if not isinstance(raw, str):
             raise UserInputError(f"example {idx + self.id_offset}: column {self.text_column!r} holds "
                                  f"{type(raw).__name__}, not text; pass text_column=<a string column>")
-        text, marked = strip_markers(raw, self.markers) if self.span == "markers" else (raw, [])
         example_id = idx + self.id_offset
-        key = str(row[self.id_column]) if self.id_column else str(example_id)
+        text, marked = strip_markers(raw, self.markers, self._where(example_id, source=True)) \
+            if self.span == "markers" else (raw, [])
+        key = id_key(row[self.id_column]) if self.id_column else str(example_id)
         sha = text_sha256(text)
         if self.role == "train":
             forget = self.selection.matches(row, key, text, sha)
@@ -172,18 +205,24 @@ class Normaliser:
             spans = selection.regex_spans(text)
         else:  # offsets
             spans = offsets_from_row(row, self._where(example_id))
+        if self.span == "regex" and spans and all(s == e for s, e in spans):
+            raise UserInputError(f"forget example {example_id}: every match of forget_regex is empty (a pattern that "
+                                 "can match empty text, e.g. x* or an optional span group), so the example has no "
+                                 "character to forget; make the pattern (or its span group) match at least one "
+                                 "character")
+        if self.span == "regex":  # an empty match beside real ones (e.g. of \d*) is no span
+            spans = [sp for sp in spans if sp[0] != sp[1]]
         if not spans:
             raise UserInputError(f"forget example {example_id} has no sensitive span under span={self.span!r}; "
                                  "mark its span (markers, offsets or a regex match) or use span='example'")
-        for s, e in spans:
-            if not 0 <= s < e <= len(text):
-                raise UserInputError(f"forget example {example_id} has span [{s}, {e}) outside its text of "
-                                 f"{len(text)} characters; give character offsets into the text")
-        return [[int(s), int(e)] for s, e in spans]
+        how = "the pair of span markers" if self.span == "markers" else ""
+        return check_spans(spans, len(text), f"forget example {example_id}", how)
 
-    def _where(self, example_id: int) -> str:
-        """The example and its row (1-based, data rows of the file: the line of a JSON Lines file) for messages."""
-        return f"{self.role} example {example_id} (row {example_id - self.id_offset + 1} of the {self.role} data)"
+    def _where(self, example_id: int, source: bool = False) -> str:
+        """The example and its row (1-based, data rows of the file: the line of a JSON Lines file) for messages;
+        `source=True` names the data by `self.source` (its file) when the data module gave it."""
+        data = self.source if source and self.source else f"the {self.role} data"
+        return f"{self.role} example {example_id} (row {example_id - self.id_offset + 1} of {data})"
 
     def _holdout_spans(self, row: dict, text: str, marked: list, example_id: int) -> list[list[int]]:
         """An explicit holdout source's spans, found the forget set's way; none (whole-text labels) where a row has
@@ -196,11 +235,10 @@ class Normaliser:
             spans = offsets_from_row(row, self._where(example_id))
         else:
             spans = []
-        for s, e in spans:
-            if not 0 <= s < e <= len(text):
-                raise UserInputError(f"holdout example {example_id} has span [{s}, {e}) outside its text of "
-                                     f"{len(text)} characters; give character offsets into the text")
-        return [[int(s), int(e)] for s, e in spans]
+        if self.span == "regex":
+            spans = [sp for sp in spans if sp[0] != sp[1]]
+        how = "the pair of span markers" if self.span == "markers" else ""
+        return check_spans(spans, len(text), f"holdout example {example_id}", how)
 
 
 def offsets_from_row(row: dict, where: str = "a row") -> list[list[int]]:

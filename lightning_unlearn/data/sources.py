@@ -5,6 +5,7 @@ hub names, or plain lists of strings, as a `datasets.Dataset` (map-style) or `da
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -27,6 +28,14 @@ FORMATS = {
 TEXT_BUILDERS = ("text", "json", "csv")  # formats read as characters, so they must be valid UTF-8
 #: how much of a streamed file is checked for UTF-8 before streaming starts (a map-style file is checked whole)
 STREAM_UTF8_CHECK_BYTES = 256 * 2**20
+#: the prefix that asks for a Hugging Face Hub dataset explicitly ("hub:owner/name"); a forget or holdout source
+#: string is read as a hub id only with it (a bare string there is more likely a text given where a list was meant)
+HUB_PREFIX = "hub:"
+#: roles whose source strings may be texts (secrets): never resolved as a hub id without `HUB_PREFIX`, never echoed
+SECRET_ROLES = ("forget", "holdout")
+#: a Hugging Face Hub repo id: `name` or `owner/name`, alphanumerics, '-', '_', '.', at most 96 characters, not
+#: starting or ending with '-' or '.', no '--' or '..' (the hub's own rule, checked here so that nothing is sent)
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?$")
 
 
 def describe(source: Any, name: str = "source") -> str:
@@ -81,18 +90,45 @@ def _looks_local(source: str | Path) -> bool:
         or Path(text).exists()
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is a valid Hugging Face Hub repo id (`name` or `owner/name`): anything else is never sent to
+    the hub (a text given as a source would go into a URL, the logs and the error)."""
+    return len(text) <= 96 and "--" not in text and ".." not in text and _HUB_ID.match(text) is not None
+
+
+def _not_a_source(name: str, hub: bool) -> UserInputError:
+    """The refusal of a source string that is neither an existing path nor a hub id; never repeats the string."""
+    if name in SECRET_ROLES:
+        what = (f"{name}: the given string is not an existing file or folder (the value is not shown: a {name} source "
+                "given as one string may be a text); give the path of an existing file, a list of texts ("
+                f"{name}=['a text'] for one text; in a config, a YAML list), or {HUB_PREFIX}<owner>/<name> for a "
+                "Hugging Face Hub dataset")
+    else:
+        hint = (f"a hub id must be <name> or <owner>/<name> (letters, digits, '-', '_', '.'), or {HUB_PREFIX}<id>"
+                if not hub else "check the path")
+        what = (f"{name}: the given string is neither an existing file or folder nor a valid Hugging Face Hub "
+                f"dataset id (the value is not shown: it may be a text given where a list of texts was meant); give "
+                f"the path of an existing file, a list of texts, or a hub dataset id ({hint})")
+    return UserInputError(what)
+
+
 def _pick_split(ds, split: str, where: str):
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
         if split not in ds:
-            raise UserInputError(f"{where} has splits {sorted(ds)} but not {split!r}; pass split=<one of them>")
+            raise UserInputError(f"{where} has splits {sorted(ds)} but not {split!r}; pass source_split=<one of them> "
+                                 "to the data module (data.source_split in a config; split= for load_source)")
         return ds[split]
     return ds
 
 
-def load_source(source: Source, *, split: str = "train", streaming: bool = False, name: str = "source") -> AnyDataset:
+def load_source(source: Source, *, split: str = "train", streaming: bool = False, name: str = "source",
+                text_column: str = "text") -> AnyDataset:
     """Load `source` as one split of a `datasets` dataset; `streaming=True` returns an `IterableDataset`.
 
-    `name` only labels error messages ("train", "forget", ...).
+    `name` labels error messages ("train", "forget", ...) and decides how a string that is no existing path is read:
+    for "forget" and "holdout" (whose strings may be texts, i.e. secrets) it is refused without being repeated unless
+    it is `hub:<owner>/<name>`; elsewhere a valid hub id is loaded from the hub. `text_column` is read as text in a
+    CSV file (not as numbers); a `.txt` file loses its byte order mark and its blank lines.
     """
     if isinstance(source, IterableDataset):
         return source
@@ -102,18 +138,26 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
         return load_source(_pick_split(source, split, f"{name} dataset"), streaming=streaming, name=name)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         texts = list(source)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"{name}: a list source must hold strings (the texts); got {type(texts[0]).__name__}")
+        bad = next(((i, t) for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"{name}: a list source must hold strings (the texts); item {bad[0]} is a "
+                            f"{type(bad[1]).__name__}")
         ds = Dataset.from_dict({"text": texts})
         return ds.to_iterable_dataset() if streaming else ds
     if not isinstance(source, (str, Path)):
         raise TypeError(f"{name}: unsupported source type {type(source).__name__}; give a path, a dataset name, "
                         "a datasets.Dataset or a list of strings")
-    if not _looks_local(source):  # a hub name (or a datasets script/repo id)
+    text = str(source)
+    hub = isinstance(source, str) and text.startswith(HUB_PREFIX)
+    if hub or (isinstance(source, str) and not Path(text).expanduser().exists()
+               and (name in SECRET_ROLES or not _looks_local(source))):
+        repo = text[len(HUB_PREFIX):] if hub else text
+        if name in SECRET_ROLES and not hub or not is_hub_id(repo):  # checked before anything is sent
+            raise _not_a_source(name, hub)
         try:
-            return datasets.load_dataset(str(source), split=split, streaming=streaming)
+            return datasets.load_dataset(repo, split=split, streaming=streaming)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{name}: {str(source)!r} is neither a local file nor a reachable dataset; "
+            raise FileNotFoundError(f"{name}: {repo!r} is neither a local file nor a reachable dataset; "
                                     "check the path or the dataset name (the hub needs a connection)") from err
     path = Path(source).expanduser()
     if not path.exists():
@@ -128,9 +172,15 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
         return _empty(streaming)
     if builder in TEXT_BUILDERS:  # else `datasets` fails later, at the first access, without naming the file
         check_utf8(path, name, limit=STREAM_UTF8_CHECK_BYTES if streaming else None)
-    kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    kwargs: dict[str, Any] = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if builder == "text":
+        kwargs["encoding"] = "utf-8-sig"  # a byte order mark is not part of the first text
+    if builder == "csv":
+        kwargs["converters"] = {text_column: _csv_text}  # "1234" stays text, "0456" keeps its 0
     try:
         ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, **kwargs)
+        if builder == "text":  # one example per line: a blank line is no example
+            ds = ds.filter(_has_text, **({} if streaming else {"load_from_cache_file": False, "keep_in_memory": True}))
         if not streaming:
             return ds
         next(iter(ds), None)  # streaming reads lazily: surface a broken file now, not in the middle of training
@@ -142,6 +192,16 @@ def load_source(source: Source, *, split: str = "train", streaming: bool = False
         where = f": line {bad[0]} is not valid JSON ({bad[1]})" if bad else f" ({type(err).__name__})"
         raise UserInputError(f"{name} file {str(path)!r} could not be read as {builder}{where}; check that the file "
                              f"is valid {builder} or give it the right suffix") from err
+
+
+def _csv_text(cell: str) -> str | None:
+    """A CSV cell of the text column as text (an empty cell is missing, as pandas reads it)."""
+    return cell if cell != "" else None
+
+
+def _has_text(row: dict) -> bool:
+    """A line of a `.txt` file that is not blank (only whitespace)."""
+    return bool(row["text"].strip())
 
 
 def json_error_line(path: str | Path) -> tuple[int, str] | None:

@@ -7,7 +7,7 @@ sensitive span keeps labels only on the tokens that overlap the span (-100 elsew
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -31,18 +31,51 @@ def span_labels(input_ids: list[int], offsets: list[tuple[int, int]] | None, spa
 def span_cuts(ids: list[int], rows_labels: list[list[int]], spans: list[list[list[int]]],
               max_length: int) -> tuple[list[int], list[int]]:
     """The ids of span-labelled rows whose labels truncation at `max_length` removes entirely, and of those it
-    removes in part (whole-text rows always keep their first tokens' labels)."""
+    removes in part (whole-text rows always keep their first tokens' labels). Labels count from position 1: the label
+    on a row's first token is never learned from (the model predicts a token from those before it), so a span on the
+    first token alone keeps nothing (see `unusable_labels`)."""
     cut, partly = [], []
     for i, labels, sp in zip(ids, rows_labels, spans):
         if not sp:
             continue
-        total = sum(1 for lab in labels if lab != IGNORE)
-        kept = sum(1 for lab in labels[:max_length] if lab != IGNORE)
+        total = sum(1 for lab in labels[1:] if lab != IGNORE)
+        kept = sum(1 for lab in labels[1:max_length] if lab != IGNORE)
         if total and not kept:
             cut.append(i)
         elif kept < total:
             partly.append(i)
     return cut, partly
+
+
+def unusable_labels(ids: list[int], rows_labels: list[list[int]]) -> list[int]:
+    """The ids of rows with no label after their first token, before truncation: the first position predicts
+    nothing (no token before it), so such a row is never learned from nor unlearned (e.g. a span that covers only the
+    first token of its text)."""
+    return [i for i, labels in zip(ids, rows_labels) if not any(lab != IGNORE for lab in labels[1:])]
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before every text by default (a Llama-style BOS), or [] (GPT-2 style,
+    and the tokenizers `train_bpe_tokenizer` makes): the data module adds them itself, so the model sees what it was
+    trained on, while the texts are encoded without special tokens (for their offsets)."""
+    try:
+        with_special = tokenizer(SAMPLE, add_special_tokens=True)["input_ids"]
+        plain = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode fails where it is used, with its own message
+        return []
+    k = len(with_special) - len(plain)
+    if k <= 0 or not plain:
+        return []
+    for start in range(k + 1):  # the plain encoding inside the special one (specials may follow it: an EOS)
+        if with_special[start:start + len(plain)] == plain:
+            prefix = list(with_special[:start])
+            specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+            return prefix if all(t in specials for t in prefix) else []
+    return []
+
+
+#: the text `special_prefix` encodes to find the tokenizer's own prefix
+SAMPLE = "Hello world"
 
 
 @dataclass
@@ -59,6 +92,10 @@ class Tokenise:
     packing: bool = False
     on_overflow: Overflow = "truncate"
     split: str = ""
+    prefix: list[int] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prefix = special_prefix(self.tokenizer)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         texts, ids, spans = batch["text"], batch["example_id"], batch["spans"]
@@ -69,6 +106,8 @@ class Tokenise:
         rows_ids, rows_labels = [], []
         for tok, off, sp in zip(enc["input_ids"], offsets, spans):
             labels = span_labels(tok, off, sp)
+            if self.prefix:  # the BOS the tokenizer adds by default: context, never a label
+                tok, labels = self.prefix + tok, [IGNORE] * len(self.prefix) + labels
             if eos is not None:
                 tok, labels = tok + [eos], labels + ([IGNORE] if sp else [eos])
             rows_ids.append(tok)
@@ -76,6 +115,15 @@ class Tokenise:
         if self.packing:
             return self._pack(rows_ids, rows_labels)
         m = self.max_length
+        if self.split == "forget":
+            unusable = unusable_labels(ids, rows_labels)
+            if unusable:
+                raise UserInputError(
+                    f"{len(unusable)} of {len(ids)} forget examples (ids {sorted_ids(unusable)}) have no usable label:"
+                    " their only labelled token is the first of the example (a span on the first token alone, or an "
+                    "empty text), whose label is never learned from (the model predicts each token from the tokens "
+                    "before it), so they would never be unlearned; widen the span past the first token, or put some "
+                    "context before it in the text")
         cut, partly = span_cuts(ids, rows_labels, spans, m) if self.split == "forget" else ([], [])
         if cut:
             raise UserInputError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,11 +54,16 @@ _TOKENIZER_FIX = ("give the folder with the tokenizer the model was trained with
 def load_tokenizer(name_or_path: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A tokenizer from a local directory (or a hub id when online), with a pad token and right padding.
 
+    A tokenizer object that lacks either is copied first: the caller's own object (used elsewhere, e.g. for left-padded
+    generation) is never changed.
+
     Refuses a local folder without tokenizer files (`TOKENIZER_FOLDER_FILES`: a model folder saved without its
     tokenizer) and a tokenizer that encodes `SAMPLE_TEXT` to no token: either would encode every text to nothing,
     and the run would fail much later with an unrelated error."""
     if isinstance(name_or_path, PreTrainedTokenizerBase):
         tok = name_or_path
+        if tok.pad_token is None or tok.padding_side != "right":  # the caller's object is never changed
+            tok = copy.deepcopy(tok)
     else:
         path = Path(name_or_path).expanduser()
         text = str(name_or_path)

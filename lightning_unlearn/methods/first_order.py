@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import eval_mode
+from ..curvature.base import checked_grad, eval_mode
 from ..curvature.layers import trainable_parameters
 from ..curvature.objective import model_logits
+from ..errors import UserInputError
 from .inputs import check_positive
 from .losses import forget_objective, gradient_sum, npo_objective, simnpo_objective, token_nll
 from .records import Batch
@@ -60,11 +61,23 @@ class FirstOrderUnlearner(Unlearner):
         self.lr = float(lr)
         self.retain_weight = self.retain_weight_default if retain_weight is None else float(retain_weight)
         plist = [named[n] for n in names]
+        if optimizer == "adam" and any(p.dtype == torch.float16 for p in plist):
+            raise UserInputError(
+                f"{self.name}: Adam on float16 weights keeps its moment estimates in float16, where they underflow "
+                "and every step is NaN; load the model in bfloat16 or float32, or pass optimizer='sgd'")
         self.optimizer = torch.optim.Adam(plist, lr=lr) if optimizer == "adam" else torch.optim.SGD(plist, lr=lr)
 
     @property
     def param_names(self) -> tuple[str, ...]:
         return self._names
+
+    def _begin_fit(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
+        """Refuse a retain term with no retain batches (on any process): the method would silently be gradient
+        ascent."""
+        if self.retain_weight and not float(self.reduce(torch.tensor(float(len(retain)), dtype=torch.float64))):
+            raise UserInputError(
+                f"{self.name} has a retain term (retain_weight={self.retain_weight:g}) but no retain batch reaches its"
+                " steps: pass retain data, or set retain_weight=0 (the forget term alone)")
 
     def _record_scale(self) -> float:
         return self.lr / self.damping
@@ -89,7 +102,7 @@ class FirstOrderUnlearner(Unlearner):
                     nll, _ = token_nll(model_logits(self.model, b), b)
                     if nll.numel() == 0:
                         continue
-                    for n, g in zip(names, torch.autograd.grad(nll.sum(), plist, allow_unused=True)):
+                    for n, g in zip(names, checked_grad("retain gradient", nll.sum(), plist, allow_unused=True)):
                         if g is not None:
                             rgrads[n] += g.detach().float()
                     count += nll.numel()
@@ -102,13 +115,16 @@ class FirstOrderUnlearner(Unlearner):
         if not all(bool(torch.isfinite(g).all()) for g in context.values()):
             return False
         params = self.named_params()
+        kept = {n: p.grad for n, p in params.items()}  # the caller's gradients, given back after the step
         for n, p in params.items():
             p.grad = context[n].to(p.dtype)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr / self.damping
-        self.optimizer.step()
-        for p in params.values():
-            p.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for n, p in params.items():
+                p.grad = kept[n]
         return True
 
     def _rollback_state(self) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,10 @@ from torch import Tensor, nn
 
 from ..curvature.objective import IGNORE_INDEX
 from ..errors import UserInputError
+
+#: integer dtypes accepted for token ids (an embedding lookup takes int32 and int64; narrower ones overflow the
+#: vocabulary of any real tokenizer and usually mean the ids were packed for storage)
+TOKEN_ID_DTYPES = (torch.int32, torch.int64)
 
 
 def vocabulary_size(model: nn.Module) -> int | None:
@@ -73,10 +78,18 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise UserInputError(f"{where} is empty (shape {tuple(ids.shape)}); drop empty batches (an empty file or "
                                  "split, or a filter that removed every example)")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
+        if ids.dtype not in TOKEN_ID_DTYPES:
             raise UserInputError(f"{where}: input_ids are {str(ids.dtype).replace('torch.', '')}; token ids are "
-                                 "integers (torch.long)")
+                                 "integers (torch.long): convert them with input_ids.long()")
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.shape != ids.shape:
+            raise UserInputError(f"{where}: attention_mask has shape {tuple(mask.shape)}, input_ids "
+                                 f"{tuple(ids.shape)}; the mask marks each token of input_ids (1 real, 0 padding)")
         labels = batch.get("labels")
+        if labels is None:
+            raise UserInputError(f"{where} has input_ids but no labels: the losses are taken where labels != -100; "
+                                 "set labels = input_ids with -100 at the padding and wherever no loss is wanted "
+                                 "(the data module does this)")
         if isinstance(labels, Tensor) and labels.shape != ids.shape:
             raise UserInputError(f"{where}: labels have shape {tuple(labels.shape)}, input_ids {tuple(ids.shape)}; "
                                  "labels must align with input_ids (-100 where no loss is taken)")
@@ -84,6 +97,13 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
             raise UserInputError(f"{where}: labels are {str(labels.dtype).replace('torch.', '')}, the loss needs "
                                  "torch.long token ids (-100 where no loss is taken); convert them with "
                                  "labels.long()")
+        if isinstance(labels, Tensor) and isinstance(mask, Tensor) and labels.shape == mask.shape:
+            padded = int(((mask == 0) & (labels != IGNORE_INDEX)).sum())
+            if padded:
+                raise UserInputError(
+                    f"{where} has {padded} labelled position(s) where attention_mask is 0: losses would be taken on "
+                    "padding (and a row that is all padding would count as data); set labels[attention_mask == 0] "
+                    "= -100")
         if positions is not None and ids.shape[1] > positions:
             raise UserInputError(
                 f"{where} has sequences of {ids.shape[1]} tokens, but the model's position embeddings hold "
@@ -104,11 +124,52 @@ def check_batches(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], wha
 
 def check_sets(model: nn.Module, sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
                reduce: Callable[[Tensor], Tensor] | None = None) -> None:
-    """`check_batches` on every named set of batches, then `check_labelled` on them all: what a run checks of its
-    data before any pass over it."""
+    """`check_batches` on every named set of batches, then `check_labelled` and `check_forget_apart` on them all:
+    what a run checks of its data before any pass over it."""
     for what, batches in sets.items():
         check_batches(model, batches, what)
     check_labelled(sets, reduce)
+    check_forget_apart(sets, reduce)
+
+
+def check_forget_apart(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
+                       reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Refuse retain data (the "retain" and "held retain" sets) that holds forget examples (the same token ids over
+    the attended positions): the request would descend on what it ascends, and a budget read on forget examples
+    stops it for forgetting. Counted over processes by `reduce`; the message gives counts, never the examples."""
+    from .holdout import example_keys  # here: `inputs` is imported by the package's own __init__ chain
+
+    forget = set(example_keys(sets.get("forget", [])))
+    names = [what for what in ("retain", "held retain") if what in sets]
+    counts = []
+    for what in names:
+        keys = example_keys(sets[what])
+        counts += [float(sum(k in forget for k in keys)), float(len(keys))]
+    if not counts:
+        return
+    total = torch.tensor(counts, dtype=torch.float64)
+    if reduce is not None:
+        total = reduce(total)
+    for i, what in enumerate(names):
+        shared, size = int(total[2 * i]), int(total[2 * i + 1])
+        if shared:
+            raise UserInputError(
+                f"{shared} of the {size} {what} examples are forget examples (the same token ids): a request would "
+                "pull the model back towards what it is asked to forget; remove the forget examples from the retain "
+                "data (the data module does this when it is given forget=...)")
+
+
+class UnlabelledForgetRowsWarning(UserWarning):
+    """Some forget rows have no label the loss reads: those examples are not unlearned."""
+
+
+def scored_labels(batch: Mapping[str, Tensor]) -> Tensor:
+    """The labels a causal LM's loss reads: a token batch's first position is never predicted (there is no token
+    before it), so its labels are dropped; a custom objective's labels (no input_ids) are all read."""
+    labels = batch["labels"]
+    if isinstance(batch.get("input_ids"), Tensor) and labels.dim() == 2:
+        return labels[:, 1:]
+    return labels
 
 
 def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
@@ -118,7 +179,7 @@ def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
     Sets without `labels` (a custom objective's inputs) are not checked."""
     names, counts = [], []
     for what, batches in sets.items():
-        labels = [b["labels"] for b in batches if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor)]
+        labels = [scored_labels(b) for b in batches if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor)]
         names.append(what)
         counts += [float(sum(int((x != IGNORE_INDEX).sum()) for x in labels)), float(len(labels))]
     total = torch.tensor(counts, dtype=torch.float64)
@@ -128,9 +189,20 @@ def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
         labelled, batches = float(total[2 * i]), float(total[2 * i + 1])
         if batches and not labelled:
             raise UserInputError(
-                f"the {what} batches have no position with a label (every label is -100): there is nothing to "
+                f"the {what} batches have no position with a label the loss reads (every label is -100, or only "
+                "the first token of a row is labelled, which no position predicts): there is nothing to "
                 f"{'forget' if what == 'forget' else 'measure'} on them; label the tokens that carry the data (the "
                 "data module's span option labels a span, the default labels every token)")
+    unlabelled = [int((scored_labels(b) != IGNORE_INDEX).flatten(1).sum(1).eq(0).sum())
+                  for b in sets.get("forget", []) if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor)
+                  and b["labels"].dim() == 2]
+    rows = sum(int(b["labels"].shape[0]) for b in sets.get("forget", [])
+               if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor) and b["labels"].dim() == 2)
+    if sum(unlabelled):
+        warnings.warn(
+            f"{sum(unlabelled)} of the {rows} forget rows have no label the loss reads (all -100, or only their first "
+            "token): they are not unlearned; label their sensitive tokens (a span on a row's first token needs a "
+            "token before it, e.g. the tokenizer's BOS)", UnlabelledForgetRowsWarning, stacklevel=3)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
@@ -146,8 +218,21 @@ def check_gradients_allowed(who: str) -> None:
                              "unlearning needs gradients; call it outside the inference_mode block")
 
 
+def check_materialised(model: nn.Module) -> None:
+    """Refuse a model with parameters on the meta device (built under `init_empty_weights`, or a `device_map` that
+    left them unloaded): they hold no values to unlearn, and every check after this one would fail inside torch."""
+    empty = [name for name, param in model.named_parameters() if param.is_meta]
+    if empty:
+        raise UserInputError(
+            f"{len(empty)} of the model's parameters are on the meta device (no values, e.g. {empty[0]!r}): the "
+            "weights were never loaded (init_empty_weights, or a device_map that offloaded them); load the model "
+            "with its weights on a real device (from_pretrained without device_map='meta', or load_state_dict)")
+
+
 def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model whose weights hold NaN or inf, naming the first such parameter."""
+    """Refuse a model whose weights are not loaded (`check_materialised`) or hold NaN or inf, naming the first such
+    parameter."""
+    check_materialised(model)
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param.detach()).all()):
             raise UserInputError(f"the model's weights are not finite (NaN or inf in {name!r}): unlearning cannot "

@@ -165,5 +165,5 @@ class KnowledgeRegime:
         """The host's rule, except that a step that spent its stage's share of a staged budget (not the whole budget)
         does not end the run."""
         if record.accepted and record.reason == "retain_budget" and self.budget_fraction() < 1.0:
-            return False
+            return self.run_path_spent()  # type: ignore[attr-defined]
         return super().should_stop(record)  # type: ignore[misc]

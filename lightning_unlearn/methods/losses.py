@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..curvature.base import eval_mode
+from ..curvature.base import checked_grad, eval_mode
 from ..curvature.objective import CrossEntropyObjective, model_logits
 
 FORGET_LOSSES = ("unlikelihood", "nll", "unlikelihood_normalized", "nll_normalized")
@@ -105,7 +105,7 @@ def gradient_sum(batches: Sequence[Mapping[str, Tensor]],
         loss, w = objective(b)
         if w == 0:
             continue
-        for n, g in zip(names, torch.autograd.grad(loss, plist, allow_unused=True)):
+        for n, g in zip(names, checked_grad("unlearning gradient", loss, plist, allow_unused=True)):
             if g is not None:
                 grads[n] += w * g.detach().float()
         weight += w
@@ -138,7 +138,7 @@ def forget_objective(
     total = per_token.new_zeros(())
     for b in rows.tolist():
         loss_b = per_token[example == b].mean()
-        grads = torch.autograd.grad(loss_b, params, retain_graph=True, allow_unused=True)
+        grads = checked_grad("unlearning gradient", loss_b, params, retain_graph=True, allow_unused=True)
         norm = torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros(())))
         total = total + loss_b / norm.clamp_min(1e-12).detach()
     return total / len(rows), len(rows)

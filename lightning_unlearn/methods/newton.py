@@ -376,7 +376,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
             search = StepSearch(evaluate, forget_before, evaluate.budget if lazy else None,  # type: ignore[attr-defined]
                                 evaluate.guess if guided else None)  # type: ignore[attr-defined]
             start = min(self.scale, largest_trusted_step(self.named_params(), direction, self.max_step_norm,
-                                                         predicted_budget, curvature_norm))
+                                                         predicted_budget, curvature_norm, self.path_remaining()))
             try:
                 eta, point, reason = search.run(start, self.search_iters)
             except BaseException:  # an error (or Ctrl-C) during the search: the weights of before it
@@ -386,6 +386,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
                 reason = "accepted"  # this step's stage, not yet the target
             if eta is not None:
                 self._apply_step(snapshot, direction, offset, eta)
+                self._count_step(snapshot)
                 self._score_memo.remember(self, forget, point[0], evaluate.losses.get(eta))  # type: ignore[attr-defined]
                 self._score_memo.remember_held(self, held, point[1])  # what `finish` measures after the last step
                 predicted = None if curvature_norm is None else 0.5 * eta**2 * curvature_norm

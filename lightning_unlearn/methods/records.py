@@ -28,6 +28,10 @@ class NothingAcceptedWarning(UserWarning):
     """A run accepted no step: the model is unchanged (every trial was rolled back)."""
 
 
+class RunTrustRegionWarning(UserWarning):
+    """A run stopped because its steps together moved the weights as far as its trust region allows."""
+
+
 class HoldoutBudgetWarning(UserWarning):
     """A retain-free run spent its retain budget read on the holdout: data of the forget set's kind, which unlearning
     moves too, so the budget may have stopped the run far from its target."""

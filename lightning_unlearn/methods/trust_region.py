@@ -2,6 +2,12 @@
 more than `max_step_norm` times their norm, nor (second-order methods) predicts a retain increase ½ΔᵀCΔ above
 `predicted_trust` times the retain budget. A guard that holds even when the held retain batch does not notice a huge
 step (an untrained or tiny model). Shared by the methods and `lightning_unlearn.optim.NewtonUnlearner`.
+
+Within a run a bound also holds for the steps together (`RunPath`): the lengths of the accepted steps add up to at
+most max(1, `max_step_norm`) times the norm of the weights the run started from (a step bound below 1 caps each
+step, not the run). Steps in directions the outputs do not
+see (a damping far below the curvature's scale) otherwise each pass the per-step bound while the weights grow
+without limit (30x in 7 steps, measured on a tiny GPT-2 at relative damping 1e-12).
 """
 
 from __future__ import annotations
@@ -30,23 +36,64 @@ def relative_step(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
     return math.sqrt(moved / size)
 
 
+def parameter_norm(params: Iterable[Tensor]) -> float:
+    """‖θ‖ over the parameters (float64 accumulation)."""
+    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+
+
+def step_length(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """‖θ - θ₀‖ over (current, snapshot) parameter pairs."""
+    return math.sqrt(sum(float((p.detach().double() - s.double()).pow(2).sum()) for p, s in pairs))
+
+
+class RunPath:
+    """The run-level trust region: the accepted steps' lengths add up to at most max(1, `max_step_norm`) ×
+    ‖θ_start‖, a bound on ‖θ - θ_start‖ (triangle inequality) kept in two numbers, not a copy of the weights
+    (None: no bound)."""
+
+    def __init__(self, start_norm: float, max_step_norm: float | None) -> None:
+        self.start = start_norm
+        self.limit = None if max_step_norm is None else max(1.0, max_step_norm) * start_norm
+        self.travelled = 0.0
+
+    def exceeded_by(self, length: float) -> bool:
+        """Whether a step of this length would take the run past its bound."""
+        return self.limit is not None and self.travelled + length > self.limit
+
+    def remaining(self) -> float:
+        """How much length is left to the run (inf without a bound)."""
+        return math.inf if self.limit is None else max(0.0, self.limit - self.travelled)
+
+    def spent(self) -> bool:
+        """Whether the steps have used the bound (all but 1/1000 of it): no step is worth searching for."""
+        return self.limit is not None and self.remaining() <= 1e-3 * self.limit
+
+    def add(self, length: float) -> None:
+        """An accepted step of this length."""
+        self.travelled += length
+
+
 def outside_step_norm(pairs: Iterable[tuple[Tensor, Tensor]], max_step_norm: float | None) -> bool:
     """Whether the parameters moved further from their snapshot than `max_step_norm` × its norm (None: no bound)."""
     return max_step_norm is not None and relative_step(pairs) > max_step_norm
 
 
 def largest_trusted_step(params: Mapping[str, Tensor], direction: Mapping[str, Tensor], max_step_norm: float | None,
-                         predicted_budget: float | None, curvature_norm: float | None) -> float:
+                         predicted_budget: float | None, curvature_norm: float | None,
+                         remaining: float = math.inf) -> float:
     """The largest η inside both trust regions, where they bound it: ½η²dᵀCd ≤ `predicted_budget` (`curvature_norm`
-    is dᵀCd) and η‖d‖ ≤ `max_step_norm` · ‖θ‖ (inf where neither bounds it)."""
+    is dᵀCd), η‖d‖ ≤ `max_step_norm` · ‖θ‖ and η‖d‖ ≤ `remaining` (the run's, `RunPath.remaining`; ignored at 0, where
+    every step is refused anyway) (inf where none bounds it)."""
     largest = math.inf
     if predicted_budget is not None and curvature_norm is not None and curvature_norm > 0:
         largest = math.sqrt(2.0 * predicted_budget / curvature_norm)
     if max_step_norm is not None:
-        size = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()))
-        length = math.sqrt(sum(float(d.double().pow(2).sum()) for d in direction.values()))
+        size = parameter_norm(params.values())
+        length = parameter_norm(direction.values())
         if length > 0 and size > 0:
             largest = min(largest, max_step_norm * size / length)
+        if length > 0 and 0 < remaining < math.inf:
+            largest = min(largest, remaining / length)
     return largest
 
 

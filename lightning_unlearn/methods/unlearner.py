@@ -46,10 +46,20 @@ from .inputs import (
     vocabulary_size,
 )
 from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, example_losses, forget_objective, gradient_sum
-from .records import Batch, StepRecord, as_batches, run_status, stops_run, summarize, trial_reason, warn_how_it_ended
+from .records import (
+    Batch,
+    RunTrustRegionWarning,
+    StepRecord,
+    as_batches,
+    run_status,
+    stops_run,
+    summarize,
+    trial_reason,
+    warn_how_it_ended,
+)
 from .score_memo import ScoreMemo
 from .target import forget_score, held_out_retain, holdout_histogram, over_retain_budget
-from .trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
+from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, outside_step_norm, parameter_norm, step_length
 
 
 class Unlearner(ABC):
@@ -111,6 +121,7 @@ class Unlearner(ABC):
         self.target_source = "forget_target" if forget_target is not None else "none"
         self._status: str | None = None
         self._run_start = 0  # index in `history` of the current run's first record
+        self._path: RunPath | None = None  # the run's trust region (set by `begin`; None: steps outside a run)
         self._losses: dict[str, float | None] = {}
         self._score_memo = ScoreMemo()
 
@@ -215,9 +226,22 @@ class Unlearner(ABC):
 
     def outside_trust_region(self, snapshot: Mapping[str, Tensor]) -> bool:
         """Whether the current weights moved further from `snapshot` than the trust region allows
-        (`trust_region`)."""
+        (`trust_region`): this step alone, or the run's steps together (`RunPath`)."""
         params = self.named_params()
-        return outside_step_norm(((params[n], s) for n, s in snapshot.items()), self.max_step_norm)
+        pairs = [(params[n], s) for n, s in snapshot.items()]
+        if outside_step_norm(pairs, self.max_step_norm):
+            return True
+        return self._path is not None and self._path.exceeded_by(step_length(pairs))
+
+    def _count_step(self, snapshot: Mapping[str, Tensor]) -> None:
+        """An accepted step from `snapshot`: its length goes on the run's path."""
+        if self._path is not None:
+            params = self.named_params()
+            self._path.add(step_length((params[n], s) for n, s in snapshot.items()))
+
+    def path_remaining(self) -> float:
+        """The length the run's trust region leaves to its steps (inf outside a run or without a bound)."""
+        return math.inf if self._path is None else self._path.remaining()
 
     def _restore(self, snapshot: Mapping[str, Tensor]) -> None:
         params = self.named_params()
@@ -389,6 +413,7 @@ class Unlearner(ABC):
                                 forget_loss=forget_loss, retain_loss=retain_loss, accepted=accepted, reason=reason,
                                 trial=trial, target=target, forget_score=score)
             if accepted:
+                self._count_step(snapshot)
                 self._emit(record)
                 self._accept()
                 return record
@@ -410,7 +435,10 @@ class Unlearner(ABC):
         forget, retain = as_batches(forget), as_batches(retain)
         self.check_holdout(forget, retain, held_retain_batch)
         self._run_start, self._status = len(self.history), None
+        self._reference = None  # each run reads its own budget baseline (a second fit starts from the first's end)
+        self._path = None
         self._begin_fit(forget, retain)
+        self._path = RunPath(parameter_norm(self.named_params().values()), self.max_step_norm)
         self.require_measured_guard(held_retain_batch, retain)  # after the source's own checks (retain curvature)
         held = self.budget_batches(held_retain_batch, retain)
         score, nll = self.forget_score(forget)
@@ -425,8 +453,22 @@ class Unlearner(ABC):
         return False
 
     def should_stop(self, record: StepRecord) -> bool:
-        """Whether the step that gave `record` ends the run (`records.stops_run`)."""
-        return stops_run(record, self.stop_at_budget)
+        """Whether the step that gave `record` ends the run (`records.stops_run`), or the run's steps have used its
+        trust region (`trust_region.RunPath`, with a `RunTrustRegionWarning`)."""
+        return stops_run(record, self.stop_at_budget) or self.run_path_spent()
+
+    def run_path_spent(self) -> bool:
+        """Whether the run's steps have used its trust region (`trust_region.RunPath`); warns when they have."""
+        if self._path is not None and self._path.spent():
+            warnings.warn(
+                f"{self.name}: the run's steps together moved the weights by {self._path.limit / self._path.start:.3g}"
+                " times their norm, as far as its trust region allows (max(1, max_step_norm)); it stops here without"
+                " reaching its target. Steps that long usually go where the outputs barely change: raise the damping"
+                " (relative damping far below 1e-3 does this), lower the scale, or give holdout data so that the run"
+                " has a target to stop at.",
+                RunTrustRegionWarning, stacklevel=2)
+            return True
+        return False
 
     def repeats_last_stage(self, record: StepRecord | None) -> bool:
         """Whether `fit` takes one more step (of `final_repeats`) after the step that gave `record`: it was accepted
@@ -465,10 +507,11 @@ class Unlearner(ABC):
         return run_status(self.run_records)
 
     def summary(self) -> dict[str, Any]:
-        """Numbers only (`records.SUMMARY_FIELDS`): status, target and where it came from, steps accepted, losses
-        before and after, and whether the knowledge regime ran (second-order methods; None for the others)."""
+        """Numbers only (`records.SUMMARY_FIELDS`) of the current (or last) run: status, target and where it came
+        from, steps accepted, losses before and after, and whether the knowledge regime ran (second-order methods;
+        None for the others)."""
         losses = self._losses
-        return summarize(self.history, self.status, target=losses.get("target"),
+        return summarize(self.run_records, self.status, target=losses.get("target"),
                          target_source=self.target_source, holdout_loss=self.holdout_loss,
                          forget_score_before=losses.get("score_before"), forget_score_after=losses.get("score_after"),
                          forget_loss_before=losses.get("forget_before"), forget_loss_after=losses.get("forget_after"),

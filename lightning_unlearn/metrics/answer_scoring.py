@@ -39,6 +39,7 @@ from lightning_unlearn.metrics.functional import IGNORE_INDEX as IGNORE
 from lightning_unlearn.metrics.functional import forward_output, lowest_k_mean, token_logprobs
 
 Row = Mapping[str, Any]
+_UNBOUNDED = 1 << 62  # Tokenise's max_length when `_encode` cuts the rows itself
 
 
 @dataclass(frozen=True)
@@ -114,16 +115,16 @@ def _encode(tokenizer: Any, texts: Sequence[str], spans: Sequence[list[int]], ma
 
     if not texts:
         return []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        enc = Tokenise(tokenizer, max_length=max_length)(
-            {"text": list(texts), "example_id": list(range(len(texts))), "spans": [[list(s)] for s in spans]})
-    for w in caught:
-        if "longer than max_length" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if any("longer than max_length" in str(w.message) for w in caught):  # Tokenise's advice (packing) does not
-        warnings.warn(f"some of {len(texts)} texts are longer than {max_length} tokens and were truncated: only their "
-                      "first tokens are scored; raise max_length (ScoringOptions)", UserWarning, stacklevel=3)
+    # encode whole, then cut at max_length here: the count of cut texts goes into the warning
+    enc = Tokenise(tokenizer, max_length=_UNBOUNDED)(
+        {"text": list(texts), "example_id": list(range(len(texts))), "spans": [[list(s)] for s in spans]})
+    cut = sum(len(ids) > max_length for ids in enc["input_ids"])
+    if cut:
+        warnings.warn(f"{cut} of {len(texts)} texts are longer than {max_length} tokens and were truncated: only their "
+                      f"first {max_length} tokens are scored (a row left with no answer token is dropped); raise "
+                      "max_length (ScoringOptions.max_length, `--max-length`; at most the model's positions)",
+                      UserWarning, stacklevel=3)
+    enc = {key: [row[:max_length] for row in enc[key]] for key in ("input_ids", "labels")}
     eos = tokenizer.eos_token_id
     items = []
     for ids, labels, (_, end), text in zip(enc["input_ids"], enc["labels"], spans, texts):
@@ -177,7 +178,7 @@ def score_encoded(model: nn.Module, items: Sequence[Mapping[str, list[int]]], *,
                 labels_eos[row, :len(lab)] = torch.as_tensor(lab, dtype=torch.long)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             labels, labels_eos = batch["labels"].to(device), labels_eos.to(device)
-            logits = forward_output(model, ids, attention_mask=mask)[0]
+            logits = _forward(model, ids, ids.shape[1], attention_mask=mask)[0]
             lp, _, scored_eos = token_logprobs(logits, labels_eos)  # one log-softmax for every statistic
             scored = labels[:, 1:] != IGNORE
             count_eos = scored_eos.sum(-1)
@@ -189,6 +190,20 @@ def score_encoded(model: nn.Module, items: Sequence[Mapping[str, list[int]]], *,
             out["es"][where] = extraction_strength(logits, labels).double().cpu()
             counts[where] = scored.sum(-1).cpu()
     return AnswerScores(out["loss"], out["min_k"], out["es"], counts)
+
+
+def _forward(model: nn.Module, ids: Tensor, length: int, **kwargs: Any) -> tuple[Tensor, Any]:
+    """`forward_output`, with the IndexError of a model fed more tokens than its positions (a module without a
+    config that states them) turned into an error that names max_length."""
+    try:
+        return forward_output(model, ids, **kwargs)
+    except IndexError as err:
+        raise ValueError(
+            f"the model raised IndexError on sequences of {length} tokens: most likely it has fewer positions, and "
+            "it has no config stating them (n_positions / max_position_embeddings), so sequences are cut at max_length "
+            "only; pass max_length (ScoringOptions.max_length, `--max-length`) at most its positions (otherwise a "
+            f"token id beyond its vocabulary: largest id here {int(ids.max())}; use the model's own tokenizer)"
+        ) from err
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -277,9 +292,10 @@ def _greedy_loop(model: nn.Module, ids: Tensor, steps: int, eos_token_id: int | 
     sequence, past = ids, None
     for _ in range(steps):
         if past is None:
-            logits, out = forward_output(model, sequence, use_cache=True)
+            logits, out = _forward(model, sequence, sequence.shape[1], use_cache=True)
         else:
-            logits, out = forward_output(model, sequence[:, -1:], use_cache=True, **{_cache_argument(model): past})
+            logits, out = _forward(model, sequence[:, -1:], sequence.shape[1], use_cache=True,
+                                   **{_cache_argument(model): past})
         past = _cache_of(out)
         token = logits[:, -1].argmax(-1)
         generated.append(token)
@@ -313,6 +329,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str],
         n_answer = sum(lab != IGNORE for lab in labels)
         prompts.append(prompt)
         limits.append(opts.max_new_tokens if opts.max_new_tokens is not None else n_answer + opts.generation_margin)
+    # prompt + answer stay within the model's positions, or within max_length for a module without a config
     new = greedy_generate(model, prompts, limits, eos_token_id=tokenizer.eos_token_id, batch_size=opts.batch_size,
-                          max_total_length=max_positions(model))
+                          max_total_length=length_limit(model, opts) if max_positions(model) is None
+                          else max_positions(model))
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]

@@ -64,11 +64,17 @@ class _PerExampleMean(Metric):
         self.per_example.append(self.statistic(logits, labels).to(self.device))
 
     def values(self) -> Tensor:
+        """Per-example values [N] collected so far (empty before any update)."""
+        if isinstance(self.per_example, list) and not self.per_example:
+            return torch.empty(0, dtype=torch.float64, device=self.device)
         return dim_zero_cat(self.per_example)
 
     def compute(self) -> Tensor:
-        values = self.values()
-        return values[~torch.isnan(values)].mean()
+        """Mean over examples with scored tokens; NaN when there is none (no update yet), as the other metrics."""
+        values = self.values().double()
+        values = values[~torch.isnan(values)]
+        return values.mean() if values.numel() else torch.tensor(float("nan"), dtype=torch.float64,
+                                                                   device=self.device)
 
 
 class ExactMemorization(_PerExampleMean):

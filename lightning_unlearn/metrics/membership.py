@@ -15,19 +15,21 @@ Attacks (per example, over the tokens whose shifted label is not -100):
   the mean and variance of `log p` under the model's next-token distribution.
 - `reference`: `loss_reference - loss_target`, the reference model's loss minus the target's (Carlini et al., 2022).
 
-`privleak = (AUC - AUC_reference) / AUC_reference * 100` with `AUC_reference` the retrained model's AUC
-(MUSE; open-unlearning's formula): 0 is ideal, positive = under-unlearning, negative = over-unlearning.
+`privleak = (AUC - AUC_reference) / AUC_reference * 100` with `AUC_reference` the retrained model's AUC: 0 is ideal,
+positive = under-unlearning, negative = over-unlearning. This is NOT the number MUSE and open-unlearning publish
+under that name (`privacy_leak.muse_privleak`: `((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100`, negative =
+under-unlearning); `metrics.evaluate` reports this one as `mia/<attack>/privleak`, `tofu_evaluation` MUSE's.
 """
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_unlearn.metrics.functional import example_loss, lowest_k_mean, token_logprobs
@@ -74,18 +76,43 @@ def attack_scores(
 
 
 def auroc(scores: Tensor, members: Tensor) -> Tensor:
-    """AUROC of `scores` (higher = member) for the binary `members` labels, through torchmetrics' `BinaryAUROC`.
+    """AUROC (float64) of `scores` (higher = member) for the binary `members` labels; ties count half.
 
-    Scores are replaced by their dense ranks scaled into [0, 1] first: BinaryAUROC squashes values outside [0, 1]
-    through a sigmoid, which would turn large scores into ties; ranks keep the order and the ties exactly.
+    The Mann-Whitney form `(sum of the members' ranks - n_m (n_m + 1) / 2) / (n_m n_o)`, ranks of tied scores
+    averaged: the same number as torchmetrics' `BinaryAUROC` (or sklearn's `roc_auc_score`), but in float64, so that
+    5/6 is 0.8333333333333334 and privleak, which divides by a reference AUC, carries no float32 error.
     """
-    values, inverse = torch.unique(scores.double(), return_inverse=True)
-    preds = inverse.float() / max(1, values.numel() - 1)
-    return BinaryAUROC().to(scores.device)(preds, members.long())
+    values = torch.as_tensor(scores).double().reshape(-1)
+    labels = torch.as_tensor(members, device=values.device).reshape(-1).bool()
+    if labels.numel() != values.numel():
+        raise ValueError(f"got {values.numel()} scores for {labels.numel()} member labels")
+    if torch.isnan(values).any():
+        raise ValueError("AUROC scores contain NaN; drop the examples without a score first")
+    n_members = int(labels.sum())
+    n_others = labels.numel() - n_members
+    if n_members == 0 or n_others == 0:
+        raise ValueError("the AUROC needs both member (forget) and non-member (holdout) examples")
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of the last score of each group of equal scores
+    ranks = (ends - (counts.double() - 1.0) / 2.0)[inverse]
+    u = ranks[labels].sum() - n_members * (n_members + 1) / 2.0
+    return u / (n_members * n_others)
+
+
+def warn_degenerate_reference(reference_auc: float) -> None:
+    """Warn when the reference (retain) model's AUC is 0 or 1: privleak divides by it (or by 1 - it) and blows up."""
+    if reference_auc in (0.0, 1.0):
+        warnings.warn(f"the reference (retain) model's AUC is {reference_auc:g}: forget and holdout examples are told "
+                      "apart perfectly even by a model that never saw the forget set, so they differ in kind, not in "
+                      "membership, and privleak (divided by that AUC or by 1 minus it) is not meaningful; use forget "
+                      "and holdout examples drawn from one distribution", UserWarning, stacklevel=3)
 
 
 def privleak(auc: float | Tensor, reference_auc: float | Tensor) -> float:
-    """`(AUC - AUC_ref) / AUC_ref * 100` (MUSE, open-unlearning); 0 = as private as the retrained model."""
+    """`(AUC - AUC_ref) / AUC_ref * 100` (`metrics.evaluate`'s `mia/<attack>/privleak`): 0 = as private as the
+    retrained model, positive = under-unlearning. The opposite sign of MUSE's privleak (`privacy_leak.muse_privleak`,
+    the `privleak` of `tofu_evaluation`), and another denominator."""
+    warn_degenerate_reference(float(reference_auc))
     return float((auc - reference_auc) / (reference_auc + 1e-10) * 100.0)
 
 

@@ -25,7 +25,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_unlearn.metrics.functional import lowest_k_mean, token_logprobs
-from lightning_unlearn.metrics.membership import auroc
+from lightning_unlearn.metrics.membership import auroc, warn_degenerate_reference
 
 EPS = 1e-10  # open-unlearning's guard against division by zero
 DEFAULT_REFERENCE_AUC = 0.5  # open-unlearning's `ref_value` when no retain model's AUC is given
@@ -54,14 +54,18 @@ def mia_auc(member_scores: Tensor, nonmember_scores: Tensor) -> Tensor:
     others = torch.as_tensor(nonmember_scores, dtype=torch.float64, device=members.device).reshape(-1)
     members, others = members[~torch.isnan(members)], others[~torch.isnan(others)]
     if members.numel() == 0 or others.numel() == 0:
-        raise ValueError("the membership AUC needs scores of both forget (member) and holdout (non-member) examples")
+        raise ValueError("the membership AUC needs scores of both forget (member) and holdout (non-member) examples; "
+                         "one side has none (an example has no score when truncation at max_length leaves it no "
+                         "scored token: raise max_length)")
     scores = torch.cat([members, others])
     labels = torch.cat([torch.ones_like(members), torch.zeros_like(others)])
     return auroc(scores, labels).double()
 
 
 def muse_privleak(auc: float | Tensor, reference_auc: float | Tensor = DEFAULT_REFERENCE_AUC) -> Tensor:
-    """`((1 - auc) - (1 - reference_auc)) / (1 - reference_auc + 1e-10) * 100` (MUSE / open-unlearning)."""
+    """`((1 - auc) - (1 - reference_auc)) / (1 - reference_auc + 1e-10) * 100` (MUSE / open-unlearning); warns when
+    the reference AUC is 0 or 1 (the retain model separates forget from holdout perfectly)."""
+    warn_degenerate_reference(float(reference_auc))
     score, ref = 1.0 - torch.as_tensor(auc, dtype=torch.float64), 1.0 - torch.as_tensor(reference_auc,
                                                                                           dtype=torch.float64)
     return (score - ref) / (ref + EPS) * 100.0
@@ -88,16 +92,26 @@ class PrivLeak(Metric):
         self.add_state("member_scores", default=[], dist_reduce_fx="cat")
         self.add_state("nonmember_scores", default=[], dist_reduce_fx="cat")
 
-    def update(self, logits: Tensor | None, labels: Tensor | None, member: bool, scores: Tensor | None = None) -> None:
-        """Score a batch from its logits and labels, or take precomputed Min-K% `scores` (with None logits)."""
+    def update(self, logits: Tensor | None, labels: Tensor | None, member: bool | Tensor,
+               scores: Tensor | None = None) -> None:
+        """Score a batch from its logits and labels, or take precomputed Min-K% `scores` (with None logits).
+        `member`: True for a forget batch, False for holdout, or a bool tensor [B] per example (as
+        `MembershipInference`)."""
         if scores is None:
             if logits is None or labels is None:
                 raise ValueError("PrivLeak.update needs logits and labels, or precomputed scores")
             scores = min_k_scores_from_logits(logits, labels, self.k)
-        state = self.member_scores if member else self.nonmember_scores
-        state.append(torch.as_tensor(scores, dtype=torch.float64).reshape(-1).to(self.device))
+        values = torch.as_tensor(scores, dtype=torch.float64).reshape(-1).to(self.device)
+        flags = torch.as_tensor(member, dtype=torch.bool, device=self.device).reshape(-1)
+        if flags.numel() == 1:
+            flags = flags.expand(values.numel())
+        elif flags.numel() != values.numel():
+            raise ValueError(f"member has {flags.numel()} flags for a batch of {values.numel()} examples; pass one "
+                             "bool for the whole batch or one per example")
+        self.member_scores.append(values[flags])
+        self.nonmember_scores.append(values[~flags])
 
-    def update_scores(self, scores: Tensor, member: bool) -> None:
+    def update_scores(self, scores: Tensor, member: bool | Tensor) -> None:
         """Add precomputed per-example Min-K% scores of forget (member) or holdout examples."""
         self.update(None, None, member, scores=scores)
 

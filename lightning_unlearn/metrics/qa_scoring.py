@@ -21,6 +21,7 @@ from lightning_unlearn.metrics.answer_scoring import (
     Row,
     ScoringOptions,
     generate_answers,
+    length_limit,
     score_answers,
     score_texts,
     scoring_options,
@@ -94,40 +95,83 @@ def perturbed_losses(model: nn.Module, tokenizer: Any, rows: Sequence[Row], opti
 
 @dataclass
 class PartScores:
-    """Per-row numbers of one part (no text)."""
+    """Per-row numbers of one part (no text). `dropped` [N] marks the rows left without a scored answer, paraphrase
+    or perturbed answer (truncated away at max_length, or empty): every statistic of such a row is NaN, so that
+    every number of the part averages the same rows."""
 
     answer: AnswerScores
     paraphrased_loss: Tensor | None = None
     perturbed_loss: Tensor | None = None
     rouge: Tensor | None = None
+    dropped: Tensor | None = None
 
 
 def score_part(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, paraphrased: bool = True,
                perturbed: bool = True, generate: bool = True, options: ScoringOptions | None = None,
                **overrides: Any) -> PartScores:
     """Score the answers (and optionally the paraphrased answers, the perturbed answers and ROUGE-L recall of greedy
-    answers) of TOFU rows."""
+    answers) of TOFU rows; rows without a scored answer (see `PartScores.dropped`) are NaN everywhere."""
     opts = scoring_options(options, overrides)
     questions, answers = [r["question"] for r in rows], [r["answer"] for r in rows]
     scores = PartScores(score_answers(model, tokenizer, questions, answers, opts))
+    dropped = torch.isnan(scores.answer.loss)
     if paraphrased:
         scores.paraphrased_loss = score_answers(model, tokenizer, questions,
                                                 [r["paraphrased_answer"] for r in rows], opts).loss
+        dropped |= torch.isnan(scores.paraphrased_loss)
     if perturbed:
         scores.perturbed_loss = perturbed_losses(model, tokenizer, rows, opts)
-    if generate:
-        generated = generate_answers(model, tokenizer, questions, answers, opts)
-        scores.rouge = rouge_l_recall_scores(generated, answers)
-        del generated
+        dropped |= torch.isnan(scores.perturbed_loss).all(-1)
+    if generate:  # only the kept rows are answered: a dropped row has no answer to compare with
+        kept = [i for i in range(len(rows)) if not dropped[i]]
+        scores.rouge = torch.full((len(rows),), float("nan"), dtype=torch.float64)
+        if kept:
+            generated = generate_answers(model, tokenizer, [questions[i] for i in kept], [answers[i] for i in kept],
+                                         opts)
+            scores.rouge[kept] = rouge_l_recall_scores(generated, [answers[i] for i in kept])
+            del generated
+    for values in (scores.answer.loss, scores.answer.min_k, scores.answer.extraction_strength,
+                   scores.paraphrased_loss, scores.perturbed_loss):
+        if values is not None:
+            values[dropped] = float("nan")
+    scores.dropped = dropped
     return scores
+
+
+def _check_not_all_dropped(part: str, dropped: Tensor, model: nn.Module, opts: ScoringOptions) -> None:
+    """Refuse a part whose every row lost its scored answer: its numbers would all be NaN."""
+    if dropped.numel() and bool(dropped.all()):
+        limit = length_limit(model, opts)
+        fix = "raise max_length (ScoringOptions.max_length, `--max-length` of `lightning-unlearn evaluate`)"
+        if limit < opts.max_length:
+            fix = (f"max_length={opts.max_length} is already capped at the model's {limit} positions: these rows do "
+                   "not fit this model (shorten the questions, or use a model with more positions)")
+        raise ValueError(f"every one of the {dropped.numel()} {part} rows was dropped: none has an answer token within "
+                         f"max_length={limit} tokens (or every answer is empty), so the {part} numbers cannot be "
+                         f"computed; {fix}")
+
+
+def _warn_dropped(part: str, dropped: Tensor, model: nn.Module, opts: ScoringOptions) -> None:
+    n = int(dropped.sum())
+    if n:
+        warnings.warn(f"{n} of {dropped.numel()} {part} rows were dropped from every {part} number: no answer token "
+                      f"within max_length={length_limit(model, opts)} tokens (or an empty answer); raise max_length "
+                      "(ScoringOptions.max_length, `--max-length`)", UserWarning, stacklevel=4)
+
+
+def _row_kind(rows: Sequence[Row | str]) -> str:
+    """"texts" (MUSE strings) or "QA rows" (dicts); refuses a mixture."""
+    if all(isinstance(r, str) for r in rows):
+        return "texts"
+    if any(isinstance(r, str) for r in rows):
+        raise ValueError("rows must be all QA dicts or all texts, not a mixture")
+    return "QA rows"
 
 
 def _rows_scores(model: nn.Module, tokenizer: Any, rows: Sequence[Row | str], opts: ScoringOptions) -> AnswerScores:
     """QA rows score their answer; plain strings (MUSE texts) score the whole text."""
-    if all(isinstance(r, str) for r in rows):
+    if _row_kind(rows) == "texts":
         return score_texts(model, tokenizer, list(rows), opts)
-    if any(isinstance(r, str) for r in rows):
-        raise ValueError("rows must be all QA dicts or all texts, not a mixture")
     return score_answers(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], opts)
 
 
@@ -139,14 +183,23 @@ def forget_truth_ratios(model: nn.Module, tokenizer: Any, forget_rows: Sequence[
     opts = scoring_options(options, overrides)
     questions = [r["question"] for r in forget_rows]
     para = score_answers(model, tokenizer, questions, [r["paraphrased_answer"] for r in forget_rows], opts).loss
-    return truth_ratios(para, perturbed_losses(model, tokenizer, forget_rows, opts))
+    ratios = truth_ratios(para, perturbed_losses(model, tokenizer, forget_rows, opts))
+    _check_not_all_dropped("forget", torch.isnan(ratios), model, opts)
+    return ratios
 
 
 def min_k_auc(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Row | str], holdout_rows: Sequence[Row | str],
               options: ScoringOptions | None = None, **overrides: Any) -> float:
     """AUC of the Min-K% Prob attack, forget (members) against holdout: the retain model's value is privleak's
-    reference. Rows are TOFU QA dicts (the answer is scored) or MUSE texts (the whole text is scored)."""
+    reference. Rows are TOFU QA dicts (the answer is scored) or MUSE texts (the whole text is scored), both sides of
+    one kind: an answer's score and a whole text's are unlike things."""
     opts = scoring_options(options, overrides)
+    forget_kind, holdout_kind = _row_kind(forget_rows), _row_kind(holdout_rows)
+    if forget_kind != holdout_kind:
+        raise ValueError(f"the forget rows are {forget_kind} but the holdout rows are {holdout_kind}: the Min-K% AUC "
+                         "would compare an answer's score with a whole text's; give both sides of one kind (TOFU: "
+                         "QA rows of forgetNN_perturbed.json and holdoutNN.json; MUSE: privleak/forget.json and "
+                         "holdout.json texts)")
     return float(mia_auc(_rows_scores(model, tokenizer, forget_rows, opts).min_k,
                          _rows_scores(model, tokenizer, holdout_rows, opts).min_k))
 
@@ -167,11 +220,14 @@ def reference_statistics(retain_model: nn.Module, tokenizer: Any, parts: Mapping
 
 class TofuEvaluation(dict):
     """A flat `{name: float}` dict of metrics; `per_item` holds per-row numbers (never texts): `forget_truth_ratio`
-    (pass the retain model's as `retain_model_truth_ratios`), `forget_min_k`, `holdout_min_k`, ..."""
+    (pass the retain model's as `retain_model_truth_ratios`), `forget_min_k`, `holdout_min_k`, ...; `rows_dropped`
+    the number of rows of each scored part left out of its numbers (no answer token within max_length)."""
 
-    def __init__(self, *args: Any, per_item: Mapping[str, list[float]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, per_item: Mapping[str, list[float]] | None = None,
+                 rows_dropped: Mapping[str, int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.per_item: dict[str, list[float]] = dict(per_item or {})
+        self.rows_dropped: dict[str, int] = dict(rows_dropped or {})
 
 
 def _mean(values: Tensor) -> float:
@@ -198,8 +254,12 @@ def tofu_evaluation(
     `forget_truth_ratios`) is given; `<part>_probability`, `<part>_rouge`, `<part>_truth_ratio` (true_better) for
     retain, real_authors and world_facts, and `model_utility` when all three are there; `mia_auc_min_k`,
     `privleak` and `privleak_reference_auc` (the retain model's Min-K% AUC, `min_k_auc`; 0.5 when not given, as
-    open-unlearning) when holdout rows are given (`holdout_rows` or `parts["holdout"]`, QA dicts or MUSE texts).
-    Scoring options (`ScoringOptions` fields) may be passed as keywords.
+    open-unlearning) when holdout rows are given (`holdout_rows` or `parts["holdout"]`, QA dicts like the forget
+    rows). Scoring options (`ScoringOptions` fields) may be passed as keywords.
+
+    A row left without a scored answer (truncated away at max_length, or empty) is dropped from every number of its
+    part (a warning says how many; `rows_dropped` counts them); a part that loses every row is an error naming
+    max_length.
     """
     opts = scoring_options(options, overrides)
     unknown = sorted(set(parts) - set(TOFU_PARTS))
@@ -211,11 +271,23 @@ def tofu_evaluation(
     for part, rows in parts.items():
         if part != "holdout":
             check_rows(part, rows)
-    if holdout is not None and not all(isinstance(r, str) for r in holdout):
+    if holdout is not None:
+        if _row_kind(holdout) == "texts":
+            raise ValueError("the holdout rows are texts (MUSE) but the forget rows are TOFU QA rows: the Min-K% AUC "
+                             "would compare a whole text's score with an answer's; pass QA holdout rows (TOFU's "
+                             "holdoutNN.json), and compute MUSE's privleak with min_k_auc on MUSE's forget and "
+                             "holdout texts")
         check_rows("holdout", holdout)
 
     result = TofuEvaluation()
-    forget = score_part(model, tokenizer, parts["forget"], options=opts)
+
+    def scored(part: str, scores: PartScores) -> PartScores:
+        _check_not_all_dropped(part, scores.dropped, model, opts)
+        _warn_dropped(part, scores.dropped, model, opts)
+        result.rows_dropped[part] = int(scores.dropped.sum())
+        return scores
+
+    forget = scored("forget", score_part(model, tokenizer, parts["forget"], options=opts))
     ratios = truth_ratios(forget.paraphrased_loss, forget.perturbed_loss)
     result["forget_truth_ratio"] = float(aggregate_truth_ratios(ratios, "closer_to_1_better"))
     result["forget_probability"] = float(answer_probability(forget.answer.loss))
@@ -231,7 +303,7 @@ def tofu_evaluation(
         if part not in parts:
             continue
         rows = parts[part]
-        scores = score_part(model, tokenizer, rows, paraphrased=part == "retain", options=opts)
+        scores = scored(part, score_part(model, tokenizer, rows, paraphrased=part == "retain", options=opts))
         if part == "retain":  # TOFU: plain probability; truth ratio of the paraphrased answer
             result[f"{part}_probability"] = float(answer_probability(scores.answer.loss))
             correct = scores.paraphrased_loss
@@ -252,6 +324,7 @@ def tofu_evaluation(
 
     if holdout is not None:
         holdout_scores = _rows_scores(model, tokenizer, holdout, opts)
+        scored("holdout", PartScores(holdout_scores, dropped=torch.isnan(holdout_scores.min_k)))
         auc = mia_auc(forget.answer.min_k, holdout_scores.min_k)
         reference_auc = DEFAULT_REFERENCE_AUC if retain_model_privleak_auc is None else float(retain_model_privleak_auc)
         result["mia_auc_min_k"] = float(auc)
