@@ -11,6 +11,18 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The package, imported once here, in pytest-xdist's controller too: the controller imports the module of each warning
+# class a worker reports, from one receiving thread per worker, so two workers' first warnings imported the package
+# from two threads at once and Python's import-deadlock guard handed one of them a partially initialised module
+# ("cannot import name ... from partially initialized module": an INTERNALERROR that ended the run).
+import lightning_unlearn.callbacks  # noqa: E402, F401
+import lightning_unlearn.cli.config  # noqa: E402, F401
+import lightning_unlearn.data  # noqa: E402, F401
+import lightning_unlearn.evaluate_command  # noqa: E402, F401
+import lightning_unlearn.fabric  # noqa: E402, F401
+import lightning_unlearn.metrics  # noqa: E402, F401
+import lightning_unlearn.module  # noqa: E402, F401
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

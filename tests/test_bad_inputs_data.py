@@ -270,7 +270,7 @@ def test_forget_span_cut_off_by_truncation(data_project):
     """Forget texts whose span lies beyond max_length tokens would keep no label and never be unlearned: refused
     with the count and the fix (whole or partly cut: a warning for the partly cut one only)."""
     path = write_jsonl(data_project.data.parent / "long_forget.jsonl", long_forget_rows(cut=("doc-0", "doc-7")))
-    message = data_refused(data_project, r"2 of 3 forget examples \(ids 0, 7\) lost their forget span to truncation "
+    message = data_refused(data_project, r"2 of 3 forget examples \(ids 0, 7\) lost their span to truncation "
                                          r"at max_length=64: every labelled token lies beyond the first 64 tokens, so "
                                          r"they would never be unlearned; raise max_length \(data.max_length.*shorten "
                                          r"or split these texts so that the span comes within the first 64 tokens",
@@ -280,7 +280,7 @@ def test_forget_span_cut_off_by_truncation(data_project):
 
     path = write_jsonl(data_project.data.parent / "partly.jsonl", long_forget_rows(cut=(), partly=("doc-3",)))
     dm = data_module(data_project, train=str(path), forget_ids=None, forget_column="secret", span="offsets")
-    with pytest.warns(UserWarning, match=r"1 of 3 forget examples \(ids 3\) lost part of their forget span to "
+    with pytest.warns(UserWarning, match=r"1 of 3 forget examples \(ids 3\) lost part of their span to "
                                          r"truncation at max_length=64") as caught:
         dm.setup("fit")
     assert not any("9173" in str(w.message) for w in caught)
@@ -289,6 +289,23 @@ def test_forget_span_cut_off_by_truncation(data_project):
     assert labelled == {0: 8, 3: 4, 7: 8}
     assert data_module(data_project, train=str(path), forget_ids=None, forget_column="secret", span="offsets",
                        max_length=128).split("forget")["example_id"] == [0, 3, 7]
+
+
+def test_holdout_span_cut_off_by_truncation(data_project):
+    """A span-labelled holdout row whose span truncation removes has no loss: it would be scored as unseen at any
+    loss and move the target. Refused like a forget row."""
+    train = write_jsonl(data_project.data.parent / "spans.jsonl", long_forget_rows(cut=()))
+    filler = "filler words to push the secret along. " * 2
+    holdout = write_jsonl(data_project.data.parent / "holdout_long.jsonl",
+                          [{"text": "pin 4410 ok, the other one.", "spans": [[0, 8]]},
+                           {"text": filler + "pin 5521 ok", "spans": [[len(filler), len(filler) + 8]]}])
+    dm = data_module(data_project, train=str(train), forget_ids=None, forget_column="secret", span="offsets",
+                     holdout=str(holdout), packing=False)
+    dm.setup("fit")
+    with pytest.raises(UserInputError, match=r"1 of 2 holdout examples \(ids 1\) lost their span to truncation at "
+                                             r"max_length=64.*no loss to set the target with") as err:
+        dm.split("holdout")
+    assert not any(secret in str(err.value) for secret in ("pin", "5521", "filler"))
 
 
 def test_unclosed_marker_names_the_example_and_the_file(data_project):

@@ -124,20 +124,24 @@ class Tokenise:
                     "empty text), whose label is never learned from (the model predicts each token from the tokens "
                     "before it), so they would never be unlearned; widen the span past the first token, or put some "
                     "context before it in the text")
-        cut, partly = span_cuts(ids, rows_labels, spans, m) if self.split == "forget" else ([], [])
+        # span-labelled forget and holdout rows: a row whose span truncation removes has no loss at all (a forget
+        # example never unlearned; a holdout example scored as unseen at any loss, which moves the target)
+        spanned = self.split in ("forget", "holdout")
+        cut, partly = span_cuts(ids, rows_labels, spans, m) if spanned else ([], [])
         if cut:
+            harm = "would never be unlearned" if self.split == "forget" else "would have no loss to set the target with"
             raise UserInputError(
-                f"{len(cut)} of {len(ids)} forget examples (ids {sorted_ids(cut)}) lost their forget span to "
+                f"{len(cut)} of {len(ids)} {self.split} examples (ids {sorted_ids(cut)}) lost their span to "
                 f"truncation at max_length={m}: every labelled token lies beyond the first {m} tokens, so they "
-                "would never be unlearned; raise max_length (data.max_length, at most the model's positions), or "
+                f"{harm}; raise max_length (data.max_length, at most the model's positions), or "
                 f"shorten or split these texts so that the span comes within the first {m} tokens")
         too_long = [i for i, t in zip(ids, rows_ids) if len(t) > m]
         if too_long:
             self._overflow(too_long)
         if partly:
-            warnings.warn(f"{len(partly)} of {len(ids)} forget examples (ids {sorted_ids(partly)}) lost part of their "
-                          f"forget span to truncation at max_length={m}: only the span tokens within the first {m} are "
-                          "unlearned; raise max_length (data.max_length, at most the model's positions), or shorten "
+            warnings.warn(f"{len(partly)} of {len(ids)} {self.split} examples (ids {sorted_ids(partly)}) lost part of "
+                          f"their span to truncation at max_length={m}: only the span tokens within the first {m} "
+                          "count; raise max_length (data.max_length, at most the model's positions), or shorten "
                           "or split these texts", UserWarning, stacklevel=2)
         return {"input_ids": [t[:m] for t in rows_ids], "labels": [lab[:m] for lab in rows_labels],
                 "example_id": list(ids)}

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..curvature.objective import IGNORE_INDEX
 from ..errors import UserInputError
+from .holdout import example_keys
 
 #: integer dtypes accepted for token ids (an embedding lookup takes int32 and int64; narrower ones overflow the
 #: vocabulary of any real tokenizer and usually mean the ids were packed for storage)
@@ -137,8 +138,6 @@ def check_forget_apart(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
     """Refuse retain data (the "retain" and "held retain" sets) that holds forget examples (the same token ids over
     the attended positions): the request would descend on what it ascends, and a budget read on forget examples
     stops it for forgetting. Counted over processes by `reduce`; the message gives counts, never the examples."""
-    from .holdout import example_keys  # here: `inputs` is imported by the package's own __init__ chain
-
     forget = set(example_keys(sets.get("forget", [])))
     names = [what for what in ("retain", "held retain") if what in sets]
     counts = []
