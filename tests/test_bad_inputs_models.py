@@ -587,3 +587,20 @@ def test_an_encoder_decoder_model_is_refused_as_not_a_causal_lm():
     with pytest.raises(UserInputError, match="encoder-decoder"):
         model_logits(t5, lm_batches(1)[0])
     check_causal_lm(small_causal_lm("gpt2"))  # a causal LM passes
+
+
+def test_masked_lm_and_task_heads_are_refused_as_not_causal_lms():
+    """A BERT masked LM sees the token it is asked to predict: it was accepted and unlearned to "target_reached" after 0
+    steps; a sequence classifier failed with "labels (8, 16) do not match logits (8,)"."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2ForSequenceClassification
+
+    from lightning_unlearn.curvature import model_logits
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32))
+    with pytest.raises(UserInputError, match=r"BertForMaskedLM is not a causal language model \(a MaskedLM head\)"):
+        model_logits(bert, lm_batches(1)[0])
+    classifier = GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
+                                                          pad_token_id=0))
+    with pytest.raises(UserInputError, match=r"not a causal language model \(a SequenceClassification head\)"):
+        model_logits(classifier, lm_batches(1)[0])

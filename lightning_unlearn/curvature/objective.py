@@ -185,13 +185,27 @@ def _call_plan(model: Any, key: str) -> _CallPlan:
     return plan
 
 
+#: Hugging Face head classes that are no causal LM: a masked LM sees the token it predicts (its next-token loss means
+#: nothing), the others give no logits over the vocabulary per position
+NOT_CAUSAL_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                    "ForMultipleChoice")
+
+
 def check_causal_lm(model: Any) -> None:
     """Raise `UserInputError` for a Hugging Face encoder-decoder model (`config.is_encoder_decoder`, e.g. T5, BART):
     its logits need decoder inputs and do not predict the next token of `input_ids`, so unlearning it as a causal LM
-    would be meaningless. Other modules pass (anything mapping `input_ids` to next-token logits is fine)."""
+    would be meaningless; and for a model whose class is a masked-LM or task head (`NOT_CAUSAL_HEADS`: a BERT masked
+    LM was unlearned to "target_reached" after 0 steps). Other modules pass (anything mapping `input_ids` to next-token
+    logits is fine)."""
     config = getattr(model, "config", None)
+    owner = getattr(model, "module", model)
+    head = next((h for h in NOT_CAUSAL_HEADS if type(owner).__name__.endswith(h)), None)
+    if config is not None and head is not None:
+        raise UserInputError(
+            f"{type(owner).__name__} is not a causal language model (a {head[3:]} head): lightning_unlearn unlearns "
+            "causal language models, whose logits at position t predict token t+1 of input_ids; load the model with "
+            "AutoModelForCausalLM (GPT-2, Llama, Qwen2, ...)")
     if config is not None and getattr(config, "is_encoder_decoder", False) is True:
-        owner = getattr(model, "module", model)
         raise UserInputError(
             f"{type(owner).__name__} is an encoder-decoder model (config.is_encoder_decoder=True, like T5 or BART); "
             "lightning_unlearn unlearns causal language models, whose logits at position t predict token t+1 of "
