@@ -324,7 +324,16 @@ class Curvature(ABC):
         return logits
 
     def _owner_modules(self) -> list[tuple[str, nn.Module]]:
-        """The modules that directly hold a covered parameter (`param_names`), in module order."""
+        """The modules that directly hold a covered parameter (`param_names`), in module order; found once per set of
+        names (every forward of a fit asks)."""
+        cached = getattr(self, "_owners", None)
+        if cached is not None and cached[0] == self.param_names:
+            return cached[1]
+        owners = self._find_owner_modules()
+        self._owners = (self.param_names, owners)
+        return owners
+
+    def _find_owner_modules(self) -> list[tuple[str, nn.Module]]:
         names = set(self.param_names)
         covered = {id(p) for n, p in self.model.named_parameters() if n in names}
         return [(name, module) for name, module in self.model.named_modules()

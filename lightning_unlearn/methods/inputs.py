@@ -192,14 +192,13 @@ def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
                 "the first token of a row is labelled, which no position predicts): there is nothing to "
                 f"{'forget' if what == 'forget' else 'measure'} on them; label the tokens that carry the data (the "
                 "data module's span option labels a span, the default labels every token)")
-    unlabelled = [int((scored_labels(b) != IGNORE_INDEX).flatten(1).sum(1).eq(0).sum())
-                  for b in sets.get("forget", []) if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor)
-                  and b["labels"].dim() == 2]
-    rows = sum(int(b["labels"].shape[0]) for b in sets.get("forget", [])
-               if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor) and b["labels"].dim() == 2)
-    if sum(unlabelled):
+    forget_labels = [scored_labels(b) for b in sets.get("forget", [])
+                     if isinstance(b, Mapping) and isinstance(b.get("labels"), Tensor) and b["labels"].dim() == 2]
+    unlabelled = sum(int((x == IGNORE_INDEX).all(dim=1).sum()) for x in forget_labels)
+    if unlabelled:
+        rows = sum(int(x.shape[0]) for x in forget_labels)
         warnings.warn(
-            f"{sum(unlabelled)} of the {rows} forget rows have no label the loss reads (all -100, or only their first "
+            f"{unlabelled} of the {rows} forget rows have no label the loss reads (all -100, or only their first "
             "token): they are not unlearned; label their sensitive tokens (a span on a row's first token needs a "
             "token before it, e.g. the tokenizer's BOS)", UnlabelledForgetRowsWarning, stacklevel=3)
 

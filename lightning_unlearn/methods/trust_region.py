@@ -68,6 +68,14 @@ class RunPath:
         """Whether the steps have used the bound (all but 1/1000 of it): no step is worth searching for."""
         return self.limit is not None and self.remaining() <= 1e-3 * self.limit
 
+    def spent_message(self, who: str) -> str:
+        """What a run stopped by this bound tells its user (`RunTrustRegionWarning`)."""
+        times = self.limit / self.start if self.limit is not None and self.start else float("nan")
+        return (f"{who}: the run's steps together moved the weights by {times:.3g} times their norm, as far as its "
+                "trust region allows (max(1, max_step_norm)); it stops here without reaching its target. Steps that "
+                "long usually go where the outputs barely change: raise the damping (relative damping far below "
+                "1e-3 does this), lower the scale, or give holdout data so that the run has a target to stop at.")
+
     def add(self, length: float) -> None:
         """An accepted step of this length."""
         self.travelled += length

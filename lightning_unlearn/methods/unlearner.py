@@ -460,13 +460,7 @@ class Unlearner(ABC):
     def run_path_spent(self) -> bool:
         """Whether the run's steps have used its trust region (`trust_region.RunPath`); warns when they have."""
         if self._path is not None and self._path.spent():
-            warnings.warn(
-                f"{self.name}: the run's steps together moved the weights by {self._path.limit / self._path.start:.3g}"
-                " times their norm, as far as its trust region allows (max(1, max_step_norm)); it stops here without"
-                " reaching its target. Steps that long usually go where the outputs barely change: raise the damping"
-                " (relative damping far below 1e-3 does this), lower the scale, or give holdout data so that the run"
-                " has a target to stop at.",
-                RunTrustRegionWarning, stacklevel=2)
+            warnings.warn(self._path.spent_message(self.name), RunTrustRegionWarning, stacklevel=2)
             return True
         return False
 
