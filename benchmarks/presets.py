@@ -50,7 +50,7 @@ class Preset:
     scaling_seq_len: int = 64
     scaling_vocab: int = 512
     #: epochs of brief training (over the largest forget set) of the models of the default request's scaling
-    scaling_train_epochs: int = 20
+    scaling_train_epochs: int = 60
     #: width of the one-block GPT-2-small-shaped model whose K-FAC footprint is accumulated for real
     gpt2_measure_hidden: int = 768
     #: within this many bits of the retrained model's inserted-canary exposure = "forgotten"

@@ -208,8 +208,12 @@ def _batches(rows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor
 
 @dataclass
 class ScalingData:
-    """Random-token sequences: a pool the model is trained on (its first n rows are a forget set of n), retain
-    batches (trained on; the curvature source), a held retain batch and holdout batches (never trained on)."""
+    """Sequences of two random sparse Markov chains: a pool of the second the model is trained on (its first n rows
+    are a forget set of n) and holdout batches of it (never trained on); retain batches of the first (trained on; the
+    curvature source) and a held retain batch of it (never trained on). The forget set is then of a kind the retain
+    data is not, and the holdout of that kind sits at a level the forget set can be unlearned to, as with canaries
+    or a person's facts. (Random tokens, the first form of this data, left the holdout above the uniform
+    distribution's loss, and every request stopped at its run's trust region.)"""
 
     pool: torch.Tensor
     retain: list[dict[str, torch.Tensor]]
@@ -221,14 +225,26 @@ class ScalingData:
         return _batches(self.pool[:n], self.batch_size)
 
 
+def markov_sequences(n: int, seq_len: int, states: int, successors: int, g: torch.Generator) -> torch.Tensor:
+    """`n` sequences of a random Markov chain over tokens 1..states in which each token has `successors` possible
+    next tokens (uniformly likely: ln(successors) nats per token for a model that knows the chain)."""
+    table = torch.stack([torch.randperm(states, generator=g)[:successors] + 1 for _ in range(states + 1)])
+    rows = torch.empty(n, seq_len, dtype=torch.long)
+    rows[:, 0] = torch.randint(1, states + 1, (n,), generator=g)
+    for t in range(1, seq_len):
+        rows[:, t] = table[rows[:, t - 1], torch.randint(0, successors, (n,), generator=g)]
+    return rows
+
+
 def scaling_data(n_pool: int, retain_batches: int, batch_size: int, seq_len: int, vocab: int,
-                 seed: int = 0) -> ScalingData:
+                 seed: int = 0, states: int = 64, successors: int = 4) -> ScalingData:
+    """Each chain uses `states` of the `vocab` tokens, few enough that brief training learns it."""
     g = torch.Generator().manual_seed(seed)
+    states = min(states, vocab - 1)
     n_holdout = 2 * batch_size
-    ids = torch.randint(1, vocab, (n_pool + (retain_batches + 1) * batch_size + n_holdout, seq_len), generator=g)
-    pool, rest = ids[:n_pool], ids[n_pool:]
-    retain = _batches(rest[:(retain_batches + 1) * batch_size], batch_size)
-    return ScalingData(pool, retain[:-1], retain[-1], _batches(rest[-n_holdout:], batch_size), batch_size)
+    retain = _batches(markov_sequences((retain_batches + 1) * batch_size, seq_len, states, successors, g), batch_size)
+    other = markov_sequences(n_pool + n_holdout, seq_len, states, successors, g)
+    return ScalingData(other[:n_pool], retain[:-1], retain[-1], _batches(other[n_pool:], batch_size), batch_size)
 
 
 def train_briefly(model: nn.Module, data: ScalingData, epochs: int, lr: float = 3e-3, seed: int = 0) -> nn.Module:
@@ -317,7 +333,8 @@ def request_scaling(preset: Any, say: Callable[[str], None] = print) -> dict[str
         "fwd_bwd_exponent_forget": loglog_exponent([r["n_forget"] for r in by_forget],
                                                    [r["fwd_bwd_seconds"] for r in by_forget]),
         "setup": {"settings": "UnlearnSettings() (the default recipe, holdout target)",
-                  "data": f"random tokens, vocabulary {p.scaling_vocab}, {p.scaling_seq_len} tokens per sequence",
+                  "data": "sequences of two random sparse Markov chains (forget set and holdout of one, retain of "
+                          f"the other), vocabulary {p.scaling_vocab}, {p.scaling_seq_len} tokens per sequence",
                   "curvature_batches": p.scaling_batches, "batch_size": p.scaling_batch_size,
                   "holdout_sequences": len(data.holdout) * p.scaling_batch_size,
                   "train_epochs": p.scaling_train_epochs,

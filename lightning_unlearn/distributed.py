@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .curvature.base import identity
 from .errors import UserInputError
 
 if TYPE_CHECKING:
@@ -31,14 +32,10 @@ Reduce = Callable[[Tensor], Tensor]
 T = TypeVar("T")
 
 
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
-
-
 def strategy_reduce(trainer: pl.Trainer) -> Reduce:
     """The engine's `reduce` for this trainer: a sum over processes through the strategy (identity on one)."""
     if trainer.world_size <= 1:
-        return _identity
+        return identity
     strategy = trainer.strategy
 
     def reduce(tensor: Tensor) -> Tensor:
@@ -51,7 +48,7 @@ def gather_with(all_gather: Callable[[Tensor], Tensor], world_size: int) -> Redu
     """The engine's `gather` (concatenate along dim 0 across processes) from an `all_gather` that stacks
     `[world, ...]`; rows may differ in number between processes (padded for the collective, then trimmed)."""
     if world_size <= 1:
-        return _identity
+        return identity
 
     def gather(tensor: Tensor) -> Tensor:
         sizes = all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1).tolist()

@@ -15,7 +15,16 @@ from torch import Tensor
 
 from .base import Vector
 from .constraints import constraint_weights
-from .kronecker import from_kronecker_basis, g_to_basis, kronecker_scale_many, to_kronecker_basis
+from .factored import layer_factors
+from .kronecker import (
+    factors_are_cheaper,
+    factors_to_kronecker_basis,
+    from_kronecker_basis,
+    g_basis_width,
+    g_to_basis,
+    kronecker_scale_many,
+    to_kronecker_basis,
+)
 from .layers import TrackedLayer
 
 
@@ -77,6 +86,28 @@ class KFACProducts:
             out = {name: self.reduce(t.contiguous()) for name, t in out.items()}
         return out
 
+    def _rotated_constraints(self, layer: TrackedLayer, vectors: Sequence[Vector],
+                             constraints: Sequence[Mapping[str, Tensor]], damping: Callable[[str], float]
+                             ) -> tuple[Tensor, Tensor]:
+        """(`vectors`' layer matrices in the eigenbasis [n, out, c], the damped eigenvalues' reciprocal): the
+        constraints that carry the layer's low-rank factors (`factored.FactoredGradient`) rotated from them where that
+        is cheaper (`kronecker.factors_are_cheaper`), the rest as matrices in one stacked product."""
+        out, cols, stored_u_g = layer.out_features, layer.in_features + int(layer.has_bias), self.eigen[layer.name][2]
+        factored: dict[int, tuple[Tensor, Tensor]] = {}
+        for i, h in enumerate(constraints, start=1):
+            pair = layer_factors(h, layer.name)
+            if pair is not None and factors_are_cheaper(pair[0].shape[0], out, cols, g_basis_width(stored_u_g)):
+                factored[i] = pair
+        dense = [i for i in range(len(vectors)) if i not in factored]
+        stacked, u_a, u_g, damped = self._layer_terms(layer, [vectors[i] for i in dense], damping)
+        rotated = to_kronecker_basis(u_a, u_g, stacked)
+        if not factored:
+            return rotated, damped.reciprocal()
+        r = rotated.new_empty(len(vectors), *rotated.shape[1:])
+        r[dense] = rotated
+        r[list(factored)] = factors_to_kronecker_basis(u_a, u_g, list(factored.values()))
+        return r, damped.reciprocal()
+
     def _quadratic(self, vector: Vector) -> float:
         total = 0.0
         for layer in self._owned_layers():
@@ -123,8 +154,7 @@ class KFACProducts:
         rhs = torch.zeros(k, dtype=torch.float64, device=device)
         rotated: dict[str, tuple[Tensor, Tensor]] = {}
         for layer in self._owned_layers():
-            stacked, u_a, u_g, damped = self._layer_terms(layer, vectors, block_damping)
-            r, inverse = to_kronecker_basis(u_a, u_g, stacked), damped.reciprocal()  # [1 + k, out, c]
+            r, inverse = self._rotated_constraints(layer, vectors, constraints, block_damping)  # [1 + k, out, c]
             rotated[layer.name] = (r, inverse)
             flat = r.reshape(len(vectors), -1).double()
             solved = flat * inverse.reshape(1, -1).double()

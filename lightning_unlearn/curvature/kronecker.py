@@ -62,6 +62,31 @@ def to_kronecker_basis(u_a: Tensor, u_g: Tensor | None, stacked: Tensor) -> Tens
     return g_to_basis(u_g, columns).reshape(rows, n, cols).permute(1, 0, 2) @ u_a
 
 
+def factors_to_kronecker_basis(u_a: Tensor, u_g: Tensor | None, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """`U_Gᵀ (gᵀ a) U_A` [n, out, c] for each matrix of `pairs` given by its factors `g` [rows, out], `a` [rows, c] (a
+    linear layer's gradient: the sum over positions of output gradient times input): `(g U_G)ᵀ (a U_A)`, without
+    forming `gᵀ a`; the rows of all pairs rotated in one product per side."""
+    g = g_rows_to_basis(u_g, torch.cat([g for g, _ in pairs]).to(u_a))
+    a = torch.cat([a for _, a in pairs]).to(u_a) @ u_a
+    sizes = [int(p[0].shape[0]) for p in pairs]
+    return torch.stack([gi.T @ ai for gi, ai in zip(g.split(sizes), a.split(sizes))])
+
+
+def factors_are_cheaper(rows: int, out: int, cols: int, g_width: int) -> bool:
+    """Whether `factors_to_kronecker_basis` over `rows` positions costs fewer multiply-adds than `to_kronecker_basis`
+    of the [out, cols] matrix: rows·(out·g_width + cols² + out·cols) against out·cols·g_width + out·cols², with
+    `g_width` the width of G's eigenbasis blocks (out dense, k block-diagonal, 0 diagonal: `g_basis_width`). With
+    few positions (a small set's gradient, or a wide layer) the factors win: a dense rotation costs out²·cols, a
+    factored one rows·out²."""
+    factored = rows * (out * g_width + cols * cols + out * cols)
+    return factored < cols * out * g_width + out * cols * cols
+
+
+def g_basis_width(u: Tensor | None) -> int:
+    """The width of the blocks of G's eigenbasis `u` (dense [out, out]: out; [m, k, k]: k; diagonal None: 0)."""
+    return 0 if u is None else int(u.shape[-1])
+
+
 def from_kronecker_basis(u_a: Tensor, u_g: Tensor | None, stacked: Tensor) -> Tensor:
     """`U_G M U_Aᵀ` for each M of `stacked` [n, out, c]: the inverse of `to_kronecker_basis`."""
     n, rows, cols = stacked.shape

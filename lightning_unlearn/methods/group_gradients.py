@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Vector
+from ..curvature.base import Vector, identity
+from ..curvature.factored import FactoredGradient
+from ..curvature.kronecker import factors_are_cheaper
 from ..curvature.layers import TrackedLayer
 from ..curvature.objective import IGNORE_INDEX, model_logits
 from .losses import token_nll
@@ -38,6 +40,17 @@ def group_sizes(batches: Sequence[Batch], k: int) -> tuple[Tensor, Tensor]:
     return examples, positions
 
 
+def group_tokens(batches: Sequence[Batch], k: int) -> Tensor:
+    """[k] the tokens (attention-mask positions, or every position) of each group's examples on this process."""
+    tokens = torch.zeros(k, dtype=torch.float64)
+    for b in batches:
+        mask = b.get("attention_mask")
+        per_example = (mask.sum(1) if mask is not None else torch.full((b["input_ids"].shape[0],),
+                                                                      b["input_ids"].shape[1]))
+        tokens.index_add_(0, example_group_ids(b, k), per_example.double().cpu())
+    return tokens
+
+
 def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
     """A forward hook that keeps a layer's input (detached) and output (in the graph)."""
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -54,8 +67,17 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     process are left out, as `protection.example_groups` leaves them. None when a layer sees rows that are not the
     batch's examples (its input's first dimension is not the batch size) or an output the loss's graph does not reach
     (e.g. recomputed by activation checkpointing): the caller then runs one pass per group.
+    In one process (`reduce` the identity: the factors are this process's positions) each gradient is a
+    `FactoredGradient` that also keeps, for the layers where factors of the largest group's size can cost less than
+    the matrix, the positions' output gradients and inputs whose product it is (positions whose output gradient is
+    zero left out), so that K-FAC rotates them instead of the matrix where that is cheaper (`curvature/factored.py`).
     Raises ValueError when a group has examples but no label position."""
     present, counts = (reduce(t) for t in group_sizes(batches, k))
+    # the layers whose factors can pay (`factors_are_cheaper` for the largest group's tokens, G dense): one process
+    # only, as the factors are this process's positions
+    longest = max((float(t) for t in group_tokens(batches, k)), default=0.0)
+    factored = {layer.name for layer in layers if reduce is identity and factors_are_cheaper(
+        int(longest), layer.out_features, layer.in_features + int(layer.has_bias), layer.out_features)}
     kept = [j for j in range(k) if float(present[j]) > 0]
     if any(float(counts[j]) <= 0 for j in kept):
         raise ValueError("a protection group's examples have no position with labels != -100; nothing to measure "
@@ -63,6 +85,7 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     sums = {layer.name: torch.zeros(len(kept), layer.out_features, layer.in_features + int(layer.has_bias),
                                     dtype=torch.float32, device=layer.module.weight.device) for layer in layers}
     slot = {j: i for i, j in enumerate(kept)}
+    rows: dict[str, list[list[tuple[Tensor, Tensor]]]] = {layer.name: [[] for _ in kept] for layer in layers}
     for batch in batches:
         # the examples reordered group by group, so that each group's rows are one contiguous slice
         order = torch.sort(example_group_ids(batch, k), stable=True).indices
@@ -102,11 +125,18 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
                     if end > start:
                         ga, gg = a[start:end].reshape(-1, a.shape[-1]), g[start:end].reshape(-1, g.shape[-1])
                         sums[layer.name][slot[j]] += gg.T @ ga
+                        if layer.name in factored:
+                            nonzero = gg.ne(0).any(dim=1)
+                            rows[layer.name][slot[j]].append((gg[nonzero], ga[nonzero]))
     out: list[Vector] = []
     for i in range(len(kept)):
         vector: Vector = {}
         for layer in layers:
             for name, t in layer.from_matrix(reduce(sums[layer.name][i].contiguous())).items():
                 vector[name] = t.to(dtypes[name])
+        if factored:
+            vector = FactoredGradient(vector, {name: (torch.cat([g for g, _ in rows[name][i]]),
+                                                      torch.cat([a for _, a in rows[name][i]]))
+                                               for name in factored if rows[name][i]})
         out.append(vector)
     return out

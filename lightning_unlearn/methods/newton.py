@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
+from ..curvature.factored import restricted
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .group_gradients import grouped_nll_gradients
 from .inputs import all_finite, check_curvature_model, check_settings
@@ -261,7 +262,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         `constrained_inverse` (K-FAC: in its eigenbasis; CG: one projected solve)."""
         assert self.curvature is not None
         return self.curvature.constrained_inverse(  # type: ignore[attr-defined]
-            {n: gradient[n] for n in self.param_names}, [{n: h[n] for n in self.param_names} for h in constraints],
+            {n: gradient[n] for n in self.param_names}, [restricted(h, self.param_names) for h in constraints],
             self.damping, mode=self.damping_mode)
 
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:
