@@ -3,6 +3,7 @@ block-diagonal G for wide layers, each against the dense brute force, through su
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
 from lightning_unlearn.curvature import KFAC, CrossEntropyObjective
+from lightning_unlearn.curvature.base import SolvedVector, quadratic_of
 from lightning_unlearn.models import small_causal_lm
 
 D64 = torch.float64
@@ -268,6 +270,9 @@ def test_constrained_inverse_is_the_constrained_direction_of_its_solves(kind: st
     expected = constrained_direction(solved[0], hs, solve, solved=solved[1:])
     got = kfac.constrained_inverse(g, hs, 0.05, mode=mode)
     close(got, expected, rtol=1e-9, atol=1e-12)
+    # its dᵀCd, summed in the eigenbasis, is the product `quadratic` computes, which the Newton step then skips
+    assert isinstance(got, SolvedVector) and math.isclose(quadratic_of(kfac, got), kfac.quadratic(dict(got)),
+                                                          rel_tol=1e-9)
     for h in hs:
         assert abs(sum(float((h[n] * got[n]).sum()) for n in got)) < 1e-9 * sum(float(h[n].norm() * got[n].norm())
                                                                               for n in got)

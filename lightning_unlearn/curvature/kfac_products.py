@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .base import Vector
+from .base import SolvedVector, Vector
 from .constraints import constraint_weights
 from .factored import layer_factors
 from .kronecker import (
@@ -163,11 +163,15 @@ class KFACProducts:
         if self.sharded:  # each process summed its own layers
             gram, rhs = self.reduce(gram), self.reduce(rhs)
         alpha = constraint_weights(gram, rhs)
-        result = {}
+        result, quadratic = {}, torch.zeros((), dtype=torch.float64, device=device)
         for name, (r, inverse) in rotated.items():
             combined = r[0]
             if alpha is not None:
                 combined = combined - torch.einsum("k,kij->ij", alpha.to(device=r.device, dtype=r.dtype), r[1:])
             u_a, u_g = self._bases(name, r.device)
-            result[name] = from_kronecker_basis(u_a, u_g, (combined * inverse)[None])[0]
-        return self._assemble(result, vector)
+            solved = combined * inverse  # the direction in the eigenbasis: its dᵀCd is an elementwise sum here
+            quadratic += (solved.double().pow(2) * self._eigenvalues(name).to(solved.device).double()).sum().to(device)
+            result[name] = from_kronecker_basis(u_a, u_g, solved[None])[0]
+        if self.sharded:  # each process summed its own layers
+            quadratic = self.reduce(quadratic)
+        return SolvedVector(self._assemble(result, vector), float(quadratic))

@@ -14,7 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
+from ..curvature.base import (
+    Curvature,
+    Reduce,
+    Vector,
+    check_damping_mode,
+    clone_curvature,
+    eval_mode,
+    is_shard,
+    quadratic_of,
+)
 from ..curvature.factored import restricted
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .group_gradients import grouped_nll_gradients
@@ -366,7 +375,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
                                                reason="non_finite", trial=trial, target=target, evaluations=0))
                 self._reject()
                 continue
-            curvature_norm = self.curvature.quadratic(direction) if predicted_budget is not None else None
+            curvature_norm = quadratic_of(self.curvature, direction) if predicted_budget is not None else None
             snapshot = self._snapshot()
             evaluate = self._step_evaluator(snapshot, direction, offset, forget, held, reference, aim,
                                             predicted_budget, curvature_norm, before if offset is None else None)
