@@ -56,8 +56,7 @@ class SolvedVector(dict):
 def quadratic_of(curvature: Curvature, vector: Mapping[str, Tensor]) -> float:
     """`vᵀ C v`: the value `vector` carries when a backend returned it as a `SolvedVector`, else
     `curvature.quadratic(vector)`."""
-    known = getattr(vector, "quadratic", None)
-    return float(known) if isinstance(vector, SolvedVector) else curvature.quadratic(vector)
+    return vector.quadratic if isinstance(vector, SolvedVector) else curvature.quadratic(vector)
 
 
 def is_shard(tensor: Tensor) -> bool:
