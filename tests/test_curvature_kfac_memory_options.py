@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
 from lightning_unlearn.curvature import KFAC, CrossEntropyObjective
-from lightning_unlearn.curvature.base import SolvedVector, quadratic_of
+from lightning_unlearn.curvature.carried import SolvedVector, quadratic_of
 from lightning_unlearn.models import small_causal_lm
 
 D64 = torch.float64

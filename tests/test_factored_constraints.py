@@ -1,4 +1,4 @@
-"""Constraint gradients kept in low-rank form (`curvature/factored.py`): K-FAC's constrained solve rotates their
+"""Constraint gradients kept in low-rank form (`curvature/carried.py`): K-FAC's constrained solve rotates their
 factors where that is cheaper and gives the direction the matrices give; the protection groups' gradients carry
 factors whose product is the gradient, in one process only."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_unlearn.curvature.factored import FactoredGradient, layer_factors, restricted
+from lightning_unlearn.curvature.carried import FactoredGradient, layer_factors, restricted
 from lightning_unlearn.curvature.kronecker import factors_are_cheaper
 from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.methods.group_gradients import grouped_nll_gradients

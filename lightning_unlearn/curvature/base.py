@@ -43,22 +43,6 @@ def identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
-class SolvedVector(dict):
-    """A vector a backend solved for together with its `vᵀ C v` (`quadratic`, no damping), which it had at hand (K-FAC's
-    constrained solve has the direction in its eigenbasis, where the product is one elementwise sum): a caller that
-    needs both reads `quadratic_of` instead of paying another product. Valid for the vector as returned."""
-
-    def __init__(self, values: Mapping[str, Tensor], quadratic: float) -> None:
-        super().__init__(values)
-        self.quadratic = float(quadratic)
-
-
-def quadratic_of(curvature: Curvature, vector: Mapping[str, Tensor]) -> float:
-    """`vᵀ C v`: the value `vector` carries when a backend returned it as a `SolvedVector`, else
-    `curvature.quadratic(vector)`."""
-    return vector.quadratic if isinstance(vector, SolvedVector) else curvature.quadratic(vector)
-
-
 def is_shard(tensor: Tensor) -> bool:
     """Whether `tensor` is one process's shard of a parameter split across processes (an FSDP2 `DTensor`)."""
     return "DTensor" in (type(tensor).__name__, type(tensor.data).__name__)

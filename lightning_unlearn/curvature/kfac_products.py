@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .base import SolvedVector, Vector
+from .base import Vector
+from .carried import SolvedVector, layer_factors
 from .constraints import constraint_weights
-from .factored import layer_factors
 from .kronecker import (
     factors_are_cheaper,
     factors_to_kronecker_basis,
@@ -90,7 +90,7 @@ class KFACProducts:
                              constraints: Sequence[Mapping[str, Tensor]], damping: Callable[[str], float]
                              ) -> tuple[Tensor, Tensor]:
         """(`vectors`' layer matrices in the eigenbasis [n, out, c], the damped eigenvalues' reciprocal): the
-        constraints that carry the layer's low-rank factors (`factored.FactoredGradient`) rotated from them where that
+        constraints that carry the layer's low-rank factors (`carried.FactoredGradient`) rotated from them where that
         is cheaper (`kronecker.factors_are_cheaper`), the rest as matrices in one stacked product."""
         out, cols, stored_u_g = layer.out_features, layer.in_features + int(layer.has_bias), self.eigen[layer.name][2]
         factored: dict[int, tuple[Tensor, Tensor]] = {}

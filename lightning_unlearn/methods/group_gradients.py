@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Vector, identity
-from ..curvature.factored import FactoredGradient
+from ..curvature.carried import FactoredGradient
 from ..curvature.kronecker import factors_are_cheaper
 from ..curvature.layers import TrackedLayer
 from ..curvature.objective import IGNORE_INDEX, model_logits
@@ -29,26 +29,19 @@ from .protection import example_group_ids
 from .records import Batch
 
 
-def group_sizes(batches: Sequence[Batch], k: int) -> tuple[Tensor, Tensor]:
-    """([k] examples, [k] valid (shifted) label positions) per group on this process: which groups exist, and the
-    denominators of their mean NLL."""
-    examples, positions = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+def group_sizes(batches: Sequence[Batch], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """([k] examples, [k] valid (shifted) label positions, [k] tokens: attention-mask positions, or every position)
+    per group on this process: which groups exist, the denominators of their mean NLL, and the rows their factors
+    can have at most."""
+    examples, positions, tokens = (torch.zeros(k, dtype=torch.float64) for _ in range(3))
     for b in batches:
         ids = example_group_ids(b, k)
         examples.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
         positions.index_add_(0, ids, (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu())
-    return examples, positions
-
-
-def group_tokens(batches: Sequence[Batch], k: int) -> Tensor:
-    """[k] the tokens (attention-mask positions, or every position) of each group's examples on this process."""
-    tokens = torch.zeros(k, dtype=torch.float64)
-    for b in batches:
         mask = b.get("attention_mask")
-        per_example = (mask.sum(1) if mask is not None else torch.full((b["input_ids"].shape[0],),
-                                                                      b["input_ids"].shape[1]))
-        tokens.index_add_(0, example_group_ids(b, k), per_example.double().cpu())
-    return tokens
+        tokens.index_add_(0, ids, (mask.sum(1) if mask is not None else torch.full(
+            (len(ids),), b["input_ids"].shape[1])).double().cpu())
+    return examples, positions, tokens
 
 
 def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
@@ -70,12 +63,13 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     In one process (`reduce` the identity: the factors are this process's positions) each gradient is a
     `FactoredGradient` that also keeps, for the layers where factors of the largest group's size can cost less than
     the matrix, the positions' output gradients and inputs whose product it is (positions whose output gradient is
-    zero left out), so that K-FAC rotates them instead of the matrix where that is cheaper (`curvature/factored.py`).
+    zero left out), so that K-FAC rotates them instead of the matrix where that is cheaper (`curvature/carried.py`).
     Raises ValueError when a group has examples but no label position."""
-    present, counts = (reduce(t) for t in group_sizes(batches, k))
+    examples, positions, tokens = group_sizes(batches, k)
+    present, counts = reduce(examples), reduce(positions)
     # the layers whose factors can pay (`factors_are_cheaper` for the largest group's tokens, G dense): one process
     # only, as the factors are this process's positions
-    longest = max((float(t) for t in group_tokens(batches, k)), default=0.0)
+    longest = float(tokens.max()) if k else 0.0
     factored = {layer.name for layer in layers if reduce is identity and factors_are_cheaper(
         int(longest), layer.out_features, layer.in_features + int(layer.has_bias), layer.out_features)}
     kept = [j for j in range(k) if float(present[j]) > 0]

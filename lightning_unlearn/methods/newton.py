@@ -14,17 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import (
-    Curvature,
-    Reduce,
-    Vector,
-    check_damping_mode,
-    clone_curvature,
-    eval_mode,
-    is_shard,
-    quadratic_of,
-)
-from ..curvature.factored import restricted
+from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
+from ..curvature.carried import quadratic_of, restricted
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .group_gradients import grouped_nll_gradients
 from .inputs import all_finite, check_curvature_model, check_settings

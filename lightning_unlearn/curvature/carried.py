@@ -1,4 +1,5 @@
-"""A gradient that also carries the low-rank form of its linear layers' parts.
+"""Vectors that carry what a later product needs, so that it is not computed twice: a gradient's low-rank form
+(`FactoredGradient`), a solved direction's `dᵀCd` (`SolvedVector`).
 
 A linear layer's weight gradient over a set of positions is `Σ_p g_p a_pᵀ` (`g` the output gradient, `a` the input,
 a column of ones for the bias): rank at most the number of positions. Where that number is small against the layer's
@@ -6,6 +7,9 @@ width (a few short holdout examples; any set once layers are wide), rotating the
 costs less than rotating the matrix: `rows·(out² + c²)` against `out·c·(out + c)` (`kronecker.factors_are_cheaper`).
 The protected Newton step rotates k such constraint gradients per step (`KFAC.constrained_inverse`), which is what
 grows fastest with width (width³ per vector) in the request's cost.
+
+K-FAC's constrained solve has its direction in the eigenbasis before rotating it back, where `dᵀCd` is one elementwise
+sum; the Newton step needs that number for its trust region and would otherwise rotate the direction in again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor
 
-from .base import Vector
+from .base import Curvature, Vector
 
 
 class FactoredGradient(dict):
@@ -36,3 +40,18 @@ def restricted(vector: Mapping[str, Tensor], names: Iterable[str]) -> Vector:
     values = {n: vector[n] for n in names}
     factors = getattr(vector, "factors", None)
     return FactoredGradient(values, factors) if factors is not None else values
+
+
+class SolvedVector(dict):
+    """A vector a backend solved for together with its `vᵀ C v` (`quadratic`, no damping): a caller that needs both
+    reads `quadratic_of` instead of paying another product. Valid for the vector and the curvature as returned."""
+
+    def __init__(self, values: Mapping[str, Tensor], quadratic: float) -> None:
+        super().__init__(values)
+        self.quadratic = float(quadratic)
+
+
+def quadratic_of(curvature: Curvature, vector: Mapping[str, Tensor]) -> float:
+    """`vᵀ C v`: the value `vector` carries when a backend returned it as a `SolvedVector`, else
+    `curvature.quadratic(vector)`."""
+    return vector.quadratic if isinstance(vector, SolvedVector) else curvature.quadratic(vector)
