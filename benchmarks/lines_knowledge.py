@@ -2,9 +2,10 @@
 second trigger): the default request against the secret recipe (`knowledge=False`) on tiny untied models that
 memorised every line (`tests/line_corpus.py`, the corpus of `tests/test_default_recipe_lines.py`).
 
-For each architecture and seed: the status, the forget lines' loss before and after (the never-trained lines' loss
-beside it), the held-out prose's relative change (the budget's data), and the loss of the other people's lines, which
-the unlearner never sees in full (what a retrained model keeps, and what the budget on prose cannot see).
+For each architecture and seed: the status, the forget score after (0.5: the forget lines at the never-trained
+lines' median), the forget lines' loss before and after (the never-trained lines' loss beside it), the held-out
+prose's relative change (the budget's data), and the loss of the other people's lines, which the unlearner never
+sees in full (what a retrained model keeps, and what the budget on prose cannot see).
 
     python -m benchmarks.lines_knowledge          # ~5 min on one core
 
@@ -26,7 +27,7 @@ import torch
 from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.report import atomic_write
 
-ARCHS = ("llama", "qwen2", "gpt_neox", "opt", "gpt2")
+ARCHS = ("llama", "qwen2", "gpt_neox", "opt", "gpt2", "stablelm")
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "line_corpus.py"
 
 
@@ -46,7 +47,8 @@ def run(model: torch.nn.Module, data: tuple, **kwargs: Any) -> dict[str, Any]:
     records = u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     seconds = time.perf_counter() - start
     return {"status": u.status, "knowledge_regime": u.knowledge_regime, "budget": u.max_retain_increase,
-            "steps": sum(r.accepted for r in records), "forget_before": f0, "forget_after": u.measure(forget),
+            "steps": sum(r.accepted for r in records), "forget_score": u.summary()["forget_score_after"],
+            "forget_before": f0, "forget_after": u.measure(forget),
             "holdout": h0, "prose_change_percent": 100 * (u.measure(prose) / p0 - 1), "other_lines_before": l0,
             "other_lines_after": u.measure(lines), "seconds": seconds}
 
@@ -71,11 +73,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", json.dumps({"seeds": args.seeds, "rows": rows}, indent=1).encode(), ())
     lines = ["# Whole lines about people, budget on held-out prose", "",
-             "| arch | seed | request | status | steps | forget lines | never-trained lines | held-out prose | "
-             "other people's lines | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| arch | seed | request | status | steps | forget score | forget lines | never-trained lines | "
+             "held-out prose | other people's lines | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['seed']} | {r['request']} | {r['status']} | {r['steps']} | "
-                     f"{r['forget_before']:.2f} → {r['forget_after']:.2f} | {r['holdout']:.2f} | "
+                     f"{r['forget_score']:.2f} | {r['forget_before']:.2f} → {r['forget_after']:.2f} | "
+                     f"{r['holdout']:.2f} | "
                      f"{r['prose_change_percent']:+.1f} % | {r['other_lines_before']:.2f} → "
                      f"{r['other_lines_after']:.2f} | {r['seconds']:.1f} |")
     atomic_write(out / "results.md", ("\n".join(lines) + "\n").encode(), ())  # token ids only: no text

@@ -523,3 +523,22 @@ def test_symmetric_gram_equals_the_plain_product(columns, leaf):
     torch.testing.assert_close(gram, x.T @ x, rtol=1e-12, atol=1e-12)
     h = columns // 2
     assert columns <= leaf or torch.equal(gram[:h, h:], gram[h:, :h].T)  # the cross block computed once, mirrored
+
+
+@pytest.mark.parametrize("kind", ["every", "shifted", "random", "none"])
+def test_the_rows_at_valid_positions_are_those_of_boolean_indexing(kind):
+    """K-FAC's statistics take the rows at the valid positions by slicing where the mask is every position or every
+    one but the last (the causal shift on unpadded text): the same rows, in the same order, as `x[mask]`."""
+    from lightning_unlearn.curvature.kfac_statistics import _rows
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 5), (2, 3, 5), (4, 1)):
+        x = torch.randn(*shape, 6, generator=g)
+        mask = torch.ones(shape, dtype=torch.bool)
+        if kind == "shifted":
+            mask[..., -1] = False
+        elif kind == "random":
+            mask = torch.rand(shape, generator=g) > 0.5
+        elif kind == "none":
+            mask[:] = False
+        assert torch.equal(_rows(x, mask), x[mask]), (shape, kind)

@@ -8,6 +8,10 @@ Two budgets, two honest outcomes:
   never-trained lines' loss (the secret recipe took them to 2.1-4.5 nats, the holdout's level);
 - budget on the retain *lines* (other people's memorised lines, the knowledge to keep): the run stays within that
   budget and says it stopped there (`budget_exhausted`) rather than claiming the target.
+
+And the retain repair's ceiling: on a tiny StableLM's lines (seed 1) the repair lowered the holdout lines' losses
+with the retain loss and took the forget score 0.50 → 0.83; the run now ends within the target plus 2 null standard
+deviations of the score (`repair.REPAIR_SCORE_BAND`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from line_corpus import memorise_lines
 
 from lightning_unlearn.methods import build_unlearner
-from lightning_unlearn.methods.target import retain_budget_nats
+from lightning_unlearn.methods.repair import REPAIR_SCORE_BAND
+from lightning_unlearn.methods.target import null_score_sd, retain_budget_nats
 
 ARCHS = ["llama", "qwen2", "gpt_neox"]
 
@@ -61,6 +66,42 @@ def test_default_recipe_keeps_a_knowledge_budget_and_says_where_it_stopped(memor
     assert math.isclose(u.summary()["retain_loss_after"], r1, rel_tol=1e-9)
     if u.status != "target_reached":  # the budget stopped it: the summary says so, the score is below the target
         assert u.status == "budget_exhausted" and u.summary()["forget_score_after"] < 0.5
+
+
+def test_the_retain_repair_leaves_the_forget_score_within_its_band():
+    """Seed 1's StableLM: without the ceiling the repair kept its longest trial, forget score 0.83 (the retain lines
+    1.32 nats, from 0.27); with it the run ends at most 2 null standard deviations of the score above the target
+    (0.5 + 2 × 0.115 for 8 forget and 32 holdout lines), the repair still kept and the held-out prose still lower."""
+    torch.manual_seed(0)
+    model, forget, retain, held, (unseen_prose, retain_lines), holdout = memorise_lines("stablelm", seed=1)
+    u = build_unlearner("newton", model)
+    c0 = u.measure(unseen_prose)
+    u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
+    s = u.summary()
+    ceiling = s["target"] + REPAIR_SCORE_BAND * null_score_sd(8, 32)
+    print(f"stablelm: score {s['forget_score_after']:.3f} (ceiling {ceiling:.3f}), retain lines "
+          f"{u.measure(retain_lines):.3f}, held-out prose {c0:.4f} -> {u.measure(unseen_prose):.4f}")
+    assert u.status == "target_reached" and s["knowledge_regime"]
+    assert s["target"] - 1e-3 <= s["forget_score_after"] <= ceiling + 1e-9
+    assert s["retain_loss_before_repair"] is not None and s["retain_loss_after"] < s["retain_loss_before_repair"]
+    assert u.measure(unseen_prose) <= 1.05 * c0
+
+
+def test_the_null_sd_of_the_forget_score_is_that_of_every_ranking():
+    """`null_score_sd(n, m)` against the score's exact distribution when every ranking of n forget and m holdout
+    examples is equally likely (enumerated): the mean is 0.5, the standard deviation sqrt((n + m + 1) / (12 n m))."""
+    from itertools import combinations
+
+    for n, m in ((1, 1), (2, 3), (3, 4), (4, 4)):
+        scores = []
+        for forget_ranks in combinations(range(n + m), n):
+            below = sum(sum(1 for h in range(n + m) if h not in forget_ranks and h < f) for f in forget_ranks)
+            scores.append(below / (n * m))
+        mean = sum(scores) / len(scores)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / len(scores))
+        assert mean == pytest.approx(0.5) and sd == pytest.approx(null_score_sd(n, m), rel=1e-12), (n, m)
+    assert null_score_sd(2, 3) == pytest.approx(math.sqrt(1 / 12))  # (2 + 3 + 1) / (12 · 2 · 3) = 1/12, by hand
+    assert null_score_sd(0, 5) == math.inf
 
 
 def _copy(model):

@@ -54,6 +54,18 @@ def symmetric_gram(x: Tensor, leaf: int | None = None) -> Tensor:
     return out
 
 
+def _rows(x: Tensor, mask: Tensor) -> Tensor:
+    """`x[mask]` (rows of `x` [..., T, d] at the True positions of `mask` [..., T], in order), by slicing where the
+    mask is every position, or every position but the last (unpadded text under the causal shift, whose last position
+    has no target): a boolean index finds the rows one by one, about 5 × the time of the copy (2,048 rows of 513)."""
+    if mask.dim() >= 1 and mask.shape[-1] >= 1:
+        if bool(mask.all()):
+            return x.reshape(-1, x.shape[-1])
+        if bool(mask[..., :-1].all()) and not bool(mask[..., -1].any()):
+            return x[..., :-1, :].reshape(-1, x.shape[-1])
+    return x[mask]
+
+
 class _Capture:
     """What a forward hook saw of one layer during one forward: inputs (detached) and outputs (in the graph)."""
 
@@ -144,7 +156,7 @@ class KFACStatistics:
         x = x.to(self.compute_dtype)
         if self.kfac_approx == "reduce" and mask.dim() >= 2:
             return x * mask.unsqueeze(-1).to(x.dtype)
-        return x[mask]
+        return _rows(x, mask)
 
     def _with_ones(self, layer: TrackedLayer, a: Tensor) -> Tensor:
         if not layer.has_bias:

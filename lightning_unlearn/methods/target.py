@@ -79,6 +79,15 @@ def forget_score(losses: Tensor, hist: Tensor, reduce: Callable[[Tensor], Tensor
     return float(sums[0] / (sums[1] * cum[-1]))
 
 
+def null_score_sd(n: float, m: float) -> float:
+    """The standard deviation of the forget score of `n` forget and `m` holdout examples drawn alike (no model can
+    tell them apart): the score is the Mann-Whitney statistic U / (n m), whose null variance without ties is
+    (n + m + 1) / (12 n m). inf when either set is empty."""
+    if n <= 0 or m <= 0:
+        return math.inf
+    return math.sqrt((n + m + 1) / (12.0 * n * m))
+
+
 def staged_aim(target: float, start: float, fraction: float, score: float) -> float:
     """What a staged step aims at: the point `fraction` of the way from the run's first score `start` to `target`,
     or the target itself once `score` has passed that point."""
