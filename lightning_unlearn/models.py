@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "gpt_neox", "opt", "stablelm")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "gpt_neox", "opt", "stablelm", "mistral", "qwen3", "gemma2", "phi", "falcon",
+                 "bloom")
 #: the dtypes `build_model` loads or casts a model in
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the files of a saved model's folder that `atomic_save_pretrained(files_from=...)` copies beside new weights
@@ -51,9 +52,20 @@ def small_config(
     if arch == "gpt2":
         kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    elif arch in ("llama", "qwen2", "stablelm"):
+    elif arch in ("llama", "qwen2", "stablelm", "mistral", "qwen3", "gemma2"):
         kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions)
+        if arch in ("qwen3", "gemma2"):  # their head width is a setting of its own (128 and 256 by default)
+            kw["head_dim"] = hidden // heads
+    elif arch == "phi":
+        kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=max_positions, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attention_dropout=0.0)
+    elif arch == "falcon":
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  max_position_embeddings=max_positions, hidden_dropout=0.0, attention_dropout=0.0)
+    elif arch == "bloom":
+        kw = dict(hidden_size=hidden, n_layer=layers, n_head=heads, hidden_dropout=0.0, attention_dropout=0.0)
     elif arch == "gpt_neox":
         kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, max_position_embeddings=max_positions,

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_unlearn.curvature import KFAC, CrossEntropyObjective, MSEObjective, gradient
 from lightning_unlearn.curvature.objective import IGNORE_INDEX
 from lightning_unlearn.errors import UserInputError
-from lightning_unlearn.models import small_causal_lm
+from lightning_unlearn.models import ARCHITECTURES, small_causal_lm
 
 D64 = torch.float64
 
@@ -320,7 +320,7 @@ def test_two_processes_sum_to_the_whole_batch():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_tiny_lms_give_finite_newton_directions(arch, tied):
     model = small_causal_lm(arch, tie_embeddings=tied)
     kfac = KFAC(model)
