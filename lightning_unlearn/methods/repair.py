@@ -94,11 +94,12 @@ class RetainRepair:
         self._repair_loss = None
         if not (self.repairs and retain and held is not None and any(r.accepted for r in host.run_records)):
             return False
-        score_before = host.forget_score(forget)[0]
+        losses: list[Any] = []
+        score_before = host.forget_score(forget, losses)[0]
         held_before = host._score_memo.held_loss(host, held)
         target = host.current_target()
         floor = (score_before if target is None else min(score_before, target)) - REPAIR_SCORE_SLACK
-        ceiling = self.repair_score_ceiling(forget, score_before)
+        ceiling = self.repair_score_ceiling(score_before, len(losses[0]) if losses else 0)
         descent = {n: -g for n, g in host.forget_gradient(list(retain)[:REPAIR_BATCHES], kind="nll").items()}
         direction = host.protected_direction(descent, host.group_gradients(forget, host.protect_groups))
         if not all_finite(direction.values()):
@@ -135,17 +136,16 @@ class RetainRepair:
         self._repair_loss = held_before
         return True
 
-    def repair_score_ceiling(self, forget: Sequence[Batch], score_before: float) -> float:
+    def repair_score_ceiling(self, score_before: float, forget_examples: int) -> float:
         """The highest forget score a repair trial may leave: `score_before` or the target plus `REPAIR_SCORE_BAND`
-        standard deviations of the score of alike sets of this many forget and holdout examples, whichever is higher.
-        No ceiling (inf) without a holdout target: a `forget_target` score is a loss, which may rise."""
+        standard deviations of the score of alike sets of this many forget examples (this process's
+        `forget_examples`, summed across processes) and holdout examples, whichever is higher. No ceiling (inf)
+        without a holdout target: a `forget_target` score is a loss, which may rise."""
         host: Any = self
         target = host.current_target()
         if target is None or host.forget_target is not None or host._holdout_hist is None:
             return math.inf
-        losses: list[Any] = []
-        host.forget_score(forget, losses)  # the score just measured (remembered): its per-example forget losses
-        n = float(host.reduce(torch.tensor([float(len(losses[0]))], dtype=torch.float64))[0])
+        n = float(host.reduce(torch.tensor([float(forget_examples)], dtype=torch.float64))[0])
         m = float(host._holdout_hist.sum())
         return max(score_before, target + REPAIR_SCORE_BAND * null_score_sd(n, m))
 
