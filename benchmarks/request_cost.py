@@ -12,7 +12,8 @@ curvature fit) and the public methods (`PHASES`) of the unlearner that `prepare_
 instance only). Each phase gets its seconds, forward examples, backward examples and calls; a phase called inside
 another (`forget_gradient` inside `holdout_gradients`, `measure` inside `check_holdout`) belongs to the outer one, so
 the phases never overlap and their seconds sum to at most the request's. `other` is the rest of the request (the
-projection of `_direction` outside the solves `newton_direction(s)`, snapshots, weight checks, data preparation).
+projection of `_direction` outside the solves `newton_direction(s)`, snapshots, weight checks, data preparation):
+no forward or backward pass.
 
 `request_scaling(preset, say)` times the default request (`UnlearnSettings()`, holdout target) on briefly trained
 random-token GPT-2 models of the preset's sizes and forget-set sizes and fits the log-log exponent of the request's
@@ -36,8 +37,11 @@ from torch import nn
 from benchmarks.passes import count_passes, fwd_bwd_seconds
 
 #: the unlearner's methods timed as phases, when the method has them (in call order of a default request)
-PHASES = ("fit_curvature", "calibrate", "check_holdout", "holdout_gradients", "forget_gradient", "newton_direction",
-          "newton_directions", "constrained_newton_direction", "measure_forget_score", "measure", "repair")
+#: (`group_gradients` on its own: the retain protection's gradients of the knowledge regime, `protect_retain`;
+#: `memorised_share`: the regime's check of the first retain batch)
+PHASES = ("fit_curvature", "calibrate", "check_holdout", "memorised_share", "holdout_gradients", "group_gradients",
+          "forget_gradient", "newton_direction", "newton_directions", "constrained_newton_direction",
+          "measure_forget_score", "measure", "repair")
 COUNTS = ("forward_examples", "backward_examples")
 
 

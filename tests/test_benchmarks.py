@@ -130,6 +130,7 @@ def test_default_request_cost_and_breakdown(smoke):
             for key in ("forward_examples", "backward_examples"):
                 assert all(v[key] >= 0 for v in phases.values()), (kind, key)
                 assert sum(v[key] for v in phases.values()) == r[key], (kind, key)
+                assert phases["other"][key] == 0, (kind, key)  # every pass is in a named phase
             assert phases["curvature"]["backward_examples"] > 0 and phases["forget_gradient"]["backward_examples"] > 0
             assert phases["measure_forget_score"]["forward_examples"] >= r["forget_examples"]
             assert phases["curvature"]["seconds"] == pytest.approx(r["curvature_seconds"])
