@@ -168,3 +168,63 @@ def test_a_forget_score_is_measured_once_per_weights_and_data():
     with torch.no_grad():
         next(iter(u.model.parameters())).mul_(1.5)
     assert u.forget_score([forget]) != first and len(measured) == 3
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_point_close_enough_to_a_waypoint_ends_the_search(lazy):
+    """`good_enough`: the first point that reaches the aim by at most the band is taken, in fewer points than
+    closing the bracket below it; with the budget measured on demand, once, at that point."""
+    band = 0.05
+    runs = {}
+    for name, good in (("closing", None), ("waypoint", lambda p: p.forget[0] <= AIM + band)):
+        calls = {"score": 0, "budget": 0}
+        evaluate_lazy, eager, budget = _synthetic(0.3, 10.0, calls)
+        search = StepSearch(evaluate_lazy if lazy else eager, (0.0, 0.0), budget if lazy else None,
+                            guess=None, good_enough=good)
+        runs[name] = (search.run(1.0, 6), dict(calls))
+    (eta, ((score, _), _), reason), calls = runs["waypoint"]
+    (eta_closing, _, reason_closing), calls_closing = runs["closing"]
+    assert reason == reason_closing == "target_reached"
+    assert AIM <= score <= AIM + band and eta >= eta_closing
+    assert calls["score"] < calls_closing["score"], (calls, calls_closing)
+    if lazy:
+        assert calls["budget"] == 1
+
+
+def test_a_first_point_within_the_band_is_taken_at_once_and_one_beyond_it_is_not():
+    calls = {"score": 0, "budget": 0}
+    _, eager, _ = _synthetic(0.3, 10.0, calls)
+    search = StepSearch(eager, (0.0, 0.0), good_enough=lambda p: p.forget[0] <= AIM + 0.05)
+    assert search.run(0.31, 6)[0] == 0.31 and search.evaluations == 1  # score 0.517: within the band
+    search = StepSearch(eager, (0.0, 0.0), good_enough=lambda p: p.forget[0] <= AIM + 0.05)
+    eta, ((score, _), _), _ = search.run(0.4, 6)  # score 0.667: beyond it, so the search goes on below
+    assert eta < 0.4 and AIM <= score <= AIM + 0.05 and search.evaluations > 1
+
+
+def test_staged_waypoints_end_their_searches_early_and_the_target_still_takes_the_smallest_step():
+    """The default recipe on the memorised canaries of a tiny GPT-2, with and without the waypoint band: the same
+    status, the last step still at the target to the search's tolerance (only waypoints get the band), fewer forget
+    scores measured."""
+    from lightning_unlearn.methods.newton import SecondOrderUnlearner
+
+    base, forget, retain, held, holdout = memorise("gpt2")
+    outcomes = {}
+    for band in (0.0, SecondOrderUnlearner.WAYPOINT_BAND):
+        model = copy.deepcopy(base)
+        u = build_unlearner("newton", model)
+        u.WAYPOINT_BAND = band
+        measured = _count_measurements(u)
+        u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
+        s = u.summary()
+        outcomes[band] = (u.status, s["forget_score_after"], s["retain_loss_after"] - s["retain_loss_before"],
+                          len(measured), u)
+    (status0, score0, rise0, n0, _), (status, score, rise, n, u) = outcomes[0.0], outcomes[0.5]
+    assert status0 == status == "target_reached", outcomes
+    assert 0.5 <= score <= 0.5 + 0.05 and abs(score - score0) <= 0.05, outcomes
+    assert rise <= rise0 + 0.1 * abs(rise0) + 1e-3, outcomes
+    assert n < n0, outcomes
+    assert u._waypoint_reached(0.5, 0.5) is None  # the target itself: no band
+    waypoint = u._waypoint_reached(0.2, 0.5)
+    band = 0.5 * (0.5 - u._stage_start) / u.steps
+    assert waypoint(Point((0.2 + 0.99 * band, 0.0), None, True, True))
+    assert not waypoint(Point((0.2 + 1.01 * band, 0.0), None, True, True))

@@ -64,7 +64,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
     - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated every
       `refresh_every` steps, never by default); step k of K aims at the stage `s₀ + k/K (target − s₀)` of the forget
       score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of one long
-      step along the first gradient. A step that reaches the full target ends the run; `staged=False` aims every step at
+      step along the first gradient. Such a stage is a waypoint: its search ends at the first step length that reaches
+      it by at most `WAYPOINT_BAND` of a stage (the last step's aim, the target, gets the full search). A step that
+      reaches the full target ends the run; `staged=False` aims every step at
       the full target. When the last step falls short of the target (its direction's score peaks below it: the holdout's
       losses rise past first order) with the budget unspent, `fit` takes up to `final_repeats` more steps at the full
       target, each with a fresh direction (2 unless `steps` is set). Measured: `docs/recipe.md` §4.
@@ -86,6 +88,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
 
     name = "second_order"
     secret_steps = DEFAULT_NEWTON_STEPS
+    #: how far past a staged step's waypoint (in stages) a step may land and end its search there (0: the smallest
+    #: step length that reaches the waypoint, to the search's tolerance, as for the target)
+    WAYPOINT_BAND = 0.5
 
     def __init__(
         self,
@@ -228,6 +233,16 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
             return target
         fraction = min(1.0, (self.step_count - self._stage_origin) / self.steps)
         return staged_aim(target, self._stage_start, fraction, forget_loss)
+
+    def _waypoint_reached(self, aim: float | None, target: float | None) -> Callable[[Point], bool] | None:
+        """For a staged step whose aim is a waypoint short of the target: a point that reaches it by at most
+        `WAYPOINT_BAND` of a stage ends the search (`StepSearch`'s `good_enough`); the step that aims at the target
+        itself still takes the smallest step length that reaches it. None otherwise."""
+        if (not self.WAYPOINT_BAND or aim is None or target is None or not self.staged or self._stage_start is None
+                or not aim < target):
+            return None
+        band = self.WAYPOINT_BAND * (target - self._stage_start) / max(self.steps, 1)
+        return lambda point: point.forget[0] <= aim + band
 
     def refresh_due(self, index: int) -> bool:
         """Every `refresh_every` steps of a run (never at its first step), the curvature is fitted again."""
@@ -375,7 +390,8 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
             guided = (self.guided_search and aim is not None and bool(self.holdout) and self.relative_target
                       and self.forget_target is None)
             search = StepSearch(evaluate, forget_before, evaluate.budget if lazy else None,  # type: ignore[attr-defined]
-                                evaluate.guess if guided else None)  # type: ignore[attr-defined]
+                                evaluate.guess if guided else None,  # type: ignore[attr-defined]
+                                self._waypoint_reached(aim, target))
             start = min(self.scale, largest_trusted_step(self.named_params(), direction, self.max_step_norm,
                                                          predicted_budget, curvature_norm, self.path_remaining()))
             try:

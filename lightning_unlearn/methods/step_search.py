@@ -20,6 +20,11 @@ it or just below it (the side farther from it), and stops once `hi / lo` is as s
 make it: where the prediction is good, two points close the bracket that six bisections would. When the first point
 already reaches the aim, `guess(0.0, hi)` (η = 0: the weights before the step, which fall short of it) places the
 first point below it, instead of `hi` / 4.
+
+With `good_enough` (`good_enough(point)`: whether a point that reaches the aim is close enough to it), the search stops
+at the first such point instead of closing the bracket below it: a staged step's aim is a waypoint, not the target
+(`SecondOrderUnlearner`: within half a stage of it), and most of its points went into telling a score of 0.299 from
+0.301.
 """
 
 from __future__ import annotations
@@ -52,8 +57,10 @@ class StepSearch:
 
     def __init__(self, evaluate: Callable[[float], Point | None], forget_before: tuple[float, float],
                  budget: Callable[[float], tuple[float | None, bool]] | None = None,
-                 guess: Callable[[float, float], float | None] | None = None) -> None:
+                 guess: Callable[[float, float], float | None] | None = None,
+                 good_enough: Callable[[Point], bool] | None = None) -> None:
         self._evaluate = evaluate
+        self._good_enough = good_enough
         self._budget = budget
         self._guess = guess
         self.forget_before = forget_before
@@ -82,6 +89,10 @@ class StepSearch:
                 retain, ok = self._budget(eta)  # type: ignore[misc]
                 self.points[eta] = Point(point.forget, retain, ok, ok and point.reached)
         return self.points[eta]
+
+    def _done(self, point: Point) -> bool:
+        """Whether `point` ends the search (`good_enough`): finite, reaching the aim and close enough to it."""
+        return self._good_enough is not None and point.ok and point.reached and self._good_enough(point)
 
     def run(self, start: float, iters: int) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
         """(the chosen η or None, its ((forget score, forget loss), retain loss), reason): "target_reached",
@@ -138,13 +149,19 @@ class StepSearch:
         lo = hi = None  # lo: largest η within budget short of the target; hi: smallest η reached or out of budget
         tolerance = self.growth ** (0.5 ** iters)  # hi / lo after `iters` bisections of one bracket
         eta = start
-        _, _, ok, reached = self.evaluate(eta, checked)
+        point = self.evaluate(eta, checked)
+        _, _, ok, reached = point
+        if self._done(point):
+            return self._choose()
         if ok and not reached:
             lo = eta
             for _ in range(self.max_bracket):
                 previous = self.points[eta][0]
                 eta *= self.growth
-                forget, _, ok, reached = self.evaluate(eta, checked)
+                point = self.evaluate(eta, checked)
+                forget, _, ok, reached = point
+                if self._done(point):
+                    return self._choose()
                 if not ok or reached or forget < previous:  # out of budget, at the target, or past the peak
                     hi = eta
                     break
@@ -156,14 +173,20 @@ class StepSearch:
                 # the weights before the step (η = 0) fall short of the aim: measure just below the crossing the
                 # model predicts between them and `hi` rather than `hi` / 4
                 eta = crossing / math.sqrt(tolerance)
-                _, _, ok, reached = self.evaluate(eta, checked)
+                point = self.evaluate(eta, checked)
+                _, _, ok, reached = point
+                if self._done(point):
+                    return self._choose()
                 if ok and not reached:
                     lo = eta
                 else:
                     hi = eta
             for _ in range(self.max_bracket if lo is None else 0):
                 eta /= self.growth
-                _, _, ok, reached = self.evaluate(eta, checked)
+                point = self.evaluate(eta, checked)
+                _, _, ok, reached = point
+                if self._done(point):
+                    return self._choose()
                 if ok and not reached:
                     lo = eta
                     break
@@ -172,7 +195,10 @@ class StepSearch:
             if self._guess is not None and hi <= lo * tolerance:
                 break
             mid = self._next(lo, hi, tolerance)  # type: ignore[arg-type]
-            _, _, ok, reached = self.evaluate(mid, checked)
+            point = self.evaluate(mid, checked)
+            _, _, ok, reached = point
+            if self._done(point):
+                break
             if ok and not reached:
                 lo = mid
             else:
