@@ -202,16 +202,20 @@ def test_a_first_point_within_the_band_is_taken_at_once_and_one_beyond_it_is_not
 
 
 def test_staged_waypoints_end_their_searches_early_and_the_target_still_takes_the_smallest_step():
-    """The default recipe on the memorised canaries of a tiny GPT-2, with and without the waypoint band: the same
-    status, the last step still at the target to the search's tolerance (only waypoints get the band), fewer forget
-    scores measured."""
+    """The recipe with a staged budget (the knowledge regime's, set here by hand) on the memorised canaries of a tiny
+    GPT-2, with and without the waypoint band: the same status, the last step still at the target to the search's
+    tolerance (only waypoints get the band), fewer forget scores measured. Without a staged budget (the default on
+    these canaries) there is no band."""
     from lightning_unlearn.methods.newton import SecondOrderUnlearner
 
     base, forget, retain, held, holdout = memorise("gpt2")
+    default = build_unlearner("newton", copy.deepcopy(base))
+    default.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
+    assert not default.staged_budget and default._waypoint_reached(0.2, 0.5) is None
     outcomes = {}
     for band in (0.0, SecondOrderUnlearner.WAYPOINT_BAND):
         model = copy.deepcopy(base)
-        u = build_unlearner("newton", model)
+        u = build_unlearner("newton", model, staged_budget=True)
         u.WAYPOINT_BAND = band
         measured = _count_measurements(u)
         u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])

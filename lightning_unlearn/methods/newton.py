@@ -64,8 +64,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
     - **staged iteration**: `steps` steps (default 5), each with a new forget gradient (the curvature re-estimated every
       `refresh_every` steps, never by default); step k of K aims at the stage `s₀ + k/K (target − s₀)` of the forget
       score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of one long
-      step along the first gradient. Such a stage is a waypoint: its search ends at the first step length that reaches
-      it by at most `WAYPOINT_BAND` of a stage (the last step's aim, the target, gets the full search). A step that
+      step along the first gradient. Such a stage is a waypoint: with a staged budget its search ends at the first step
+      length that reaches it by at most `WAYPOINT_BAND` of a stage (the last step's aim, the target, gets the full
+      search). A step that
       reaches the full target ends the run; `staged=False` aims every step at
       the full target. When the last step falls short of the target (its direction's score peaks below it: the holdout's
       losses rise past first order) with the budget unspent, `fit` takes up to `final_repeats` more steps at the full
@@ -88,8 +89,8 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
 
     name = "second_order"
     secret_steps = DEFAULT_NEWTON_STEPS
-    #: how far past a staged step's waypoint (in stages) a step may land and end its search there (0: the smallest
-    #: step length that reaches the waypoint, to the search's tolerance, as for the target)
+    #: how far past a staged step's waypoint (in stages) a step with a staged budget may land and end its search
+    #: there (0: the smallest step length that reaches the waypoint, to the search's tolerance, as for the target)
     WAYPOINT_BAND = 0.5
 
     def __init__(
@@ -235,11 +236,13 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         return staged_aim(target, self._stage_start, fraction, forget_loss)
 
     def _waypoint_reached(self, aim: float | None, target: float | None) -> Callable[[Point], bool] | None:
-        """For a staged step whose aim is a waypoint short of the target: a point that reaches it by at most
-        `WAYPOINT_BAND` of a stage ends the search (`StepSearch`'s `good_enough`); the step that aims at the target
-        itself still takes the smallest step length that reaches it. None otherwise."""
-        if (not self.WAYPOINT_BAND or aim is None or target is None or not self.staged or self._stage_start is None
-                or not aim < target):
+        """For a staged step whose aim is a waypoint short of the target, with a staged budget: a point that reaches
+        it by at most `WAYPOINT_BAND` of a stage ends the search (`StepSearch`'s `good_enough`); the step that aims at
+        the target itself still takes the smallest step length that reaches it. None otherwise: without a staged
+        budget a step that overshoots its waypoint may spend the budget of the steps after it (measured on the
+        canaries, `docs/recipe.md` §4)."""
+        if (not self.WAYPOINT_BAND or not self.staged_budget or aim is None or target is None or not self.staged
+                or self._stage_start is None or not aim < target):
             return None
         band = self.WAYPOINT_BAND * (target - self._stage_start) / max(self.steps, 1)
         return lambda point: point.forget[0] <= aim + band
