@@ -66,10 +66,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
       score (s₀ its value when the run began), so the direction follows the forget set as it moves instead of one long
       step along the first gradient. Such a stage is a waypoint: with a staged budget its search ends at the first step
       length that reaches it by at most `WAYPOINT_BAND` of a stage (the last step's aim, the target, gets the full
-      search). A step that
-      reaches the full target ends the run; `staged=False` aims every step at
-      the full target. When the last step falls short of the target (its direction's score peaks below it: the holdout's
-      losses rise past first order) with the budget unspent, `fit` takes up to `final_repeats` more steps at the full
+      search). A step that reaches the full target ends the run; `staged=False` aims every step at the full target.
+      When the last step falls short of the target (its direction's score peaks below it: the holdout's losses rise
+      past first order) with the budget unspent, `fit` takes up to `final_repeats` more steps at the full
       target, each with a fresh direction (2 unless `steps` is set). Measured: `docs/recipe.md` §4.
     - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the retain
       budget is measured on the holdout and the step's predicted retain increase ½ΔᵀCΔ is bounded too; without

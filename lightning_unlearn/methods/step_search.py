@@ -22,9 +22,9 @@ already reaches the aim, `guess(0.0, hi)` (η = 0: the weights before the step, 
 first point below it, instead of `hi` / 4.
 
 With `good_enough` (`good_enough(point)`: whether a point that reaches the aim is close enough to it), the search stops
-at the first such point instead of closing the bracket below it: a staged step's aim is a waypoint, not the target
-(`SecondOrderUnlearner`: within half a stage of it), and most of its points went into telling a score of 0.299 from
-0.301.
+at the first such point instead of closing the bracket below it: a staged step's aim is a waypoint, not the target,
+and closing the bracket on it buys a precision nothing uses (`SecondOrderUnlearner`, with a staged budget: within half
+a stage of it; `docs/recipe.md` §4).
 """
 
 from __future__ import annotations
