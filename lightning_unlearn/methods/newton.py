@@ -240,8 +240,8 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         the target itself still takes the smallest step length that reaches it. None otherwise: without a staged
         budget a step that overshoots its waypoint may spend the budget of the steps after it (measured on the
         canaries, `docs/recipe.md` §4)."""
-        if (not self.WAYPOINT_BAND or not self.staged_budget or aim is None or target is None or not self.staged
-                or self._stage_start is None or not aim < target):
+        if (not self.WAYPOINT_BAND or not self.staged_budget or aim is None or target is None
+                or self._stage_start is None or not aim < target):  # unstaged: the aim is the target
             return None
         band = self.WAYPOINT_BAND * (target - self._stage_start) / max(self.steps, 1)
         return lambda point: point.forget[0] <= aim + band

@@ -49,6 +49,10 @@ class Point(NamedTuple):
 NOT_MEASURED = Point((math.nan, math.nan), None, False, False)
 
 
+class _CloseEnough(Exception):
+    """A measured point that `good_enough` accepts: the search ends there (raised by `StepSearch._measure`)."""
+
+
 class StepSearch:
     """Step lengths η along one direction, each measured once (see the module docstring)."""
 
@@ -89,10 +93,6 @@ class StepSearch:
                 retain, ok = self._budget(eta)  # type: ignore[misc]
                 self.points[eta] = Point(point.forget, retain, ok, ok and point.reached)
         return self.points[eta]
-
-    def _done(self, point: Point) -> bool:
-        """Whether `point` ends the search (`good_enough`): finite, reaching the aim and close enough to it."""
-        return self._good_enough is not None and point.ok and point.reached and self._good_enough(point)
 
     def run(self, start: float, iters: int) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
         """(the chosen η or None, its ((forget score, forget loss), retain loss), reason): "target_reached",
@@ -146,22 +146,30 @@ class StepSearch:
 
     def _search(self, start: float, iters: int, checked: bool
                 ) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
+        try:
+            return self._bracket_and_bisect(start, iters, checked)
+        except _CloseEnough:  # a point `good_enough` accepts: the smallest η that reaches the aim so far
+            return self._choose()
+
+    def _measure(self, eta: float, checked: bool) -> Point:
+        """`evaluate(eta, checked)`, raising `_CloseEnough` at a point that ends the search (`good_enough`)."""
+        point = self.evaluate(eta, checked)
+        if self._good_enough is not None and point.ok and point.reached and self._good_enough(point):
+            raise _CloseEnough
+        return point
+
+    def _bracket_and_bisect(self, start: float, iters: int, checked: bool
+                            ) -> tuple[float | None, tuple[tuple[float, float], float | None], str]:
         lo = hi = None  # lo: largest η within budget short of the target; hi: smallest η reached or out of budget
         tolerance = self.growth ** (0.5 ** iters)  # hi / lo after `iters` bisections of one bracket
         eta = start
-        point = self.evaluate(eta, checked)
-        _, _, ok, reached = point
-        if self._done(point):
-            return self._choose()
+        _, _, ok, reached = self._measure(eta, checked)
         if ok and not reached:
             lo = eta
             for _ in range(self.max_bracket):
                 previous = self.points[eta][0]
                 eta *= self.growth
-                point = self.evaluate(eta, checked)
-                forget, _, ok, reached = point
-                if self._done(point):
-                    return self._choose()
+                forget, _, ok, reached = self._measure(eta, checked)
                 if not ok or reached or forget < previous:  # out of budget, at the target, or past the peak
                     hi = eta
                     break
@@ -173,20 +181,14 @@ class StepSearch:
                 # the weights before the step (η = 0) fall short of the aim: measure just below the crossing the
                 # model predicts between them and `hi` rather than `hi` / 4
                 eta = crossing / math.sqrt(tolerance)
-                point = self.evaluate(eta, checked)
-                _, _, ok, reached = point
-                if self._done(point):
-                    return self._choose()
+                _, _, ok, reached = self._measure(eta, checked)
                 if ok and not reached:
                     lo = eta
                 else:
                     hi = eta
             for _ in range(self.max_bracket if lo is None else 0):
                 eta /= self.growth
-                point = self.evaluate(eta, checked)
-                _, _, ok, reached = point
-                if self._done(point):
-                    return self._choose()
+                _, _, ok, reached = self._measure(eta, checked)
                 if ok and not reached:
                     lo = eta
                     break
@@ -195,10 +197,7 @@ class StepSearch:
             if self._guess is not None and hi <= lo * tolerance:
                 break
             mid = self._next(lo, hi, tolerance)  # type: ignore[arg-type]
-            point = self.evaluate(mid, checked)
-            _, _, ok, reached = point
-            if self._done(point):
-                break
+            _, _, ok, reached = self._measure(mid, checked)
             if ok and not reached:
                 lo = mid
             else:
