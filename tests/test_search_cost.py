@@ -232,3 +232,39 @@ def test_staged_waypoints_end_their_searches_early_and_the_target_still_takes_th
     band = 0.5 * (0.5 - u._stage_start) / u.steps
     assert waypoint(Point((0.2 + 0.99 * band, 0.0), None, True, True))
     assert not waypoint(Point((0.2 + 1.01 * band, 0.0), None, True, True))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_stalled_bracket_takes_the_point_before_the_flat_stretch(lazy):
+    """`stall`: along a direction whose score rises to 0.4 by η = 1 and then barely moves (the aim only at η = 1000),
+    the search with a stall ratio stops growing once ×4 adds less than that ratio of the gain so far and takes the
+    point before (its budget checked once when measured on demand); without it, it goes on to the aim."""
+
+    def score(eta: float) -> float:
+        return 0.4 * min(eta, 1.0) + 0.1 * max(0.0, math.log(max(eta, 1.0)) / math.log(1000.0))
+
+    def run(stall):
+        calls = {"score": 0, "budget": 0}
+
+        def budget(eta):
+            calls["budget"] += 1
+            return eta, True
+
+        def evaluate(eta):
+            calls["score"] += 1
+            s = score(eta)
+            retain, ok = (None, True) if lazy else budget(eta)
+            return Point((s, s), retain, ok, s >= AIM)
+
+        search = StepSearch(evaluate, (0.0, 0.0), budget if lazy else None, stall=stall)
+        return search.run(0.25, 6), calls
+
+    (eta, ((s, _), _), reason), calls = run(0.25)
+    assert eta == 1.0 and s == pytest.approx(0.4) and reason == "accepted"
+    if lazy:
+        assert calls["budget"] == 1
+    (eta_plain, ((s_plain, _), _), reason_plain), _ = run(None)
+    assert reason_plain == "target_reached" and eta_plain > 100 and s_plain >= AIM
+    # a ratio no growth falls below never stalls
+    (eta_tiny, _, reason_tiny), _ = run(1e-6)
+    assert reason_tiny == "target_reached" and eta_tiny > 100

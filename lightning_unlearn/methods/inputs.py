@@ -315,6 +315,7 @@ KNOB_CHECKS: dict[str, Callable[[Any], None]] = {
     "steps": lambda v: check_count("steps", v, minimum=1, none="the method's default"),
     "max_retries": lambda v: check_count("max_retries", v, minimum=0),
     "search_iters": lambda v: check_count("search_iters", v, minimum=0),
+    "stall_ratio": lambda v: check_positive("stall_ratio", v),
     "final_repeats": lambda v: check_count("final_repeats", v, minimum=0),
     "refresh_every": lambda v: check_count("refresh_every", v, minimum=1, none="never"),
     "curvature_batches": lambda v: check_count("curvature_batches", v, minimum=1, none="all batches"),

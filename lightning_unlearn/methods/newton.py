@@ -54,7 +54,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
       (at every point when that η is out of the budget). `guided_search` (default on): the bisection measures next to
       where the per-example forget and holdout losses, interpolated linearly in η, cross the aim, and stops at the
       bracket six bisections would leave. `reuse_protection` keeps the first step's holdout gradients for the whole run
-      (off: on the line corpus it stopped a run short of the target). Measured: `docs/recipe.md` §3.
+      (off: on the line corpus it stopped a run short of the target). Measured: `docs/recipe.md` §3. `stall_ratio=r`
+      (off) ends a waypoint step's search where a ×4 longer step adds less than r times the score gained so far
+      (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4).
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
       of data. `protect_retain=k` adds k such constraints on groups of the step's retain examples (`fit` hands
@@ -117,6 +119,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         guided_search: bool = True,
         stop_at_budget: bool = True,
         search_iters: int = 6,
+        stall_ratio: float | None = None,
         final_repeats: int | None = None,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,
@@ -134,7 +137,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         super().__init__(model, damping=damping, scale=scale, reduce=reduce,
                          steps=DEFAULT_NEWTON_STEPS if steps is None else steps, **kw)
         check_settings(refresh_every=refresh_every, search_iters=search_iters, predicted_trust=predicted_trust,
-                       final_repeats=final_repeats)
+                       final_repeats=final_repeats, stall_ratio=stall_ratio)
         curvature_backend = BACKEND_ALIASES.get(curvature_backend, curvature_backend)
         if curvature_backend not in CURVATURE_BACKENDS:
             raise ValueError(f"unknown curvature backend {curvature_backend!r}; choose one of "
@@ -171,6 +174,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         self.stop_at_budget = bool(stop_at_budget)
         self._holdout_gradients: list[Vector] = []
         self.search_iters = int(search_iters)
+        self.stall_ratio = None if stall_ratio is None else float(stall_ratio)
         self._stage_origin = 0  # step_count when the current run began
         self._stage_start: float | None = None  # the forget loss when it began
         self.refresh_every = None if refresh_every is None else int(refresh_every)
@@ -393,7 +397,8 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
                       and self.forget_target is None)
             search = StepSearch(evaluate, forget_before, evaluate.budget if lazy else None,  # type: ignore[attr-defined]
                                 evaluate.guess if guided else None,  # type: ignore[attr-defined]
-                                self._waypoint_reached(aim, target))
+                                self._waypoint_reached(aim, target),
+                                self.stall_ratio if aim is not None and target is not None and aim < target else None)
             start = min(self.scale, largest_trusted_step(self.named_params(), direction, self.max_step_norm,
                                                          predicted_budget, curvature_norm, self.path_remaining()))
             try:

@@ -25,6 +25,12 @@ With `good_enough` (`good_enough(point)`: whether a point that reaches the aim i
 at the first such point instead of closing the bracket below it: a staged step's aim is a waypoint, not the target,
 and closing the bracket on it buys a precision nothing uses (`SecondOrderUnlearner`, with a staged budget: within half
 a stage of it; `docs/recipe.md` §4).
+
+With `stall` (a ratio r, off by default: `Newton(stall_ratio=r)` for its waypoint steps), the bracket stops growing
+where the score stops paying for the length: when a ×4 longer step adds less than r times what the step had gained
+up to the point before it, that point is taken (its budget checked) instead of searching on for the aim along a
+direction that has gone flat. Measured on perturbed starts of the demo (`benchmarks/perturbation.py`,
+`docs/recipe.md` §4), not the default.
 """
 
 from __future__ import annotations
@@ -62,9 +68,10 @@ class StepSearch:
     def __init__(self, evaluate: Callable[[float], Point | None], forget_before: tuple[float, float],
                  budget: Callable[[float], tuple[float | None, bool]] | None = None,
                  guess: Callable[[float, float], float | None] | None = None,
-                 good_enough: Callable[[Point], bool] | None = None) -> None:
+                 good_enough: Callable[[Point], bool] | None = None, stall: float | None = None) -> None:
         self._evaluate = evaluate
         self._good_enough = good_enough
+        self._stall = stall
         self._budget = budget
         self._guess = guess
         self.forget_before = forget_before
@@ -73,6 +80,7 @@ class StepSearch:
         self.points: dict[float, Point] = {}
         self.refused: set[float] = set()  # step lengths outside the trust region
         self.unchecked: set[float] = set()  # measured without the budget (`budget`): `ok` means finite only
+        self.stalled_at: float | None = None  # where the bracket stopped growing (`stall`)
 
     def evaluate(self, eta: float, checked: bool = True) -> Point:
         """The point at η (cached); `checked=False` leaves the budget unmeasured (with `budget`)."""
@@ -99,7 +107,11 @@ class StepSearch:
         "retain_budget" (the largest step within the budget, which it spends) or "accepted" with an η; else why
         none was taken ("trust_region", "non_finite", "retain_increase" or "no_progress")."""
         if self._budget is not None:
-            self._search(start, iters, checked=False)
+            eta, _, _ = self._search(start, iters, checked=False)
+            if eta is not None and eta == self.stalled_at:  # the point before a flat stretch: its budget, once
+                point = self.evaluate(eta)
+                if point.ok:
+                    return eta, (point.forget, point.retain), "accepted"
             reached = sorted(e for e, p in self.points.items() if p.reached)
             if reached and self.evaluate(reached[0]).reached:
                 return self._choose()
@@ -173,6 +185,13 @@ class StepSearch:
                 if not ok or reached or forget < previous:  # out of budget, at the target, or past the peak
                     hi = eta
                     break
+                if self._stalled(previous, forget):
+                    stalled = self.evaluate(lo, checked)
+                    if stalled.ok:  # within the budget: the step ends at the point before the flat stretch
+                        self.stalled_at = lo
+                        return lo, (stalled.forget, stalled.retain), "accepted"
+                    hi = eta
+                    break
                 lo = eta
         else:
             hi = eta
@@ -203,6 +222,11 @@ class StepSearch:
             else:
                 hi = mid
         return self._choose(lo, hi)
+
+    def _stalled(self, previous: tuple[float, float], forget: tuple[float, float]) -> bool:
+        """Whether a ×4 longer step (score `forget`) added less than `stall` times the score gained up to `previous`."""
+        gained = previous[0] - self.forget_before[0]
+        return self._stall is not None and gained > 0 and forget[0] - previous[0] < self._stall * gained
 
     def _next(self, lo: float, hi: float, tolerance: float) -> float:
         """The next step length inside (lo, hi): the geometric mean, or next to the guessed crossing (`guess`)."""
