@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .curvature import Curvature
+from ..curvature import Curvature
 
 _ACCUMULATOR_NAMES: dict[type, tuple[str, ...]] = {}
 
