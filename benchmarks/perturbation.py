@@ -1,8 +1,9 @@
 """How much the default request's outcome depends on the exact weights it starts from: the demo's canary request
 on copies of the original model perturbed far below any change a user would notice, and on its bfloat16 cast.
 
-    python -m benchmarks.perturbation                         # ~4 min on 2 cores from cached models
-    python -m benchmarks.perturbation --method-kwargs '{"protect_groups": 1}' --out DIR   # one knob changed
+    python -m benchmarks.perturbation                         # ~10 min on 2 cores from cached models
+    python -m benchmarks.perturbation --method-kwargs '{"stall_ratio": 0.25}' --out DIR   # one knob changed
+    python -m benchmarks.perturbation --config '{"arch": "llama"}' --out DIR   # another model: trains its own first
 
 Each draw `k` of scale `s` adds `s · |θ| · z` to every weight (z standard normal, seeded by `k`): at s = 1e-4 the
 perturbed original's test perplexity moves by far less than 0.1 %, a smaller change than casting it to bfloat16
@@ -53,18 +54,27 @@ def perturbed(model: nn.Module, scale: float, draw: int) -> nn.Module:
     return out
 
 
-def draw_row(case: tuple[str, float, int], cache: str, method_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """One request: `case` = (kind, scale, draw), kind "perturbed" or "bfloat16"; one torch thread (two run side by
-    side)."""
-    torch.set_num_threads(1)
-    from benchmarks.frontier_bench import make_experiment, privacy_row
-    from lightning_unlearn.demo import DEFAULT_SETTINGS, quiet_libraries
+def experiment(cache: str, config_changes: dict[str, Any]) -> Any:
+    """The demo's canary experiment (seed 0) with `config_changes` (fields of `ExperimentConfig`), cached under
+    `<cache>/canaries` as `benchmarks.canary_default` caches it."""
+    from benchmarks.frontier_bench import make_experiment
     from lightning_unlearn.experiment import ExperimentConfig
+
+    return make_experiment("canaries", dataclasses.replace(ExperimentConfig(), **config_changes), cache)
+
+
+def draw_row(case: tuple[str, float, int], cache: str, method_kwargs: dict[str, Any],
+             config_changes: dict[str, Any]) -> dict[str, Any]:
+    """One request: `case` = (kind, scale, draw), kind "perturbed" or "bfloat16"; one torch thread (two run side by
+    side; the models are trained beforehand, by `main`)."""
+    torch.set_num_threads(1)
+    from benchmarks.frontier_bench import privacy_row
+    from lightning_unlearn.demo import DEFAULT_SETTINGS, quiet_libraries
     from lightning_unlearn.request import serve_request
 
     quiet_libraries()
     kind, scale, draw = case
-    exp = make_experiment("canaries", ExperimentConfig(), cache)
+    exp = experiment(cache, config_changes)
     original, retrained = exp.train("full").eval(), exp.train("retain").eval()
     start = original.to(torch.bfloat16) if kind == "bfloat16" else perturbed(original, scale, draw)
     before = exp.evaluate(start, reference=retrained)
@@ -105,9 +115,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def markdown(summary: dict[str, Any], method_kwargs: dict[str, Any]) -> list[str]:
+def markdown(summary: dict[str, Any], method_kwargs: dict[str, Any], config: dict[str, Any] | None = None
+             ) -> list[str]:
     knob = f" with `{json.dumps(method_kwargs)}`" if method_kwargs else ""
-    lines = [f"# The default request{knob} from perturbed starts (the demo's canaries, seed 0)", "",
+    model = f", `{json.dumps(config)}`" if config else ""
+    lines = [f"# The default request{knob} from perturbed starts (the demo's canaries, seed 0{model})", "",
              "| start | draws | statuses | Δ test perplexity %: median [q1, q3], worst | MIA AUC: median, worst | "
              "exposure gap (bits): median | draws meeting both bars |", "|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
@@ -126,25 +138,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=8, help="perturbed draws per scale (1..N; draw 0 is added)")
     parser.add_argument("--out", default="benchmarks/results/perturbation")
     parser.add_argument("--method-kwargs", type=json.loads, default={},
-                        help='one knob changed from the default, as JSON (e.g. \'{"protect_groups": 1}\')')
+                        help='one knob changed from the default, as JSON (e.g. \'{"stall_ratio": 0.25}\')')
+    parser.add_argument("--config", type=json.loads, default={},
+                        help='ExperimentConfig fields changed, as JSON (e.g. \'{"arch": "llama"}\')')
     args = parser.parse_args(argv)
+    from lightning_unlearn.demo import quiet_libraries
+
+    quiet_libraries()
+    exp = experiment(args.cache, args.config)
+    exp.train("full"), exp.train("retain")  # trained (or loaded) once, before the workers load them
     cases = [("perturbed", 0.0, 0)] + [("perturbed", s, k) for s in args.scales for k in range(1, args.draws + 1)]
     cases.append(("bfloat16", 0.0, 0))
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        rows = list(pool.map(draw_row, cases, [args.cache] * len(cases), [args.method_kwargs] * len(cases)))
+        rows = list(pool.map(draw_row, cases, [args.cache] * len(cases), [args.method_kwargs] * len(cases),
+                             [args.config] * len(cases)))
     summary = summarize(rows)
-    results = {"summary": summary, "method_kwargs": args.method_kwargs, "rows": rows}
+    results = {"summary": summary, "method_kwargs": args.method_kwargs, "config": args.config, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from benchmarks.frontier_bench import make_experiment
     from benchmarks.run import secrets_of
-    from lightning_unlearn.experiment import ExperimentConfig
     from lightning_unlearn.report import atomic_write
 
-    secrets = secrets_of(make_experiment("canaries", ExperimentConfig(), args.cache))
+    secrets = secrets_of(exp)
+    table = "\n".join(markdown(summary, args.method_kwargs, args.config)) + "\n"
     atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode(), secrets)
-    atomic_write(out / "perturbation.md", ("\n".join(markdown(summary, args.method_kwargs)) + "\n").encode(), secrets)
-    print("\n".join(markdown(summary, args.method_kwargs)))
+    atomic_write(out / "perturbation.md", table.encode(), secrets)
+    print(table)
 
 
 if __name__ == "__main__":
