@@ -114,6 +114,9 @@ def test_the_curvature_trust_region_bounds_the_predicted_retain_increase(loaded,
     ("max_step_norm", 0.0, "max_step_norm"),
     ("predicted_trust", -1.0, "predicted_trust"),
     ("steps", 0, "steps"),
+    ("stall_ratio", 0.0, "stall_ratio"),
+    ("final_budget_share", 1.5, "final_budget_share"),
+    ("final_budget_share", 0.0, "final_budget_share"),
 ])
 def test_nonsense_settings_are_refused_at_configuration(loaded, untouched, setting, value, named):
     model = loaded[0]

@@ -20,11 +20,12 @@ import math
 
 import pytest
 import torch
-from line_corpus import memorise_lines
+from line_corpus import V, batch, memorise_lines
 
 from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.methods.repair import REPAIR_SCORE_BAND
 from lightning_unlearn.methods.target import null_score_sd, retain_budget_nats
+from lightning_unlearn.models import small_causal_lm
 
 ARCHS = ["llama", "qwen2", "gpt_neox"]
 
@@ -71,7 +72,11 @@ def test_default_recipe_keeps_a_knowledge_budget_and_says_where_it_stopped(memor
 def test_the_retain_repair_leaves_the_forget_score_within_its_band():
     """Seed 1's StableLM: without the ceiling the repair kept its longest trial, forget score 0.83 (the retain lines
     1.32 nats, from 0.27); with it the run ends at most 2 null standard deviations of the score above the target
-    (0.5 + 2 × 0.115 for 8 forget and 32 holdout lines), the repair still kept and the held-out prose still lower."""
+    (0.5 + 2 × 0.115 for 8 forget and 32 holdout lines) and not below the repair's slack under it, with the held-out
+    prose no worse. Whether the repair keeps a step here depends on float rounding (the last step lands on the target
+    to 0.001 and the repair's constraint holds the forget losses to first order only: on one CPU it kept one, on
+    another none); where it keeps one, that step lowered the held retain loss. The ceiling itself is tested exactly
+    below."""
     torch.manual_seed(0)
     model, forget, retain, held, (unseen_prose, retain_lines), holdout = memorise_lines("stablelm", seed=1)
     u = build_unlearner("newton", model)
@@ -80,11 +85,36 @@ def test_the_retain_repair_leaves_the_forget_score_within_its_band():
     s = u.summary()
     ceiling = s["target"] + REPAIR_SCORE_BAND * null_score_sd(8, 32)
     print(f"stablelm: score {s['forget_score_after']:.3f} (ceiling {ceiling:.3f}), retain lines "
-          f"{u.measure(retain_lines):.3f}, held-out prose {c0:.4f} -> {u.measure(unseen_prose):.4f}")
+          f"{u.measure(retain_lines):.3f}, held-out prose {c0:.4f} -> {u.measure(unseen_prose):.4f}, repair kept: "
+          f"{s['retain_loss_before_repair'] is not None}")
     assert u.status == "target_reached" and s["knowledge_regime"]
     assert s["target"] - 1e-3 <= s["forget_score_after"] <= ceiling + 1e-9
-    assert s["retain_loss_before_repair"] is not None and s["retain_loss_after"] < s["retain_loss_before_repair"]
+    if s["retain_loss_before_repair"] is not None:
+        assert s["retain_loss_after"] < s["retain_loss_before_repair"]
     assert u.measure(unseen_prose) <= 1.05 * c0
+
+
+def test_the_repair_ceiling_is_the_target_plus_two_null_sds_or_where_the_steps_left_the_score():
+    """`repair_score_ceiling`: with a holdout target, max(the score the steps left, target + `REPAIR_SCORE_BAND` null
+    standard deviations of n forget and m holdout examples); a repair trial above it is refused (`_repair_trial`)."""
+    model = small_causal_lm("gpt2", vocab_size=V, hidden=16, heads=2, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    u = build_unlearner("newton", model)
+    u.calibrate([batch(torch.randint(0, V, (32, 12), generator=g))])
+    ceiling = u.current_target() + REPAIR_SCORE_BAND * null_score_sd(8, 32)
+    assert ceiling == pytest.approx(0.5 + 2 * math.sqrt(41 / (12 * 8 * 32)))
+    assert u.repair_score_ceiling(0.3, 8) == pytest.approx(ceiling)
+    assert u.repair_score_ceiling(0.95, 8) == 0.95
+    forget = batch(torch.randint(0, V, (8, 12), generator=g))
+    u.fit_curvature([forget])  # the parameters a trial moves
+    snapshot = u._snapshot()
+    zero = {n: torch.zeros_like(p) for n, p in snapshot.items()}
+    score = u.forget_score([forget])[0]
+    held = batch(torch.randint(0, V, (8, 12), generator=g))
+    bar = u.measure(held) + 1.0
+    assert u._repair_trial(snapshot, zero, 1.0, [forget], held, (score - 1e-6, score + 1e-6), bar) is not None
+    assert u._repair_trial(snapshot, zero, 1.0, [forget], held, (score + 1e-3, 1.0), bar) is None  # below the band
+    assert u._repair_trial(snapshot, zero, 1.0, [forget], held, (0.0, score - 1e-3), bar) is None  # above the ceiling
 
 
 def test_the_null_sd_of_the_forget_score_is_that_of_every_ranking():

@@ -264,6 +264,12 @@ def check_positive(name: str, value: float | None, *, allow_zero: bool = False) 
         raise UserInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
 
 
+def check_share(name: str, value: float | None) -> None:
+    """A finite number in (0, 1], named in the message; None passes (not set)."""
+    if value is not None and not (_finite(value) and 0.0 < float(value) <= 1.0):
+        raise UserInputError(f"{name} must be a number in (0, 1], got {value}")
+
+
 def check_count(name: str, value: Any, *, minimum: int, none: str | None = None) -> None:
     """A whole number >= `minimum`; None passes when `none` says what it means."""
     if value is None and none is not None:
@@ -316,6 +322,7 @@ KNOB_CHECKS: dict[str, Callable[[Any], None]] = {
     "max_retries": lambda v: check_count("max_retries", v, minimum=0),
     "search_iters": lambda v: check_count("search_iters", v, minimum=0),
     "stall_ratio": lambda v: check_positive("stall_ratio", v),
+    "final_budget_share": lambda v: check_share("final_budget_share", v),
     "final_repeats": lambda v: check_count("final_repeats", v, minimum=0),
     "refresh_every": lambda v: check_count("refresh_every", v, minimum=1, none="never"),
     "curvature_batches": lambda v: check_count("curvature_batches", v, minimum=1, none="all batches"),

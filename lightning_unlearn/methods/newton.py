@@ -24,7 +24,7 @@ from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .repair import RetainRepair
 from .step_search import Point, StepSearch
-from .target import over_retain_budget, score_between, staged_aim
+from .target import over_retain_budget, retain_budget_nats, score_between, staged_aim
 from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
 from .unlearner import Unlearner
 
@@ -56,7 +56,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
       bracket six bisections would leave. `reuse_protection` keeps the first step's holdout gradients for the whole run
       (off: on the line corpus it stopped a run short of the target). Measured: `docs/recipe.md` §3. `stall_ratio=r`
       (off) ends a waypoint step's search where a ×4 longer step adds less than r times the score gained so far
-      (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4).
+      (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4). `final_budget_share=r` (without
+      a staged budget) lets the step that aims at the target spend r of what is left of the retain budget while a
+      repeat remains, the rest going to a fresh direction (`budget_fraction`).
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
       of data. `protect_retain=k` adds k such constraints on groups of the step's retain examples (`fit` hands
@@ -120,6 +122,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         stop_at_budget: bool = True,
         search_iters: int = 6,
         stall_ratio: float | None = None,
+        final_budget_share: float | None = None,
         final_repeats: int | None = None,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,
@@ -137,7 +140,8 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         super().__init__(model, damping=damping, scale=scale, reduce=reduce,
                          steps=DEFAULT_NEWTON_STEPS if steps is None else steps, **kw)
         check_settings(refresh_every=refresh_every, search_iters=search_iters, predicted_trust=predicted_trust,
-                       final_repeats=final_repeats, stall_ratio=stall_ratio)
+                       final_repeats=final_repeats, stall_ratio=stall_ratio,
+                       final_budget_share=final_budget_share)
         curvature_backend = BACKEND_ALIASES.get(curvature_backend, curvature_backend)
         if curvature_backend not in CURVATURE_BACKENDS:
             raise ValueError(f"unknown curvature backend {curvature_backend!r}; choose one of "
@@ -175,6 +179,9 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         self._holdout_gradients: list[Vector] = []
         self.search_iters = int(search_iters)
         self.stall_ratio = None if stall_ratio is None else float(stall_ratio)
+        self.final_budget_share = None if final_budget_share is None else float(final_budget_share)
+        self._budget_spent = 0.0  # the share of the retain budget spent when the current step began
+        self._final_capped = False  # the current step's budget is `final_budget_share`'s cap
         self._stage_origin = 0  # step_count when the current run began
         self._stage_start: float | None = None  # the forget loss when it began
         self.refresh_every = None if refresh_every is None else int(refresh_every)
@@ -249,6 +256,28 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
             return None
         band = self.WAYPOINT_BAND * (target - self._stage_start) / max(self.steps, 1)
         return lambda point: point.forget[0] <= aim + band
+
+    def budget_fraction(self) -> float:
+        """The staged budget's share (`KnowledgeRegime.budget_fraction`); without a staged budget, with
+        `final_budget_share=r`, a step that aims at the target while a repeat remains (the K-th step of K, and every
+        repeat but the last) may spend r of what is left of the budget (spent + r (1 − spent)), so that where its
+        direction cannot reach the target within r, the rest is left to a fresh direction (`repeats_last_stage`)."""
+        fraction = super().budget_fraction()
+        self._final_capped = False
+        if self.final_budget_share is None or self.staged_budget or not self.staged or fraction < 1.0:
+            return fraction
+        done = self.step_count - self._stage_origin  # the current step, counted from 1
+        if not self.steps <= done < self.steps + self.final_repeats:
+            return fraction
+        self._final_capped = True
+        spent = min(max(self._budget_spent, 0.0), 1.0)
+        return spent + self.final_budget_share * (1.0 - spent)
+
+    def repeats_last_stage(self, record: StepRecord | None) -> bool:
+        """The base rule, and a step that spent `final_budget_share`'s cap short of the target takes a repeat."""
+        capped = (record is not None and record.accepted and record.reason == "retain_budget" and self._final_capped
+                  and self.budget_fraction() < 1.0)
+        return capped or super().repeats_last_stage(record)
 
     def refresh_due(self, index: int) -> bool:
         """Every `refresh_every` steps of a run (never at its first step), the curvature is fitted again."""
@@ -373,6 +402,12 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
                 self._fixed_step_budget = None
         forget, retain, held, reference, target, context, index = self._begin_step(
             forget_batch, retain_batch, held_retain_batch)
+        done = self.step_count - self._stage_origin
+        if (self.final_budget_share is not None and held is not None and reference is not None
+                and self.steps <= done < self.steps + self.final_repeats):  # where `budget_fraction` reads it
+            spent_nats = self._score_memo.held_loss(self, held) - reference
+            self._budget_spent = spent_nats / retain_budget_nats(self.max_retain_increase, reference) \
+                if self.max_retain_increase else 1.0
         before: list[Tensor] = []  # the per-example losses at η = 0 (the guided search's first guess)
         forget_before = self.forget_score(forget, losses_out=before)
         aim = self.stage_target(target, forget_before[0])
