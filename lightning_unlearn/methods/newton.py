@@ -23,8 +23,9 @@ from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .repair import RetainRepair
+from .stages import StagedSteps
 from .step_search import Point, StepSearch
-from .target import over_retain_budget, retain_budget_nats, score_between, staged_aim
+from .target import over_retain_budget, score_between
 from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
 from .unlearner import Unlearner
 
@@ -36,7 +37,7 @@ DEFAULT_RELATIVE_DAMPING = 0.1
 DEFAULT_NEWTON_STEPS = 5
 
 
-class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
+class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner):
     """Methods with curvature: the damped Newton direction `d = (C + λI)^-1 (-∇U)` (U the forget objective to
     minimise; for `nll` this is `(C + λI)^-1 ∇L_forget`), on the parameters the curvature covers, and a step
     `η d` whose length η is searched.
@@ -94,8 +95,6 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
     secret_steps = DEFAULT_NEWTON_STEPS
     #: how far past a staged step's waypoint (in stages) a step with a staged budget may land and end its search
     #: there (0: the smallest step length that reaches the waypoint, to the search's tolerance, as for the target)
-    WAYPOINT_BAND = 0.5
-
     def __init__(
         self,
         model: nn.Module,
@@ -180,8 +179,6 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         self.search_iters = int(search_iters)
         self.stall_ratio = None if stall_ratio is None else float(stall_ratio)
         self.final_budget_share = None if final_budget_share is None else float(final_budget_share)
-        self._budget_spent = 0.0  # the share of the retain budget spent when the current step began
-        self._final_capped = False  # the current step's budget is `final_budget_share`'s cap
         self._stage_origin = 0  # step_count when the current run began
         self._stage_start: float | None = None  # the forget loss when it began
         self.refresh_every = None if refresh_every is None else int(refresh_every)
@@ -235,49 +232,6 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
         self._holdout_gradients = []  # the protection is computed at the first step of every run
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
-
-    def stage_target(self, target: float | None, forget_loss: float) -> float | None:
-        """What the current step aims at: stage k/K of the way from the run's first forget loss to `target`."""
-        if self._stage_start is None:
-            self._stage_start = forget_loss
-        if target is None or not self.staged:
-            return target
-        fraction = min(1.0, (self.step_count - self._stage_origin) / self.steps)
-        return staged_aim(target, self._stage_start, fraction, forget_loss)
-
-    def _waypoint_reached(self, aim: float | None, target: float | None) -> Callable[[Point], bool] | None:
-        """For a staged step whose aim is a waypoint short of the target, with a staged budget: a point that reaches
-        it by at most `WAYPOINT_BAND` of a stage ends the search (`StepSearch`'s `good_enough`); the step that aims at
-        the target itself still takes the smallest step length that reaches it. None otherwise: without a staged
-        budget a step that overshoots its waypoint may spend the budget of the steps after it (measured on the
-        canaries, `docs/recipe.md` §4)."""
-        if (not self.WAYPOINT_BAND or not self.staged_budget or aim is None or target is None
-                or self._stage_start is None or not aim < target):  # unstaged: the aim is the target
-            return None
-        band = self.WAYPOINT_BAND * (target - self._stage_start) / max(self.steps, 1)
-        return lambda point: point.forget[0] <= aim + band
-
-    def budget_fraction(self) -> float:
-        """The staged budget's share (`KnowledgeRegime.budget_fraction`); without a staged budget, with
-        `final_budget_share=r`, a step that aims at the target while a repeat remains (the K-th step of K, and every
-        repeat but the last) may spend r of what is left of the budget (spent + r (1 − spent)), so that where its
-        direction cannot reach the target within r, the rest is left to a fresh direction (`repeats_last_stage`)."""
-        fraction = super().budget_fraction()
-        self._final_capped = False
-        if self.final_budget_share is None or self.staged_budget or not self.staged or fraction < 1.0:
-            return fraction
-        done = self.step_count - self._stage_origin  # the current step, counted from 1
-        if not self.steps <= done < self.steps + self.final_repeats:
-            return fraction
-        self._final_capped = True
-        spent = min(max(self._budget_spent, 0.0), 1.0)
-        return spent + self.final_budget_share * (1.0 - spent)
-
-    def repeats_last_stage(self, record: StepRecord | None) -> bool:
-        """The base rule, and a step that spent `final_budget_share`'s cap short of the target takes a repeat."""
-        capped = (record is not None and record.accepted and record.reason == "retain_budget" and self._final_capped
-                  and self.budget_fraction() < 1.0)
-        return capped or super().repeats_last_stage(record)
 
     def refresh_due(self, index: int) -> bool:
         """Every `refresh_every` steps of a run (never at its first step), the curvature is fitted again."""
@@ -402,12 +356,7 @@ class SecondOrderUnlearner(KnowledgeRegime, RetainRepair, Unlearner):
                 self._fixed_step_budget = None
         forget, retain, held, reference, target, context, index = self._begin_step(
             forget_batch, retain_batch, held_retain_batch)
-        done = self.step_count - self._stage_origin
-        if (self.final_budget_share is not None and held is not None and reference is not None
-                and self.steps <= done < self.steps + self.final_repeats):  # where `budget_fraction` reads it
-            spent_nats = self._score_memo.held_loss(self, held) - reference
-            self._budget_spent = spent_nats / retain_budget_nats(self.max_retain_increase, reference) \
-                if self.max_retain_increase else 1.0
+        self.note_budget_spent(held, reference)
         before: list[Tensor] = []  # the per-example losses at η = 0 (the guided search's first guess)
         forget_before = self.forget_score(forget, losses_out=before)
         aim = self.stage_target(target, forget_before[0])
