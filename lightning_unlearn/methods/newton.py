@@ -23,7 +23,7 @@ from .knowledge import KnowledgeRegime
 from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .repair import RetainRepair
-from .stages import StagedSteps
+from .stages import FINAL_BUDGET_SHARE, StagedSteps
 from .step_search import Point, StepSearch
 from .target import over_retain_budget, score_between
 from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
@@ -57,9 +57,9 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
       bracket six bisections would leave. `reuse_protection` keeps the first step's holdout gradients for the whole run
       (off: on the line corpus it stopped a run short of the target). Measured: `docs/recipe.md` §3. `stall_ratio=r`
       (off) ends a waypoint step's search where a ×4 longer step adds less than r times the score gained so far
-      (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4). `final_budget_share=r` (without
-      a staged budget) lets the step that aims at the target spend r of what is left of the retain budget while a
-      repeat remains, the rest going to a fresh direction (`budget_fraction`).
+      (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4). `final_budget_share` = 0.5
+      (without a staged budget; None: off) lets the step that aims at the target spend half of what is left of the
+      retain budget while a repeat remains, the rest going to a fresh direction (`stages.StagedSteps`).
     - **holdout protection** (`protect_holdout`, with holdout data): the direction is constrained to leave the
       holdout's losses in place to first order (`_direction`), so the step moves the forget set, not the whole kind
       of data. `protect_retain=k` adds k such constraints on groups of the step's retain examples (`fit` hands
@@ -74,7 +74,9 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
       search). A step that reaches the full target ends the run; `staged=False` aims every step at the full target.
       When the last step falls short of the target (its direction's score peaks below it: the holdout's losses rise
       past first order) with the budget unspent, `fit` takes up to `final_repeats` more steps at the full
-      target, each with a fresh direction (2 unless `steps` is set). Measured: `docs/recipe.md` §4.
+      target, each with a fresh direction (2 unless `steps` is set). Without a staged budget, a step aiming at the
+      target while a repeat remains may spend `final_budget_share` = 0.5 of what is left of the retain budget; where
+      it spends that short of the target, a repeat takes a fresh direction. Measured: `docs/recipe.md` §4.
     - **retain-free guard**: without a held retain batch (e.g. `full_minus_forget` with no retain data), the retain
       budget is measured on the holdout and the step's predicted retain increase ½ΔᵀCΔ is bounded too; without
       holdout data either, `fit` refuses the request (`require_measured_guard`): a prediction alone is no bound.
@@ -121,7 +123,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         stop_at_budget: bool = True,
         search_iters: int = 6,
         stall_ratio: float | None = None,
-        final_budget_share: float | None = None,
+        final_budget_share: float | None = FINAL_BUDGET_SHARE,
         final_repeats: int | None = None,
         predicted_trust: float | None = DEFAULT_PREDICTED_TRUST,
         refresh_every: int | None = None,

@@ -16,6 +16,10 @@ from .records import Batch, StepRecord
 from .step_search import Point
 from .target import retain_budget_nats, staged_aim
 
+#: without a staged budget, the step aiming at the target may spend this share of what is left of the retain budget
+#: while a final repeat remains (`StagedSteps.budget_fraction`; measured on perturbed starts, `docs/recipe.md` §4)
+FINAL_BUDGET_SHARE = 0.5
+
 
 class StagedSteps:
     """Stage aims, waypoint bands and the final step's budget share (see the module docstring)."""
