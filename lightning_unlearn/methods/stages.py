@@ -45,7 +45,7 @@ class StagedSteps:
         held retain loss at the step's start, usually remembered from the last step's search: no forward pass)."""
         host: Any = self
         done = self._steps_done()
-        if (host.final_budget_share is None or held is None or reference is None
+        if (host.final_budget_share is None or host.staged_budget or held is None or reference is None
                 or not host.steps <= done < host.steps + host.final_repeats):
             return
         spent = host._score_memo.held_loss(host, held) - reference
