@@ -63,10 +63,18 @@ def experiment(cache: str, config_changes: dict[str, Any]) -> Any:
     return make_experiment("canaries", dataclasses.replace(ExperimentConfig(), **config_changes), cache)
 
 
+def references(exp: Any) -> dict[str, float]:
+    """What every draw is compared with, evaluated once: the original's test perplexity and the retrained model's
+    exposure."""
+    original, retrained = exp.train("full").eval(), exp.train("retain").eval()
+    return {"original_perplexity": float(exp.evaluate(original, reference=retrained)["test/perplexity"]),
+            "retrain_exposure": float(exp.evaluate(retrained, reference=retrained)["exposure/mean"])}
+
+
 def draw_row(case: tuple[str, float, int], cache: str, method_kwargs: dict[str, Any],
-             config_changes: dict[str, Any]) -> dict[str, Any]:
-    """One request: `case` = (kind, scale, draw), kind "perturbed" or "bfloat16"; one torch thread (two run side by
-    side; the models are trained beforehand, by `main`)."""
+             config_changes: dict[str, Any], reference: dict[str, float]) -> dict[str, Any]:
+    """One request: `case` = (kind, scale, draw), kind "perturbed" or "bfloat16", against `reference`
+    (`references`); one torch thread (two run side by side; the models are trained beforehand, by `main`)."""
     torch.set_num_threads(1)
     from benchmarks.frontier_bench import privacy_row
     from lightning_unlearn.demo import DEFAULT_SETTINGS, quiet_libraries
@@ -84,13 +92,11 @@ def draw_row(case: tuple[str, float, int], cache: str, method_kwargs: dict[str, 
     result = serve_request(model, exp.forget_batches(), exp.retain_batches(settings.curvature_batches),
                            exp.holdout_batches(), settings=settings, held_retain=exp.held_retain_batch())
     after = privacy_row("canaries", exp.evaluate(model, reference=retrained), ppl)
-    retrain = privacy_row("canaries", exp.evaluate(retrained, reference=retrained), ppl)
     s = result.summary
     return {"kind": kind, "scale": scale, "draw": draw, "start_perplexity": ppl,
-            "original_dppl_percent": 100.0 * (ppl / float(exp.evaluate(original, reference=retrained)
-                                                          ["test/perplexity"]) - 1.0),
+            "original_dppl_percent": 100.0 * (ppl / reference["original_perplexity"] - 1.0),
             "dppl_percent": after["dppl_percent"], "mia_auc": after["mia_auc"],
-            "exposure_gap_bits": after["exposure"] - retrain["exposure"], "status": s["status"],
+            "exposure_gap_bits": after["exposure"] - reference["retrain_exposure"], "status": s["status"],
             "steps_accepted": s["steps_accepted"], "forget_score_after": s["forget_score_after"],
             "step_lengths": [r.scale for r in result if r.accepted]}
 
@@ -146,12 +152,12 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     exp = experiment(args.cache, args.config)
-    exp.train("full"), exp.train("retain")  # trained (or loaded) once, before the workers load them
+    reference = references(exp)  # the models trained (or loaded) once, before the workers load them
     cases = [("perturbed", 0.0, 0)] + [("perturbed", s, k) for s in args.scales for k in range(1, args.draws + 1)]
     cases.append(("bfloat16", 0.0, 0))
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         rows = list(pool.map(draw_row, cases, [args.cache] * len(cases), [args.method_kwargs] * len(cases),
-                             [args.config] * len(cases)))
+                             [args.config] * len(cases), [reference] * len(cases)))
     summary = summarize(rows)
     results = {"summary": summary, "method_kwargs": args.method_kwargs, "config": args.config, "rows": rows}
     out = Path(args.out)

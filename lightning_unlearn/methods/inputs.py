@@ -264,10 +264,10 @@ def check_positive(name: str, value: float | None, *, allow_zero: bool = False) 
         raise UserInputError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
 
 
-def check_share(name: str, value: float | None) -> None:
-    """A finite number in (0, 1], named in the message; None passes (not set)."""
+def check_share(name: str, value: float | None, hint: str = "") -> None:
+    """A finite number in (0, 1], named in the message (with `hint`, what a value means); None passes (not set)."""
     if value is not None and not (_finite(value) and 0.0 < float(value) <= 1.0):
-        raise UserInputError(f"{name} must be a number in (0, 1], got {value}")
+        raise UserInputError(f"{name} must lie in (0, 1]{hint}, got {value}")
 
 
 def check_count(name: str, value: Any, *, minimum: int, none: str | None = None) -> None:
@@ -301,9 +301,7 @@ def _check_forget_target(value: float) -> None:
 
 
 def _check_target_score(value: float) -> None:
-    if not (_finite(value) and 0.0 < float(value) <= 1.0):
-        raise UserInputError(f"target_score must lie in (0, 1] (0.5: the forget set sits at the holdout's median), "
-                             f"got {value}")
+    check_share("target_score", value, " (0.5: the forget set sits at the holdout's median)")
 
 
 def _check_damping_growth(value: float) -> None:

@@ -95,8 +95,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
 
     name = "second_order"
     secret_steps = DEFAULT_NEWTON_STEPS
-    #: how far past a staged step's waypoint (in stages) a step with a staged budget may land and end its search
-    #: there (0: the smallest step length that reaches the waypoint, to the search's tolerance, as for the target)
+
     def __init__(
         self,
         model: nn.Module,

@@ -33,20 +33,23 @@ class StagedSteps:
     final_budget_share: float | None
     _stage_start: float | None
     _budget_spent = 0.0  # the share of the retain budget spent when the current step began (`note_budget_spent`)
-    _final_capped = False  # the current step's budget is `final_budget_share`'s cap
 
     def _steps_done(self) -> int:
         """The current step, counted from 1 from the run's first (its index + 1 once `_begin_step` ran)."""
         host: Any = self
         return host.step_count - host._stage_origin
 
+    def _final_share_applies(self) -> bool:
+        """Whether `final_budget_share` caps the current step: set, no staged budget, staged steps, and the step aims
+        at the target while a repeat remains (the K-th step of K and every repeat but the last)."""
+        return (self.final_budget_share is not None and not self.staged_budget and self.staged
+                and self.steps <= self._steps_done() < self.steps + self.final_repeats)
+
     def note_budget_spent(self, held: Batch | list[Batch] | None, reference: float | None) -> None:
         """At the start of a step that `final_budget_share` caps: the share of the retain budget spent so far (the
         held retain loss at the step's start, usually remembered from the last step's search: no forward pass)."""
         host: Any = self
-        done = self._steps_done()
-        if (host.final_budget_share is None or host.staged_budget or held is None or reference is None
-                or not host.steps <= done < host.steps + host.final_repeats):
+        if held is None or reference is None or not self._final_share_applies():
             return
         spent = host._score_memo.held_loss(host, held) - reference
         self._budget_spent = (spent / retain_budget_nats(host.max_retain_increase, reference)
@@ -79,18 +82,13 @@ class StagedSteps:
         repeat but the last) may spend r of what is left of the budget (spent + r (1 − spent)), so that where its
         direction cannot reach the target within r, the rest is left to a fresh direction (`repeats_last_stage`)."""
         fraction = super().budget_fraction()
-        self._final_capped = False
-        if self.final_budget_share is None or self.staged_budget or not self.staged or fraction < 1.0:
+        if fraction < 1.0 or not self._final_share_applies():
             return fraction
-        done = self._steps_done()  # the current step, counted from 1
-        if not self.steps <= done < self.steps + self.final_repeats:
-            return fraction
-        self._final_capped = True
         spent = min(max(self._budget_spent, 0.0), 1.0)
-        return spent + self.final_budget_share * (1.0 - spent)
+        return spent + self.final_budget_share * (1.0 - spent)  # type: ignore[operator]
 
     def repeats_last_stage(self, record: StepRecord | None) -> bool:
         """The base rule, and a step that spent `final_budget_share`'s cap short of the target takes a repeat."""
-        capped = (record is not None and record.accepted and record.reason == "retain_budget" and self._final_capped
-                  and self.budget_fraction() < 1.0)
+        capped = (record is not None and record.accepted and record.reason == "retain_budget"
+                  and self._final_share_applies() and self.budget_fraction() < 1.0)
         return capped or super().repeats_last_stage(record)
