@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..curvature.base import Reduce
 from ..errors import UserInputError
 from . import holdout as holdout_checks
 from .inputs import vocabulary_size
@@ -30,7 +31,7 @@ class RunMeasures:
 
     name: str
     model: nn.Module
-    reduce: Callable[[Tensor], Tensor]
+    reduce: Reduce
     holdout: list[Batch]
     holdout_loss: float | None
     _holdout_hist: Tensor | None
