@@ -272,12 +272,6 @@ def test_a_stalled_bracket_takes_the_point_before_the_flat_stretch(lazy):
     assert reason_tiny == "target_reached" and eta_tiny > 100
 
 
-def _staged(model, **kw):
-    u = build_unlearner("newton", model, **kw)
-    u._stage_origin = 0
-    return u
-
-
 @pytest.mark.parametrize("share", [None, 0.5])
 def test_the_final_budget_share_caps_the_target_step_while_a_repeat_remains(share):
     """`final_budget_share=r` without a staged budget: the K-th step and every repeat but the last may spend
@@ -289,7 +283,7 @@ def test_the_final_budget_share_caps_the_target_step_while_a_repeat_remains(shar
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-    u = _staged(model, final_budget_share=share, knowledge=False)
+    u = build_unlearner("newton", model, final_budget_share=share, knowledge=False)
     assert (u.steps, u.final_repeats) == (5, 2)
     u._budget_spent = 0.4
     fractions = {}
@@ -303,12 +297,10 @@ def test_the_final_budget_share_caps_the_target_step_while_a_repeat_remains(shar
     spent = StepRecord(step=4, damping=0.1, scale=1e-3, forget_loss=5.0, retain_loss=1.0, accepted=True,
                        reason="retain_budget", trial=0, target=0.5, evaluations=3, forget_score=0.45)
     u.step_count = 5
-    u.budget_fraction()
     assert u.repeats_last_stage(spent) is (share is not None)
     u.step_count = 7  # the last repeat spends the whole budget: nothing after it
-    u.budget_fraction()
     assert not u.repeats_last_stage(spent)
-    staged = _staged(model, final_budget_share=share, knowledge=False, staged_budget=True)
+    staged = build_unlearner("newton", model, final_budget_share=share, knowledge=False, staged_budget=True)
     staged._budget_spent = 0.4
     staged.step_count = 5
     assert staged.budget_fraction() == 1.0
