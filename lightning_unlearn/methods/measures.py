@@ -16,11 +16,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..curvature.base import Reduce
+from ..curvature.base import Reduce, identity
 from ..errors import UserInputError
 from . import holdout as holdout_checks
 from .inputs import vocabulary_size
-from .losses import example_losses
+from .losses import example_losses, example_losses_joined
 from .records import Batch, as_batches
 from .score_memo import ScoreMemo
 from .target import forget_score, holdout_histogram
@@ -52,11 +52,13 @@ class RunMeasures:
         """(this process's per-example mean token NLL [n], token NLL sum, token count), the sums reduced."""
         return example_losses(self.model, as_batches(batches), self.reduce)
 
-    def _holdout_histogram(self, losses_out: list[Tensor] | None = None) -> tuple[Tensor, float]:
+    def _holdout_histogram(self, losses_out: list[Tensor] | None = None,
+                           measured: tuple[Tensor, float, float] | None = None) -> tuple[Tensor, float]:
         """The holdout's per-example losses as a histogram (`target.holdout_histogram`) and its mean token NLL, at
-        the current weights (the losses themselves appended to `losses_out`). A non-finite loss makes the mean
-        non-finite on every process (the sums are reduced): the callers read that as "no score"."""
-        losses, total, count = self.example_losses(self.holdout)
+        the current weights (the losses themselves appended to `losses_out`; `measured`: the holdout's
+        `example_losses` at these weights, already measured). A non-finite loss makes the mean non-finite on every
+        process (the sums are reduced): the callers read that as "no score"."""
+        losses, total, count = measured if measured is not None else self.example_losses(self.holdout)
         if losses_out is not None:
             losses_out.append(losses)
         return holdout_histogram(losses, self.reduce), total / count
@@ -73,8 +75,13 @@ class RunMeasures:
         (`target.forget_score`) at the current weights (before unlearning with `relative_target=False`); otherwise
         the mean token NLL. NaN when a loss of either set is not finite (a trial that is rolled back).
         `losses_out` receives this process's per-example forget losses and, with a relative holdout target, the
-        holdout's (what `target.score_between` interpolates)."""
-        losses, total, count = self.example_losses(forget)
+        holdout's (what `target.score_between` interpolates). In one process the forget and holdout batches of one
+        shape run in one forward (`losses.example_losses_joined`)."""
+        held_out = None
+        if self.holdout and self.forget_target is None and self.relative_target and self.reduce is identity:
+            (losses, total, count), held_out = example_losses_joined(self.model, [as_batches(forget), self.holdout])
+        else:
+            losses, total, count = self.example_losses(forget)
         if losses_out is not None:
             losses_out.append(losses)
         nll = total / count
@@ -83,7 +90,7 @@ class RunMeasures:
         if not math.isfinite(nll):  # reduced sums: every process returns here alike
             return float("nan"), nll
         if self.relative_target:
-            hist, holdout_loss = self._holdout_histogram(losses_out)
+            hist, holdout_loss = self._holdout_histogram(losses_out, held_out)
             if not math.isfinite(holdout_loss):
                 return float("nan"), nll
         else:

@@ -26,7 +26,7 @@ from .repair import RetainRepair
 from .stages import FINAL_BUDGET_SHARE, StagedSteps
 from .step_search import Point, StepSearch
 from .target import over_retain_budget, score_between
-from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
+from .trust_region import DEFAULT_PREDICTED_TRUST, LinearStep, largest_trusted_step, predicted_budget
 from .unlearner import Unlearner
 
 #: where a second-order method's curvature comes from (`SecondOrderUnlearner`)
@@ -452,6 +452,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         `evaluate.lazy = True` makes `evaluate` leave them to it (`lazy_budget`: `StepSearch`'s `budget`).
         `before`: the per-example losses at `snapshot` (η = 0, no offset), for `guess(0.0, hi)`."""
         applied: list[float] = []  # the η the weights hold now
+        line = LinearStep(snapshot, direction) if offset is None else None  # the trials' length and overflow
         fraction = self.budget_fraction()
         losses: dict[float, list[Tensor]] = {}  # η -> its per-example forget and holdout losses
         if before:
@@ -473,12 +474,15 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         def evaluate(eta: float) -> Point | None:
             if predicted_budget is not None and 0.5 * eta**2 * float(curvature_norm) > predicted_budget:
                 return None  # outside the curvature's trust region: not even tried
+            if line is not None and self.step_leaves_trust_region(line.length(eta), line.start_norm):
+                return None  # would move the weights too far: not even applied
             apply(eta)
-            if self.outside_trust_region(snapshot):
+            if line is None and self.outside_trust_region(snapshot):
                 return None  # moved the weights too far: not even measured
             losses[eta] = []
             score = self.measure_forget_score(forget, losses_out=losses[eta])  # new weights: nothing to reuse
-            ok = all(map(math.isfinite, score)) and all_finite(self.named_params().values())
+            ok = all(map(math.isfinite, score)) and (
+                (line is not None and line.surely_finite(eta)) or all_finite(self.named_params().values()))
             retain = None
             if ok and not evaluate.lazy:  # type: ignore[attr-defined]
                 retain, ok = budget(eta)

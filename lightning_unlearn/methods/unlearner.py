@@ -58,7 +58,7 @@ from .records import (
 )
 from .score_memo import ScoreMemo
 from .target import held_out_retain, over_retain_budget
-from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, outside_step_norm, parameter_norm, step_length
+from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, exceeds_step_norm, parameter_norm, step_length
 
 
 class Unlearner(RunMeasures, ABC):
@@ -180,10 +180,14 @@ class Unlearner(RunMeasures, ABC):
         """Whether the current weights moved further from `snapshot` than the trust region allows
         (`trust_region`): this step alone, or the run's steps together (`RunPath`)."""
         params = self.named_params()
-        pairs = [(params[n], s) for n, s in snapshot.items()]
-        if outside_step_norm(pairs, self.max_step_norm):
+        length = step_length((params[n], s) for n, s in snapshot.items())
+        return self.step_leaves_trust_region(length, parameter_norm(snapshot.values()))
+
+    def step_leaves_trust_region(self, length: float, start_norm: float) -> bool:
+        """`outside_trust_region` for a step of known `length` from weights of norm `start_norm`."""
+        if exceeds_step_norm(length, start_norm, self.max_step_norm):
             return True
-        return self._path is not None and self._path.exceeded_by(step_length(pairs))
+        return self._path is not None and self._path.exceeded_by(length)
 
     def _count_step(self, snapshot: Mapping[str, Tensor]) -> None:
         """An accepted step from `snapshot`: its length goes on the run's path."""
