@@ -304,3 +304,47 @@ def test_the_final_budget_share_caps_the_target_step_while_a_repeat_remains(shar
     staged._budget_spent = 0.4
     staged.step_count = 5
     assert staged.budget_fraction() == 1.0
+
+
+@pytest.mark.parametrize("budget_edge", [10.0, 0.05])
+def test_a_direction_that_peaks_short_of_the_aim_gets_its_budget_measured_at_its_best_point(budget_edge):
+    """No point reaches the aim (the score peaks at 0.3 at η = 0.2): with the budget measured on demand, the best
+    point's budget is measured once (within the budget: it is taken, as the plain search takes it), or the largest η
+    below it within the budget is found on the budget alone (one more forget score, at the η taken), to the plain
+    search's η and reason, with no more held-batch passes than the plain search."""
+
+    def score(eta: float) -> float:
+        return 0.3 * (eta / 0.2) * math.exp(1.0 - eta / 0.2)
+
+    def counted(edge: float):
+        calls = {"score": 0, "budget": 0}
+
+        def budget(eta: float) -> tuple[float, bool]:
+            calls["budget"] += 1
+            return eta, eta <= edge
+
+        def lazy(eta: float) -> Point:
+            calls["score"] += 1
+            return Point((score(eta), 0.0), None, True, False)
+
+        def eager(eta: float) -> Point:
+            calls["score"] += 1
+            retain, ok = budget(eta)
+            return Point((score(eta), 0.0), retain, ok, False)
+
+        return calls, lazy, eager, budget
+
+    plain_calls, _, eager, _ = counted(budget_edge)
+    plain = StepSearch(eager, (0.0, 0.0)).run(0.01, 6)
+    calls, lazy, _, budget = counted(budget_edge)
+    taken = StepSearch(lazy, (0.0, 0.0), budget).run(0.01, 6)
+    free_calls, free, _, free_budget = counted(10.0)
+    StepSearch(free, (0.0, 0.0), free_budget).run(0.01, 6)  # the same search for the aim, the budget never binding
+    assert taken[2] == plain[2] == ("accepted" if budget_edge > 1 else "retain_budget")
+    if budget_edge > 1:
+        assert taken[0] == plain[0] and calls["budget"] == 1 and calls["score"] <= plain_calls["score"]
+    else:
+        tolerance = StepSearch.growth ** (0.5 ** 6)
+        assert budget_edge / tolerance <= taken[0] <= budget_edge
+        assert abs(math.log(taken[0] / plain[0])) <= math.log(tolerance)
+        assert calls["score"] <= free_calls["score"] + 1 and calls["budget"] <= plain_calls["budget"], calls
