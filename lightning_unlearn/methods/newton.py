@@ -7,8 +7,7 @@ One-shot (`steps=1`) or iterative (the forget gradient every step, the curvature
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,9 +23,9 @@ from .protection import constrained_direction, example_groups
 from .records import Batch, StepRecord, as_batches
 from .repair import RetainRepair
 from .stages import FINAL_BUDGET_SHARE, StagedSteps
-from .step_search import Point, StepSearch
-from .target import over_retain_budget, score_between
-from .trust_region import DEFAULT_PREDICTED_TRUST, LinearStep, largest_trusted_step, predicted_budget
+from .step_search import StepSearch
+from .step_trials import StepTrials
+from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
 from .unlearner import Unlearner
 
 #: where a second-order method's curvature comes from (`SecondOrderUnlearner`)
@@ -374,14 +373,13 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
                 continue
             curvature_norm = quadratic_of(self.curvature, direction) if predicted_budget is not None else None
             snapshot = self._snapshot()
-            evaluate = self._step_evaluator(snapshot, direction, offset, forget, held, reference, aim,
-                                            predicted_budget, curvature_norm, before if offset is None else None)
             lazy = self.lazy_budget and aim is not None and held is not None
-            evaluate.lazy = lazy  # type: ignore[attr-defined]
+            trials = StepTrials(self, snapshot, direction, offset, forget, held, reference, aim, predicted_budget,
+                                curvature_norm, before if offset is None else None, lazy=lazy)
             guided = (self.guided_search and aim is not None and bool(self.holdout) and self.relative_target
                       and self.forget_target is None)
-            search = StepSearch(evaluate, forget_before, evaluate.budget if lazy else None,  # type: ignore[attr-defined]
-                                evaluate.guess if guided else None,  # type: ignore[attr-defined]
+            search = StepSearch(trials, forget_before, trials.budget if lazy else None,
+                                trials.guess if guided else None,
                                 self._waypoint_reached(aim, target),
                                 self.stall_ratio if aim is not None and target is not None and aim < target else None)
             start = min(self.scale, largest_trusted_step(self.named_params(), direction, self.max_step_norm,
@@ -396,7 +394,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
             if eta is not None:
                 self._apply_step(snapshot, direction, offset, eta)
                 self._count_step(snapshot)
-                self._score_memo.remember(self, forget, point[0], evaluate.losses.get(eta))  # type: ignore[attr-defined]
+                self._score_memo.remember(self, forget, point[0], trials.losses.get(eta))
                 self._score_memo.remember_held(self, held, point[1])  # what `finish` measures after the last step
                 predicted = None if curvature_norm is None else 0.5 * eta**2 * curvature_norm
                 record = self._emit(StepRecord(step=index, damping=self.damping, scale=eta,
@@ -441,70 +439,6 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
                 if offset is not None:
                     update = update + offset[n].to(device=s.device, dtype=torch.float32)
                 params[n].copy_((s.float() + update).to(s.dtype))
-
-    def _step_evaluator(self, snapshot: Mapping[str, Tensor], direction: Vector, offset: Vector | None,
-                        forget: Sequence[Batch], held: Batch | list[Batch] | None, reference: float | None,
-                        aim: float | None, predicted_budget: float | None, curvature_norm: float | None,
-                        before: list[Tensor] | None = None) -> Callable[[float], Point | None]:
-        """The step search's `evaluate(eta)`: the step η applied and measured (a forward pass over the forget set
-        and the budget's batches), or None when η lies outside the trust region (not measured). Its attribute
-        `budget(eta)` -> (retain loss, within the budget) measures the budget's batches alone, and
-        `evaluate.lazy = True` makes `evaluate` leave them to it (`lazy_budget`: `StepSearch`'s `budget`).
-        `before`: the per-example losses at `snapshot` (η = 0, no offset), for `guess(0.0, hi)`."""
-        applied: list[float] = []  # the η the weights hold now
-        line = LinearStep(snapshot, direction) if offset is None else None  # the trials' length and overflow
-        fraction = self.budget_fraction()
-        losses: dict[float, list[Tensor]] = {}  # η -> its per-example forget and holdout losses
-        if before:
-            losses[0.0] = before  # the weights of `snapshot` (no offset): η = 0
-
-        def apply(eta: float) -> None:
-            if applied != [eta]:
-                self._apply_step(snapshot, direction, offset, eta)
-                applied[:] = [eta]
-
-        def budget(eta: float) -> tuple[float | None, bool]:
-            apply(eta)
-            retain = self.measure(held) if held is not None else None
-            ok = retain is None or math.isfinite(retain)
-            ok = ok and not (reference is not None and retain is not None
-                             and over_retain_budget(retain, reference, self.max_retain_increase, fraction))
-            return retain, ok
-
-        def evaluate(eta: float) -> Point | None:
-            if predicted_budget is not None and 0.5 * eta**2 * float(curvature_norm) > predicted_budget:
-                return None  # outside the curvature's trust region: not even tried
-            if line is not None and self.step_leaves_trust_region(line.length(eta), line.start_norm):
-                return None  # would move the weights too far: not even applied
-            apply(eta)
-            if line is None and self.outside_trust_region(snapshot):
-                return None  # moved the weights too far: not even measured
-            losses[eta] = []
-            score = self.measure_forget_score(forget, losses_out=losses[eta])  # new weights: nothing to reuse
-            ok = all(map(math.isfinite, score)) and (
-                (line is not None and line.surely_finite(eta)) or all_finite(self.named_params().values()))
-            retain = None
-            if ok and not evaluate.lazy:  # type: ignore[attr-defined]
-                retain, ok = budget(eta)
-            return Point(score, retain, ok, ok and aim is not None and score[0] >= aim)
-
-        def guess(lo: float, hi: float) -> float | None:
-            a, b = losses.get(lo), losses.get(hi)
-            if aim is None or a is None or b is None or len(a) != 2 or len(b) != 2:
-                return None
-            if score_between(a, b, 1.0, self.reduce) < aim:
-                return None  # the model does not reach the aim in the bracket
-            low, high = 0.0, 1.0
-            for _ in range(20):  # the smallest t whose predicted score reaches the aim
-                t = 0.5 * (low + high)
-                low, high = (low, t) if score_between(a, b, t, self.reduce) >= aim else (t, high)
-            return lo + high * (hi - lo)
-
-        evaluate.budget = budget  # type: ignore[attr-defined]
-        evaluate.guess = guess  # type: ignore[attr-defined]
-        evaluate.losses = losses  # type: ignore[attr-defined]
-        evaluate.lazy = False  # type: ignore[attr-defined]
-        return evaluate
 
 
 class Newton(SecondOrderUnlearner):
