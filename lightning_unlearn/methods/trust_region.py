@@ -117,12 +117,13 @@ class LinearStep:
         self._unit_roundoff = max(torch.finfo(t).eps for t in dtypes) / 2
 
     def length(self, eta: float) -> float:
-        """An upper bound on ‖θ − θ₀‖ for the weights θ = θ₀ + η d as stored: |η|‖d‖ plus their rounding to the
-        weights' dtype (at most u‖θ₀ + η d‖ ≤ u (‖θ₀‖ + |η|‖d‖), u its unit roundoff). So a trial on the trust
-        region's bound itself (where the search starts when the run's bound binds) is refused, as measuring the
-        stored weights would refuse it whenever their rounding lengthens the step."""
+        """The length the trust region checks for the step η: |η|‖d‖, the step the search means, less the rounding
+        of the weights as stored (at most u‖θ₀ + η d‖ ≤ u (‖θ₀‖ + |η|‖d‖), u the dtype's unit roundoff). So a trial
+        on the bound itself, where the first step's search starts (`largest_trusted_step`), is inside and measured;
+        checked on the stored weights, their rounding put it on either side, by chance (measured on perturbed
+        starts, `docs/recipe.md` §3)."""
         step = abs(eta) * self.direction_norm
-        return step + self._unit_roundoff * (self.start_norm + step)
+        return max(0.0, step - self._unit_roundoff * (self.start_norm + step))
 
     def surely_finite(self, eta: float) -> bool:
         """Whether every entry of θ₀ + η d is finite for certain (False also where θ₀ or d holds a nan or inf: the
