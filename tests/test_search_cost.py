@@ -348,3 +348,28 @@ def test_a_direction_that_peaks_short_of_the_aim_gets_its_budget_measured_at_its
         assert budget_edge / tolerance <= taken[0] <= budget_edge
         assert abs(math.log(taken[0] / plain[0])) <= math.log(tolerance)
         assert calls["score"] <= free_calls["score"] + 1 and calls["budget"] <= plain_calls["budget"], calls
+
+
+def test_a_direction_that_never_raises_the_score_ends_with_no_progress_after_one_budget_check():
+    """The score falls from the first point on: with the budget measured on demand the shortest point's budget is
+    measured once and the search ends with the plain search's reason, instead of a second search with a held-batch
+    pass at every point."""
+    calls = {"score": 0, "budget": 0}
+
+    def budget(eta: float) -> tuple[float, bool]:
+        calls["budget"] += 1
+        return eta, eta <= 10.0
+
+    def lazy(eta: float) -> Point:
+        calls["score"] += 1
+        return Point((-eta, 0.0), None, True, False)
+
+    def eager(eta: float) -> Point:
+        retain, ok = budget(eta)
+        return Point((-eta, 0.0), retain, ok, False)
+
+    plain = StepSearch(eager, (0.0, 0.0)).run(0.01, 6)
+    plain_checks, calls["budget"] = calls["budget"], 0
+    taken = StepSearch(lazy, (0.0, 0.0), budget).run(0.01, 6)
+    assert taken[0] is None and plain[0] is None and taken[2] == plain[2] == "no_progress"
+    assert calls["budget"] == 1 < plain_checks

@@ -128,14 +128,18 @@ class StepSearch:
                             ) -> tuple[float | None, tuple[tuple[float, float], float | None], str] | None:
         """With `budget`, when no measured point reaches the aim: the point that raises the forget score most, its
         budget measured once; out of the budget, the largest η below it within the budget (`_largest_within_budget`:
-        up to the best point the forget score rises with η). None (the caller searches again measuring every point)
-        when no point raises the forget score or no η found within the budget does."""
+        up to the best point the forget score rises with η). Where no point raises the score, "no_progress" once the
+        shortest point is within the budget. None (the caller searches again measuring every point) otherwise: the
+        shortest point out of the budget, or no η found within the budget raising the score."""
         measured = [e for e, p in self.points.items() if p.ok]
         if not measured:
             return None
         best = max(measured, key=lambda e: self.points[e].forget)
         if not self.points[best].forget > self.forget_before:
-            return None
+            # no point raises the score: within the budget at the shortest point, a search measuring every point
+            # would only move up from it, where none did (measured: the same outcomes, `docs/recipe.md` §3)
+            smallest = self.evaluate(min(measured))
+            return (None, (smallest.forget, smallest.retain), "no_progress") if smallest.ok else None
         point = self.evaluate(best)
         if point.ok:
             return best, (point.forget, point.retain), "accepted"
