@@ -74,11 +74,12 @@ def seed_rows(seed: int, cache: str, method_kwargs: dict[str, Any] | None = None
 def calibration_auc(exp: Any, model: torch.nn.Module) -> float:
     """The loss attack's AUC of the inserted canaries against the 20 calibration canaries the request's target is
     scored on (and its holdout protection holds); the rows' `mia_auc` is against the 40 reference canaries instead."""
+    from lightning_unlearn.curvature.base import identity
     from lightning_unlearn.methods.losses import example_losses
     from lightning_unlearn.metrics.privacy_leak import mia_auc
 
     def losses(batches: list) -> torch.Tensor:
-        return example_losses(model, batches, lambda t: t)[0]
+        return example_losses(model, batches, identity)[0]
 
     return float(mia_auc(-losses(list(exp.canary_loader("inserted"))), -losses(exp.holdout_batches())))
 

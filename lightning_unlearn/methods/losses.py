@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..curvature.base import checked_grad, eval_mode
+from ..curvature.base import checked_grad, eval_mode, identity
 from ..curvature.objective import CrossEntropyObjective, model_logits
 
 FORGET_LOSSES = ("unlikelihood", "nll", "unlikelihood_normalized", "nll_normalized")
@@ -71,9 +71,8 @@ def _token_unlikelihood(logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Te
 
 
 #: batches of one shape run in one forward (`example_losses_joined`) while together they hold at most this many
-#: positions: small batches, where a forward's fixed cost is much of its time (the canaries' forget score: the forget
-#: set and the holdout, 32 sequences of 13 tokens, 13 -> 9 ms per score on CPU, timed by hand); TOFU's answer batches
-#: (about 50 × 60 positions) stay apart, where one larger forward was measured slower than two
+#: positions: small batches, where a forward's fixed cost is much of its time, join; long ones (TOFU's answer
+#: batches) stay apart, where one larger forward was measured slower than two (`docs/recipe.md` §3)
 JOINT_POSITIONS = 1024
 
 
@@ -136,11 +135,7 @@ def example_losses_joined(model: nn.Module, groups: Sequence[Sequence[Mapping[st
     parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in groups]
     with torch.no_grad(), eval_mode(model):
         for run in runs:
-            if len(run) == 1:
-                g, b = run[0]
-                parts[g].append(_batch_losses(*token_nll(model_logits(model, b), b)))
-                continue
-            joint = {k: torch.cat([b[k] for _, b in run]) for k in run[0][1]}
+            joint = run[0][1] if len(run) == 1 else {k: torch.cat([b[k] for _, b in run]) for k in run[0][1]}
             nll, example = token_nll(model_logits(model, joint), joint)
             start = 0
             for g, b in run:
@@ -148,7 +143,7 @@ def example_losses_joined(model: nn.Module, groups: Sequence[Sequence[Mapping[st
                 mine = (example >= start) & (example < start + n)
                 parts[g].append(_batch_losses(nll[mine], example[mine] - start))
                 start += n
-    return [_group_losses(p, lambda t: t) for p in parts]
+    return [_group_losses(p, identity) for p in parts]
 
 
 def gradient_sum(batches: Sequence[Mapping[str, Tensor]],

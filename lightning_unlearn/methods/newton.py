@@ -25,7 +25,7 @@ from .repair import RetainRepair
 from .stages import FINAL_BUDGET_SHARE, StagedSteps
 from .step_search import StepSearch
 from .step_trials import StepTrials
-from .trust_region import DEFAULT_PREDICTED_TRUST, largest_trusted_step, predicted_budget
+from .trust_region import DEFAULT_PREDICTED_TRUST, predicted_budget
 from .unlearner import Unlearner
 
 #: where a second-order method's curvature comes from (`SecondOrderUnlearner`)
@@ -382,8 +382,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
                                 trials.guess if guided else None,
                                 self._waypoint_reached(aim, target),
                                 self.stall_ratio if aim is not None and target is not None and aim < target else None)
-            start = min(self.scale, largest_trusted_step(self.named_params(), direction, self.max_step_norm,
-                                                         predicted_budget, curvature_norm, self.path_remaining()))
+            start = min(self.scale, trials.largest_trusted_step())
             try:
                 eta, point, reason = search.run(start, self.search_iters)
             except BaseException:  # an error (or Ctrl-C) during the search: the weights of before it

@@ -14,8 +14,8 @@ held retain batch alone and measuring the forget score once, at the η it takes 
 with η). Where the first assumption holds the same η is taken for one held-batch pass instead of one per point; where
 the budget binds, a bisection costs a held-batch pass per point instead of a forget score and a held-batch pass.
 Where no point reaches the aim, the point that raised the forget score most gets its budget measured, and only if it
-is out of the budget is the largest η below it within the budget looked for the same way (before, every point of a
-second search got a held-batch pass: 8 per such step on the canaries).
+is out of the budget is the largest η below it within the budget looked for the same way; where no point raised it,
+the shortest point's budget decides (`_best_within_budget`), not a second search with a held-batch pass per point.
 
 With `guess` (`guess(lo, hi)`: the η in (lo, hi) where a model of the measured points predicts the aim is first
 reached, or None), the bisection measures next to the predicted crossing instead of at the geometric mean, just above

@@ -17,7 +17,7 @@ from .inputs import all_finite
 from .records import Batch
 from .step_search import Point
 from .target import over_retain_budget, score_between
-from .trust_region import LinearStep
+from .trust_region import LinearStep, largest_trusted_step, trusted_step_length
 
 
 class StepTrials:
@@ -59,26 +59,29 @@ class StepTrials:
                          and over_retain_budget(retain, self.reference, host.max_retain_increase, self.fraction))
         return retain, ok
 
-    def _outside(self, eta: float) -> bool | None:
-        """Whether η is outside a trust region before it is applied (None: known only once applied)."""
-        if self.predicted_budget is not None and 0.5 * eta**2 * float(self.curvature_norm) > self.predicted_budget:
-            return True  # outside the curvature's trust region
+    def largest_trusted_step(self) -> float:
+        """Where the search starts at most: the largest η inside the trust regions (`largest_trusted_step`), from the
+        norms `line` already holds where it can."""
+        host = self.host
         if self.line is None:
-            return None
-        return self.host.step_leaves_trust_region(self.line.length(eta), self.line.start_norm)
+            return largest_trusted_step(host.named_params(), self.direction, host.max_step_norm,
+                                        self.predicted_budget, self.curvature_norm, host.path_remaining())
+        return trusted_step_length(self.line.start_norm, self.line.direction_norm, host.max_step_norm,
+                                   self.predicted_budget, self.curvature_norm, host.path_remaining())
 
     def __call__(self, eta: float) -> Point | None:
-        outside = self._outside(eta)
-        if outside:
-            return None  # not even applied
+        host, line = self.host, self.line
+        if self.predicted_budget is not None and 0.5 * eta**2 * float(self.curvature_norm) > self.predicted_budget:
+            return None  # outside the curvature's trust region: not even applied
+        if line is not None and host.step_leaves_trust_region(line.length(eta), line.start_norm):
+            return None  # the step would move the weights too far: not even applied
         self.apply(eta)
-        host = self.host
-        if outside is None and host.outside_trust_region(self.snapshot):
-            return None  # moved the weights too far: not measured
+        if line is None and host.outside_trust_region(self.snapshot):
+            return None  # moved the weights too far (an offset: known once applied): not measured
         self.losses[eta] = []
         score = host.measure_forget_score(self.forget, losses_out=self.losses[eta])  # new weights: nothing to reuse
         ok = all(map(math.isfinite, score)) and (
-            (self.line is not None and self.line.surely_finite(eta)) or all_finite(host.named_params().values()))
+            (line is not None and line.surely_finite(eta)) or all_finite(host.named_params().values()))
         retain = None
         if ok and not self.lazy:
             retain, ok = self.budget(eta)

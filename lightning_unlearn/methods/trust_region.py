@@ -26,17 +26,6 @@ DEFAULT_MAX_STEP_NORM = 1.0
 DEFAULT_PREDICTED_TRUST = 2.0
 
 
-def relative_step(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """‖θ - θ₀‖ / ‖θ₀‖ over (current, snapshot) parameter pairs (0 when θ₀ = 0 and θ = θ₀)."""
-    moved = size = 0.0
-    for param, start in pairs:
-        moved += float((param.detach().double() - start.double()).pow(2).sum())
-        size += float(start.double().pow(2).sum())
-    if size == 0.0:
-        return 0.0 if moved == 0.0 else math.inf
-    return math.sqrt(moved / size)
-
-
 def parameter_norm(params: Iterable[Tensor]) -> float:
     """‖θ‖ over the parameters (float64 accumulation)."""
     return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
@@ -82,15 +71,19 @@ class RunPath:
         self.travelled += length
 
 
-def outside_step_norm(pairs: Iterable[tuple[Tensor, Tensor]], max_step_norm: float | None) -> bool:
-    """Whether the parameters moved further from their snapshot than `max_step_norm` × its norm (None: no bound)."""
-    return max_step_norm is not None and relative_step(pairs) > max_step_norm
-
-
 def exceeds_step_norm(length: float, start_norm: float, max_step_norm: float | None) -> bool:
-    """`outside_step_norm` for a step whose length is known: longer than `max_step_norm` × `start_norm` (from weights
-    of norm 0, any step that moves them)."""
+    """Whether a step of this length from weights of norm `start_norm` is longer than `max_step_norm` × that norm
+    (from weights of norm 0, any step that moves them; None: no bound)."""
     return max_step_norm is not None and length > max_step_norm * start_norm
+
+
+def outside_step_norm(pairs: Iterable[tuple[Tensor, Tensor]], max_step_norm: float | None) -> bool:
+    """Whether the parameters moved further from their snapshot than `max_step_norm` × its norm (None: no bound),
+    over (current, snapshot) pairs."""
+    if max_step_norm is None:
+        return False
+    pairs = list(pairs)
+    return exceeds_step_norm(step_length(pairs), parameter_norm(s for _, s in pairs), max_step_norm)
 
 
 def _peak(tensors: Iterable[Tensor]) -> float:
@@ -137,13 +130,20 @@ def largest_trusted_step(params: Mapping[str, Tensor], direction: Mapping[str, T
                          remaining: float = math.inf) -> float:
     """The largest η inside both trust regions, where they bound it: ½η²dᵀCd ≤ `predicted_budget` (`curvature_norm`
     is dᵀCd), η‖d‖ ≤ `max_step_norm` · ‖θ‖ and η‖d‖ ≤ `remaining` (the run's, `RunPath.remaining`; ignored at 0, where
-    every step is refused anyway) (inf where none bounds it)."""
+    every step is refused anyway) (inf where none bounds it). `trusted_step_length` where ‖θ‖ and ‖d‖ are known."""
+    if max_step_norm is None:
+        return trusted_step_length(0.0, 0.0, None, predicted_budget, curvature_norm, remaining)
+    return trusted_step_length(parameter_norm(params.values()), parameter_norm(direction.values()), max_step_norm,
+                               predicted_budget, curvature_norm, remaining)
+
+
+def trusted_step_length(size: float, length: float, max_step_norm: float | None, predicted_budget: float | None,
+                        curvature_norm: float | None, remaining: float = math.inf) -> float:
+    """`largest_trusted_step` from the norms ‖θ‖ (`size`) and ‖d‖ (`length`)."""
     largest = math.inf
     if predicted_budget is not None and curvature_norm is not None and curvature_norm > 0:
         largest = math.sqrt(2.0 * predicted_budget / curvature_norm)
     if max_step_norm is not None:
-        size = parameter_norm(params.values())
-        length = parameter_norm(direction.values())
         if length > 0 and size > 0:
             largest = min(largest, max_step_norm * size / length)
         if length > 0 and 0 < remaining < math.inf:
