@@ -66,8 +66,9 @@ class StepTrials:
         if self.line is None:
             return largest_trusted_step(host.named_params(), self.direction, host.max_step_norm,
                                         self.predicted_budget, self.curvature_norm, host.path_remaining())
-        return trusted_step_length(self.line.start_norm, self.line.direction_norm, host.max_step_norm,
-                                   self.predicted_budget, self.curvature_norm, host.path_remaining())
+        eta = trusted_step_length(self.line.start_norm, self.line.direction_norm, host.max_step_norm,
+                                  self.predicted_budget, self.curvature_norm, host.path_remaining())
+        return self.line.inside(eta, host.step_leaves_trust_region)
 
     def __call__(self, eta: float) -> Point | None:
         host, line = self.host, self.line

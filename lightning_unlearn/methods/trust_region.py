@@ -13,7 +13,7 @@ without limit (30x in 7 steps, measured on a tiny GPT-2 at relative damping 1e-1
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -107,16 +107,24 @@ class LinearStep:
         self._direction_peak = _peak(moved)
         dtypes = [torch.float32] + [s.dtype for s in start.values() if s.is_floating_point()]
         self._largest = min(torch.finfo(t).max for t in dtypes)
-        self._unit_roundoff = max(torch.finfo(t).eps for t in dtypes) / 2
+        self.unit_roundoff = max(torch.finfo(t).eps for t in dtypes) / 2
 
     def length(self, eta: float) -> float:
-        """The length the trust region checks for the step η: |η|‖d‖, the step the search means, less the rounding
-        of the weights as stored (at most u‖θ₀ + η d‖ ≤ u (‖θ₀‖ + |η|‖d‖), u the dtype's unit roundoff). So a trial
-        on the bound itself, where the first step's search starts (`largest_trusted_step`), is inside and measured;
-        checked on the stored weights, their rounding put it on either side, by chance (measured on perturbed
-        starts, `docs/recipe.md` §3)."""
+        """An upper bound on ‖θ − θ₀‖ for the weights θ = θ₀ + η d as stored: |η|‖d‖ plus their rounding to the
+        weights' dtype (at most u‖θ₀ + η d‖ ≤ u (‖θ₀‖ + |η|‖d‖), u its unit roundoff): a trial it keeps inside the
+        trust region is inside as stored."""
         step = abs(eta) * self.direction_norm
-        return max(0.0, step - self._unit_roundoff * (self.start_norm + step))
+        return step + self.unit_roundoff * (self.start_norm + step)
+
+    def inside(self, eta: float, leaves: Callable[[float, float], bool]) -> float:
+        """η brought in by a few units of rounding where it lies on the trust region's bound (`leaves(length,
+        start_norm)`), as the search's start (`largest_trusted_step`) does, so that it is inside as stored; η
+        unchanged where that is not enough (a bound already spent: every step is refused anyway)."""
+        for _ in range(8):
+            if not (0 < eta < math.inf and leaves(self.length(eta), self.start_norm)):
+                return eta
+            eta *= 1 - 4 * self.unit_roundoff
+        return eta
 
     def surely_finite(self, eta: float) -> bool:
         """Whether every entry of θ₀ + η d is finite for certain (False also where θ₀ or d holds a nan or inf: the
