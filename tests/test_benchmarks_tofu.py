@@ -37,6 +37,23 @@ def test_median_over_seeds_counts_a_seed_that_misses_the_level_as_zero():
     assert table["forget10"]["0.5"]["npo"] is None  # no seed reaches it
 
 
+def test_time_against_first_order_takes_the_fastest_point_that_matches_privacy_and_utility():
+    rows = [_row("newton_kfac", 0.3, 0.50, default=True, seconds=10.0),   # reaches level 0.2
+            _row("npo", 0.25, 0.52, seconds=12.0, knob="slow"),           # matches: 12 s
+            _row("npo", 0.21, 0.51, seconds=4.0, knob="fast"),            # matches: 4 s, the fastest
+            _row("npo", 0.15, 0.60, seconds=1.0, knob="short"),           # below level 0.2
+            _row("simnpo", 0.9, 0.49, seconds=0.5, knob="weak"),          # utility below ours
+            _row("newton_kfac", 0.3, 0.50, default=True, seconds=10.0, seed=1)]  # no baseline ran on seed 1
+    timing = tofu.time_against_first_order(rows, ["npo", "simnpo"])["forget10"]
+    assert timing["seeds"] == 1 and timing["per_seed"][0]["level"] == 0.2
+    assert timing["per_seed"][0]["fastest"]["knob"] == "fast" and timing["default_faster"] == 0
+    rows[2]["model_utility"] = 0.49  # now only the 12 s point matches: the request (10 s) is faster
+    assert tofu.time_against_first_order(rows, ["npo", "simnpo"])["forget10"]["default_faster"] == 1
+    rows[0]["forget_quality"] = 0.01  # the request did not forget: it is not counted faster, whatever the baselines
+    timing = tofu.time_against_first_order(rows, ["npo"])["forget10"]
+    assert timing["per_seed"][0]["level"] is None and timing["default_faster"] == 0
+
+
 def test_smoke_preset_writes_the_documented_keys(tmp_path):
     p = tofu.plan("smoke")
     results = tofu.run(p, tmp_path / "cache", tmp_path / "out", say=lambda _: None)
@@ -52,6 +69,7 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     # norm first (the run's trust region) and it says so
     assert recipe["seeds"] == [0] and recipe["status"][0] in ("target_reached", "budget_exhausted")
     assert set(on_disk["frontier_wins"]["tofu"]) == set(p.baselines)
+    assert on_disk["time_against_first_order"]["forget10"]["seeds"] == 1
     assert (tmp_path / "out" / "results.md").read_text().startswith("# TOFU-faithful benchmark")
     assert (tmp_path / "out" / "frontier_tofu.png").stat().st_size > 1000
     methods = {r["method"] for r in on_disk["rows"]}
