@@ -58,8 +58,10 @@ def secrets_of(exp: Experiment) -> list[bytes]:
 def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = None,
                   cache: str | Path = "runs/benchmarks", *, progress: bool = True,
                   do_scaling: bool = True, scaling_only: bool = False, reuse_scaling: bool = False,
-                  workers: int = 2, resume: bool = False) -> dict[str, Any]:
-    """Run a preset end to end and write its results; returns the results dict.
+                  workers: int = 2, resume: bool = False,
+                  kinds: Sequence[str] = ("canaries", "qa")) -> dict[str, Any]:
+    """Run a preset end to end and write its results; returns the results dict. `kinds`: the frontier presets'
+    benchmarks to run (canaries, qa).
 
     `scaling_only`: measure the GPT-2-small K-FAC memory and the scaling curves only, into `scaling.json` (no model is
     trained); `reuse_scaling`: take them from that file instead of measuring them again (so that the two parts can run
@@ -94,7 +96,7 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
         return part
     if preset.frontier:
         return frontier_benchmark(preset, output, cache, say, start, reuse_scaling=reuse_scaling,
-                                  do_scaling=do_scaling, workers=workers, resume=resume)
+                                  do_scaling=do_scaling, workers=workers, resume=resume, kinds=kinds)
     exp = Experiment(preset.experiment, cache, progress=False)
     say(f"preset {preset_name}: training or loading the original and retrained models (cache {exp.cache})")
     secrets = secrets_of(exp)
@@ -139,18 +141,22 @@ def run_benchmark(preset_name: str = "cpu-small", output: str | Path | None = No
 
 
 def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Callable[[str], None], start: float,
-                       *, reuse_scaling: bool, do_scaling: bool, workers: int, resume: bool = False) -> dict[str, Any]:
+                       *, reuse_scaling: bool, do_scaling: bool, workers: int, resume: bool = False,
+                       kinds: Sequence[str] = ("canaries", "qa")) -> dict[str, Any]:
     """The frontier presets: every method's curve on canaries and QA over the preset's seeds (see
     `benchmarks/frontier_bench.py`), the default recipe and its targets, plus K-FAC memory and scaling."""
     from benchmarks import frontier_bench
 
-    configs = {"canaries": [dataclasses.replace(preset.experiment, seed=s) for s in preset.seeds],
-               "qa": [dataclasses.replace(preset.qa, seed=s) for s in preset.seeds]}
-    say(f"preset {preset.name}: {len(preset.seeds)} seeds x (canaries, qa), {workers} worker(s); cache {cache}")
+    every = {"canaries": [dataclasses.replace(preset.experiment, seed=s) for s in preset.seeds],
+             "qa": [dataclasses.replace(preset.qa, seed=s) for s in preset.seeds]}
+    configs = {kind: every[kind] for kind in kinds}
+    say(f"preset {preset.name}: {len(preset.seeds)} seeds x ({', '.join(configs)}), {workers} worker(s); "
+        f"cache {cache}")
     fr = frontier_bench.run_frontier(configs, str(cache), small=preset.name == "smoke", workers=workers, say=say,
                                      resume=resume)
     gpt2, scale, scaling_source = scaling_part(preset, output, say, reuse_scaling, do_scaling)
-    command = "python -m benchmarks.run" + ("" if preset.name == "cpu-small" else f" --preset {preset.name}")
+    command = ("python -m benchmarks.run" + ("" if preset.name == "cpu-small" else f" --preset {preset.name}")
+               + ("" if set(kinds) == {"canaries", "qa"} else f" --benchmarks {' '.join(kinds)}"))
     analysis = fr["analysis"]
     result = {
         "preset": preset.name, "description": preset.description, "command": command, "seeds": list(preset.seeds),
@@ -174,7 +180,7 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
         plots["request_scaling.png"] = plot_request_scaling(scale["request"])
     result["plots"] = list(plots)
     secrets = []
-    for cfg in configs["canaries"]:
+    for cfg in configs.get("canaries", ()):
         secrets += secrets_of(Experiment(cfg, Path(cache) / "canaries", progress=False))
     header = [f"# Benchmark results: preset `{preset.name}`", "",
               f"{preset.description}. Reproduce: `{command}` ({result['runtime_seconds']:.0f} s on "
@@ -243,11 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="processes for the frontier presets (1 torch thread each when > 1)")
     parser.add_argument("--resume", action="store_true",
                         help="frontier presets: take the points of finished (benchmark, seed) tasks from the cache")
+    parser.add_argument("--benchmarks", nargs="+", choices=("canaries", "qa"), default=("canaries", "qa"),
+                        help="frontier presets: the benchmarks to run (default both)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     run_benchmark(args.preset, args.output, args.cache, progress=not args.quiet, do_scaling=not args.no_scaling,
                   scaling_only=args.scaling_only, reuse_scaling=args.reuse_scaling, workers=args.workers,
-                  resume=args.resume)
+                  resume=args.resume, kinds=args.benchmarks)
     return 0
 
 
