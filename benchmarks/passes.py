@@ -34,9 +34,11 @@ def count_passes(model: nn.Module) -> Iterator[dict[str, int]]:
         counts["backward_examples"] += int(grad_output[0].shape[0])
 
     handles = [embedding.register_forward_hook(forward), embedding.register_full_backward_hook(backward)]
-    # the embedding's output needs a gradient for its backward hook to fire, also when its weight is frozen
-    handles.append(embedding.register_forward_hook(lambda m, a, out: out.requires_grad_(True)
-                                                   if torch.is_grad_enabled() and not out.requires_grad else None))
+    # the embedding's output needs a gradient for its backward hook to fire, also when its weight is frozen; not
+    # inside torch.func transforms (CG's jvp/vjp products), which refuse requires_grad_ and count no backward here
+    handles.append(embedding.register_forward_hook(
+        lambda m, a, out: out.requires_grad_(True) if torch.is_grad_enabled() and not out.requires_grad
+        and not torch._C._are_functorch_transforms_active() else None))
     try:
         yield counts
     finally:

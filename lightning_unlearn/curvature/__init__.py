@@ -1,8 +1,9 @@
 """The curvature engine: pure torch. Each backend turns batches into `(C + λI)^p v`."""
 
 from .base import Curvature, Reduce, Vector, gradient, identity
+from .conjugate_gradients import NegativeCurvatureError
 from .diagonal import DiagonalFisher
-from .hessian_free import HessianFree, NegativeCurvatureError
+from .hessian_free import HessianFree
 from .kfac import KFAC
 from .layers import TrackedLayer, UncoveredParametersWarning, find_layers
 from .objective import IGNORE_INDEX, CrossEntropyObjective, MSEObjective, Objective, check_causal_lm, model_logits
