@@ -386,7 +386,28 @@ def analyse(kind: str, rows: Sequence[dict], frontier_mod: Any) -> dict[str, Any
     recipe = default_recipe(kind, rows)
     return {"methods": methods, "tables": tables, "wins_detail": detail, "frontier_wins": wins,
             "default_recipe": recipe, "targets": targets(kind, recipe, wins),
-            "chosen_vs_best": chosen_vs_best(kind, rows)}
+            "chosen_vs_best": chosen_vs_best(kind, rows),
+            "time_against_first_order": time_against_first_order(kind, rows)}
+
+
+def time_against_first_order(kind: str, rows: Sequence[dict]) -> dict[str, Any]:
+    """Per seed: the default request's seconds against the fastest first-order point that reaches the same privacy
+    (exposure on canaries, MIA AUC on QA: at most the default's) at the same or better utility (Δ test perplexity at
+    most the default's); first-order checkpoints are timed from their run's start. `fastest` None: no first-order
+    point of the sweep does, at any price. `default_faster` counts the seeds where the request is faster than it, or
+    it has none."""
+    key = "exposure" if kind == "canaries" else "mia_auc"
+    per_seed = []
+    for mine in sorted((r for r in rows if r.get("default")), key=lambda r: r["seed"]):
+        rivals = [r for r in rows if r["seed"] == mine["seed"] and r["method"] in FIRST_ORDER
+                  and finite(r.get(key)) and finite(r.get("seconds")) and r[key] <= mine[key]
+                  and r["dppl_percent"] <= mine["dppl_percent"]]
+        best = min(rivals, key=lambda r: r["seconds"]) if rivals else None
+        per_seed.append({"seed": mine["seed"], key: mine[key], "dppl_percent": mine["dppl_percent"],
+                         "seconds": mine["seconds"], "fastest": None if best is None else
+                         {k: best[k] for k in ("method", "knob", "seconds", key, "dppl_percent")}})
+    faster = [s for s in per_seed if s["fastest"] is None or s["seconds"] < s["fastest"]["seconds"]]
+    return {"privacy": key, "per_seed": per_seed, "default_faster": len(faster), "seeds": len(per_seed)}
 
 
 # ---------------------------------------------------------------------------------------------------- orchestration
@@ -534,6 +555,21 @@ def markdown(frontier: dict[str, Any]) -> str:
                 lines.append(f"- vs {other}: " + "; ".join(
                     f"level {d.get('level')}: ours {_cell(d.get('ours'))} vs {_cell(d.get('theirs'))} "
                     f"({d.get('outcome')})" for d in detail))
+            lines.append("")
+        timing = a.get("time_against_first_order")
+        if timing:
+            key = timing["privacy"]
+            lines += [f"Time against first order: per seed, the default request against the fastest first-order "
+                      f"point with at most its {key} and its Δ perplexity (- = no such point):", "",
+                      f"| seed | default: {key}, Δppl %, seconds | fastest first order: knob, seconds, {key}, "
+                      "Δppl % |",
+                      "|---|---|---|"]
+            for e in timing["per_seed"]:
+                best = e["fastest"]
+                rival = "-" if best is None else (f"{best['method']} {best['knob']}: {_cell(best['seconds'])} s, "
+                                                  f"{_cell(best[key])}, {_cell(best['dppl_percent'], '+.2f')}")
+                lines.append(f"| {e['seed']} | {_cell(e[key])}, {_cell(e['dppl_percent'], '+.2f')}, "
+                             f"{_cell(e['seconds'])} | {rival} |")
             lines.append("")
         lines += ["Target picked by the default rule (forget score τ = 0.5 against the holdout) against the τ "
                   "that best matches the retrained model:", "",

@@ -166,3 +166,23 @@ def test_plot_frontiers_png():
     png = plot_frontiers(_rows(), shared=["original"], reference={0: 1.0, 1: 2.0}, title="t")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     assert plot_frontiers([]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_time_against_first_order_needs_both_privacy_and_utility():
+    from benchmarks.frontier_bench import time_against_first_order
+
+    def row(method, exposure, dppl, seconds, seed=0, **extra):
+        return {"method": method, "knob": "-", "seed": seed, "exposure": exposure, "dppl_percent": dppl,
+                "seconds": seconds, **extra}
+
+    rows = [row("newton_kfac", 1.5, 0.3, 4.0, default=True),
+            row("gradient_ascent", 1.4, 5.0, 0.5),     # as private, far worse utility
+            row("npo", 2.0, 0.1, 0.4),                 # better utility, less private
+            row("gradient_difference", 1.5, 0.3, 6.0),  # matches both, slower
+            row("newton_kfac", 1.2, 0.2, 1.0),          # second order: not a rival
+            row("newton_kfac", 1.5, 0.3, 4.0, seed=1, default=True),
+            row("npo", 1.0, 0.0, 2.0, seed=1)]         # matches both on seed 1, faster
+    timing = time_against_first_order("canaries", rows)
+    first, second = timing["per_seed"]
+    assert first["fastest"]["method"] == "gradient_difference" and second["fastest"]["method"] == "npo"
+    assert timing["default_faster"] == 1 and timing["seeds"] == 2 and timing["privacy"] == "exposure"
