@@ -327,6 +327,7 @@ def plot_frontiers(
     groups = _group_points(rows, privacy_key, cost_key, group_key, seed_key, shared)
     names = [m for m in (methods if methods is not None else groups) if m in groups]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    drawn: list[float] = []  # the mean curves' costs: the x range (a ±sd band of a diverged run spans ±10^7 %)
     try:
         for k, method in enumerate(names):
             seeds = groups[method]
@@ -342,6 +343,7 @@ def plot_frontiers(
             color = f"C{k % 10}"
             mean = costs[:, ok].mean(axis=0)
             ax.plot(mean, grid[ok], color=color, label=f"{method} (n={len(fronts)})")
+            drawn += [float(c) for c in mean]
             if len(fronts) >= 2:
                 sd = costs[:, ok].std(axis=0, ddof=1)
                 ax.fill_betweenx(grid[ok], mean - sd, mean + sd, color=color, alpha=0.2, linewidth=0)
@@ -350,6 +352,8 @@ def plot_frontiers(
             ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="retrained (reference)")
         # costs span -50 % to +10^6 %: symmetric-log keeps the 0-5 % region, where the comparisons are, readable
         ax.set_xscale("symlog", linthresh=1.0)
+        if drawn:
+            ax.set_xlim(min(-1.0, 2.0 * min(drawn)), max(10.0, 2.0 * max(drawn)))
         ax.set_xlabel(cost_label + " (symmetric log scale)")
         ax.set_ylabel(privacy_label)
         if title:

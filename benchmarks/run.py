@@ -173,6 +173,7 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
                         "torch_threads_per_worker": 1 if workers > 1 else torch.get_num_threads()},
     }
     result["runtime_seconds"] = time.perf_counter() - start
+    result["resumed"] = resume  # runtime_seconds is then the writing's, not the measuring's
     plots = dict(fr["plots"])
     if scale["model_size"]:
         plots["scaling.png"] = plot_scaling(scale)
@@ -182,9 +183,12 @@ def frontier_benchmark(preset: Preset, output: Path, cache: str | Path, say: Cal
     secrets = []
     for cfg in configs.get("canaries", ()):
         secrets += secrets_of(Experiment(cfg, Path(cache) / "canaries", progress=False))
+    took = (f"{result['runtime_seconds']:.0f} s on {os.cpu_count()} CPU cores, {workers} worker process(es)"
+            if not resume else "written with `--resume` from the points of finished tasks cached by an earlier run, "
+            "whose time this is not")
     header = [f"# Benchmark results: preset `{preset.name}`", "",
-              f"{preset.description}. Reproduce: `{command}` ({result['runtime_seconds']:.0f} s on "
-              f"{os.cpu_count()} CPU cores, {workers} worker process(es); trained models cached under `--cache`).", ""]
+              f"{preset.description}" + ("" if set(kinds) == {"canaries", "qa"} else f" (this run: {', '.join(kinds)})")
+              + f". Reproduce: `{command}` ({took}; trained models cached under `--cache`).", ""]
     md = "\n".join(header) + "\n" + frontier_bench.markdown(fr) + "\n" + "\n".join(
         markdown_memory_scaling(result)) + "\n"
     output.mkdir(parents=True, exist_ok=True)
