@@ -48,3 +48,28 @@ def test_protect_retain_is_checked():
 
     with pytest.raises(ValueError, match="protect_retain must be >= 0"):
         build_unlearner("newton", small_causal_lm("gpt2"), protect_retain=-1)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reuse_protection_keeps_the_holdout_gradients_and_takes_each_step_s_retain_groups(memorised, reuse):
+    base, forget, retain, held, holdout = memorised
+    u = build_unlearner("newton", copy.deepcopy(base), protect_retain=2, steps=3, final_repeats=0,
+                        max_retain_increase=None, reuse_protection=reuse)
+    calls = {"holdout": 0, "retain": []}
+    holdout_gradients, group_gradients = u.holdout_gradients, u.group_gradients
+
+    def counted_holdout():
+        calls["holdout"] += 1
+        return holdout_gradients()
+
+    def counted_groups(batches, k):
+        if batches is not u.holdout:
+            calls["retain"].append(id(batches[0]))
+        return group_gradients(batches, k)
+
+    u.holdout_gradients, u.group_gradients = counted_holdout, counted_groups
+    records = u.fit([forget], retain[:3], held_retain_batch=held, holdout_batches=[holdout])
+    steps = len(records)
+    assert steps >= 2
+    assert calls["holdout"] == (1 if reuse else steps)
+    assert len(calls["retain"]) == steps and len(set(calls["retain"])) > 1  # every step its own retain batch

@@ -54,7 +54,8 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
       (at every point when that η is out of the budget). `guided_search` (default on): the bisection measures next to
       where the per-example forget and holdout losses, interpolated linearly in η, cross the aim, and stops at the
       bracket six bisections would leave. `reuse_protection` keeps the first step's holdout gradients for the whole run
-      (off: on the line corpus it stopped a run short of the target). Measured: `docs/recipe.md` §3. `stall_ratio=r`
+      (the retain groups' are the step's own; off: on the line corpus it stopped a run short of the target).
+      Measured: `docs/recipe.md` §3. `stall_ratio=r`
       (off) ends a waypoint step's search where a ×4 longer step adds less than r times the score gained so far
       (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4). `final_budget_share` = 0.5
       (without a staged budget; None: off) lets the step that aims at the target spend half of what is left of the
@@ -175,7 +176,8 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         self.lazy_budget = bool(lazy_budget)
         self.guided_search = bool(guided_search)
         self.stop_at_budget = bool(stop_at_budget)
-        self._holdout_gradients: list[Vector] = []
+        self._holdout_gradients: list[Vector] = []  # the step's constraints: the holdout's, then the retain groups'
+        self._holdout_part: list[Vector] | None = None  # the holdout's (kept for the run with `reuse_protection`)
         self.search_iters = int(search_iters)
         self.stall_ratio = None if stall_ratio is None else float(stall_ratio)
         self.final_budget_share = None if final_budget_share is None else float(final_budget_share)
@@ -229,7 +231,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
 
     def _begin_fit(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> None:
         self._stage_origin, self._stage_start = self.step_count, None
-        self._holdout_gradients = []  # the protection is computed at the first step of every run
+        self._holdout_gradients, self._holdout_part = [], None  # the protection is computed at every run's first step
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
 
@@ -273,10 +275,11 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         if self.curvature is None or not self.curvature.finalized:
             raise RuntimeError(f"{self.name}: the curvature is not fitted; call fit_curvature(batches) first or "
                                "use fit(), which fits it on the curvature_data source")
-        if not self._holdout_gradients or not self.reuse_protection:
-            self._holdout_gradients = (self.holdout_gradients() if self.protect_holdout and self.holdout else [])
-            if self.protect_retain and retain:
-                self._holdout_gradients += self.group_gradients(retain, self.protect_retain)
+        if self._holdout_part is None or not self.reuse_protection:
+            self._holdout_part = self.holdout_gradients() if self.protect_holdout and self.holdout else []
+        self._holdout_gradients = list(self._holdout_part)
+        if self.protect_retain and retain:  # the step's own retain examples, every step
+            self._holdout_gradients += self.group_gradients(retain, self.protect_retain)
         return self.forget_gradient(forget)
 
     def holdout_gradients(self) -> list[Vector]:
