@@ -193,3 +193,19 @@ def test_training_takes_all_its_steps_within_its_epoch_bound(tmp_path):
     exp.train("full")
     meta = json.loads((exp.cache / "original" / "training.json").read_text())
     assert meta["steps"] == config.train_steps
+
+
+def test_one_benchmark_of_a_frontier_preset_from_the_cached_points(smoke, tmp_path):
+    """`--benchmarks canaries --resume`: the canary tasks' points the smoke run cached, analysed again, and a header
+    that says the run's time is not the measuring's."""
+    out, _ = smoke
+    main(["--preset", "smoke", "--no-scaling", "--benchmarks", "canaries", "--resume", "--quiet",
+          "--output", str(tmp_path), "--cache", str(out.parent / "cache")])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["rows"]) == {"canaries"} and set(result["frontier_wins"]) == {"canaries"}
+    assert result["command"].endswith("--benchmarks canaries") and result["resumed"] is True
+    cached = json.loads((out / "results.json").read_text())["rows"]["canaries"]
+    assert [r.get("seconds") for r in result["rows"]["canaries"]] == [r.get("seconds") for r in cached]
+    header = (tmp_path / "results.md").read_text().split("\n\n")[1]
+    assert "(this run: canaries)" in header and "written with `--resume`" in header
+    assert "time_against_first_order" in result["frontier"]["canaries"]
