@@ -2,7 +2,7 @@
 
     module = UnlearningModule("path/to/model", method="newton", curvature="kfac")   # the default recipe
     module.set_holdout_data(holdout_loader)   # or a datamodule with a `holdout` split
-    trainer = L.Trainer(max_steps=5)          # the run stops itself when the target is reached
+    trainer = L.Trainer(max_steps=7)          # a cap: the run stops itself when the target is reached
     trainer.fit(module, train_dataloaders=CombinedLoader({"forget": f, "retain": r}), val_dataloaders=[f, r])
     module.status                             # "target_reached" | "budget_exhausted" | "nothing_accepted"
     module.save_pretrained("unlearned/")
@@ -86,7 +86,7 @@ class UnlearningModule(ModuleEvaluation, pl.LightningModule):
         **knobs: the request's settings by name (every field of `UnlearnSettings` but `steps`, with its defaults:
             the method's default recipe, relative damping and a step-length search, see `SecondOrderUnlearner`; at
             most 16 curvature and 16 holdout batches). `full_curvature` is a curvature file or a Lightning
-            checkpoint written by `CurvatureCallback`/`Unlearn`. The step budget is the trainer's `max_steps`.
+            checkpoint written by `CurvatureCallback`/`Unlearn`. The trainer's `max_steps` caps the steps.
         dtype: load/cast the model in this torch dtype ("float32", "bfloat16", ...).
 
     The target: `set_holdout_data(batches)` (never-trained data of the forget set's kind, labelled like the forget
@@ -94,7 +94,9 @@ class UnlearningModule(ModuleEvaluation, pl.LightningModule):
     `on_train_start` (`Unlearner.calibrate`): the run stops (`trainer.should_stop`) as soon as the forget set
     cannot be told from the holdout any more (the method's target, see `lightning_unlearn.methods.target`), when a
     step spends the retain budget, or when a step is rolled back after all retries (`Unlearner.should_stop`, the
-    rule of the method's own `fit`). `trainer.max_steps` is then only a cap (5 is plenty). For
+    rule of the method's own `fit`). `trainer.max_steps` is then only a cap: a second-order request takes the steps
+    every driver takes (5 staged steps and up to 2 repeats of the last; 10 and 2 in the knowledge regime) within
+    it, fewer giving fewer, larger stages (`Unlearner.limit_steps`). For
     span-level forgetting the holdout must be labelled on its spans too (never-inserted canaries on their secret):
     `ForgetRetainDataModule.holdout_dataloader` refuses a holdout of whole texts (or none), naming the fix; pass
     `holdout=` to the data module, `set_holdout_data(...)`, or `holdout_batches=0` for no holdout target.
@@ -120,7 +122,8 @@ class UnlearningModule(ModuleEvaluation, pl.LightningModule):
         if "steps" in knobs:
             from .errors import UserInputError
 
-            raise UserInputError("UnlearningModule: steps is the trainer's max_steps (Lightning drives the steps)")
+            raise UserInputError("UnlearningModule: the trainer's max_steps caps the steps (Lightning drives them); "
+                                 "set Trainer(max_steps=...) instead of steps")
         is_path = isinstance(model, (str, Path))
         self.source_path = Path(model).expanduser().resolve() if is_path and Path(model).exists() else None
         # checked before the model is loaded: a typo or a nonsense value fails in a second, not after the load
@@ -244,7 +247,7 @@ class UnlearningModule(ModuleEvaluation, pl.LightningModule):
             self.model, settings=self.settings, curvature_source=source, reduce=strategy_reduce(trainer),
             gather=strategy_gather(trainer), rank=rank, world_size=world, batch_counts=counts,
             required=("forget", "curvature") if source is not None else ("forget",), who=type(self).__name__,
-            steps=self._planned_steps())
+            steps=None if self.settings.second_order else self._planned_steps())
         self.history = []
         self._held_retain, self._forget, self._begun = None, None, False
         self._recent_retain: deque[dict[str, Tensor]] = deque(maxlen=REPAIR_BATCHES)  # what the retain repair descends
@@ -302,14 +305,21 @@ class UnlearningModule(ModuleEvaluation, pl.LightningModule):
         return None
 
     def _planned_steps(self) -> int:
-        """The method's step budget: the trainer's `max_steps` (Lightning drives the steps; a staged recipe spreads its
-        stages over them), or the methods' default when it is unbounded."""
+        """A first-order method's step budget: the trainer's `max_steps`, or the methods' default when it is
+        unbounded."""
+        cap = self._step_cap()
+        return cap if cap is not None else DEFAULT_NEWTON_STEPS
+
+    def _step_cap(self) -> int | None:
+        """The trainer's `max_steps` (None: unbounded). A second-order request takes its own staged steps and repeats
+        of the last stage, as every other driver's (5 and 2; 10 and 2 in the knowledge regime), within it
+        (`Unlearner.limit_steps`): fewer steps give fewer, larger stages and no repeat."""
         max_steps = self.trainer.max_steps
-        return int(max_steps) if max_steps is not None and max_steps > 0 else DEFAULT_NEWTON_STEPS
+        return int(max_steps) if max_steps is not None and max_steps > 0 else None
 
     def _warn_if_the_regime_is_short(self, unlearner: Any) -> None:
         """The knowledge regime (memorised retain data) was measured with `KNOWLEDGE_STEPS` staged steps; under
-        Lightning the trainer's `max_steps` sets their number, so fewer is said once, with the fix."""
+        Lightning a `max_steps` below it caps their number, so fewer is said once, with the fix."""
         steps = getattr(unlearner, "steps", KNOWLEDGE_STEPS)
         if getattr(unlearner, "knowledge_regime", False) and steps < KNOWLEDGE_STEPS:
             rank_zero_warn(
@@ -347,13 +357,16 @@ class UnlearningModule(ModuleEvaluation, pl.LightningModule):
                 self.log_dict({f"unlearn/{k}": v for k, v in summary_numbers(unlearner.summary()).items()},
                               on_step=True, on_epoch=False, batch_size=size)
                 return None
+            if self.settings.second_order:  # the request's steps and repeats, within the trainer's max_steps
+                unlearner.limit_steps(self._step_cap())
             self._warn_if_the_regime_is_short(unlearner)
         step_forget = self._forget_to_step_on(forget)
         record = self.optimizers().step(closure=lambda: unlearner.step(step_forget, retain, self._held_retain))
         if self._forget_set is not None:
             self._judge_on_forget_set(record)
         self.history.append(record)
-        if unlearner.should_stop(record):
+        if unlearner.should_stop(record) or (self.settings.second_order
+                                             and not unlearner.step_due(len(self.history), record)):
             self.trainer.should_stop = True
         numbers = {f"unlearn/{k}": v for k, v in record_numbers(record).items()}
         numbers["unlearn/status_code"] = float(STATUS_CODES[self.status])  # how the run would end now

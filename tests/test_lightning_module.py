@@ -183,3 +183,19 @@ def test_the_run_stops_itself_at_the_holdout_target(tmp_path: Path) -> None:
     with pytest.warns(HoldoutWarning, match="holdout: "):
         t2.fit(again, datamodule=data)
     assert again.status == "target_reached" and again.history == [] and t2.global_step == 0
+
+
+@pytest.mark.parametrize(("max_steps", "steps", "repeats"), [(12, 5, 2), (6, 5, 1), (3, 3, 0), (-1, 5, 2)])
+def test_max_steps_caps_the_request_s_staged_steps_and_repeats(tmp_path: Path, max_steps, steps, repeats) -> None:
+    """A second-order request under Lightning takes the steps every other driver takes (5 stages and up to 2 repeats
+    of the last), within `max_steps`: fewer give fewer, larger stages and no repeat; unbounded gives all of them."""
+    from canary_corpus import memorise
+
+    model, forget, retain, held, holdout = memorise("gpt2")
+    module = UnlearningModule(model, method="newton", curvature="kfac")
+    t = pl.Trainer(accelerator="cpu", max_epochs=3, max_steps=max_steps, enable_progress_bar=False, logger=False,
+                   enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    t.fit(module, datamodule=HoldoutData(forget, retain, held, holdout))
+    assert (module.unlearner.steps, module.unlearner.final_repeats) == (steps, repeats)
+    assert 1 <= t.global_step == len(module.history) <= steps + repeats
+    assert module.status in ("target_reached", "budget_exhausted")

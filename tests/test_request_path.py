@@ -106,7 +106,7 @@ def test_every_driver_passes_every_setting_into_its_settings(name, monkeypatch):
 
 
 def test_the_module_refuses_steps_and_fabric_takes_further_method_keywords():
-    with pytest.raises(UserInputError, match="steps is the trainer's max_steps"):
+    with pytest.raises(UserInputError, match="the trainer's max_steps caps the steps"):
         UnlearningModule(small_causal_lm("gpt2", seed=0), steps=3)
     with pytest.raises(UserInputError, match="unknown setting 'stepz'"):
         Unlearn(stepz=3)
@@ -245,7 +245,9 @@ def test_the_module_builds_its_method_with_prepare_request(tmp_path, monkeypatch
                          enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, CombinedLoader({"forget": forget, "retain": retain}))
     assert len(spy.calls) == 1 and module.unlearner is spy.results[0]
-    assert spy.calls[0]["settings"] is module.settings and spy.calls[0]["steps"] == 1  # Lightning's max_steps
+    # a second-order request takes the API's steps (steps=None), capped by Lightning's max_steps after `begin`
+    assert spy.calls[0]["settings"] is module.settings and spy.calls[0]["steps"] is None
+    assert module.unlearner.steps == 1 and module.unlearner.final_repeats == 0
     assert len(spy.calls[0]["curvature_source"]) == 1 and module.history
 
 

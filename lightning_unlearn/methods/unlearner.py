@@ -347,6 +347,22 @@ class Unlearner(RunMeasures, ABC):
             return True
         return False
 
+    def step_due(self, index: int, record: StepRecord | None) -> bool:
+        """Whether the run takes its step `index` (0-based) after the step that gave `record`: one of its `steps`, or
+        a repeat of the last stage (`repeats_last_stage`) while `final_repeats` remain. `fit`'s loop, and a driver's
+        whose steps another loop drives (`UnlearningModule`)."""
+        if index >= self.steps + self.final_repeats:
+            return False
+        return index < self.steps or self.repeats_last_stage(record)
+
+    def limit_steps(self, most: int | None) -> None:
+        """Fit the run into `most` steps (a driver's cap, e.g. Lightning's `max_steps`; None: no cap): at most `most`
+        staged steps, then the repeats that are left. Call it after `begin`, which sets the regime's steps."""
+        if most is None:
+            return
+        self.steps = min(self.steps, int(most))
+        self.final_repeats = max(0, min(self.final_repeats, int(most) - self.steps))
+
     def repeats_last_stage(self, record: StepRecord | None) -> bool:
         """Whether `fit` takes one more step (of `final_repeats`) after the step that gave `record`: it was accepted
         short of its aim with nothing else to say (not the target, not the retain budget, not a rollback)."""
@@ -425,7 +441,7 @@ class Unlearner(RunMeasures, ABC):
             return []
         held, record = self.budget_batches(held_retain_batch, retain), None
         for i in range(self.steps + self.final_repeats):
-            if i >= self.steps and not self.repeats_last_stage(record):
+            if not self.step_due(i, record):
                 break
             self._before_step(i, forget, retain)
             record = self.step(forget, [retain[i % len(retain)]] if retain else [], held)
