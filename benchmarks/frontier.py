@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -241,6 +241,32 @@ def frontier_wins(table: Mapping[str, Any], ours: str, others: Sequence[str], fa
         counted = [r["outcome"] for r in rows if r["outcome"] != "ignored"]
         out[other] = bool(counted) and all(o == "win" for o in counted)
     return out
+
+
+def fastest_rivals(defaults: Iterable[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                   baselines: Sequence[str], matches: Callable[[Mapping[str, Any], Mapping[str, Any]], bool],
+                   own: Sequence[str], theirs: Sequence[str]) -> list[dict[str, Any]]:
+    """Time against first order, per default row (one a seed): the fastest point of `baselines` on its seed that
+    `matches(default, point)` (the same privacy at the same or better utility; the benchmark says what that is), as
+    its method, knob, seconds and `theirs` fields (None: no point does, at any price), beside the default's seconds
+    and `own` fields."""
+    out = []
+    for mine in sorted(defaults, key=lambda r: r["seed"]):
+        rivals = [r for r in rows if r["seed"] == mine["seed"] and r["method"] in baselines
+                  and _finite(r.get("seconds")) and matches(mine, r)]
+        best = min(rivals, key=lambda r: r["seconds"]) if rivals else None
+        out.append({"seed": mine["seed"], **{k: mine[k] for k in own}, "seconds": mine["seconds"],
+                    "fastest": None if best is None else
+                    {k: best[k] for k in ("method", "knob", "seconds", *theirs)}})
+    return out
+
+
+def rival_cell(fastest: Mapping[str, Any] | None, formats: Mapping[str, str]) -> str:
+    """A `fastest_rivals` entry's point for a Markdown table: `method knob: seconds s, field, ...` ("-": none)."""
+    if fastest is None:
+        return "-"
+    return f"{fastest['method']} {fastest['knob']}: {fastest['seconds']:.3g} s, " + ", ".join(
+        format(fastest[k], fmt) for k, fmt in formats.items())
 
 
 def _fmt(x: float | None, digits: int) -> str:

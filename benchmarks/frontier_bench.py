@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.frontier import fastest_rivals, rival_cell
 from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.request_cost import breakdown_markdown, count_request_passes, mean_breakdown, profiled_request
 from lightning_unlearn.demo import DEFAULT_SETTINGS
@@ -393,20 +394,17 @@ def analyse(kind: str, rows: Sequence[dict], frontier_mod: Any) -> dict[str, Any
 def time_against_first_order(kind: str, rows: Sequence[dict]) -> dict[str, Any]:
     """Per seed: the default request's seconds against the fastest first-order point that reaches the same privacy
     (exposure on canaries, MIA AUC on QA: at most the default's) at the same or better utility (Δ test perplexity at
-    most the default's); first-order checkpoints are timed from their run's start. `fastest` None: no first-order
-    point of the sweep does, at any price. `default_faster` counts the seeds where the request is faster than it, or
-    it has none."""
+    most the default's); first-order checkpoints are timed from their run's start (`frontier.fastest_rivals`).
+    `fastest` None: no first-order point of the sweep does, at any price. `default_faster` counts the seeds where the
+    request is faster than it, or it has none."""
     key = "exposure" if kind == "canaries" else "mia_auc"
-    per_seed = []
-    for mine in sorted((r for r in rows if r.get("default")), key=lambda r: r["seed"]):
-        rivals = [r for r in rows if r["seed"] == mine["seed"] and r["method"] in FIRST_ORDER
-                  and finite(r.get(key)) and finite(r.get("seconds")) and r[key] <= mine[key]
-                  and r["dppl_percent"] <= mine["dppl_percent"]]
-        best = min(rivals, key=lambda r: r["seconds"]) if rivals else None
-        per_seed.append({"seed": mine["seed"], key: mine[key], "dppl_percent": mine["dppl_percent"],
-                         "seconds": mine["seconds"], "fastest": None if best is None else
-                         {k: best[k] for k in ("method", "knob", "seconds", key, "dppl_percent")}})
-    faster = [s for s in per_seed if s["fastest"] is None or s["seconds"] < s["fastest"]["seconds"]]
+
+    def matches(mine: dict, r: dict) -> bool:
+        return finite(r.get(key)) and r[key] <= mine[key] and r["dppl_percent"] <= mine["dppl_percent"]
+
+    per_seed = fastest_rivals([r for r in rows if r.get("default")], rows, FIRST_ORDER, matches,
+                              own=(key, "dppl_percent"), theirs=(key, "dppl_percent"))
+    faster = [e for e in per_seed if e["fastest"] is None or e["seconds"] < e["fastest"]["seconds"]]
     return {"privacy": key, "per_seed": per_seed, "default_faster": len(faster), "seeds": len(per_seed)}
 
 
@@ -565,9 +563,7 @@ def markdown(frontier: dict[str, Any]) -> str:
                       "Δppl % |",
                       "|---|---|---|"]
             for e in timing["per_seed"]:
-                best = e["fastest"]
-                rival = "-" if best is None else (f"{best['method']} {best['knob']}: {_cell(best['seconds'])} s, "
-                                                  f"{_cell(best[key])}, {_cell(best['dppl_percent'], '+.2f')}")
+                rival = rival_cell(e["fastest"], {key: ".3g", "dppl_percent": "+.2f"})
                 lines.append(f"| {e['seed']} | {_cell(e[key])}, {_cell(e['dppl_percent'], '+.2f')}, "
                              f"{_cell(e['seconds'])} | {rival} |")
             lines.append("")

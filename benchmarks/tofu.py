@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.frontier import fastest_rivals, rival_cell
 from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.request_cost import count_request_passes
 from lightning_unlearn.methods import build_unlearner
@@ -272,27 +273,26 @@ def reached_level(forget_quality: float) -> float | None:
 def time_against_first_order(rows: Sequence[dict], baselines: Sequence[str]) -> dict[str, Any]:
     """Per split and seed: the default request's seconds against the fastest first-order point that reaches the
     same privacy at the same or better utility (forget quality at least the level the default reached, model
-    utility at least the default's; first-order checkpoints are timed from the run's start). `fastest` is None
-    where no baseline point does: there no first-order run of the grid buys what the request bought, at any
-    price. Only the seeds where the baselines ran are compared; `default_faster` counts those where the request
-    reached forget quality ≥ 0.05 and is faster than that point, or it has none."""
+    utility at least the default's; first-order checkpoints are timed from the run's start;
+    `frontier.fastest_rivals`). `fastest` is None where no baseline point does: there no first-order run of the grid
+    buys what the request bought, at any price. Only the seeds where the baselines ran are compared;
+    `default_faster` counts those where the request reached forget quality ≥ 0.05 and is faster than that point, or
+    it has none."""
+
+    def matches(mine: dict, r: dict) -> bool:
+        level = reached_level(mine["forget_quality"])
+        return level is not None and r["forget_quality"] >= level and r["model_utility"] >= mine["model_utility"]
+
     out: dict[str, Any] = {}
     for split in sorted({r["split"] for r in rows}):
-        ran = {r["seed"] for r in rows if r["split"] == split and r["method"] in baselines}
-        per_seed = []
-        for mine in sorted((r for r in rows if r["split"] == split and r.get("default") and r["seed"] in ran),
-                           key=lambda r: r["seed"]):
-            level = reached_level(mine["forget_quality"])
-            rivals = [r for r in rows if r["split"] == split and r["seed"] == mine["seed"]
-                      and r["method"] in baselines and level is not None and r["forget_quality"] >= level
-                      and r["model_utility"] >= mine["model_utility"] and "seconds" in r]
-            best = min(rivals, key=lambda r: r["seconds"]) if rivals else None
-            per_seed.append({"seed": mine["seed"], "level": level, "seconds": mine["seconds"],
-                             "model_utility": mine["model_utility"],
-                             "fastest": None if best is None else
-                             {k: best[k] for k in ("method", "knob", "seconds", "forget_quality", "model_utility")}})
-        faster = [s for s in per_seed if s["level"] is not None
-                  and (s["fastest"] is None or s["seconds"] < s["fastest"]["seconds"])]
+        here = [r for r in rows if r["split"] == split]
+        ran = {r["seed"] for r in here if r["method"] in baselines}
+        mine = {r["seed"]: r for r in here if r.get("default") and r["seed"] in ran}
+        per_seed = [{"seed": e["seed"], "level": reached_level(mine[e["seed"]]["forget_quality"]), **e}
+                    for e in fastest_rivals(mine.values(), here, baselines, matches, own=("model_utility",),
+                                            theirs=("forget_quality", "model_utility"))]
+        faster = [e for e in per_seed if e["level"] is not None
+                  and (e["fastest"] is None or e["seconds"] < e["fastest"]["seconds"])]
         out[split] = {"per_seed": per_seed, "default_faster": len(faster), "seeds": len(per_seed)}
     return out
 
@@ -337,9 +337,7 @@ def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool
                   "|---|---|---|---|---|---|"]
         for split, entry in timing.items():
             for s in entry["per_seed"]:
-                best = s["fastest"]
-                rival = "-" if best is None else (f"{best['method']} {best['knob']}: {best['seconds']:.3g} s, "
-                                                  f"{best['forget_quality']:.3g}, {best['model_utility']:.3f}")
+                rival = rival_cell(s["fastest"], {"forget_quality": ".3g", "model_utility": ".3f"})
                 lines.append(f"| {split} | {s['seed']} | {s['level'] if s['level'] is not None else '< 0.05'} | "
                              f"{s['seconds']:.3g} | {s['model_utility']:.3f} | {rival} |")
         lines.append("")
