@@ -82,8 +82,8 @@ def plan(name: str) -> TofuPlan:
         return TofuPlan("smoke", TofuConfig.smoke(), seeds=(0,), splits=("forget10",), taus=(), lrs=(1e-3,),
                         checkpoints=(2,), baselines=("gradient_ascent",), eval_retain=16, variants={})
     if name == "cpu-small":
-        return TofuPlan("cpu-small", TofuConfig(), taus=(0.35, 0.65), lrs=(1e-4, 1e-3), checkpoints=(5, 20),
-                        baseline_seeds=(0,))
+        return TofuPlan("cpu-small", TofuConfig(), taus=(0.35, 0.65), lrs=(1e-4, 3e-4, 1e-3),
+                        checkpoints=(5, 10, 20))
     raise ValueError(f"unknown preset {name!r}; choose smoke or cpu-small")
 
 
@@ -400,10 +400,11 @@ def _load_rows(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _seed_worker(args: tuple[TofuPlan, int, str, str]) -> None:
-    p, seed, cache, out = args
+def _split_worker(args: tuple[TofuPlan, int, str, str, str]) -> None:
+    """One seed and one split in a worker process (one thread)."""
+    p, seed, split, cache, out = args
     torch.set_num_threads(1)
-    seed_task(p, seed, Path(cache), Path(out))
+    seed_task(dataclasses.replace(p, splits=(split,)), seed, Path(cache), Path(out))
 
 
 def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print, *, workers: int = 1,
@@ -412,11 +413,14 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "rows.jsonl").exists():
         (out / "rows.jsonl").unlink()
-    if workers > 1 and len(p.seeds) > 1:
+    tasks = [(p, s, split, str(cache), str(out)) for s in p.seeds for split in p.splits]
+    if workers > 1 and len(tasks) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(workers, len(p.seeds))) as pool:
-            pool.map(_seed_worker, [(p, s, str(cache), str(out)) for s in p.seeds])
+        # one task per seed and split, the largest splits first: 9 tasks keep 2 workers busy where 3 seeds would not
+        tasks.sort(key=lambda t: -SPLITS.index(t[2]) if t[2] in SPLITS else 0)
+        with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            pool.map(_split_worker, tasks, chunksize=1)
     else:
         for seed in p.seeds:
             seed_task(p, seed, cache, out, say)
@@ -447,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="default: benchmarks/results/tofu-<preset>")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--splits", nargs="*", default=None, choices=SPLITS)
-    parser.add_argument("--workers", type=int, default=1, help="seeds run in parallel processes (one thread each)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="seeds and splits run in parallel processes (one thread each)")
     parser.add_argument("--resume", action="store_true", help="keep the splits already in <out>/rows.jsonl")
     parser.add_argument("--config", default=None, help="JSON object of TofuConfig fields to override "
                         "(e.g. '{\"arch\": \"llama\"}'; build its models first: tofu_build --set arch=llama)")
