@@ -37,6 +37,19 @@ def test_median_over_seeds_counts_a_seed_that_misses_the_level_as_zero():
     assert table["forget10"]["0.5"]["npo"] is None  # no seed reaches it
 
 
+def test_default_recipe_pairs_each_seed_with_its_own_retain_model():
+    rows = [_row("retain", 1.0, 0.30, seed=0), _row("retain", 1.0, 0.40, seed=1), _row("retain", 1.0, 0.32, seed=2),
+            _row("newton_kfac", 0.5, 0.29, seed=0, default=True, status="target_reached"),
+            _row("newton_kfac", 0.5, 0.31, seed=1, default=True, status="target_reached"),
+            _row("newton_kfac", 0.5, 0.32, seed=2, default=True, status="target_reached")]
+    for r in rows:
+        r.update(privleak=0.0, seconds=1.0, time_over_fwd_bwd=1.0, time_over_retrain=0.1, steps_accepted=1)
+    recipe = tofu.default_recipe(rows)["forget10"]
+    assert recipe["model_utility"] == pytest.approx(0.31) and recipe["model_utility_retain"] == pytest.approx(0.32)
+    # per seed 0.29/0.30, 0.31/0.40, 0.32/0.32: the median ratio is seed 0's, not 0.31/0.32
+    assert recipe["model_utility_over_retain"] == pytest.approx(0.29 / 0.30)
+
+
 def test_time_against_first_order_takes_the_fastest_point_that_matches_privacy_and_utility():
     rows = [_row("newton_kfac", 0.3, 0.50, default=True, seconds=10.0),   # reaches level 0.2
             _row("npo", 0.25, 0.52, seconds=12.0, knob="slow"),           # matches: 12 s
@@ -60,7 +73,8 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["frontier_wins"]["tofu"] == results["frontier_wins"]["tofu"]
     recipe = on_disk["default_recipe"]["tofu"]["forget10"]
-    for key in ("seeds", "forget_quality", "model_utility", "model_utility_retain", "privleak", "status"):
+    for key in ("seeds", "forget_quality", "model_utility", "model_utility_retain", "model_utility_over_retain",
+                "privleak", "status"):
         assert key in recipe, key
     mine = [r for r in on_disk["rows"] if r["split"] == "forget10" and r.get("default")]
     assert recipe["time_over_fwd_bwd"] == mine[0]["seconds"] / mine[0]["fwd_bwd_seconds"] > 0
