@@ -407,6 +407,13 @@ def _load_rows(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def worker_tasks(p: TofuPlan) -> list[tuple[int, str]]:
+    """(seed, split) pairs for the worker processes, the largest splits first: 9 tasks keep 2 workers busy to the end
+    where 3 whole seeds left one idle for a third of the run."""
+    pairs = [(seed, split) for seed in p.seeds for split in p.splits]
+    return sorted(pairs, key=lambda t: -SPLITS.index(t[1]) if t[1] in SPLITS else 0)
+
+
 def _split_worker(args: tuple[TofuPlan, int, str, str, str]) -> None:
     """One seed and one split in a worker process (one thread)."""
     p, seed, split, cache, out = args
@@ -420,14 +427,12 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "rows.jsonl").exists():
         (out / "rows.jsonl").unlink()
-    tasks = [(p, s, split, str(cache), str(out)) for s in p.seeds for split in p.splits]
+    tasks = worker_tasks(p)
     if workers > 1 and len(tasks) > 1:
         import multiprocessing as mp
 
-        # one task per seed and split, the largest splits first: 9 tasks keep 2 workers busy where 3 seeds would not
-        tasks.sort(key=lambda t: -SPLITS.index(t[2]) if t[2] in SPLITS else 0)
         with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            pool.map(_split_worker, tasks, chunksize=1)
+            pool.map(_split_worker, [(p, seed, split, str(cache), str(out)) for seed, split in tasks], chunksize=1)
     else:
         for seed in p.seeds:
             seed_task(p, seed, cache, out, say)

@@ -104,3 +104,21 @@ def test_command_names_an_unknown_config_field(tmp_path):
     with pytest.raises(SystemExit, match="unknown TofuConfig fields \\['archh'\\]"):
         tofu.main(["--preset", "smoke", "--cache", str(tmp_path), "--out", str(tmp_path), "--config",
                    '{"archh": "llama"}'])
+
+
+def test_worker_tasks_are_seeds_and_splits_largest_first():
+    p = tofu.plan("cpu-small")
+    tasks = tofu.worker_tasks(p)
+    assert len(tasks) == 9 and set(tasks) == {(s, split) for s in (0, 1, 2) for split in tofu.SPLITS}
+    assert [split for _, split in tasks] == ["forget10"] * 3 + ["forget05"] * 3 + ["forget01"] * 3
+
+
+def test_workers_take_one_seed_and_split_each(tmp_path):
+    """Two processes share one seed's two splits (before, a worker took a whole seed: one seed kept one busy); the
+    models they both need are built once, under the cache's lock, and every split's rows reach the results."""
+    tofu.main(["--preset", "smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+               "--recipe-only", "--splits", "forget05", "forget10", "--workers", "2"])
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(on_disk["default_recipe"]["tofu"]) == {"forget05", "forget10"}
+    per_split = {s: sorted(r["method"] for r in on_disk["rows"] if r["split"] == s) for s in ("forget05", "forget10")}
+    assert per_split["forget05"] == per_split["forget10"] == ["newton_kfac", "original", "retain"]
