@@ -80,7 +80,7 @@ def main() -> None:
         exp.holdout_batches(), exp.held_retain_batch(), exp.timings["retrain_seconds"],
         UnlearnSettings(curvature_data="full_minus_forget", full_curvature=full.state_dict()))
     tofu = TofuExperiment(TofuConfig(seed=0), args.tofu_cache)
-    for split in ("forget05", "forget10"):
+    for split in ("forget01", "forget05", "forget10"):
         retain = tofu.retain_batches(split, 16)
         run(f"TOFU {split} (seed 0)", tofu.original_model().eval(), tofu.forget_batches(split), retain[:-1],
             tofu.holdout_batches(split), retain[-1], float(tofu.training_record(f"retain_{split}")["seconds"]),
