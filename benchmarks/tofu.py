@@ -68,7 +68,6 @@ class TofuPlan:
     lrs: Sequence[float] = (3e-4, 1e-3)
     checkpoints: Sequence[int] = (5, 10, 20, 40)
     baselines: Sequence[str] = BASELINES
-    baseline_seeds: Sequence[int] | None = None  # the seeds the baselines run on (None: every seed)
     eval_retain: int = 100  # retain questions scored per evaluation (a seeded sample)
     retain_weight: float = 1.0  # the retain term of gradient difference (and of NPO/SimNPO: 0, as the papers' plain)
     #: second-order variants of the default recipe, each one point: label -> `method_kwargs` (or settings fields)
@@ -165,7 +164,7 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
     for label, fields in p.variants.items():
         newton("default", UnlearnSettings(**fields), label=label)
 
-    for method in (p.baselines if p.baseline_seeds is None or base["seed"] in p.baseline_seeds else ()):
+    for method in p.baselines:
         for lr in p.lrs:
             model = copy.deepcopy(bench.original)
             kwargs: dict[str, Any] = dict(lr=lr, steps=1, max_retain_increase=None)
@@ -212,7 +211,7 @@ def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
             "model_utility": _median([r["model_utility"] for r in mine]),
             "model_utility_retain": _median([ref[r["seed"]]["model_utility"] for r in mine]),
             "model_utility_over_retain": _median([r["model_utility"] / ref[r["seed"]]["model_utility"] for r in mine
-                                                  if r["seed"] in ref and ref[r["seed"]]["model_utility"] > 0]),
+                                                  if ref[r["seed"]]["model_utility"] > 0]),
             "privleak": _median([r["privleak"] for r in mine]),
             "status": [r["status"] for r in mine],
             "steps_accepted": [r["steps_accepted"] for r in mine],
@@ -411,7 +410,7 @@ def worker_tasks(p: TofuPlan) -> list[tuple[int, str]]:
     """(seed, split) pairs for the worker processes, the largest splits first: 9 tasks keep 2 workers busy to the end
     where 3 whole seeds left one idle for a third of the run."""
     pairs = [(seed, split) for seed in p.seeds for split in p.splits]
-    return sorted(pairs, key=lambda t: -SPLITS.index(t[1]) if t[1] in SPLITS else 0)
+    return sorted(pairs, key=lambda t: -SPLITS.index(t[1]))
 
 
 def _split_worker(args: tuple[TofuPlan, int, str, str, str]) -> None:

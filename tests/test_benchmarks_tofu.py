@@ -113,12 +113,33 @@ def test_worker_tasks_are_seeds_and_splits_largest_first():
     assert [split for _, split in tasks] == ["forget10"] * 3 + ["forget05"] * 3 + ["forget01"] * 3
 
 
-def test_workers_take_one_seed_and_split_each(tmp_path):
-    """Two processes share one seed's two splits (before, a worker took a whole seed: one seed kept one busy); the
-    models they both need are built once, under the cache's lock, and every split's rows reach the results."""
+def test_workers_take_one_seed_and_split_each(tmp_path, monkeypatch):
+    """Two processes share one seed's two splits (before, a worker took a whole seed: one seed ran in this process);
+    the models they both need are built under the cache's lock, and every split's rows reach the results."""
+    import multiprocessing
+
+    real_context, pools = multiprocessing.get_context, []
+
+    class SpiedContext:  # the real spawn context; records each pool's size and the tasks it maps
+        def __init__(self, method):
+            self.context = real_context(method)
+
+        def Pool(self, processes):  # noqa: N802 (multiprocessing's name)
+            pool = self.context.Pool(processes)
+            real_map = pool.map
+
+            def spied_map(fn, tasks, chunksize=None):
+                pools.append((processes, [task[1:3] for task in tasks]))
+                return real_map(fn, tasks, chunksize=chunksize)
+
+            pool.map = spied_map
+            return pool
+
+    monkeypatch.setattr(multiprocessing, "get_context", SpiedContext)
     tofu.main(["--preset", "smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
                "--recipe-only", "--splits", "forget05", "forget10", "--workers", "2"])
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(on_disk["default_recipe"]["tofu"]) == {"forget05", "forget10"}
     per_split = {s: sorted(r["method"] for r in on_disk["rows"] if r["split"] == s) for s in ("forget05", "forget10")}
     assert per_split["forget05"] == per_split["forget10"] == ["newton_kfac", "original", "retain"]
+    assert pools == [(2, [(0, "forget10"), (0, "forget05")])]
