@@ -13,6 +13,7 @@ from canary_corpus import memorise
 
 from lightning_unlearn.errors import UserInputError
 from lightning_unlearn.methods import build_unlearner
+from lightning_unlearn.methods import repair as repair_module
 from lightning_unlearn.methods.knowledge import (
     KNOWLEDGE_PROTECT_RETAIN,
     KNOWLEDGE_RETAIN_INCREASE,
@@ -21,6 +22,7 @@ from lightning_unlearn.methods.knowledge import (
     MEMORISED_NATS,
     RETAIN_MEMORISED_OF_HELD,
 )
+from lightning_unlearn.methods.target import over_retain_budget
 from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.settings import UnlearnSettings
 
@@ -188,6 +190,35 @@ def test_the_retain_repair_lowers_the_held_retain_loss_and_keeps_the_forgetting(
     forced.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     f = forced.summary()
     assert f["retain_loss_before_repair"] is not None and f["retain_loss_after"] < f["retain_loss_before_repair"]
+
+
+def test_the_repair_takes_rounds_until_the_held_loss_is_within_the_callers_budget(facts, monkeypatch):
+    """The regime relaxes the budget for the staged steps; the repair then takes up to `REPAIR_ROUNDS` constrained
+    steps down the retain loss, each from where the last left the weights, until the held retain loss is back within
+    the caller's own budget. Here one round leaves it above the default 5 % (the fixture's held facts start at
+    ~0.005 nats): more rounds go lower from the same steps, the forget score within a slack per round of its floor. A
+    budget that one round meets stops after it."""
+    base, forget, retain, held, holdout = facts
+
+    def run(**kwargs):
+        u = build_unlearner("newton", copy.deepcopy(base), **kwargs)
+        u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
+        return u.summary()
+
+    rounds = run()
+    monkeypatch.setattr(repair_module, "REPAIR_ROUNDS", 1)
+    one = run()
+    monkeypatch.undo()
+    assert one["repair_rounds"] == 1 and 2 <= rounds["repair_rounds"] <= repair_module.REPAIR_ROUNDS
+    assert rounds["retain_loss_before_repair"] == pytest.approx(one["retain_loss_before_repair"], rel=1e-6)
+    assert over_retain_budget(one["retain_loss_after"], one["retain_loss_before"], 0.05)
+    assert rounds["retain_loss_after"] < one["retain_loss_after"]
+    steps_only = run(retain_repair=False)  # where the staged steps left the score; each round may lower it by the slack
+    floor = min(steps_only["forget_score_after"], rounds["target"])
+    assert rounds["forget_score_after"] >= floor - rounds["repair_rounds"] * repair_module.REPAIR_SCORE_SLACK - 1e-9
+    loose = run(max_retain_increase=0.5)
+    assert loose["repair_rounds"] == 1
+    assert not over_retain_budget(loose["retain_loss_after"], loose["retain_loss_before"], 0.5)
 
 
 def test_lightning_runs_the_retain_repair_on_its_last_retain_batches(facts, tmp_path):

@@ -21,7 +21,7 @@ STATUSES = ("target_reached", "budget_exhausted", "nothing_accepted")
 SUMMARY_FIELDS = ("status", "target", "target_source", "holdout_loss", "forget_score_before", "forget_score_after",
                   "steps_accepted", "trials", "evaluations", "forget_loss_before", "forget_loss_after",
                   "retain_loss_before", "retain_loss_after", "knowledge_regime",
-                  "retain_loss_before_repair")
+                  "retain_loss_before_repair", "repair_rounds")
 
 
 class NothingAcceptedWarning(UserWarning):
