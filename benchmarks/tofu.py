@@ -196,22 +196,32 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _paired_utility(rows: Sequence[dict], refs: dict[int, dict]) -> float | None:
+    """The median over `rows` of each row's model utility over that of its seed's reference row in `refs`."""
+    return _median([r["model_utility"] / refs[r["seed"]]["model_utility"] for r in rows
+                    if r["seed"] in refs and refs[r["seed"]]["model_utility"] > 0])
+
+
 def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
     """`default_recipe.tofu`: per split the seeds, the medians of forget quality, model utility (and the retain
     model's), privleak, seconds and its ratios to one forward+backward and to retraining, and each seed's status.
     `model_utility_over_retain` is the median over seeds of each seed's utility over its own retain model's (paired:
-    the retain models' utilities differ by seed more than unlearning moves it), beside the ratio of the medians."""
+    the retain models' utilities differ by seed more than unlearning moves it), beside the ratio of the medians;
+    `model_utility_over_original` the same against the model the request started from (the original's own utility
+    differs from the retain model's by as much: they are two finetunes of one base)."""
     out: dict[str, Any] = {}
     for split in sorted({r["split"] for r in rows}):
         mine = [r for r in rows if r["split"] == split and r.get("default")]
         ref = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "retain"}
+        start = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "original"}
+
         out[split] = {
             "seeds": [r["seed"] for r in mine],
             "forget_quality": _median([r["forget_quality"] for r in mine]),
             "model_utility": _median([r["model_utility"] for r in mine]),
             "model_utility_retain": _median([ref[r["seed"]]["model_utility"] for r in mine]),
-            "model_utility_over_retain": _median([r["model_utility"] / ref[r["seed"]]["model_utility"] for r in mine
-                                                  if ref[r["seed"]]["model_utility"] > 0]),
+            "model_utility_over_retain": _paired_utility(mine, ref),
+            "model_utility_over_original": _paired_utility(mine, start),
             "privleak": _median([r["privleak"] for r in mine]),
             "status": [r["status"] for r in mine],
             "steps_accepted": [r["steps_accepted"] for r in mine],
@@ -305,16 +315,16 @@ def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool
     lines = [f"# TOFU-faithful benchmark ({p.name}): seeds {list(p.seeds)}", "",
              "Forget quality (KS p of forget truth ratios vs the retain model), model utility (harmonic mean of 9),",
              "privleak (Min-K% AUC vs the retain model's), medians over seeds (\"per seed\": the median of each seed's",
-             "utility over its own retain model's).", "",
+             "utility over its own retain model's, or its own original's).", "",
              "| split | forget quality | model utility | retain model's utility | × retain model's, per seed | "
-             "privleak | status |",
-             "|---|---|---|---|---|---|---|"]
+             "× original's, per seed | privleak | status |",
+             "|---|---|---|---|---|---|---|---|"]
     for split, r in recipe.items():
         def f(x: Any, d: int = 3) -> str:
             return "-" if x is None else f"{x:.{d}g}"
         lines.append(f"| {split} | {f(r['forget_quality'])} | {f(r['model_utility'])} | "
                      f"{f(r['model_utility_retain'])} | {f(r.get('model_utility_over_retain'))} | "
-                     f"{f(r['privleak'])} | {', '.join(r['status'])} |")
+                     f"{f(r.get('model_utility_over_original'))} | {f(r['privleak'])} | {', '.join(r['status'])} |")
     lines += ["", "Single points (medians over seeds): the reference models, the default recipe and its variants:", "",
               "| split | model | forget quality | model utility | privleak | seconds | time / fwd+bwd |",
               "|---|---|---|---|---|---|---|"]

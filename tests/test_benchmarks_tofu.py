@@ -37,8 +37,10 @@ def test_median_over_seeds_counts_a_seed_that_misses_the_level_as_zero():
     assert table["forget10"]["0.5"]["npo"] is None  # no seed reaches it
 
 
-def test_default_recipe_pairs_each_seed_with_its_own_retain_model():
+def test_default_recipe_pairs_each_seed_with_its_own_retain_model_and_original():
     rows = [_row("retain", 1.0, 0.30, seed=0), _row("retain", 1.0, 0.40, seed=1), _row("retain", 1.0, 0.32, seed=2),
+            _row("original", 0.0, 0.29, seed=0), _row("original", 0.0, 0.33, seed=1),
+            _row("original", 0.0, 0.40, seed=2),
             _row("newton_kfac", 0.5, 0.29, seed=0, default=True, status="target_reached"),
             _row("newton_kfac", 0.5, 0.31, seed=1, default=True, status="target_reached"),
             _row("newton_kfac", 0.5, 0.32, seed=2, default=True, status="target_reached")]
@@ -48,6 +50,8 @@ def test_default_recipe_pairs_each_seed_with_its_own_retain_model():
     assert recipe["model_utility"] == pytest.approx(0.31) and recipe["model_utility_retain"] == pytest.approx(0.32)
     # per seed 0.29/0.30, 0.31/0.40, 0.32/0.32: the median ratio is seed 0's, not 0.31/0.32
     assert recipe["model_utility_over_retain"] == pytest.approx(0.29 / 0.30)
+    # against each seed's original: 0.29/0.29, 0.31/0.33, 0.32/0.40: the median is seed 1's
+    assert recipe["model_utility_over_original"] == pytest.approx(0.31 / 0.33)
 
 
 def test_time_against_first_order_takes_the_fastest_point_that_matches_privacy_and_utility():
@@ -74,7 +78,7 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     assert on_disk["frontier_wins"]["tofu"] == results["frontier_wins"]["tofu"]
     recipe = on_disk["default_recipe"]["tofu"]["forget10"]
     for key in ("seeds", "forget_quality", "model_utility", "model_utility_retain", "model_utility_over_retain",
-                "privleak", "status"):
+                "model_utility_over_original", "privleak", "status"):
         assert key in recipe, key
     mine = [r for r in on_disk["rows"] if r["split"] == "forget10" and r.get("default")]
     assert recipe["time_over_fwd_bwd"] == mine[0]["seconds"] / mine[0]["fwd_bwd_seconds"] > 0
