@@ -214,7 +214,6 @@ def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
         mine = [r for r in rows if r["split"] == split and r.get("default")]
         ref = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "retain"}
         start = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "original"}
-
         out[split] = {
             "seeds": [r["seed"] for r in mine],
             "forget_quality": _median([r["forget_quality"] for r in mine]),

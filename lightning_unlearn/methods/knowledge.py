@@ -96,6 +96,12 @@ class KnowledgeRegime:
         self._given = dict(given)
         self.use_regime(bool(knowledge))
 
+    @property
+    def caller_retain_increase(self) -> float | None:
+        """The retain budget the caller set (`max_retain_increase`; None: no check), which the regime may relax for
+        its staged steps: what the retain repair aims back at (`methods.repair`)."""
+        return self._given["max_retain_increase"]
+
     def use_regime(self, knowledge: bool, relax_budget: bool | None = None) -> None:
         """Set the knowledge regime on or off: the objective, the retain protection, the budget, the number of steps
         and the staged budget the caller did not set take the regime's values. `relax_budget` (default: `knowledge`):
@@ -106,7 +112,7 @@ class KnowledgeRegime:
         self.forget_loss = given["forget_loss"] or (KNOWLEDGE_FORGET_LOSS if knowledge else DEFAULT_FORGET_LOSS)
         protect = given["protect_retain"]
         self.protect_retain = int(protect) if protect is not None else (KNOWLEDGE_PROTECT_RETAIN if knowledge else 0)
-        budget = given["max_retain_increase"]
+        budget = self.caller_retain_increase
         self.max_retain_increase = knowledge_budget(budget) if relax else budget
         steps = given["steps"]
         self.steps = int(steps) if steps is not None else (KNOWLEDGE_STEPS if knowledge else self.secret_steps)

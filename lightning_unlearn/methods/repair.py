@@ -131,7 +131,7 @@ class RetainRepair:
         (the knowledge regime relaxes the budget for the staged steps; the repair aims back at the caller's). Without
         a budget (None) one round is enough."""
         host: Any = self
-        caller = getattr(self, "_given", {}).get("max_retain_increase", host.max_retain_increase)
+        caller = host.caller_retain_increase
         if caller is None:
             return True
         return not over_retain_budget(held_loss, host.reference_retain_loss(held), caller)
