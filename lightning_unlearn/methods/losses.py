@@ -164,13 +164,21 @@ def gradient_sum(batches: Sequence[Mapping[str, Tensor]],
         weight += w
     return grads, weight
 
+def labelled_rows(batch: Mapping[str, Tensor]) -> int:
+    """The number of examples of `batch` with a labelled position under the causal shift: the rows that
+    `example_losses` gives a loss for, in the same order."""
+    return int((batch["labels"][..., 1:] != -100).any(-1).sum())
+
+
 def forget_objective(
-    model: nn.Module, batch: Mapping[str, Tensor], kind: str, params: Sequence[Tensor] | None = None
+    model: nn.Module, batch: Mapping[str, Tensor], kind: str, params: Sequence[Tensor] | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """(objective to minimise, weight) of one forget batch for forget loss `kind` (see the module docstring).
 
     `params` (the parameters being updated) is needed by the normalised variants to measure per-example
-    gradient norms.
+    gradient norms. `weights` (one per labelled row, `labelled_rows`; plain `nll` and `unlikelihood`): each
+    example's tokens count with its weight, the batch still averaged over its positions.
     """
     check_forget_loss(kind)
     logits = model_logits(model, batch)
@@ -182,6 +190,15 @@ def forget_objective(
         per_token, example = _token_unlikelihood(logits, batch)
     if per_token.numel() == 0:
         return logits.sum() * 0.0, 0
+    if weights is not None:
+        if kind.endswith("_normalized"):
+            raise ValueError(f"forget_loss {kind!r} normalises each example itself; per-example weights apply to "
+                             "'nll' and 'unlikelihood'")
+        rows = example.unique()
+        if len(weights) != len(rows):
+            raise ValueError(f"{len(weights)} example weights for a batch of {len(rows)} labelled examples")
+        token_weight = weights.to(per_token.device, per_token.dtype)[torch.searchsorted(rows, example)]
+        return (per_token * token_weight).sum() / per_token.numel(), int(per_token.numel())
     if not kind.endswith("_normalized"):
         return per_token.mean(), int(per_token.numel())
     if params is None:

@@ -7,6 +7,7 @@ One-shot (`steps=1`) or iterative (the forget gradient every step, the curvature
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
 from ..curvature.carried import quadratic_of, restricted
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
+from .forget_focus import unforgotten_weights
 from .group_gradients import grouped_nll_gradients
 from .inputs import all_finite, check_curvature_model, check_settings
 from .knowledge import KnowledgeRegime
@@ -25,6 +27,7 @@ from .repair import RetainRepair
 from .stages import FINAL_BUDGET_SHARE, StagedSteps
 from .step_search import StepSearch
 from .step_trials import StepTrials
+from .target import holdout_histogram
 from .trust_region import DEFAULT_PREDICTED_TRUST, predicted_budget
 from .unlearner import Unlearner
 
@@ -53,8 +56,10 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
       `lazy_budget` (default on): the held retain batch is measured at the η the search would take, not at every point
       (at every point when that η is out of the budget). `guided_search` (default on): the bisection measures next to
       where the per-example forget and holdout losses, interpolated linearly in η, cross the aim, and stops at the
-      bracket six bisections would leave. `reuse_protection` keeps the first step's holdout gradients for the whole run
-      (the retain groups' are the step's own; off: on the line corpus it stopped a run short of the target).
+      bracket six bisections would leave. `focus_unforgotten` (off) weights each forget example's objective by
+      1 − its percentile among the holdout's losses at the step's start (`methods.forget_focus`; measured in
+      `docs/recipe.md` §9: not a default). `reuse_protection` keeps the first step's holdout gradients for the whole
+      run (the retain groups' are the step's own; off: on the line corpus it stopped a run short of the target).
       Measured: `docs/recipe.md` §3. `stall_ratio=r`
       (off) ends a waypoint step's search where a ×4 longer step adds less than r times the score gained so far
       (`StepSearch`'s `stall`; measured on perturbed starts, `docs/recipe.md` §4). `final_budget_share` = 0.5
@@ -116,6 +121,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         knowledge: bool | None = None,
         staged_budget: bool | None = None,
         retain_repair: bool | None = None,
+        focus_unforgotten: bool = False,
         reuse_protection: bool = False,
         lazy_budget: bool = True,
         guided_search: bool = True,
@@ -172,6 +178,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
                          protect_retain=protect_retain, max_retain_increase=self.max_retain_increase, steps=steps,
                          staged_budget=staged_budget)
         self.init_repair(retain_repair)
+        self.focus_unforgotten = bool(focus_unforgotten)
         self.reuse_protection = bool(reuse_protection)
         self.lazy_budget = bool(lazy_budget)
         self.guided_search = bool(guided_search)
@@ -280,7 +287,20 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         self._holdout_gradients = list(self._holdout_part)
         if self.protect_retain and retain:  # the step's own retain examples, every step
             self._holdout_gradients += self.group_gradients(retain, self.protect_retain)
-        return self.forget_gradient(forget)
+        return self.forget_gradient(forget, example_weights=self.forget_weights(forget))
+
+    def forget_weights(self, forget: Sequence[Batch]) -> Tensor | None:
+        """With `focus_unforgotten` and a holdout target, each forget example's weight in this step's objective:
+        `1 − its percentile among the holdout's losses` at the current weights (`forget_focus`; the losses are the
+        forget score's, measured once per weights); None: every example alike."""
+        if not (self.focus_unforgotten and self.holdout and self.forget_target is None):
+            return None
+        measured: list[Tensor] = []
+        score, _ = self.forget_score(forget, losses_out=measured)
+        if not math.isfinite(score):
+            return None
+        hist = holdout_histogram(measured[1], self.reduce) if self.relative_target else self._holdout_hist
+        return unforgotten_weights(measured[0], hist, self.reduce)
 
     def holdout_gradients(self) -> list[Vector]:
         """`∇` of the mean token NLL of up to `protect_groups` groups of holdout examples, each reduced across

@@ -67,16 +67,29 @@ def holdout_histogram(losses: Tensor, reduce: Callable[[Tensor], Tensor]) -> Ten
     return reduce(hist)
 
 
+def _holdout_below(losses: Tensor, hist: Tensor) -> tuple[Tensor, Tensor]:
+    """(per forget example, the number of holdout examples with a lower loss, linear within a bin; the holdout's
+    size) from the histogram `hist`."""
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), hist.cumsum(0)])
+    x = (losses.double().clamp(0, HOLDOUT_MAX_NATS) / HOLDOUT_MAX_NATS * HOLDOUT_BINS).clamp(max=HOLDOUT_BINS - 1e-9)
+    k = x.floor().long()
+    return cum[k] + (x - k) * hist[k], cum[-1]
+
+
 def forget_score(losses: Tensor, hist: Tensor, reduce: Callable[[Tensor], Tensor]) -> float:
     """The mean percentile of the forget examples' losses `losses` among the holdout's (`hist`, from
     `holdout_histogram`), linear within a bin, over every process's examples: 0 = every forget example below every
     holdout example, 0.5 = indistinguishable."""
-    cum = torch.cat([torch.zeros(1, dtype=torch.float64), hist.cumsum(0)])
-    x = (losses.clamp(0, HOLDOUT_MAX_NATS) / HOLDOUT_MAX_NATS * HOLDOUT_BINS).clamp(max=HOLDOUT_BINS - 1e-9)
-    k = x.floor().long()
-    below = cum[k] + (x - k) * hist[k]  # holdout examples with a lower loss (linear within a bin)
+    below, size = _holdout_below(losses, hist)
     sums = reduce(torch.tensor([float(below.sum()), float(len(losses))], dtype=torch.float64))
-    return float(sums[0] / (sums[1] * cum[-1]))
+    return float(sums[0] / (sums[1] * size))
+
+
+def holdout_percentiles(losses: Tensor, hist: Tensor) -> Tensor:
+    """Each forget example's percentile among the holdout's losses (`forget_score` is their mean over every
+    process's examples): 0 below every holdout example (still recognisable as trained on), 1 above every one."""
+    below, size = _holdout_below(losses, hist)
+    return below / size
 
 
 def null_score_sd(n: float, m: float) -> float:

@@ -43,7 +43,7 @@ from .inputs import (
     check_sets,
     check_settings,
 )
-from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, gradient_sum
+from .losses import DEFAULT_FORGET_LOSS, check_forget_loss, forget_objective, gradient_sum, labelled_rows
 from .measures import RunMeasures
 from .records import (
     Batch,
@@ -158,15 +158,26 @@ class Unlearner(RunMeasures, ABC):
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in self.param_names}
 
-    def forget_gradient(self, forget: Sequence[Batch], kind: str | None = None) -> Vector:
+    def forget_gradient(self, forget: Sequence[Batch], kind: str | None = None,
+                        example_weights: Tensor | None = None) -> Vector:
         """`-∇ U` over `param_names` (U the forget objective to minimise, `kind` or `forget_loss`): the direction
         that forgets, averaged over the batches by their weights (positions or examples) and reduced across
-        processes. `kind="nll"` gives `+∇` of the mean token NLL."""
+        processes. `kind="nll"` gives `+∇` of the mean token NLL. `example_weights`: one per labelled example of
+        this process's batches, in order (`losses.forget_objective`'s `weights`)."""
         params = self.named_params()
         plist = list(params.values())
+        start = 0
+
+        def objective(batch: Batch) -> tuple[Tensor, int]:
+            nonlocal start
+            weights = None
+            if example_weights is not None:
+                n = labelled_rows(batch)
+                weights, start = example_weights[start:start + n], start + n
+            return forget_objective(self.model, batch, kind or self.forget_loss, plist, weights)
+
         with torch.enable_grad(), eval_mode(self.model):
-            grads, weight = gradient_sum(forget, lambda b: forget_objective(self.model, b, kind or self.forget_loss,
-                                                                            plist), params)
+            grads, weight = gradient_sum(forget, objective, params)
         total = float(self.reduce(torch.tensor(weight, dtype=torch.float64)))
         if total <= 0:
             raise ValueError("the forget batches have no position with labels != -100; nothing to forget")
