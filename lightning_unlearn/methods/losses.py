@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..curvature.base import checked_grad, eval_mode, identity
-from ..curvature.objective import CrossEntropyObjective, model_logits
+from ..curvature.objective import IGNORE_INDEX, CrossEntropyObjective, model_logits
 
 FORGET_LOSSES = ("unlikelihood", "nll", "unlikelihood_normalized", "nll_normalized")
 DEFAULT_FORGET_LOSS = "unlikelihood"
@@ -164,10 +164,11 @@ def gradient_sum(batches: Sequence[Mapping[str, Tensor]],
         weight += w
     return grads, weight
 
+
 def labelled_rows(batch: Mapping[str, Tensor]) -> int:
     """The number of examples of `batch` with a labelled position under the causal shift: the rows that
     `example_losses` gives a loss for, in the same order."""
-    return int((batch["labels"][..., 1:] != -100).any(-1).sum())
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).any(-1).sum())
 
 
 def forget_objective(
