@@ -19,6 +19,8 @@ recipe's curve has model utility at least the baseline's. Rows hold numbers only
     python -m benchmarks.tofu --preset smoke        # tiny sizes, a minute (what the tests run)
     python -m benchmarks.tofu --config '{"arch": "llama"}' --recipe-only --cache runs/tofu_llama --out DIR
                                                     # the default recipe alone, on a configuration of your choice
+    python -m benchmarks.tofu --recipe-only --method-kwargs '{"focus_unforgotten": true}' --out DIR
+                                                    # one knob changed on the default recipe
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ import torch
 from benchmarks.frontier import fastest_rivals, rival_cell
 from benchmarks.passes import fwd_bwd_seconds
 from benchmarks.request_cost import count_request_passes
+from lightning_unlearn.errors import UserInputError
 from lightning_unlearn.methods import build_unlearner
+from lightning_unlearn.methods.registry import check_method_settings
 from lightning_unlearn.metrics.qa_scoring import reference_statistics, tofu_evaluation
 from lightning_unlearn.report import atomic_write
 from lightning_unlearn.request import serve_request
@@ -73,6 +77,8 @@ class TofuPlan:
     #: second-order variants of the default recipe, each one point: label -> `method_kwargs` (or settings fields)
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "newton_kfac_secret_recipe": {"knowledge": False}})
+    #: knobs set on the default recipe and its τ points (`--method-kwargs`: one change measured against the default)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,9 +164,9 @@ def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> li
         point(label, knob, model, default=default, status=s["status"], steps_accepted=s["steps_accepted"],
               forget_score=s["forget_score_after"], **costs(seconds, passes.snapshot(), "second"))
 
-    newton("default", UnlearnSettings(), default=True)
+    newton("default", UnlearnSettings(method_kwargs=dict(p.method_kwargs)), default=True)
     for tau in p.taus:
-        newton(f"tau={tau:g}", UnlearnSettings(method_kwargs={"target_score": tau}))
+        newton(f"tau={tau:g}", UnlearnSettings(method_kwargs={**p.method_kwargs, "target_score": tau}))
     for label, fields in p.variants.items():
         newton("default", UnlearnSettings(**fields), label=label)
 
@@ -454,7 +460,7 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
     table = matched(rows, [OURS, *p.baselines])
     wins = frontier_wins(table, p.baselines)
     timing = time_against_first_order(rows, p.baselines)
-    results = {"preset": p.name, "seeds": list(p.seeds), "splits": list(p.splits),
+    results = {"preset": p.name, "seeds": list(p.seeds), "splits": list(p.splits), "method_kwargs": p.method_kwargs,
                "default_recipe": {"tofu": recipe}, "frontier_wins": {"tofu": wins}, "matched": table,
                "time_against_first_order": timing, "seconds": time.perf_counter() - start, "rows": rows}
     listed = sorted(secrets)
@@ -478,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(e.g. '{\"arch\": \"llama\"}'; build its models first: tofu_build --set arch=llama)")
     parser.add_argument("--recipe-only", action="store_true",
                         help="the reference models and the default recipe only: no τ sweep, variant or baseline")
+    parser.add_argument("--method-kwargs", default=None,
+                        help="JSON object of knobs set on the default recipe and its τ points, to measure one change "
+                             "against the default (e.g. '{\"focus_unforgotten\": true}')")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("LIGHTNING_UNLEARN_THREADS", "1")))
     p = plan(args.preset)
@@ -491,6 +500,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"--config: unknown TofuConfig fields {unknown}")
         p.config = dataclasses.replace(p.config, **overrides)
+    if args.method_kwargs:
+        knobs = json.loads(args.method_kwargs)
+        if not isinstance(knobs, dict):
+            raise SystemExit(f"--method-kwargs: a JSON object of knobs, got {type(knobs).__name__}")
+        try:  # a typo fails here, not after the reference models' evaluation
+            check_method_settings(UnlearnSettings().method, knobs)
+        except UserInputError as err:
+            raise SystemExit(f"--method-kwargs: {err}") from None
+        p.method_kwargs = knobs
     if args.recipe_only:
         p.taus, p.variants, p.baselines = (), {}, ()
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"tofu-{p.name}"
