@@ -182,6 +182,9 @@ def forget_objective(
     example's tokens count with its weight, the batch still averaged over its positions.
     """
     check_forget_loss(kind)
+    if weights is not None and kind.endswith("_normalized"):  # before the forward: nothing to compute
+        raise ValueError(f"forget_loss {kind!r} normalises each example itself; per-example weights apply to "
+                         "'nll' and 'unlikelihood'")
     logits = model_logits(model, batch)
     base = kind.removesuffix("_normalized")
     if base == "nll":
@@ -192,9 +195,6 @@ def forget_objective(
     if per_token.numel() == 0:
         return logits.sum() * 0.0, 0
     if weights is not None:
-        if kind.endswith("_normalized"):
-            raise ValueError(f"forget_loss {kind!r} normalises each example itself; per-example weights apply to "
-                             "'nll' and 'unlikelihood'")
         rows = example.unique()
         if len(weights) != len(rows):
             raise ValueError(f"{len(weights)} example weights for a batch of {len(rows)} labelled examples")
