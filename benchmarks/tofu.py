@@ -47,7 +47,9 @@ from benchmarks.request_cost import count_request_passes
 from lightning_unlearn.errors import UserInputError
 from lightning_unlearn.methods import build_unlearner
 from lightning_unlearn.methods.registry import check_method_settings
+from lightning_unlearn.metrics.model_utility import MODEL_UTILITY_KEYS
 from lightning_unlearn.metrics.qa_scoring import reference_statistics, tofu_evaluation
+from lightning_unlearn.metrics.utility_interval import model_utility_interval
 from lightning_unlearn.report import atomic_write
 from lightning_unlearn.request import serve_request
 from lightning_unlearn.settings import UnlearnSettings
@@ -125,22 +127,35 @@ class SplitBench:
                         "second": fwd_bwd_seconds(self.original, self.forget + self.retain[:-1])}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return self.evaluate_with_items(model)[0]
+
+    def evaluate_with_items(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """The numbers, and the per-row values of the nine utility components (`model_utility_interval`)."""
         result = tofu_evaluation(model, self.tokenizer, self.parts,
                                  retain_model_truth_ratios=self.reference["forget_truth_ratios"],
                                  retain_model_privleak_auc=self.reference["privleak_auc"],
                                  holdout_rows=self.holdout_rows)
-        return {k: float(v) for k, v in result.items()}
+        return {k: float(v) for k, v in result.items()}, {k: result.per_item[k] for k in MODEL_UTILITY_KEYS}
 
 
 def split_rows(bench: SplitBench, p: TofuPlan, say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every point of every method on one seed and split."""
     base = {"seed": bench.exp.config.seed, "split": bench.split}
     rows: list[dict[str, Any]] = []
+    items: dict[str, dict[str, list[float]]] = {}  # the reference models' per-row utility components
 
     def point(method: str, knob: str, model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
         start = time.perf_counter()
-        row = {**base, "method": method, "knob": knob, **bench.evaluate(model), **extra,
+        numbers, per_row = bench.evaluate_with_items(model)
+        row = {**base, "method": method, "knob": knob, **numbers, **extra,
                "eval_seconds": time.perf_counter() - start}
+        if method in ("retain", "original"):
+            items[method] = per_row
+        elif extra.get("default"):  # the default's utility over each reference's, with the questions' bootstrap
+            for ref in ("retain", "original"):
+                ci = model_utility_interval(per_row, items[ref], seed=base["seed"])
+                finite = math.isfinite(ci["low"]) and math.isfinite(ci["high"])
+                row[f"utility_over_{ref}_interval"] = [ci["low"], ci["high"]] if finite else None
         rows.append(row)
         say(f"  {bench.split} seed {base['seed']} {method} {knob}: FQ {row['forget_quality']:.3g}, MU "
             f"{row['model_utility']:.3f}, privleak {row['privleak']:+.1f}")
@@ -235,6 +250,11 @@ def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
             "time_over_retrain": _median([r["time_over_retrain"] for r in mine]),
             "forget_quality_per_seed": [r["forget_quality"] for r in mine],
             "model_utility_per_seed": [r["model_utility"] for r in mine],
+            # each seed's utility over its retain model's, and the 95 % paired bootstrap interval over the questions
+            "model_utility_over_retain_per_seed": [r["model_utility"] / ref[r["seed"]]["model_utility"]
+                                                   if r["seed"] in ref and ref[r["seed"]]["model_utility"] > 0
+                                                   else None for r in mine],
+            "model_utility_over_retain_interval_per_seed": [r.get("utility_over_retain_interval") for r in mine],
         }
     return out
 
@@ -330,6 +350,17 @@ def markdown(recipe: dict[str, Any], table: dict[str, Any], wins: dict[str, bool
         lines.append(f"| {split} | {f(r['forget_quality'])} | {f(r['model_utility'])} | "
                      f"{f(r['model_utility_retain'])} | {f(r.get('model_utility_over_retain'))} | "
                      f"{f(r.get('model_utility_over_original'))} | {f(r['privleak'])} | {', '.join(r['status'])} |")
+    intervals = [(split, seed, ratio, ci) for split, r in recipe.items()
+                 for seed, ratio, ci in zip(r["seeds"], r.get("model_utility_over_retain_per_seed", ()),
+                                            r.get("model_utility_over_retain_interval_per_seed", ()))
+                 if ratio is not None and ci is not None]
+    if intervals:
+        lines += ["", "Per seed: the default's model utility over its retain model's, with the 95 % paired bootstrap "
+                  "interval over the evaluation's questions (`model_utility_interval`: how much of the ratio is the "
+                  "choice of questions):", "", "| split | seed | × retain model's | 95 % interval |",
+                  "|---|---|---|---|"]
+        lines += [f"| {split} | {seed} | {ratio:.3f} | {ci[0]:.3f} - {ci[1]:.3f} |"
+                  for split, seed, ratio, ci in intervals]
     lines += ["", "Single points (medians over seeds): the reference models, the default recipe and its variants:", "",
               "| split | model | forget quality | model utility | privleak | seconds | time / fwd+bwd |",
               "|---|---|---|---|---|---|---|"]

@@ -52,6 +52,14 @@ def test_default_recipe_pairs_each_seed_with_its_own_retain_model_and_original()
     assert recipe["model_utility_over_retain"] == pytest.approx(0.29 / 0.30)
     # against each seed's original: 0.29/0.29, 0.31/0.33, 0.32/0.40: the median is seed 1's
     assert recipe["model_utility_over_original"] == pytest.approx(0.31 / 0.33)
+    # each seed's ratio, and its bootstrap interval as the row carries it (None: not computed)
+    assert recipe["model_utility_over_retain_per_seed"] == pytest.approx([0.29 / 0.30, 0.31 / 0.40, 1.0])
+    assert recipe["model_utility_over_retain_interval_per_seed"] == [None] * 3
+    rows[6]["utility_over_retain_interval"] = [0.9, 1.01]
+    recipe = tofu.default_recipe(rows)
+    assert recipe["forget10"]["model_utility_over_retain_interval_per_seed"] == [[0.9, 1.01], None, None]
+    text = tofu.markdown(recipe, {}, {}, tofu.plan("smoke"), [{**r, "knob": "-"} for r in rows])
+    assert "| forget10 | 0 | 0.967 | 0.900 - 1.010 |" in text
 
 
 def test_time_against_first_order_takes_the_fastest_point_that_matches_privacy_and_utility():

@@ -26,6 +26,7 @@ from lightning_unlearn.metrics import (
     min_k_auc,
     min_k_scores,
     model_utility,
+    model_utility_interval,
     muse_privleak,
     normalised_answer_probability,
     rouge_l_recall,
@@ -324,6 +325,14 @@ def test_tofu_evaluation_on_tiny_model(tiny, capsys):
     assert result["forget_probability"] > answer_probability(score_answers(
         untrained, tok, [r["question"] for r in parts["forget"]], [r["answer"] for r in parts["forget"]]).loss)
     assert result["forget_quality"] == pytest.approx(stats.ks_2samp(after.numpy(), before.numpy()).pvalue)
+    # the per-row values of the nine utility components, whose means are the components (what the bootstrap draws)
+    for key in MODEL_UTILITY_KEYS:
+        rows = torch.tensor(result.per_item[key], dtype=torch.float64)
+        part = key.rsplit("_", 2)[0] if key.endswith("truth_ratio") else key.rsplit("_", 1)[0]
+        assert rows.numel() == len(parts[part]), key
+        assert float(rows[~torch.isnan(rows)].mean()) == pytest.approx(result[key], abs=1e-12), key
+    interval = model_utility_interval(result.per_item, resamples=200)
+    assert interval["value"] == pytest.approx(result["model_utility"], abs=1e-12)
     assert SECRET not in capsys.readouterr().out
     with pytest.raises(ValueError, match="forget row 1 has no 'paraphrased_answer' field"):
         broken = [dict(r) for r in parts["forget"]]

@@ -28,6 +28,7 @@ from lightning_unlearn.metrics.qa_scoring import (
 )
 from lightning_unlearn.metrics.rouge import RougeLRecall, rouge_l_recall
 from lightning_unlearn.metrics.truth_ratio import TruthRatio, truth_ratio, truth_ratios
+from lightning_unlearn.metrics.utility_interval import model_utility_interval
 
 __all__ = [
     "MODEL_UTILITY_KEYS",
@@ -55,6 +56,7 @@ __all__ = [
     "min_k_auc",
     "min_k_scores",
     "model_utility",
+    "model_utility_interval",
     "muse_privleak",
     "normalised_answer_probability",
     "privleak",

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_unlearn.metrics.answer_probability import answer_probability, normalised_answer_probability
+from lightning_unlearn.metrics.answer_probability import (
+    answer_probability,
+    normalised_answer_probability,
+    normalised_probabilities,
+)
 from lightning_unlearn.metrics.answer_scoring import (
     AnswerScores,
     Row,
@@ -306,14 +310,21 @@ def tofu_evaluation(
         scores = scored(part, score_part(model, tokenizer, rows, paraphrased=part == "retain", options=opts))
         if part == "retain":  # TOFU: plain probability; truth ratio of the paraphrased answer
             result[f"{part}_probability"] = float(answer_probability(scores.answer.loss))
+            probabilities = torch.exp(-scores.answer.loss.to(torch.float64))
             correct = scores.paraphrased_loss
         else:  # the answer against its perturbed answers, for both
             result[f"{part}_probability"] = float(normalised_answer_probability(scores.answer.loss,
                                                                                 scores.perturbed_loss))
+            probabilities = normalised_probabilities(scores.answer.loss, scores.perturbed_loss)
             correct = scores.answer.loss
+        ratios_part = truth_ratios(correct, scores.perturbed_loss)
         result[f"{part}_rouge"] = _mean(scores.rouge)
-        result[f"{part}_truth_ratio"] = float(aggregate_truth_ratios(truth_ratios(correct, scores.perturbed_loss),
-                                                                     "true_better"))
+        result[f"{part}_truth_ratio"] = float(aggregate_truth_ratios(ratios_part, "true_better"))
+        # each component is the mean of these per-row values (NaN: a row left out), in the rows' order: what
+        # `model_utility_interval` resamples
+        result.per_item[f"{part}_probability"] = probabilities.tolist()
+        result.per_item[f"{part}_rouge"] = scores.rouge.to(torch.float64).tolist()
+        result.per_item[f"{part}_truth_ratio"] = torch.clamp(1.0 - ratios_part, min=0.0).tolist()
     missing = [k for k in MODEL_UTILITY_KEYS if k not in result]
     if not missing:
         result["model_utility"] = float(model_utility(result))
