@@ -292,6 +292,7 @@ def run(args: Sequence[str]) -> int:
     from .metrics.answer_scoring import ScoringOptions
     from .metrics.privacy_leak import DEFAULT_REFERENCE_AUC, muse_privleak
     from .metrics.qa_scoring import min_k_auc, reference_statistics, tofu_evaluation
+    from .metrics.utility_interval import model_utility_interval
     from .models import parse_dtype, resolve_device
 
     try:
@@ -338,6 +339,9 @@ def run(args: Sequence[str]) -> int:
                                  retain_model_privleak_auc=reference.get("privleak_auc"))
         metrics.update({k: float(v) for k, v in result.items()})
         metrics.update({f"{part}_rows_dropped": n for part, n in result.rows_dropped.items()})
+        if "model_utility" in result:  # how much of it is the choice of questions: 95 % bootstrap over the rows
+            interval = model_utility_interval(result.per_item)
+            metrics.update({"model_utility_low": interval["low"], "model_utility_high": interval["high"]})
         if "holdout" not in tofu:
             metrics.update({"mia_auc_min_k": None, "privleak": None, "privleak_reference_auc": None})
             warnings.warn(f"--tofu {ns.tofu!r} has no {TOFU_SPLITS[ns.split][1]}.json (TOFU's holdout for "

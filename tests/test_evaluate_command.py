@@ -49,12 +49,14 @@ def test_evaluate_with_retain_model_and_reference_file(setup, capsys):
     direct = run([*common, "--retain-model", root / "retain", "--output", root / "out" / "metrics.json"], capsys)
     expected = {"forget_quality", "forget_truth_ratio", "forget_probability", "forget_rouge", "extraction_strength",
                 "model_utility", "mia_auc_min_k", "privleak", "privleak_reference_auc", "muse_mia_auc_min_k",
-                "muse_privleak", "muse_privleak_reference_auc", *MODEL_UTILITY_KEYS}
+                "muse_privleak", "muse_privleak_reference_auc", "model_utility_low", "model_utility_high",
+                *MODEL_UTILITY_KEYS}
     dropped = {f"{part}_rows_dropped" for part in ("forget", "retain", "real_authors", "world_facts", "holdout")}
     assert set(direct) == expected | dropped
     assert all(direct[k] == 0 and isinstance(direct[k], int) for k in dropped)
     assert all(isinstance(direct[k], float) and math.isfinite(direct[k]) for k in expected)
     assert 0.0 <= direct["forget_quality"] <= 1.0 and direct["privleak_reference_auc"] != 0.5
+    assert direct["model_utility_low"] <= direct["model_utility"] <= direct["model_utility_high"]
     assert json.loads((root / "out" / "metrics.json").read_text()) == direct
     # the retain model's numbers saved once, then reused: the same metrics
     run(["--model", root / "retain", "--tofu", root / "tofu", "--muse", root / "muse", "--batch-size", 4,
