@@ -232,7 +232,7 @@ def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
     differs from the retain model's by as much: they are two finetunes of one base)."""
     out: dict[str, Any] = {}
     for split in sorted({r["split"] for r in rows}):
-        mine = [r for r in rows if r["split"] == split and r.get("default")]
+        mine = sorted((r for r in rows if r["split"] == split and r.get("default")), key=lambda r: r["seed"])
         ref = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "retain"}
         start = {r["seed"]: r for r in rows if r["split"] == split and r["method"] == "original"}
         out[split] = {
