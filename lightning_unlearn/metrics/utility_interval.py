@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_unlearn.metrics.model_utility import MODEL_UTILITY_KEYS, MODEL_UTILITY_PARTS, model_utility
 
-#: bootstrap resamples by default (the interval's ends move by about 0.002 between seeds at 2,000)
+#: bootstrap resamples by default
 RESAMPLES = 2000
 
 
