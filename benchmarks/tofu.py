@@ -217,10 +217,15 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _utility_ratios(rows: Sequence[dict], refs: dict[int, dict]) -> list[float | None]:
+    """Each row's model utility over that of its seed's reference row in `refs` (None: no reference, or one at 0)."""
+    return [r["model_utility"] / refs[r["seed"]]["model_utility"]
+            if r["seed"] in refs and refs[r["seed"]]["model_utility"] > 0 else None for r in rows]
+
+
 def _paired_utility(rows: Sequence[dict], refs: dict[int, dict]) -> float | None:
     """The median over `rows` of each row's model utility over that of its seed's reference row in `refs`."""
-    return _median([r["model_utility"] / refs[r["seed"]]["model_utility"] for r in rows
-                    if r["seed"] in refs and refs[r["seed"]]["model_utility"] > 0])
+    return _median([v for v in _utility_ratios(rows, refs) if v is not None])
 
 
 def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
@@ -251,9 +256,7 @@ def default_recipe(rows: Sequence[dict]) -> dict[str, Any]:
             "forget_quality_per_seed": [r["forget_quality"] for r in mine],
             "model_utility_per_seed": [r["model_utility"] for r in mine],
             # each seed's utility over its retain model's, and the 95 % paired bootstrap interval over the questions
-            "model_utility_over_retain_per_seed": [r["model_utility"] / ref[r["seed"]]["model_utility"]
-                                                   if r["seed"] in ref and ref[r["seed"]]["model_utility"] > 0
-                                                   else None for r in mine],
+            "model_utility_over_retain_per_seed": _utility_ratios(mine, ref),
             "model_utility_over_retain_interval_per_seed": [r.get("utility_over_retain_interval") for r in mine],
         }
     return out
@@ -472,6 +475,9 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "rows.jsonl").exists():
         (out / "rows.jsonl").unlink()
+    # the seconds of the passes before a resumed one: `seconds` is the time every pass that wrote these rows took
+    earlier = json.loads((out / "results.json").read_text()).get("seconds", 0.0) if resume and (
+        out / "results.json").exists() else 0.0
     tasks = worker_tasks(p)
     if workers > 1 and len(tasks) > 1:
         import multiprocessing as mp
@@ -493,7 +499,8 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
     timing = time_against_first_order(rows, p.baselines)
     results = {"preset": p.name, "seeds": list(p.seeds), "splits": list(p.splits), "method_kwargs": p.method_kwargs,
                "default_recipe": {"tofu": recipe}, "frontier_wins": {"tofu": wins}, "matched": table,
-               "time_against_first_order": timing, "seconds": time.perf_counter() - start, "rows": rows}
+               "time_against_first_order": timing, "seconds": earlier + time.perf_counter() - start,
+               "rows": rows}
     listed = sorted(secrets)
     atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode(), listed)
     atomic_write(out / "results.md", markdown(recipe, table, wins, p, rows, timing).encode(), listed)

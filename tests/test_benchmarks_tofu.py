@@ -100,6 +100,9 @@ def test_smoke_preset_writes_the_documented_keys(tmp_path):
     assert (tmp_path / "out" / "frontier_tofu.png").stat().st_size > 1000
     methods = {r["method"] for r in on_disk["rows"]}
     assert {"retain", "original", "newton_kfac", *p.baselines} <= methods
+    # a resumed pass re-analyses the same rows and adds its time to the passes' before it
+    again = tofu.run(p, tmp_path / "cache", tmp_path / "out", say=lambda _: None, resume=True)
+    assert again["rows"] == on_disk["rows"] and again["seconds"] > on_disk["seconds"]
 
 
 def test_command_runs_the_recipe_alone_on_another_architecture(tmp_path, capsys):
