@@ -8,6 +8,7 @@ prose's relative change (the budget's data), and the loss of the other people's 
 sees in full (what a retrained model keeps, and what the budget on prose cannot see).
 
     python -m benchmarks.lines_knowledge          # ~5 min on one core
+    python -m benchmarks.lines_knowledge --archs phi3 gemma3_text --out DIR   # other tiny architectures
 
 Writes `benchmarks/results/lines-knowledge/results.json` and `results.md` (numbers only: the lines are token ids).
 """
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from lightning_unlearn.methods import build_unlearner
+from lightning_unlearn.models import ARCHITECTURES
 from lightning_unlearn.report import atomic_write
 
 ARCHS = ("llama", "qwen2", "gpt_neox", "opt", "gpt2", "stablelm")
@@ -56,12 +58,14 @@ def run(model: torch.nn.Module, data: tuple, **kwargs: Any) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHITECTURES,
+                        help="the tiny architectures to train and unlearn (default: the six of the committed run)")
     parser.add_argument("--out", default="benchmarks/results/lines-knowledge")
     args = parser.parse_args()
     torch.set_num_threads(1)
     corpus = _corpus()
     rows = []
-    for arch in ARCHS:
+    for arch in args.archs:
         for seed in args.seeds:
             torch.manual_seed(seed)
             model, *data = corpus.memorise_lines(arch, seed=seed)
@@ -71,7 +75,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps({"seeds": args.seeds, "rows": rows}, indent=1).encode(), ())
+    summary = {"seeds": args.seeds, "archs": args.archs, "rows": rows}
+    atomic_write(out / "results.json", json.dumps(summary, indent=1).encode(), ())
     lines = ["# Whole lines about people, budget on held-out prose", "",
              "| arch | seed | request | status | steps | forget score | forget lines | never-trained lines | "
              "held-out prose | other people's lines | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]

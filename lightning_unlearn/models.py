@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("gpt2", "llama", "qwen2", "gpt_neox", "opt", "stablelm", "mistral", "qwen3", "gemma2", "phi", "falcon",
-                 "bloom")
+                 "bloom", "phi3", "gemma3_text", "starcoder2", "olmo2", "granite")
 #: the dtypes `build_model` loads or casts a model in
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the files of a saved model's folder that `atomic_save_pretrained(files_from=...)` copies beside new weights
@@ -52,11 +52,16 @@ def small_config(
     if arch == "gpt2":
         kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    elif arch in ("llama", "qwen2", "stablelm", "mistral", "qwen3", "gemma2"):
+    elif arch in ("llama", "qwen2", "stablelm", "mistral", "qwen3", "gemma2", "phi3", "gemma3_text", "starcoder2",
+                  "olmo2", "granite"):
         kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions)
-        if arch in ("qwen3", "gemma2"):  # their head width is a setting of its own (128 and 256 by default)
+        if arch in ("qwen3", "gemma2", "gemma3_text"):  # their head width is a setting of its own (128 and 256)
             kw["head_dim"] = hidden // heads
+        if arch == "phi3":  # its padding id (32000) must lie in the vocabulary; qkv and gate/up are fused Linears
+            kw["pad_token_id"] = eos
+        if arch == "starcoder2":
+            kw.update(residual_dropout=0.0, embedding_dropout=0.0)
     elif arch == "phi":
         kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, max_position_embeddings=max_positions, resid_pdrop=0.0, embd_pdrop=0.0,

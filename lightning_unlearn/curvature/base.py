@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -253,15 +254,16 @@ class Curvature(ABC):
     def damping_scales(self) -> dict[str, float]:
         """Each block's curvature scale (its mean eigenvalue, see the backend), the unit of relative damping.
 
-        A block whose scale is 0 (no curvature seen) gets 1e-6 × the mean of the others, so the step there stays
-        finite. Cached until the statistics change.
+        A block whose scale is 0 (no curvature seen) gets 1e-6 × the median block's, so the step there stays finite;
+        the median, not the mean, so that one block of outsized curvature does not floor every other block (and so
+        flatten their steps). Cached until the statistics change.
         """
         if not self.finalized:
             raise RuntimeError(f"{self.name}: damping_scales() before finalize(); accumulate batches, then finalize()")
         if self._scales is None:
             raw = {k: float(v) for k, v in self._damping_scales().items()}
             positive = [v for v in raw.values() if math.isfinite(v) and v > 0]
-            floor = 1e-6 * (sum(positive) / len(positive) if positive else 1.0)
+            floor = 1e-6 * (statistics.median(positive) if positive else 1.0)
             self._scales = {k: (v if math.isfinite(v) and v > floor else floor) for k, v in raw.items()}
         return self._scales
 
