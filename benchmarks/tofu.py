@@ -475,9 +475,10 @@ def run(p: TofuPlan, cache: Path, out: Path, say: Callable[[str], None] = print,
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "rows.jsonl").exists():
         (out / "rows.jsonl").unlink()
-    # the seconds of the passes before a resumed one: `seconds` is the time every pass that wrote these rows took
-    earlier = json.loads((out / "results.json").read_text()).get("seconds", 0.0) if resume and (
-        out / "results.json").exists() else 0.0
+    # `seconds` is the time of every pass that wrote these rows: a resumed pass adds the passes' before it
+    earlier = 0.0
+    if resume and (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text()).get("seconds", 0.0)
     tasks = worker_tasks(p)
     if workers > 1 and len(tasks) > 1:
         import multiprocessing as mp
