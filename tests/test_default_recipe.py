@@ -62,7 +62,7 @@ def _scaled(curvature, c: float):
     else:  # cg: products of c C
         product = curvature._matvec_flat
         curvature._matvec_flat = lambda v: c * product(v)
-    curvature._scales = None
+    curvature._scales = curvature._raw = None
     return curvature
 
 

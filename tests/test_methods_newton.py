@@ -10,6 +10,7 @@ from canary_corpus import batch, memorise
 from torch import nn
 
 from lightning_unlearn.curvature import CrossEntropyObjective, DiagonalFisher
+from lightning_unlearn.curvature.layers import UncoveredParametersWarning
 from lightning_unlearn.methods import METHODS, Newton, build_curvature, build_unlearner
 from lightning_unlearn.models import small_causal_lm
 
@@ -160,6 +161,38 @@ def test_newton_on_peft_lora_updates_adapters_only():
         if "lora_" not in n:
             assert torch.equal(p, before[n]), n
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_blocks_that_saw_no_curvature_are_named_and_left_in_place():
+    """Fresh LoRA adapters (PEFT's default, B = 0): A's output gradients are Bᵀg = 0, so A's blocks see no curvature
+    at all; every backend names them (`uncurved_parameters`), and relatively damped Newton steps leave them in place
+    (the damping floor would make their direction 1e6 × a typical block's), warning once; B moves."""
+    peft = pytest.importorskip("peft")
+    x = torch.randint(0, 31, (6, 10), generator=torch.Generator().manual_seed(2))
+    for backend in ("kfac", "diagonal"):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(small_causal_lm("llama", vocab_size=32, hidden=16),
+                                    peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_alpha=4))
+        lora_a = {n for n, p in model.named_parameters() if "lora_A" in n}
+        curvature = build_curvature(backend, model).fit([batch(x[2:])])
+        assert set(curvature.uncurved_parameters()) == lora_a, backend
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        u = build_unlearner("newton", model, curvature=curvature, scale=0.1, max_retain_increase=None)
+        with pytest.warns(UncoveredParametersWarning, match="saw no curvature.*lora_A"):
+            assert u.fit([batch(x[:2])], [batch(x[2:])])[-1].accepted
+        assert u.uncurved == lora_a
+        params = dict(model.named_parameters())
+        assert all(torch.equal(params[n], before[n]) for n in lora_a), backend
+        assert any(not torch.equal(params[n], before[n]) for n in params if "lora_B" in n), backend
+        # absolute damping is the caller's own λ, not the floor: nothing is left out
+        moved = {n: p.detach().clone() for n, p in params.items()}
+        u = build_unlearner("newton", model, curvature=curvature, scale=0.1, max_retain_increase=None,
+                            damping_mode="absolute", damping=1.0)
+        assert u.fit([batch(x[:2])], [batch(x[2:])])[-1].accepted
+        assert any(not torch.equal(p, moved[n]) for n, p in model.named_parameters() if n in lora_a), backend
+    adapted = peft.get_peft_model(small_causal_lm("llama", vocab_size=32, hidden=16),
+                                  peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    assert build_curvature("kfac", adapted).fit([batch(x[2:])]).uncurved_parameters() == ()
 
 
 def test_unknown_method_and_backend_errors_name_the_choices():

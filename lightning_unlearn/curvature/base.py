@@ -177,6 +177,7 @@ class Curvature(ABC):
         self.param_names: tuple[str, ...] = ()
         self.finalized = False
         self._scales: dict[str, float] | None = None
+        self._raw: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ public protocol
     def accumulate(self, batch: Mapping[str, Tensor]) -> None:
@@ -191,7 +192,7 @@ class Curvature(ABC):
             raise RuntimeError(f"{self.name}: finalize() called twice; call reset() and accumulate again")
         self._finalize()
         self.finalized = True
-        self._scales = None
+        self._scales = self._raw = None
         return self
 
     def fit(self, batches: Iterable[Mapping[str, Tensor]]) -> Curvature:
@@ -261,11 +262,38 @@ class Curvature(ABC):
         if not self.finalized:
             raise RuntimeError(f"{self.name}: damping_scales() before finalize(); accumulate batches, then finalize()")
         if self._scales is None:
-            raw = {k: float(v) for k, v in self._damping_scales().items()}
+            raw = self._raw_scales()
             positive = [v for v in raw.values() if math.isfinite(v) and v > 0]
             floor = 1e-6 * (statistics.median(positive) if positive else 1.0)
             self._scales = {k: (v if math.isfinite(v) and v > floor else floor) for k, v in raw.items()}
         return self._scales
+
+    def _raw_scales(self) -> dict[str, float]:
+        """`_damping_scales()` as floats, computed once per statistics (the Hessian-free backend's costs products)."""
+        if self._raw is None:
+            self._raw = {k: float(v) for k, v in self._damping_scales().items()}
+        return self._raw
+
+    def uncurved_parameters(self) -> tuple[str, ...]:
+        """The parameters of the blocks that saw no curvature at all (scale exactly 0: their outputs' gradients were
+        zero on every curvature example, as for LoRA's A while its B is still zero) where other blocks saw some;
+        empty when every block or none did. Relative damping gives such a block the floor of `damping_scales`, so
+        its Newton direction is its gradient over 1e-6 × a typical block's scale: once its gradient is not zero, a
+        step dominated by a block the curvature knows nothing about (`docs/recipe.md` §1). The default recipe leaves
+        these parameters in place."""
+        if not self.finalized:
+            raise RuntimeError(f"{self.name}: uncurved_parameters() before finalize(); accumulate batches, then "
+                               "finalize()")
+        raw = self._raw_scales()
+        if not any(math.isfinite(v) and v > 0 for v in raw.values()):
+            return ()
+        blocks = self._block_parameters()
+        return tuple(n for key, v in raw.items() if v == 0.0 for n in blocks.get(key, ()))
+
+    def _block_parameters(self) -> dict[str, tuple[str, ...]]:
+        """Block key (of `_damping_scales`) -> the parameter names of that block; here one block of every parameter
+        (backends with several blocks override it)."""
+        return {key: tuple(self.param_names) for key in self._raw_scales()}
 
     def quadratic(self, vector: Mapping[str, Tensor]) -> float:
         """`vᵀ C v` (no damping): ½ of it is the curvature's prediction of the loss increase of a step `v`."""
@@ -277,7 +305,7 @@ class Curvature(ABC):
     def reset(self) -> None:
         """Forget all statistics (keeps the configuration)."""
         self.finalized = False
-        self._scales = None
+        self._scales = self._raw = None
         self._reset()
 
     def check_vector(self, vector: Mapping[str, Tensor]) -> None:
@@ -362,7 +390,7 @@ class Curvature(ABC):
         self._load_state(state)
         self.seed = int(state.get("seed", self.seed))  # files from before the seed was recorded keep the argument
         self.finalized = True
-        self._scales = None
+        self._scales = self._raw = None
 
     def subtract(self, other: Curvature) -> Curvature:
         """Remove `other`'s data from this curvature, in place: `C = (n C - n_o C_o) / (n - n_o)`, kept PSD.
@@ -375,7 +403,7 @@ class Curvature(ABC):
         if type(other) is not type(self) or list(other.param_names) != list(self.param_names):
             raise ValueError(f"cannot subtract a {other.name} curvature over other parameters from a {self.name} one")
         self._subtract(other)
-        self._scales = None
+        self._scales = self._raw = None
         return self
 
     def _subtract(self, other: Curvature) -> None:

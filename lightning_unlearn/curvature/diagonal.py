@@ -92,6 +92,10 @@ class DiagonalFisher(Curvature):
         """Per parameter tensor: the mean of its diagonal."""
         return {n: float(self.diagonal[n].double().mean()) for n in self.param_names}
 
+    def _block_parameters(self) -> dict[str, tuple[str, ...]]:
+        """Per parameter tensor (the blocks of `_damping_scales`)."""
+        return {n: (n,) for n in self.param_names}
+
     def _quadratic(self, vector: Vector) -> float:
         return float(sum((self.diagonal[n].double().to(vector[n].device) * vector[n].double().pow(2)).sum()
                          for n in self.param_names))

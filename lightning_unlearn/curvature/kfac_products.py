@@ -55,6 +55,10 @@ class KFACProducts:
             out = {layer.name: float(v) for layer, v in zip(self.layers, values)}
         return out
 
+    def _block_parameters(self) -> dict[str, tuple[str, ...]]:
+        """Per layer (the blocks of `_damping_scales`): its weight and bias names."""
+        return {layer.name: layer.param_names for layer in self.layers}
+
     def _check_corrected(self, hint: str = "and again after subtract()") -> None:
         if self.eigenvalue_correction and not self.corrected:
             raise RuntimeError("kfac: eigenvalue_correction=True but the eigenvalues are not corrected; call "

@@ -261,5 +261,5 @@ class KFACStatistics:
             s = sums[layer.name] / total
             check_finite(f"layer {layer.name!r}", s)
             self.corrected[layer.name] = self._store(s)
-        self._scales = None
+        self._scales = self._raw = None
         return self

@@ -215,6 +215,10 @@ class WoodFisher(Curvature):
             out[self._block_key(group)] = float(eig.mean()) if eig.numel() else 0.0
         return out
 
+    def _block_parameters(self) -> dict[str, tuple[str, ...]]:
+        """Per block of parameters (the blocks of `_damping_scales`)."""
+        return {self._block_key(group): tuple(group) for group in self.groups}
+
     def _quadratic(self, vector: Vector) -> float:
         total = 0.0
         for group, entry in zip(self.groups, self._decomp):

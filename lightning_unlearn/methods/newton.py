@@ -8,6 +8,7 @@ One-shot (`steps=1`) or iterative (the forget gradient every step, the curvature
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
 from ..curvature.carried import quadratic_of, restricted
+from ..curvature.layers import UncoveredParametersWarning
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .forget_focus import unforgotten_weights
 from .group_gradients import grouped_nll_gradients
@@ -194,6 +196,9 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         self.curvature_kwargs = dict(curvature_kwargs or {})
         self.gather = gather
         self._fixed_step_budget: float | None = None  # set during a fixed step (`step_search=False`)
+        #: the parameters of the curvature's blocks that saw no curvature (`Curvature.uncurved_parameters`): with
+        #: relative damping the Newton steps leave them in place
+        self.uncurved: frozenset[str] = frozenset()
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -226,7 +231,22 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
                 curvature.reset()
             curvature.fit(batches)
         self.curvature = curvature
+        self._note_uncurved()
         return curvature
+
+    def _note_uncurved(self) -> None:
+        """Read which blocks saw no curvature (`uncurved`) and warn naming them when the steps leave them in place."""
+        assert self.curvature is not None
+        self.uncurved = frozenset(self.curvature.uncurved_parameters())
+        if self.uncurved and self.damping_mode == "relative":
+            names = sorted(self.uncurved)
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            warnings.warn(
+                f"{self.name}: {len(names)} parameter tensor(s) saw no curvature on the curvature data ({shown}): "
+                "their outputs' gradients were zero on every example (LoRA's A while its B is still zero does this); "
+                "relatively damped Newton steps leave them in place, since the curvature knows nothing of them; to "
+                "move them, fit the curvature where they have some (e.g. after the adapters have trained)",
+                UncoveredParametersWarning, stacklevel=3)
 
     def _source(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> list[Batch]:
         if self.curvature_data == "retain":
@@ -241,6 +261,8 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         self._holdout_gradients, self._holdout_part = [], None  # the protection is computed at every run's first step
         if self.curvature is None or not self.curvature.finalized:
             self.fit_curvature(self._source(forget, retain))
+        else:  # a curvature given finalized (a checkpoint, a callback's)
+            self._note_uncurved()
 
     def refresh_due(self, index: int) -> bool:
         """Every `refresh_every` steps of a run (never at its first step), the curvature is fitted again."""
@@ -256,18 +278,26 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         params = dict(self.curvature.model.named_parameters())  # type: ignore[union-attr]
         return {n: params[n] for n in self.param_names}
 
+    def _curved(self, vector: Mapping[str, Tensor], keep_factors: bool = False) -> Vector:
+        """`vector` over `param_names`, zero on the parameters the steps leave in place (`uncurved`, with relative
+        damping): a zero gradient there gives them a zero direction, and the constraints stay exact. Carried factors
+        (`keep_factors`) are kept where nothing is left in place."""
+        still = self.uncurved if self.damping_mode == "relative" else frozenset()
+        if not still:
+            return restricted(vector, self.param_names) if keep_factors else {n: vector[n] for n in self.param_names}
+        return {n: torch.zeros_like(vector[n]) if n in still else vector[n] for n in self.param_names}
+
     def newton_direction(self, gradient: Mapping[str, Tensor]) -> Vector:
         """`(C + λI)^-1 g` over `param_names` (the current λ, relative or absolute per `damping_mode`)."""
         assert self.curvature is not None
-        return self.curvature.apply({n: gradient[n] for n in self.param_names}, self.damping, -1.0,
-                                    mode=self.damping_mode)
+        return self.curvature.apply(self._curved(gradient), self.damping, -1.0, mode=self.damping_mode)
 
     def newton_directions(self, gradients: Sequence[Mapping[str, Tensor]]) -> list[Vector]:
         """`newton_direction` of each of `gradients`, solved together (`Curvature.apply_many`: one stacked product
         per layer for K-FAC): the forget gradient and the protection constraints of one step."""
         assert self.curvature is not None
-        return self.curvature.apply_many([{n: g[n] for n in self.param_names} for g in gradients], self.damping,
-                                         -1.0, mode=self.damping_mode)
+        return self.curvature.apply_many([self._curved(g) for g in gradients], self.damping, -1.0,
+                                         mode=self.damping_mode)
 
     def constrained_newton_direction(self, gradient: Mapping[str, Tensor],
                                      constraints: Sequence[Mapping[str, Tensor]]) -> Vector:
@@ -275,7 +305,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         `constrained_inverse` (K-FAC: in its eigenbasis; CG: one projected solve)."""
         assert self.curvature is not None
         return self.curvature.constrained_inverse(  # type: ignore[attr-defined]
-            {n: gradient[n] for n in self.param_names}, [restricted(h, self.param_names) for h in constraints],
+            self._curved(gradient), [self._curved(h, keep_factors=True) for h in constraints],
             self.damping, mode=self.damping_mode)
 
     def _prepare(self, forget: Sequence[Batch], retain: Sequence[Batch]) -> Any:

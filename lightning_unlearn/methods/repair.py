@@ -149,8 +149,8 @@ class RetainRepair:
             return None
         params = host.named_params()
         snapshot = host._snapshot()
-        eta = largest_trusted_step(params, direction, REPAIR_START, None, None)
-        longest = largest_trusted_step(params, direction, host.max_step_norm, None, None)
+        eta = largest_trusted_step(params, direction, REPAIR_START, None, None, free=host.trust_free)
+        longest = largest_trusted_step(params, direction, host.max_step_norm, None, None, free=host.trust_free)
         if not math.isfinite(eta) or eta <= 0:
             return None
         best: tuple[float, float, float] | None = None  # (η, held retain loss, forget score)

@@ -37,7 +37,8 @@ class StepTrials:
         self.predicted_budget, self.curvature_norm = predicted_budget, curvature_norm
         self.lazy = lazy
         self.fraction = host.budget_fraction()
-        self.line = LinearStep(snapshot, direction) if offset is None else None  # each trial's length and overflow
+        # each trial's length and overflow
+        self.line = LinearStep(snapshot, direction, host.trust_free) if offset is None else None
         self.losses: dict[float, list[Tensor]] = {}  # η -> its per-example forget and holdout losses
         if before:
             self.losses[0.0] = before
@@ -65,8 +66,9 @@ class StepTrials:
         host = self.host
         if self.line is None:
             return largest_trusted_step(host.named_params(), self.direction, host.max_step_norm,
-                                        self.predicted_budget, self.curvature_norm, host.path_remaining())
-        eta = trusted_step_length(self.line.start_norm, self.line.direction_norm, host.max_step_norm,
+                                        self.predicted_budget, self.curvature_norm, host.path_remaining(),
+                                        host.trust_free)
+        eta = trusted_step_length(self.line.reference, self.line.direction_norm, host.max_step_norm,
                                   self.predicted_budget, self.curvature_norm, host.path_remaining())
         return self.line.inside(eta, host.step_leaves_trust_region)
 
@@ -74,7 +76,7 @@ class StepTrials:
         host, line = self.host, self.line
         if self.predicted_budget is not None and 0.5 * eta**2 * float(self.curvature_norm) > self.predicted_budget:
             return None  # outside the curvature's trust region: not even applied
-        if line is not None and host.step_leaves_trust_region(line.length(eta), line.start_norm):
+        if line is not None and host.step_leaves_trust_region(line.length(eta), line.reference):
             return None  # the step would move the weights too far: not even applied
         self.apply(eta)
         if line is None and host.outside_trust_region(self.snapshot):

@@ -8,12 +8,18 @@ most max(1, `max_step_norm`) times the norm of the weights the run started from 
 step, not the run). Steps in directions the outputs do not
 see (a damping far below the curvature's scale) otherwise each pass the per-step bound while the weights grow
 without limit (30x in 7 steps, measured on a tiny GPT-2 at relative damping 1e-12).
+
+Both bounds are relative to the weights' size, so they leave out the tensors that have none: those with no nonzero
+entry where the run (or, outside a run, the step) starts (`zero_tensors`: a fresh LoRA adapter's B, a zero-initialised
+bias). Counted in, they left no room at all: on fresh adapters with A frozen ‖θ‖ = 0 refused every step, and with A
+trained the run's bound (‖A‖, unrelated to how far B must go) was spent by the first step (`docs/recipe.md` §7). The
+curvature's trust region, the step search and the retain budget still bound their steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -31,6 +37,11 @@ def parameter_norm(params: Iterable[Tensor]) -> float:
     return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
 
 
+def zero_tensors(params: Mapping[str, Tensor]) -> frozenset[str]:
+    """The names of the tensors with no nonzero entry, which the norm trust region leaves out (module docstring)."""
+    return frozenset(n for n, p in params.items() if p.numel() == 0 or not bool(p.detach().ne(0).any()))
+
+
 def step_length(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
     """‖θ - θ₀‖ over (current, snapshot) parameter pairs."""
     return math.sqrt(sum(float((p.detach().double() - s.double()).pow(2).sum()) for p, s in pairs))
@@ -43,7 +54,8 @@ class RunPath:
 
     def __init__(self, start_norm: float, max_step_norm: float | None) -> None:
         self.start = start_norm
-        self.limit = None if max_step_norm is None else max(1.0, max_step_norm) * start_norm
+        # no bound where nothing has a size to be relative to (every tensor left out: `zero_tensors`)
+        self.limit = None if max_step_norm is None or start_norm <= 0 else max(1.0, max_step_norm) * start_norm
         self.travelled = 0.0
 
     def exceeded_by(self, length: float) -> bool:
@@ -79,10 +91,10 @@ def exceeds_step_norm(length: float, start_norm: float, max_step_norm: float | N
 
 def outside_step_norm(pairs: Iterable[tuple[Tensor, Tensor]], max_step_norm: float | None) -> bool:
     """Whether the parameters moved further from their snapshot than `max_step_norm` × its norm (None: no bound),
-    over (current, snapshot) pairs."""
+    over (current, snapshot) pairs whose snapshot has a nonzero entry (`zero_tensors`)."""
     if max_step_norm is None:
         return False
-    pairs = list(pairs)
+    pairs = [(p, s) for p, s in pairs if s.numel() and bool(s.detach().ne(0).any())]
     return exceeds_step_norm(step_length(pairs), parameter_norm(s for _, s in pairs), max_step_norm)
 
 
@@ -99,10 +111,15 @@ class LinearStep:
     region and for overflow with these numbers instead of two passes over the weights per trial (measured:
     `benchmarks/README.md`, the default request's cost)."""
 
-    def __init__(self, start: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> None:
+    def __init__(self, start: Mapping[str, Tensor], direction: Mapping[str, Tensor],
+                 free: Collection[str] = frozenset()) -> None:
         moved = [direction[n] for n in start]
-        self.start_norm = parameter_norm(start.values())
-        self.direction_norm = parameter_norm(moved)
+        # the trust region's norms, over the tensors it bounds: those not in `free` and with a nonzero entry
+        squares = {n: float(start[n].detach().double().pow(2).sum()) for n in start if n not in free}
+        bounded = [n for n, square in squares.items() if square != 0.0]
+        #: ‖θ₀‖ and ‖d‖ over the bounded tensors: the trust region's size and its unit of length
+        self.reference = math.sqrt(sum(squares[n] for n in bounded))
+        self.direction_norm = parameter_norm(direction[n] for n in bounded)
         self._start_peak = _peak(start.values())
         self._direction_peak = _peak(moved)
         dtypes = [torch.float32] + [s.dtype for s in start.values() if s.is_floating_point()]
@@ -110,18 +127,18 @@ class LinearStep:
         self.unit_roundoff = max(torch.finfo(t).eps for t in dtypes) / 2
 
     def length(self, eta: float) -> float:
-        """An upper bound on ‖θ − θ₀‖ for the weights θ = θ₀ + η d as stored: |η|‖d‖ plus their rounding to the
-        weights' dtype (at most u‖θ₀ + η d‖ ≤ u (‖θ₀‖ + |η|‖d‖), u its unit roundoff): a trial it keeps inside the
-        trust region is inside as stored."""
+        """An upper bound on ‖θ − θ₀‖ for the weights θ = θ₀ + η d as stored, over the tensors the trust region
+        bounds: |η|‖d‖ plus their rounding to the weights' dtype (at most u‖θ₀ + η d‖ ≤ u (‖θ₀‖ + |η|‖d‖), u its unit
+        roundoff): a trial it keeps inside the trust region is inside as stored."""
         step = abs(eta) * self.direction_norm
-        return step + self.unit_roundoff * (self.start_norm + step)
+        return step + self.unit_roundoff * (self.reference + step)
 
     def inside(self, eta: float, leaves: Callable[[float, float], bool]) -> float:
         """η brought in by a few units of rounding where it lies on the trust region's bound (`leaves(length,
-        start_norm)`), as the search's start (`largest_trusted_step`) does, so that it is inside as stored; η
+        reference)`), as the search's start (`largest_trusted_step`) does, so that it is inside as stored; η
         unchanged where that is not enough (a bound already spent: every step is refused anyway)."""
         for _ in range(8):
-            if not (0 < eta < math.inf and leaves(self.length(eta), self.start_norm)):
+            if not (0 < eta < math.inf and leaves(self.length(eta), self.reference)):
                 return eta
             eta *= 1 - 4 * self.unit_roundoff
         return eta
@@ -135,14 +152,17 @@ class LinearStep:
 
 def largest_trusted_step(params: Mapping[str, Tensor], direction: Mapping[str, Tensor], max_step_norm: float | None,
                          predicted_budget: float | None, curvature_norm: float | None,
-                         remaining: float = math.inf) -> float:
+                         remaining: float = math.inf, free: Collection[str] = frozenset()) -> float:
     """The largest η inside both trust regions, where they bound it: ½η²dᵀCd ≤ `predicted_budget` (`curvature_norm`
     is dᵀCd), η‖d‖ ≤ `max_step_norm` · ‖θ‖ and η‖d‖ ≤ `remaining` (the run's, `RunPath.remaining`; ignored at 0, where
-    every step is refused anyway) (inf where none bounds it). `trusted_step_length` where ‖θ‖ and ‖d‖ are known."""
+    every step is refused anyway) (inf where none bounds it), the norms over the tensors not in `free` that have a
+    nonzero entry. `trusted_step_length` where ‖θ‖ and ‖d‖ are known."""
     if max_step_norm is None:
         return trusted_step_length(0.0, 0.0, None, predicted_budget, curvature_norm, remaining)
-    return trusted_step_length(parameter_norm(params.values()), parameter_norm(direction.values()), max_step_norm,
-                               predicted_budget, curvature_norm, remaining)
+    bounded = [n for n in params if n not in free and n not in zero_tensors({n: params[n]})]
+    return trusted_step_length(parameter_norm(params[n] for n in bounded),
+                               parameter_norm(direction[n] for n in bounded), max_step_norm, predicted_budget,
+                               curvature_norm, remaining)
 
 
 def trusted_step_length(size: float, length: float, max_step_norm: float | None, predicted_budget: float | None,

@@ -58,7 +58,7 @@ from .records import (
 )
 from .score_memo import ScoreMemo
 from .target import held_out_retain, over_retain_budget
-from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, exceeds_step_norm, parameter_norm, step_length
+from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, exceeds_step_norm, parameter_norm, step_length, zero_tensors
 
 
 class Unlearner(RunMeasures, ABC):
@@ -121,6 +121,8 @@ class Unlearner(RunMeasures, ABC):
         self._status: str | None = None
         self._run_start = 0  # index in `history` of the current run's first record
         self._path: RunPath | None = None  # the run's trust region (set by `begin`; None: steps outside a run)
+        #: the tensors the norm trust region leaves out for the run: no nonzero entry at its start (`trust_region`)
+        self.trust_free: frozenset[str] = frozenset()
         self._losses: dict[str, float | None] = {}
         self._score_memo = ScoreMemo()
 
@@ -191,8 +193,10 @@ class Unlearner(RunMeasures, ABC):
         """Whether the current weights moved further from `snapshot` than the trust region allows
         (`trust_region`): this step alone, or the run's steps together (`RunPath`)."""
         params = self.named_params()
-        length = step_length((params[n], s) for n, s in snapshot.items())
-        return self.step_leaves_trust_region(length, parameter_norm(snapshot.values()))
+        free = self.trust_free | zero_tensors(snapshot)
+        bounded = [n for n in snapshot if n not in free]
+        length = step_length((params[n], snapshot[n]) for n in bounded)
+        return self.step_leaves_trust_region(length, parameter_norm(snapshot[n] for n in bounded))
 
     def step_leaves_trust_region(self, length: float, start_norm: float) -> bool:
         """`outside_trust_region` for a step of known `length` from weights of norm `start_norm`."""
@@ -204,7 +208,7 @@ class Unlearner(RunMeasures, ABC):
         """An accepted step from `snapshot`: its length goes on the run's path."""
         if self._path is not None:
             params = self.named_params()
-            self._path.add(step_length((params[n], s) for n, s in snapshot.items()))
+            self._path.add(step_length((params[n], s) for n, s in snapshot.items() if n not in self.trust_free))
 
     def path_remaining(self) -> float:
         """The length the run's trust region leaves to its steps (inf outside a run or without a bound)."""
@@ -330,9 +334,12 @@ class Unlearner(RunMeasures, ABC):
         self.check_holdout(forget, retain, held_retain_batch)
         self._run_start, self._status = len(self.history), None
         self._reference = None  # each run reads its own budget baseline (a second fit starts from the first's end)
-        self._path = None
+        self._path, self.trust_free = None, frozenset()
         self._begin_fit(forget, retain)
-        self._path = RunPath(parameter_norm(self.named_params().values()), self.max_step_norm)
+        start = self.named_params()
+        self.trust_free = zero_tensors(start)
+        self._path = RunPath(parameter_norm(p for n, p in start.items() if n not in self.trust_free),
+                             self.max_step_norm)
         self.require_measured_guard(held_retain_batch, retain)  # after the source's own checks (retain curvature)
         held = self.budget_batches(held_retain_batch, retain)
         score, nll = self.forget_score(forget)
