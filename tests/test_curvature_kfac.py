@@ -576,6 +576,7 @@ def test_one_layer_of_outsized_curvature_leaves_the_others_damping_alone():
     scales = full.damping_scales()
     assert all(scales[n] == raw[n] for n in (*normal, outsized))  # each is damped on its own scale
     assert scales[empty] == 1e-6 * sorted(raw[n] for n in (*normal, outsized))[1]  # the floor: 1e-6 × the median
+    assert full.uncurved_parameters() == ("branches.3.weight", "branches.3.bias")  # the Newton steps leave it still
     grad = gradient(model, full.objective.loss(full.logits(batch), batch), full.param_names)
     mine, reference = full.inverse(grad, 0.1, mode="relative"), alone.inverse(
         {n: grad[n] for n in alone.param_names}, 0.1, mode="relative")
@@ -583,3 +584,37 @@ def test_one_layer_of_outsized_curvature_leaves_the_others_damping_alone():
         torch.testing.assert_close(mine[name], reference[name], rtol=1e-10, atol=0)
     assert all(float(mine[n].norm()) > 1e-3 * float(grad[n].norm()) for n in alone.param_names)
     assert all(torch.isfinite(v).all() for v in mine.values())
+
+
+class _SideCall(_Branches):
+    """`_Branches` whose first branch also runs on an identity matrix, its output detached (DoRA measures the norm of
+    its adapted weight so); with `dead`, the second branch runs only that way."""
+
+    def __init__(self, gains: tuple[float, ...], dead: bool = False) -> None:
+        super().__init__(gains)
+        self.dead = dead
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.branches[0](torch.eye(4, dtype=D64)).detach()
+        if self.dead:
+            self.branches[1](torch.eye(4, dtype=D64)).detach()
+            return self.branches[0](inputs)
+        return super().forward(inputs)
+
+
+def test_a_call_whose_output_does_not_reach_the_loss_adds_nothing():
+    """A layer called once more on something that never reaches the loss (DoRA's detached identity pass) has the
+    statistics of its other calls; it was refused ("saw a forward but no backward"), so K-FAC could not run on DoRA
+    adapters. A layer none of whose calls reaches the loss is still refused, naming the fix."""
+    torch.manual_seed(1)
+    batch = {"inputs": torch.randn(32, 4, dtype=D64), "labels": torch.randint(0, 3, (32,))}
+    kwargs = {"objective": CrossEntropyObjective(shift=False), "fisher_type": "empirical"}
+    plain, side = _Branches(gains=(1.0, 2.0)), _SideCall(gains=(1.0, 2.0))
+    side.load_state_dict(plain.state_dict())
+    expected, got = KFAC(plain, **kwargs).fit([batch]), KFAC(side, **kwargs).fit([batch])
+    for name in ("branches.0", "branches.1"):
+        for a, b in zip(expected.factor(name), got.factor(name)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert got.factor_counts["branches.0"] == 32
+    with pytest.raises(UserInputError, match=r"branches\.1.*saw a forward but no backward.*exclude"):
+        KFAC(_SideCall(gains=(1.0, 2.0), dead=True), **kwargs).fit([batch])

@@ -177,17 +177,23 @@ class KFACStatistics:
                                  f"{REENTRANT_FIX}")
         for t, (scalar, w) in enumerate(terms):
             grads = torch.autograd.grad(scalar, out_tensors, retain_graph=t < len(terms) - 1, allow_unused=True)
-            for (layer, _), g in zip(outputs, grads):
-                if g is None:
-                    raise UserInputError(
-                        f"kfac: tracked layer {layer.name!r} saw a forward but no backward (its output does not "
-                        f"reach the loss, so its gradient is 0); {exclude_hint([layer.name])}, or freeze its weight "
-                        "(requires_grad_(False))"
-                    )
-            grads_per_term.append(([g.detach() for g in grads], w))
+            grads_per_term.append(([None if g is None else g.detach() for g in grads], w))
+        # a call whose output does not reach the loss adds nothing to the curvature (its g is 0) and is left out:
+        # e.g. DoRA runs its adapters on an identity matrix to measure the weight's norm, detached; a layer none of
+        # whose calls reaches the loss is refused
+        unused = {j for j in range(len(outputs)) if all(grads[j] is None for grads, _ in grads_per_term)}
+        dead = [layer.name for layer in self.layers
+                if all(j in unused for j, (other, _) in enumerate(outputs) if other.name == layer.name)]
+        if dead:
+            raise UserInputError(
+                f"kfac: tracked layer {dead[0]!r} saw a forward but no backward (its output does not reach the loss, "
+                f"so its gradient is 0); {exclude_hint([dead[0]])}, or freeze its weight (requires_grad_(False))"
+            )
         reduce_seq = self.kfac_approx == "reduce" and mask.dim() >= 2
         seq_valid = mask.reshape(mask.shape[0], -1).any(-1) if reduce_seq else None
         for j, (layer, i) in enumerate(outputs):
+            if j in unused:
+                continue
             a = self._with_ones(layer, self._select(layer, captures[layer.name].inputs[i], mask))
             gs = [(self._select(layer, grads[j], mask), w) for grads, w in grads_per_term]
             if reduce_seq:
