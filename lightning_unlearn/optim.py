@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .curvature.base import Curvature
-from .methods.inputs import check_positive, check_settings
+from .methods.inputs import all_finite, check_positive, check_settings
 from .methods.records import StepRecord, run_status, summarize, trial_reason
 from .methods.target import over_retain_budget
 from .methods.trust_region import DEFAULT_MAX_STEP_NORM, outside_step_norm
@@ -139,15 +139,14 @@ class NewtonUnlearner(torch.optim.Optimizer):
                 update = self._direction(group)
                 if update is None:
                     continue
-                if not all(bool(torch.isfinite(u).all()) for u in update.values()):
+                if not all_finite(update.values()):
                     finite = False
                     break
                 for p in group["params"]:
                     if id(p) in update:
                         p.add_(update[id(p)].to(p.dtype))
             if finite:
-                finite = all(bool(torch.isfinite(p).all()) for g in self.param_groups for p in g["params"]
-                             if id(p) in self._names)
+                finite = all_finite(p for g in self.param_groups for p in g["params"] if id(p) in self._names)
             retain = float(closure()) if (finite and closure is not None) else None
             finite = finite and (retain is None or math.isfinite(retain))
             reason = trial_reason(

@@ -200,3 +200,52 @@ def test_model_parallel_tensor_parallel_and_deepspeed_are_refused_naming_what_wo
     deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # building one needs the deepspeed package
     with pytest.raises(UnsupportedStrategyError, match=r"DeepSpeedStrategy strategy.*ModelParallelStrategy"):
         check_strategy(deepspeed)
+
+
+def _sharded_trust_region(rank: int, world: int, init: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_unlearn.methods.inputs import all_finite
+    from lightning_unlearn.methods.trust_region import (
+        LinearStep,
+        outside_step_norm,
+        parameter_norm,
+        step_length,
+        zero_tensors,
+    )
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    w, b = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+    w[3] = torch.tensor([1.0, 2.0, 2.0])  # on the second process's shard only
+    d = torch.ones(4, 3, dtype=torch.float64)
+    nan = d.clone()
+    nan[3, 0] = float("nan")  # the second process's shard only
+    shard = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in {"w": w, "b": b, "d": d, "nan": nan}.items()}
+    start, direction = {"w": shard["w"], "b": shard["b"]}, {"w": shard["d"], "b": shard["d"]}
+    line = LinearStep(start, direction)
+    moved = {n: t + 2.0 * direction[n] for n, t in start.items()}
+    torch.save({"norm": parameter_norm(start.values()), "zero": sorted(zero_tensors(start)),
+                "reference": line.reference, "direction_norm": line.direction_norm,
+                "length": step_length((moved[n], start[n]) for n in start),
+                "outside": outside_step_norm(((moved[n], start[n]) for n in start), 1.0),
+                "finite": all_finite([shard["d"], shard["nan"]]),
+                "surely_finite": LinearStep(start, {"w": shard["nan"], "b": shard["d"]}).surely_finite(1e-9)},
+               Path(out) / f"trust{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_weights_get_the_same_trust_region_decisions_on_every_process(tmp_path):
+    """Under FSDP2 the weights are `DTensor` shards, whose reductions `float()` reads on this process's shard alone:
+    the trust region's norms, which tensors have a size, and the finite checks came out per process (a shard of zeros
+    on one, a nan on the other), so processes could choose different steps and run different numbers of forwards.
+    Every process now reads the whole tensor's value."""
+    mp.spawn(_sharded_trust_region, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"trust{r}.pt") for r in (0, 1))
+    assert first == second
+    assert first["norm"] == pytest.approx(3.0) and first["zero"] == ["b"]  # w's only nonzero row is on process 1
+    assert first["reference"] == pytest.approx(3.0) and first["direction_norm"] == pytest.approx(12 ** 0.5)
+    assert first["length"] == pytest.approx(2 * 24 ** 0.5) and first["outside"]  # w alone: 6.9 > 1 × 3
+    assert first["finite"] is False and first["surely_finite"] is False

@@ -49,6 +49,15 @@ def is_shard(tensor: Tensor) -> bool:
     return "DTensor" in (type(tensor).__name__, type(tensor.data).__name__)
 
 
+def whole(reduction: Tensor) -> Tensor:
+    """A reduction (sum, max, all, ...) of a tensor over all its entries, across the processes that hold its shards:
+    on an FSDP2 `DTensor` the reduction is a partial one, each process's own value (`float()` of it reads this
+    process's shard only), so it is completed here (an all-reduce: every process must call it, as they do, in the same
+    order); a plain tensor's unchanged. What every process must decide alike (the trust region, a finite check) reads
+    it."""
+    return reduction.full_tensor() if is_shard(reduction) else reduction
+
+
 def check_finite(what: str, tensor: Tensor) -> None:
     """Raise `FloatingPointError` naming `what` when `tensor` holds NaN or inf."""
     if not torch.isfinite(tensor).all():

@@ -32,7 +32,7 @@ from ..curvature.base import checked_grad, eval_mode
 from ..curvature.layers import trainable_parameters
 from ..curvature.objective import model_logits
 from ..errors import UserInputError
-from .inputs import check_positive
+from .inputs import all_finite, check_positive
 from .losses import forget_objective, gradient_sum, npo_objective, simnpo_objective, token_nll
 from .records import Batch
 from .unlearner import Unlearner
@@ -112,7 +112,7 @@ class FirstOrderUnlearner(Unlearner):
         return grads
 
     def _apply_trial(self, context: Any) -> bool:
-        if not all(bool(torch.isfinite(g).all()) for g in context.values()):
+        if not all_finite(context.values()):
             return False
         params = self.named_params()
         kept = {n: p.grad for n, p in params.items()}  # the caller's gradients, given back after the step

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.base import whole
 from ..curvature.objective import IGNORE_INDEX
 from ..errors import UserInputError
 from .holdout import example_keys
@@ -204,8 +205,9 @@ def check_labelled(sets: Mapping[str, Sequence[Mapping[str, Tensor]]],
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every value of every tensor is finite (the check of a trial's weights and of a direction)."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """Whether every value of every tensor is finite (the check of a trial's weights and of a direction; a sharded
+    tensor's on every process's shard, so that every process decides alike)."""
+    return all(bool(whole(torch.isfinite(t).all())) for t in tensors)
 
 
 def check_gradients_allowed(who: str) -> None:
@@ -232,7 +234,7 @@ def check_finite_weights(model: nn.Module) -> None:
     parameter."""
     check_materialised(model)
     for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param.detach()).all()):
+        if not bool(whole(torch.isfinite(param.detach()).all())):
             raise UserInputError(f"the model's weights are not finite (NaN or inf in {name!r}): unlearning cannot "
                                  "start from a broken model; load the checkpoint the model was trained to")
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..curvature.base import whole
+from .inputs import all_finite
 from .target import retain_budget_nats
 
 #: the trust region: no accepted step moves the updated parameters by more than this fraction of their norm
@@ -32,19 +34,24 @@ DEFAULT_MAX_STEP_NORM = 1.0
 DEFAULT_PREDICTED_TRUST = 2.0
 
 
+def _square(tensor: Tensor) -> float:
+    """‖t‖² (float64), over every process's shard of a sharded tensor (`whole`)."""
+    return float(whole(tensor.detach().double().pow(2).sum()))
+
+
 def parameter_norm(params: Iterable[Tensor]) -> float:
-    """‖θ‖ over the parameters (float64 accumulation)."""
-    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+    """‖θ‖ over the parameters (float64 accumulation; a sharded parameter's whole norm)."""
+    return math.sqrt(sum(_square(p) for p in params))
 
 
 def zero_tensors(params: Mapping[str, Tensor]) -> frozenset[str]:
     """The names of the tensors with no nonzero entry, which the norm trust region leaves out (module docstring)."""
-    return frozenset(n for n, p in params.items() if p.numel() == 0 or not bool(p.detach().ne(0).any()))
+    return frozenset(n for n, p in params.items() if _square(p) == 0.0)
 
 
 def step_length(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
     """‖θ - θ₀‖ over (current, snapshot) parameter pairs."""
-    return math.sqrt(sum(float((p.detach().double() - s.double()).pow(2).sum()) for p, s in pairs))
+    return math.sqrt(sum(_square(p.detach().double() - s.double()) for p, s in pairs))
 
 
 class RunPath:
@@ -94,14 +101,17 @@ def outside_step_norm(pairs: Iterable[tuple[Tensor, Tensor]], max_step_norm: flo
     over (current, snapshot) pairs whose snapshot has a nonzero entry (`zero_tensors`)."""
     if max_step_norm is None:
         return False
-    pairs = [(p, s) for p, s in pairs if s.numel() and bool(s.detach().ne(0).any())]
+    pairs = [(p, s) for p, s in pairs if _square(s) != 0.0]
     return exceeds_step_norm(step_length(pairs), parameter_norm(s for _, s in pairs), max_step_norm)
 
 
 def _peak(tensors: Iterable[Tensor]) -> float:
-    """The largest |entry| over `tensors` (nan where one is nan, 0 for none)."""
-    peaks = [float(t.detach().abs().max()) for t in tensors if t.numel()]
-    return max(peaks, default=0.0) if all(map(math.isfinite, peaks)) else math.nan
+    """The largest |entry| over `tensors` (nan where one holds a nan or inf, 0 for none; a sharded tensor's over every
+    process's shard, where an all-reduce of the maximum may drop a nan, so finiteness is read on its own)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not all_finite(tensors):
+        return math.nan
+    return max((float(whole(t.detach().abs().max())) for t in tensors), default=0.0)
 
 
 class LinearStep:
@@ -115,7 +125,7 @@ class LinearStep:
                  free: Collection[str] = frozenset()) -> None:
         moved = [direction[n] for n in start]
         # the trust region's norms, over the tensors it bounds: those not in `free` and with a nonzero entry
-        squares = {n: float(start[n].detach().double().pow(2).sum()) for n in start if n not in free}
+        squares = {n: _square(start[n]) for n in start if n not in free}
         bounded = [n for n, square in squares.items() if square != 0.0]
         #: ‖θ₀‖ and ‖d‖ over the bounded tensors: the trust region's size and its unit of length
         self.reference = math.sqrt(sum(squares[n] for n in bounded))

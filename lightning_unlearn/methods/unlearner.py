@@ -223,7 +223,7 @@ class Unlearner(RunMeasures, ABC):
     def _apply_trial(self, context: Any) -> bool:
         """Apply the trial update in place; False (nothing applied) when the update is non-finite."""
         update = self._propose(context)
-        if not all(bool(torch.isfinite(u).all()) for u in update.values()):
+        if not all_finite(update.values()):
             return False
         params = self.named_params()
         with torch.no_grad():
