@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Curvature, Vector, check_finite, checked_grad, tensor_bytes
+from .base import Curvature, Vector, check_finite, checked_grad, tensor_bytes, whole
 from .layers import trainable_parameters
 from .objective import Objective
 
@@ -90,14 +90,14 @@ class DiagonalFisher(Curvature):
 
     def _damping_scales(self) -> dict[str, float]:
         """Per parameter tensor: the mean of its diagonal."""
-        return {n: float(self.diagonal[n].double().mean()) for n in self.param_names}
+        return {n: float(whole(self.diagonal[n].double().mean())) for n in self.param_names}
 
     def _block_parameters(self) -> dict[str, tuple[str, ...]]:
         """Per parameter tensor (the blocks of `_damping_scales`)."""
         return {n: (n,) for n in self.param_names}
 
     def _quadratic(self, vector: Vector) -> float:
-        return float(sum((self.diagonal[n].double().to(vector[n].device) * vector[n].double().pow(2)).sum()
+        return float(sum(whole((self.diagonal[n].double().to(vector[n].device) * vector[n].double().pow(2)).sum())
                          for n in self.param_names))
 
     def _subtract(self, other: Curvature) -> None:
