@@ -278,7 +278,7 @@ class Curvature(ABC):
         return self._scales
 
     def _raw_scales(self) -> dict[str, float]:
-        """`_damping_scales()` as floats, computed once per statistics (the Hessian-free backend's costs products)."""
+        """`_damping_scales()` as floats, computed once per statistics (the Hessian-free backend's cost products)."""
         if self._raw is None:
             self._raw = {k: float(v) for k, v in self._damping_scales().items()}
         return self._raw
