@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from ..curvature.base import whole
-from .inputs import all_finite
 from .target import retain_budget_nats
 
 #: the trust region: no accepted step moves the updated parameters by more than this fraction of their norm
@@ -44,9 +43,16 @@ def parameter_norm(params: Iterable[Tensor]) -> float:
     return math.sqrt(sum(_square(p) for p in params))
 
 
+def sized_squares(params: Mapping[str, Tensor], free: Collection[str] = frozenset()) -> dict[str, float]:
+    """‖t‖² of each tensor the norm trust region bounds: those not in `free` that have a nonzero entry (module
+    docstring); one pass over each tensor gives both which they are and the trust region's size."""
+    squares = {n: _square(p) for n, p in params.items() if n not in free}
+    return {n: square for n, square in squares.items() if square != 0.0}
+
+
 def zero_tensors(params: Mapping[str, Tensor]) -> frozenset[str]:
     """The names of the tensors with no nonzero entry, which the norm trust region leaves out (module docstring)."""
-    return frozenset(n for n, p in params.items() if _square(p) == 0.0)
+    return frozenset(params) - sized_squares(params).keys()
 
 
 def step_length(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
@@ -101,17 +107,17 @@ def outside_step_norm(pairs: Iterable[tuple[Tensor, Tensor]], max_step_norm: flo
     over (current, snapshot) pairs whose snapshot has a nonzero entry (`zero_tensors`)."""
     if max_step_norm is None:
         return False
-    pairs = [(p, s) for p, s in pairs if _square(s) != 0.0]
-    return exceeds_step_norm(step_length(pairs), parameter_norm(s for _, s in pairs), max_step_norm)
+    sized = [(p, s, square) for p, s in pairs if (square := _square(s)) != 0.0]
+    return exceeds_step_norm(step_length((p, s) for p, s, _ in sized),
+                             math.sqrt(sum(square for _, _, square in sized)), max_step_norm)
 
 
 def _peak(tensors: Iterable[Tensor]) -> float:
     """The largest |entry| over `tensors` (nan where one holds a nan or inf, 0 for none; a sharded tensor's over every
-    process's shard, where an all-reduce of the maximum may drop a nan, so finiteness is read on its own)."""
-    tensors = [t for t in tensors if t.numel()]
-    if not all_finite(tensors):
-        return math.nan
-    return max((float(whole(t.detach().abs().max())) for t in tensors), default=0.0)
+    process's shard: a nan is read as inf first, which an all-reduce of the maximum keeps where it may drop a nan)."""
+    peaks = (whole(t.detach().abs().nan_to_num(nan=math.inf, posinf=math.inf).max()) for t in tensors if t.numel())
+    peak = max((float(p) for p in peaks), default=0.0)
+    return peak if math.isfinite(peak) else math.nan
 
 
 class LinearStep:
@@ -125,11 +131,10 @@ class LinearStep:
                  free: Collection[str] = frozenset()) -> None:
         moved = [direction[n] for n in start]
         # the trust region's norms, over the tensors it bounds: those not in `free` and with a nonzero entry
-        squares = {n: _square(start[n]) for n in start if n not in free}
-        bounded = [n for n, square in squares.items() if square != 0.0]
+        squares = sized_squares(start, free)
         #: ‖θ₀‖ and ‖d‖ over the bounded tensors: the trust region's size and its unit of length
-        self.reference = math.sqrt(sum(squares[n] for n in bounded))
-        self.direction_norm = parameter_norm(direction[n] for n in bounded)
+        self.reference = math.sqrt(sum(squares.values()))
+        self.direction_norm = parameter_norm(direction[n] for n in squares)
         self._start_peak = _peak(start.values())
         self._direction_peak = _peak(moved)
         dtypes = [torch.float32] + [s.dtype for s in start.values() if s.is_floating_point()]
@@ -169,10 +174,9 @@ def largest_trusted_step(params: Mapping[str, Tensor], direction: Mapping[str, T
     nonzero entry. `trusted_step_length` where ‖θ‖ and ‖d‖ are known."""
     if max_step_norm is None:
         return trusted_step_length(0.0, 0.0, None, predicted_budget, curvature_norm, remaining)
-    bounded = [n for n in params if n not in free and n not in zero_tensors({n: params[n]})]
-    return trusted_step_length(parameter_norm(params[n] for n in bounded),
-                               parameter_norm(direction[n] for n in bounded), max_step_norm, predicted_budget,
-                               curvature_norm, remaining)
+    squares = sized_squares(params, free)
+    return trusted_step_length(math.sqrt(sum(squares.values())), parameter_norm(direction[n] for n in squares),
+                               max_step_norm, predicted_budget, curvature_norm, remaining)
 
 
 def trusted_step_length(size: float, length: float, max_step_norm: float | None, predicted_budget: float | None,

@@ -58,7 +58,7 @@ from .records import (
 )
 from .score_memo import ScoreMemo
 from .target import held_out_retain, over_retain_budget
-from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, exceeds_step_norm, parameter_norm, step_length, zero_tensors
+from .trust_region import DEFAULT_MAX_STEP_NORM, RunPath, exceeds_step_norm, sized_squares, step_length
 
 
 class Unlearner(RunMeasures, ABC):
@@ -193,10 +193,9 @@ class Unlearner(RunMeasures, ABC):
         """Whether the current weights moved further from `snapshot` than the trust region allows
         (`trust_region`): this step alone, or the run's steps together (`RunPath`)."""
         params = self.named_params()
-        free = self.trust_free | zero_tensors(snapshot)
-        bounded = [n for n in snapshot if n not in free]
-        length = step_length((params[n], snapshot[n]) for n in bounded)
-        return self.step_leaves_trust_region(length, parameter_norm(snapshot[n] for n in bounded))
+        squares = sized_squares(snapshot, self.trust_free)
+        length = step_length((params[n], snapshot[n]) for n in squares)
+        return self.step_leaves_trust_region(length, math.sqrt(sum(squares.values())))
 
     def step_leaves_trust_region(self, length: float, start_norm: float) -> bool:
         """`outside_trust_region` for a step of known `length` from weights of norm `start_norm`."""
@@ -337,9 +336,9 @@ class Unlearner(RunMeasures, ABC):
         self._path, self.trust_free = None, frozenset()
         self._begin_fit(forget, retain)
         start = self.named_params()
-        self.trust_free = zero_tensors(start)
-        self._path = RunPath(parameter_norm(p for n, p in start.items() if n not in self.trust_free),
-                             self.max_step_norm)
+        squares = sized_squares(start)
+        self.trust_free = frozenset(start) - squares.keys()
+        self._path = RunPath(math.sqrt(sum(squares.values())), self.max_step_norm)
         self.require_measured_guard(held_retain_batch, retain)  # after the source's own checks (retain curvature)
         held = self.budget_batches(held_retain_batch, retain)
         score, nll = self.forget_score(forget)
