@@ -21,6 +21,9 @@ from torch import nn
 
 ARCHITECTURES = ("gpt2", "llama", "qwen2", "gpt_neox", "opt", "stablelm", "mistral", "qwen3", "gemma2", "phi", "falcon",
                  "bloom", "phi3", "gemma3_text", "starcoder2", "olmo2", "granite")
+#: mixture-of-experts architectures `small_config` also builds (4 experts, 2 per token; their routers are bare
+#: weights no layer-wise curvature covers, so they are not in `ARCHITECTURES`, whose models have no uncovered weight)
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 #: the dtypes `build_model` loads or casts a model in
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the files of a saved model's folder that `atomic_save_pretrained(files_from=...)` copies beside new weights
@@ -45,18 +48,22 @@ def small_config(
     """
     from transformers import AutoConfig
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES + MOE_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES + MOE_ARCHITECTURES)}")
     eos = vocab_size - 1 if eos_token_id is None else eos_token_id
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie_embeddings, bos_token_id=eos, eos_token_id=eos)
     if arch == "gpt2":
         kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif arch in ("llama", "qwen2", "stablelm", "mistral", "qwen3", "gemma2", "phi3", "gemma3_text", "starcoder2",
-                  "olmo2", "granite"):
+                  "olmo2", "granite") + MOE_ARCHITECTURES:
         kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions)
-        if arch in ("qwen3", "gemma2", "gemma3_text"):  # their head width is a setting of its own (128 and 256)
+        if arch == "mixtral":
+            kw.update(num_local_experts=4, num_experts_per_tok=2)
+        if arch == "qwen3_moe":
+            kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=2 * hidden, norm_topk_prob=True)
+        if arch in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe"):  # their head width is a setting of its own (128 and 256)
             kw["head_dim"] = hidden // heads
         if arch == "phi3":  # its padding id (32000) must lie in the vocabulary; qkv and gate/up are fused Linears
             kw["pad_token_id"] = eos

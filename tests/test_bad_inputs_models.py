@@ -392,6 +392,291 @@ def tiny_mixtral():
 
 
 @pytest.mark.parametrize("backend", ["kfac", "woodfisher", "cg"])
+def test_moe_routers_the_layer_curvatures_do_not_cover_are_named(backend):
+    """transformers 5's Mixtral keeps its experts as 3-D parameters (covered per expert: `test_curvature_experts.py`)
+    and its router as a bare weight: kfac and woodfisher tracked the nn.Linear layers only, and the experts (most of
+    the weights) never moved without a word; the router still has no curvature, and is named."""
+    from lightning_unlearn.curvature import build_curvature
+    from lightning_unlearn.curvature.layers import UncoveredParametersWarning
+
+    model = tiny_mixtral()
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers version keeps Mixtral's experts as nn.Linear layers (covered)")
+    with pytest.warns(UncoveredParametersWarning) as record:
+        build_curvature(backend, model)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "model.layers.*.mlp.gate.weight" in message and "experts" not in message
+    assert "embed_tokens" not in message and "lm_head" not in message and "norm" not in message
+    assert "curvature='diagonal'" in message and "freeze" in message and "%" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_curvature("diagonal", model)  # covers every parameter
+        build_curvature(backend, model, exclude="experts|gate")  # left out on purpose: no warning (cg: the same)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_saved_models_of_every_architecture_still_load(tmp_path, arch, tie):
+    """No false alarm: a tied lm_head the file leaves out, rotary buffers and weights written from a state dict (the
+    FSDP path of `atomic_save_pretrained`) are what transformers expects, not a mismatch."""
+    model = small_causal_lm(arch, tie_embeddings=tie)
+    atomic_save_pretrained(model, tmp_path / "saved")
+    atomic_save_pretrained(model, tmp_path / "from_state_dict", state_dict=dict(model.state_dict()))
+    expected = model.state_dict()
+    for folder in ("saved", "from_state_dict"):
+        loaded = load_causal_lm(tmp_path / folder).state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), (arch, tie, folder)
+
+
+def test_buffers_older_transformers_saved_with_the_weights_are_no_mismatch(tmp_path):
+    """Checkpoints of older transformers versions hold attention masks (GPT-2's attn.bias and attn.masked_bias), a
+    duplicate of the tied lm_head and rotary frequencies: buffers, never learned, so no reason to refuse."""
+    from safetensors.torch import load_file, save_file
+
+    small_causal_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+    weights = load_file(str(tmp_path / "gpt2" / "model.safetensors"))
+    weights["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    weights["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()
+    save_file(weights, str(tmp_path / "gpt2" / "model.safetensors"), metadata={"format": "pt"})
+    load_causal_lm(tmp_path / "gpt2")
+
+    small_causal_lm("llama").save_pretrained(tmp_path / "llama")
+    weights = load_file(str(tmp_path / "llama" / "model.safetensors"))
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(weights, str(tmp_path / "llama" / "model.safetensors"), metadata={"format": "pt"})
+    load_causal_lm(tmp_path / "llama")
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_as_a_tokenizer(tmp_path):
+    """AutoTokenizer loaded a 1-token tokenizer from config.json alone: every text encoded to nothing."""
+    folder = saved_gpt2(tmp_path / "model", tokenizer=False)
+    with pytest.raises(UserInputError) as info:
+        load_tokenizer(folder)
+    message = str(info.value)
+    assert f"the folder '{folder}' holds a model saved without its tokenizer" in message
+    assert "tokenizer.json" in message and "data.tokenizer" in message and "--tokenizer" in message
+
+
+def test_a_tokenizer_that_encodes_text_to_no_token_is_refused(tmp_path):
+    """Tokenizer files with no usable vocabulary (one special token): found as a folder, refused as a tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    empty = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"<eos>": 0}, merges=[])),
+                                    eos_token="<eos>")
+    empty.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(UserInputError, match=rf"loaded from '{tmp_path / 'tokenizer'}' encodes every text to no "
+                                             r"token \(1 token\(s\) in its vocabulary"):
+        load_tokenizer(tmp_path / "tokenizer")
+    with pytest.raises(UserInputError, match="encodes every text to no token"):
+        load_tokenizer(empty)
+    assert len(load_tokenizer(char_tokenizer())("hello 42")["input_ids"]) == 8  # a usable one still loads
+
+
+def test_the_fit_command_refuses_a_model_folder_without_its_tokenizer(tmp_path):
+    project = make_project(tmp_path)
+    bare = weights_only(project.model, tmp_path / "weights_only")
+    code, out, err = run_cli(["fit", "--config", str(project.config), "--model.model", str(bare),
+                              "--data.tokenizer", str(bare)], project.root)
+    error_line(code, err, f"the folder '{bare}' holds a model saved without its tokenizer", "data.tokenizer")
+    assert "unlearning status" not in out and not project.output.exists()
+
+
+def test_the_evaluate_command_refuses_a_model_folder_without_its_tokenizer(tmp_path):
+    """The model folder is the default tokenizer: an IndexError from a metric on empty encodings before."""
+    folder = saved_gpt2(tmp_path / "model", tokenizer=False)
+    muse = write_muse_folder(tmp_path / "muse")
+    code, _, err = run_cli(["evaluate", "--model", str(folder), "--muse", str(muse), "--device", "cpu"], tmp_path)
+    error_line(code, err, f"the folder '{folder}' holds a model saved without its tokenizer", "--tokenizer")
+    assert "IndexError" not in err
+
+
+# ---------------------------------------------------------------- the demo's cache
+
+
+def cached_entry(entry: Path, seconds: float = 1.5) -> Path:
+    """A cache entry as `Experiment.train` writes it: a saved model and its training.json."""
+    atomic_save_pretrained(small_causal_lm("gpt2"), entry)
+    (entry / "training.json").write_text(json.dumps({"seconds": seconds, "steps": 3, "split": "full"}))
+    return entry
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "missing_weights", "broken_config", "broken_training_json"])
+def test_a_corrupt_cached_model_is_refused_naming_the_cache_entry_and_kept(tmp_path, damage):
+    from lightning_unlearn.experiment import Experiment, ExperimentConfig
+
+    exp = Experiment(ExperimentConfig(**{**TINY_EXPERIMENT, "repetitions": (2, 8)}), tmp_path / "out",
+                     progress=False, accelerator="cpu")
+    entry = cached_entry(exp.cache / "original")
+    assert isinstance(exp.train("full"), torch.nn.Module) and exp.timings["train_seconds"] == 1.5  # a good entry
+    if damage == "truncated_weights":
+        truncate(entry / "model.safetensors")
+    elif damage == "missing_weights":
+        (entry / "model.safetensors").unlink()
+    elif damage == "broken_config":
+        (entry / "config.json").write_text("{not json")
+    else:
+        (entry / "training.json").write_text('{"seconds": ')
+    files = snapshot(entry)
+    with pytest.raises(UserInputError, match=rf"the cached model '{entry}' cannot be loaded \(.+\): it is corrupt or "
+                                             "incomplete; delete that folder to train it again"):
+        exp.train("full")
+    assert snapshot(entry) == files  # never deleted nor repaired behind the user's back
+
+
+def test_the_demo_with_a_corrupt_cached_model_is_one_error_line(tmp_path):
+    """`lightning-unlearn demo --cache DIR` over a truncated cached model.safetensors: a SafetensorError traceback
+    ("incomplete metadata") before."""
+    from lightning_unlearn.cli import load_demo_config
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"experiment": TINY_EXPERIMENT,
+                                                        "unlearning": {"curvature_batches": 2}}))
+    config, _ = load_demo_config(str(tmp_path / "tiny.yaml"))
+    cache = tmp_path / "models"
+    entry = cached_entry(cache / "cache" / config.key() / "original")
+    truncate(entry / "model.safetensors")
+    output = tmp_path / "runs" / "demo"
+    code, out, err = run_cli(["demo", "--config", "tiny.yaml", "--output", str(output), "--cache", str(cache),
+                              "--quiet"], tmp_path)
+    error_line(code, err, f"the cached model '{entry}' cannot be loaded", "delete that folder to train it again")
+    assert "SafetensorError" not in err and (entry / "model.safetensors").is_file() and not output.exists()
+
+
+# ---------------------------------------------------------------- model kinds the curvature engine meets
+
+VOCAB, LENGTH = 32, 8
+
+
+def lm_batches(n: int = 2, rows: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Token batches for the tiny models below (every position labelled)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (rows, LENGTH), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.fc1 = torch.nn.Linear(d, 2 * d)
+        self.fc2 = torch.nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+
+
+class TinyLM(torch.nn.Module):
+    """A plain causal LM (no `.config`): embeddings, causal mean mixing, two blocks (checkpointed when `reentrant` is
+    not None, as some models do inside their forward), a head."""
+
+    def __init__(self, reentrant: bool | None = None, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.blocks = torch.nn.ModuleList([Block(d), Block(d)])
+        self.head = torch.nn.Linear(d, VOCAB)
+        self.reentrant = reentrant
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.emb(input_ids)
+        x = x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[None, :, None]
+        for block in self.blocks:
+            if self.reentrant is None:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+def fit_and_step(backend: str, model: torch.nn.Module, batches, *, ones: bool = False, **kwargs):
+    """Fit `backend` on `batches` and take one damped Newton direction of the first batch's loss (of a vector of ones
+    with `ones=True`)."""
+    from lightning_unlearn.curvature import build_curvature, gradient
+
+    curvature = build_curvature(backend, model, **kwargs).fit(batches)
+    if ones:
+        params = dict(model.named_parameters())
+        vector = {n: torch.ones_like(params[n]) for n in curvature.param_names}
+    else:
+        loss = curvature.objective.loss(curvature.logits(batches[0]), batches[0])
+        vector = gradient(model, loss, curvature.param_names)
+    return curvature, curvature.inverse(vector, damping=0.1, mode="relative")
+
+
+@pytest.mark.parametrize("backend", ["kfac", "woodfisher", "diagonal"])
+def test_reentrant_activation_checkpointing_inside_the_forward_is_refused_by_name(backend):
+    """torch.utils.checkpoint(..., use_reentrant=True) runs the blocks under no_grad: woodfisher updated the head
+    alone (with the embeddings frozen, zeros for every block weight), kfac and diagonal raised torch's errors."""
+    model = TinyLM(reentrant=True).eval()
+    model.emb.weight.requires_grad_(False)  # the request's case: the checkpoint's input needs no grad
+    with warnings.catch_warnings(), \
+            pytest.raises(UserInputError, match=r"use_reentrant=True.*use_reentrant=False.*gradient_checkpointing"):
+        warnings.simplefilter("ignore")  # torch's "None of the inputs have requires_grad=True" (a warning only)
+        fit_and_step(backend, model, lm_batches())
+    model.emb.weight.requires_grad_(True)
+    with pytest.raises(UserInputError, match=r"use_reentrant=True.*use_reentrant=False"):
+        fit_and_step(backend, model, lm_batches())
+
+
+def test_reentrant_checkpointing_is_refused_by_gradient_and_non_reentrant_gives_the_plain_result():
+    """`gradient` returned zeros for the checkpointed blocks' weights (the checkpoint's node never ran)."""
+    from lightning_unlearn.curvature import CrossEntropyObjective, gradient, model_logits
+
+    batch = lm_batches(1)[0]
+    model = TinyLM(reentrant=True).eval()
+    loss = CrossEntropyObjective().loss(model_logits(model, batch), batch)
+    with pytest.raises(UserInputError, match=r"\['blocks\.0\.fc1\.weight'\].*reentrant.*use_reentrant=False"):
+        gradient(model, loss, ["blocks.0.fc1.weight", "head.weight"])
+    # use_reentrant=False is what the message advises: the same step as without checkpointing
+    plain = fit_and_step("kfac", TinyLM().eval(), lm_batches())[1]
+    checkpointed = fit_and_step("kfac", TinyLM(reentrant=False).eval(), lm_batches())[1]
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_cg_refuses_activation_checkpointing_inside_the_forward_naming_torch_func(reentrant):
+    """torch.func's jvp/vjp raised "must override the setup_context staticmethod" / "don't yet support saved tensor
+    hooks"."""
+    with pytest.raises(UserInputError, match=r"cg: .*activation checkpointing.*torch\.func.*curvature='kfac'"):
+        fit_and_step("cg", TinyLM(reentrant=reentrant).eval(), lm_batches(), ones=True, max_iter=3)
+
+
+def test_cg_refuses_a_forward_hook_that_reads_tensor_data():
+    """An activation recorder calling .numpy() under torch.func.jvp: "Cannot access data pointer of Tensor that
+    doesn't have storage"."""
+    model = small_causal_lm("gpt2", vocab_size=VOCAB).eval()
+    recorded = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: recorded.append(o.detach().numpy().sum()))
+    with pytest.raises(UserInputError, match=r"cg: a hook .* reads tensor data.*torch\.func.*remove such hooks"):
+        fit_and_step("cg", model, lm_batches(), ones=True, max_iter=3)
+    assert recorded  # the hook did run on the ordinary forward
+
+
+def tiny_mixtral():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mixtral", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("backend", ["kfac", "woodfisher", "cg"])
 def test_fused_moe_experts_the_layer_curvatures_do_not_cover_are_named(backend):
     """transformers 5's Mixtral keeps its experts as 3-D parameters: kfac and woodfisher tracked the nn.Linear layers
     only, and the experts (most of the weights) never moved without a word."""

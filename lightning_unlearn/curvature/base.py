@@ -289,7 +289,8 @@ class Curvature(ABC):
         empty when every block or none did. Relative damping gives such a block the floor of `damping_scales`, so
         its Newton direction is its gradient over 1e-6 × a typical block's scale: once its gradient is not zero, a
         step dominated by a block the curvature knows nothing about (`docs/recipe.md` §1). The default recipe leaves
-        these parameters in place."""
+        these parameters in place. A fused mixture-of-experts parameter is named per expert, `name[expert]`
+        (`layers.split_label`): an expert the router sent no curvature token to has none."""
         if not self.finalized:
             raise RuntimeError(f"{self.name}: uncurved_parameters() before finalize(); accumulate batches, then "
                                "finalize()")

@@ -58,7 +58,7 @@ from .base import Curvature, check_finite, tensor_bytes
 from .kfac_products import KFACProducts
 from .kfac_statistics import KFACStatistics
 from .kronecker import g_structure, largest_divisor, partition_layers
-from .layers import TrackedLayer, find_layers, shared_parameters, warn_uncovered
+from .layers import TrackedLayer, find_layers, layer_parameter_names, shared_parameters, warn_uncovered
 from .objective import Objective
 
 FISHER_TYPES = ("mc", "empirical", "type2")
@@ -146,7 +146,9 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
         if self.shard_factors and self.eigenvalue_correction:
             raise ValueError("kfac: shard_factors=True does not support eigenvalue_correction (EK-FAC projects every "
                              "process's data on every layer's eigenbasis, which only its owner holds); use one of them")
-        self.layers: list[TrackedLayer] = find_layers(self.model, include, exclude)
+        # fused mixture-of-experts projections get one block per expert; their rows are routed tokens, which the
+        # "reduce" convention's per-sequence averages are not defined for: there they stay uncovered (warned)
+        self.layers: list[TrackedLayer] = find_layers(self.model, include, exclude, experts=kfac_approx == "expand")
         shared = shared_parameters(self.layers)
         if shared:  # A ⊗ G is per module: a weight used by two modules would get the second one's factors only
             name, users = next(iter(shared.items()))
@@ -156,10 +158,11 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
                 "curvature='diagonal' or 'cg' (or 'woodfisher'), which take the parameter's whole gradient"
             )
         warn_uncovered(self.model, self.layers, self.name, include, exclude)
-        self.param_names = tuple(n for layer in self.layers for n in layer.param_names)
-        dtype = self.layers[0].module.weight.dtype
+        self.param_names = layer_parameter_names(self.layers)
+        dtype = self.layers[0].weight.dtype
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.storage_dtype = storage_dtype if storage_dtype is not None else self.compute_dtype
+        self._checked_experts: set[str] = set()
         self._reset()
 
     def _configured_block(self, layer: TrackedLayer) -> int:
@@ -249,7 +252,7 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
         return (u_a * s_a) @ u_a.T, self._rebuild_g(u_g, s_g)
 
     def _finalize(self) -> None:
-        device = self.layers[0].module.weight.device
+        device = self.layers[0].weight.device
         sums = []
         for layer in self.layers:  # fixed order on every process: layer order, then A, G, A's count
             d_in = layer.in_features + int(layer.has_bias)
@@ -392,7 +395,7 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
         self.fisher_type = state["fisher_type"]
         self.kfac_approx = state["kfac_approx"]
         self.count = torch.as_tensor(state["count"], dtype=torch.float64)
-        device = self.layers[0].module.weight.device
+        device = self.layers[0].weight.device
         for layer in self._owned_layers():
             name = layer.name
             entry = state["layers"][name]

@@ -56,8 +56,9 @@ class KFACProducts:
         return out
 
     def _block_parameters(self) -> dict[str, tuple[str, ...]]:
-        """Per layer (the blocks of `_damping_scales`): its weight and bias names."""
-        return {layer.name: layer.param_names for layer in self.layers}
+        """Per layer (the blocks of `_damping_scales`): its weight and bias names (an expert's: `name[expert]`, its
+        slices, `layers.split_label`)."""
+        return {layer.name: layer.block_labels for layer in self.layers}
 
     def _check_corrected(self, hint: str = "and again after subtract()") -> None:
         if self.eigenvalue_correction and not self.corrected:
@@ -84,8 +85,8 @@ class KFACProducts:
         out: Vector = {}
         for layer in self.layers:
             v = layer.to_matrix(like)
-            out.update(layer.from_matrix(per_layer[layer.name].to(v.dtype) if layer.name in per_layer
-                                         else torch.zeros_like(v)))
+            layer.write(out, per_layer[layer.name].to(v.dtype) if layer.name in per_layer else torch.zeros_like(v),
+                        like)
         if self.sharded:
             out = {name: self.reduce(t.contiguous()) for name, t in out.items()}
         return out

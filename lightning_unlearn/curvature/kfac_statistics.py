@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError
 from .base import REENTRANT_FIX, check_finite
+from .experts import routed
 from .kronecker import g_rows_to_basis
 from .layers import TrackedLayer
 
@@ -68,11 +69,13 @@ def _rows(x: Tensor, mask: Tensor) -> Tensor:
 
 
 class _Capture:
-    """What a forward hook saw of one layer during one forward: inputs (detached) and outputs (in the graph)."""
+    """What a forward hook saw of one layer during one forward: inputs (detached) and outputs (in the graph); for an
+    expert, also the token rows (of the flattened batch) it was routed, per call."""
 
     def __init__(self) -> None:
         self.inputs: list[Tensor] = []
         self.outputs: list[Tensor] = []
+        self.rows: list[Tensor] = []
 
 
 class KFACStatistics:
@@ -94,6 +97,7 @@ class KFACStatistics:
     count: Tensor
     eigen: dict[str, tuple[Tensor, Tensor, Tensor | None, Tensor]]
     corrected: dict[str, Tensor]
+    _checked_experts: set[str]  # the experts modules whose routed forward was compared with their own
 
     def _forward_with_hooks(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, _Capture]]:
         captures = {layer.name: _Capture() for layer in self.layers}
@@ -105,13 +109,36 @@ class KFACStatistics:
 
             return fn
 
-        handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in self.layers]
+        # per experts module: its name and the captures of its experts' projections
+        experts: dict[str, tuple[nn.Module, dict[tuple[int, str], _Capture]]] = {}
+        for layer in self.layers:
+            if layer.expert is not None:
+                module_name = layer.name.rsplit(".", 1)[0]
+                experts.setdefault(module_name, (layer.module, {}))[1][(layer.expert, layer.weight_attr)] = \
+                    captures[layer.name]
+
+        def recorder(module_name: str):
+            slots = experts[module_name][1]
+
+            def record(expert: int, weight: str, x: Tensor, out: Tensor, rows: Tensor) -> None:
+                capture = slots.get((expert, weight))
+                if capture is not None:  # None: an expert that `include`/`exclude` left out
+                    capture.inputs.append(x)
+                    capture.outputs.append(out)
+                    capture.rows.append(rows)
+            return record
+
+        handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in self.layers
+                   if layer.expert is None]
         try:
-            logits = self.logits(batch)
+            with routed([(name, module) for name, (module, _) in experts.items()], recorder,
+                        self._checked_experts):
+                logits = self.logits(batch)
         finally:
             for h in handles:
                 h.remove()
-        missing = [name for name, c in captures.items() if not c.outputs]
+        # an expert the router sent no token of this batch has nothing to add
+        missing = [layer.name for layer in self.layers if layer.expert is None and not captures[layer.name].outputs]
         if missing:
             # K-FAC's block of a layer that never runs has no statistics (A = G = 0): its gradient is 0 and so is
             # its Newton step, but a fractional power (fisher_forgetting's noise) would put damping^p-sized noise on
@@ -143,8 +170,15 @@ class KFACStatistics:
         sqrt = self.objective.hessian_sqrt(pos.outputs.detach())  # [N, C, K]
         return [((pos.outputs * sqrt[:, :, k]).sum(), 1.0) for k in range(sqrt.shape[-1])]
 
-    def _select(self, layer: TrackedLayer, x: Tensor, mask: Tensor) -> Tensor:
-        """Rows of `x` [..., d] at the valid positions -> [N, d] (expand), or [B, T, d] masked (reduce)."""
+    def _select(self, layer: TrackedLayer, x: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Rows of `x` [..., d] at the valid positions -> [N, d] (expand), or [B, T, d] masked (reduce). An expert's
+        rows `x` [n, d] are the tokens `rows` of the flattened batch routed to it: those at valid positions."""
+        if rows is not None:
+            flat = mask.reshape(-1)
+            if int(rows.max()) >= flat.numel():
+                raise ValueError(f"kfac: expert {layer.name!r} sees token rows beyond the logits' {flat.numel()} "
+                                 "positions; K-FAC needs one experts row per output position (exclude its experts)")
+            return x[flat[rows.to(flat.device)]].to(self.compute_dtype)
         lead = tuple(x.shape[:-1])
         if lead != tuple(mask.shape):
             if math.prod(lead) != mask.numel():
@@ -182,8 +216,8 @@ class KFACStatistics:
         # e.g. DoRA runs its adapters on an identity matrix to measure the weight's norm, detached; a layer none of
         # whose calls reaches the loss is refused
         unused = {j for j in range(len(outputs)) if all(grads[j] is None for grads, _ in grads_per_term)}
-        dead = [layer.name for layer in self.layers
-                if all(j in unused for j, (other, _) in enumerate(outputs) if other.name == layer.name)]
+        dead = [layer.name for layer in self.layers if layer.expert is None
+                and all(j in unused for j, (other, _) in enumerate(outputs) if other.name == layer.name)]
         if dead:
             raise UserInputError(
                 f"kfac: tracked layer {dead[0]!r} saw a forward but no backward (its output does not reach the loss, "
@@ -194,8 +228,10 @@ class KFACStatistics:
         for j, (layer, i) in enumerate(outputs):
             if j in unused:
                 continue
-            a = self._with_ones(layer, self._select(layer, captures[layer.name].inputs[i], mask))
-            gs = [(self._select(layer, grads[j], mask), w) for grads, w in grads_per_term]
+            rows = captures[layer.name].rows[i] if layer.expert is not None else None
+            a = self._with_ones(layer, self._select(layer, captures[layer.name].inputs[i], mask, rows))
+            gs = [(self._select(layer, torch.zeros_like(out_tensors[j]) if grads[j] is None else grads[j], mask,
+                                rows), w) for grads, w in grads_per_term]
             if reduce_seq:
                 # a: mean over the valid positions of each sequence; g: sum over them
                 dims = tuple(range(1, a.dim() - 1))
@@ -259,7 +295,7 @@ class KFACStatistics:
         for layer in self.layers:
             d_in = layer.in_features + int(layer.has_bias)
             s = sums.get(layer.name, torch.zeros(layer.out_features, d_in, dtype=self.compute_dtype,
-                                                 device=self.layers[0].module.weight.device))
+                                                 device=self.layers[0].weight.device))
             sums[layer.name] = self.reduce(s.clone())
         if total <= 0:
             raise RuntimeError("kfac: correct_eigenvalues() saw no valid position; pass batches with labels != -100")

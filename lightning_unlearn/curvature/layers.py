@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
+from .experts import expert_shape, is_fused_experts, projections
 
 
 class UncoveredParametersWarning(UserWarning):
@@ -35,7 +36,11 @@ def is_conv1d(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class TrackedLayer:
-    """A linear-like module that carries curvature, with its parameter names in `model.named_parameters()`."""
+    """A linear-like module that carries curvature, with its parameter names in `model.named_parameters()`.
+
+    `expert` is set for one expert of a fused mixture-of-experts parameter (`curvature/experts.py`): the layer is
+    then the slice `[expert]` of the module's 3-D `weight_attr` (and of its 2-D bias), and several layers share one
+    parameter, each its own slice."""
 
     name: str
     module: nn.Module
@@ -43,7 +48,9 @@ class TrackedLayer:
     bias_name: str | None
     in_features: int
     out_features: int
-    transposed: bool  # True for Conv1D ([in, out] storage)
+    transposed: bool  # True for Conv1D ([in, out] storage), and for experts stored [experts, in, out]
+    expert: int | None = None
+    weight_attr: str = "weight"
 
     @property
     def has_bias(self) -> bool:
@@ -53,21 +60,74 @@ class TrackedLayer:
     def param_names(self) -> tuple[str, ...]:
         return (self.weight_name,) if self.bias_name is None else (self.weight_name, self.bias_name)
 
+    @property
+    def weight(self) -> Tensor:
+        """The weight parameter (for an expert: the whole fused parameter)."""
+        return getattr(self.module, self.weight_attr)
+
+    @property
+    def block_labels(self) -> tuple[str, ...]:
+        """The names of what this layer's block covers: its parameters, or for an expert `name[expert]` of each
+        (`split_label` reads them back)."""
+        if self.expert is None:
+            return self.param_names
+        return tuple(f"{n}[{self.expert}]" for n in self.param_names)
+
+    def _slice(self, tensor: Tensor) -> Tensor:
+        return tensor if self.expert is None else tensor[self.expert]
+
     def to_matrix(self, vector: dict[str, Tensor]) -> Tensor:
         """Parameter-shaped pieces -> one `[out, in (+1 for bias)]` matrix (bias as the last column)."""
-        w = vector[self.weight_name]
+        w = self._slice(vector[self.weight_name])
         w = w.t() if self.transposed else w
         if self.bias_name is None:
             return w
-        return torch.cat([w, vector[self.bias_name][:, None]], dim=1)
+        return torch.cat([w, self._slice(vector[self.bias_name])[:, None]], dim=1)
 
     def from_matrix(self, matrix: Tensor) -> dict[str, Tensor]:
-        """Inverse of `to_matrix`."""
+        """Inverse of `to_matrix` (for an expert: its slices, shaped like `param[expert]`)."""
         w = matrix[:, : self.in_features]
         out = {self.weight_name: (w.t() if self.transposed else w).contiguous()}
         if self.bias_name is not None:
             out[self.bias_name] = matrix[:, self.in_features].contiguous()
         return out
+
+    def write(self, out: dict[str, Tensor], matrix: Tensor, like: Mapping[str, Tensor]) -> None:
+        """Put `from_matrix(matrix)` into the parameter-shaped `out` (an expert's into its slice of tensors shaped
+        and typed like `like`'s, created as zeros when `out` has none yet)."""
+        pieces = self.from_matrix(matrix)
+        if self.expert is None:
+            out.update(pieces)
+            return
+        for name, piece in pieces.items():
+            if name not in out:
+                out[name] = torch.zeros_like(like[name])
+            out[name][self.expert] = piece.to(out[name].dtype)
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """A block label (`TrackedLayer.block_labels`) -> (parameter name, expert index or None)."""
+    if label.endswith("]") and "[" in label:
+        name, index = label[:-1].rsplit("[", 1)
+        if index.isdigit():
+            return name, int(index)
+    return label, None
+
+
+def zero_labels(vector: Mapping[str, Tensor], labels: Iterable[str]) -> dict[str, Tensor]:
+    """`vector` with the parameters, or experts' slices, that `labels` name set to zero (the others shared)."""
+    out = dict(vector)
+    for label in labels:
+        name, index = split_label(label)
+        if name not in out:
+            continue
+        if index is None:
+            out[name] = torch.zeros_like(out[name])
+        else:
+            if out[name] is vector[name]:
+                out[name] = out[name].clone()
+            out[name][index] = 0
+    return out
 
 
 def _skipped_weights(model: nn.Module) -> set[int]:
@@ -92,8 +152,11 @@ def find_layers(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     skip_embeddings: bool = True,
+    experts: bool = True,
 ) -> list[TrackedLayer]:
-    """The linear-like modules of `model` that carry curvature, in module order.
+    """The linear-like modules of `model` that carry curvature, in module order; with `experts`, also one layer per
+    expert of each fused mixture-of-experts projection (`curvature/experts.py`; named `<module>.<weight>[<expert>]`,
+    selected by `include`/`exclude` on that name or the module's).
 
     Raises `UserInputError` when the model has no trainable parameter at all, or when nothing is left to track
     (naming the filters that removed everything).
@@ -104,6 +167,9 @@ def find_layers(
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers: list[TrackedLayer] = []
     for name, module in model.named_modules():
+        if experts and is_fused_experts(module):
+            layers += _expert_layers(name, module, param_names, inc, exc)
+            continue
         conv1d = is_conv1d(module)
         if not (isinstance(module, nn.Linear) or conv1d):
             continue
@@ -125,6 +191,28 @@ def find_layers(
             f" (include={inc or None}, exclude={exc or None}); loosen include/exclude, unfreeze layers,"
             " or use the 'diagonal' backend, which covers every trainable parameter"
         )
+    return layers
+
+
+def _expert_layers(name: str, module: nn.Module, param_names: dict[int, str], inc: list[str],
+                   exc: list[str]) -> list[TrackedLayer]:
+    """One `TrackedLayer` per expert of each trainable fused projection of the experts module `name`."""
+    layers = []
+    for weight_attr, bias_attr in projections(module):
+        weight = getattr(module, weight_attr)
+        if not weight.requires_grad or id(weight) not in param_names:
+            continue
+        bias = getattr(module, bias_attr, None) if bias_attr else None
+        bias_name = param_names.get(id(bias)) if bias is not None and bias.requires_grad else None
+        in_f, out_f = expert_shape(module, weight_attr)
+        for expert in range(int(weight.shape[0])):
+            label = f"{name}.{weight_attr}[{expert}]"
+            if not (_selected(label, inc, exc) and _selected(name, [], exc)):
+                continue
+            layers.append(TrackedLayer(name=label, module=module, weight_name=param_names[id(weight)],
+                                       bias_name=bias_name, in_features=in_f, out_features=out_f,
+                                       transposed=bool(module.is_transposed), expert=expert,
+                                       weight_attr=weight_attr))
     return layers
 
 
@@ -152,11 +240,14 @@ def layer_parameter_names(layers: Iterable[TrackedLayer]) -> tuple[str, ...]:
 
 
 def shared_parameters(layers: Iterable[TrackedLayer]) -> dict[str, list[str]]:
-    """Parameter name -> the tracked layers using it, for parameters that several tracked modules share."""
+    """Parameter name -> the tracked layers using it, for parameters that several tracked modules share (the
+    experts of one fused parameter are one user: each has its own slice)."""
     users: dict[str, list[str]] = {}
     for layer in layers:
+        user = layer.name if layer.expert is None else layer.name.rsplit("[", 1)[0]
         for n in layer.param_names:
-            users.setdefault(n, []).append(layer.name)
+            if user not in users.setdefault(n, []):
+                users[n].append(user)
     return {n: names for n, names in users.items() if len(names) > 1}
 
 
@@ -214,7 +305,8 @@ def warn_uncovered(
     kinds = list(dict.fromkeys(_name_pattern(n) for n in names))
     shown = ", ".join(kinds[:5]) + (f" and {len(kinds) - 5} more" if len(kinds) > 5 else "")
     warnings.warn(
-        f"{backend}: the curvature covers nn.Linear/Conv1D layers only; {len(names)} trainable weight tensor(s) "
+        f"{backend}: the curvature covers nn.Linear/Conv1D layers and fused experts only; {len(names)} trainable "
+        f"weight tensor(s) "
         f"outside them ({shown}: {left:,} of the {total:,} trainable weights, {left / max(total, 1):.0%}) get no "
         f"curvature and will not move; use curvature='diagonal', which covers every trainable parameter, or freeze "
         f"them (requires_grad_(False)) to unlearn with the layers alone",

@@ -58,13 +58,16 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     over the parameters of `layers`, each reduced across processes by `reduce`: what one forward and backward per
     group gives, from one forward and backward per batch (see the module docstring). Groups with examples on no
     process are left out, as `protection.example_groups` leaves them. None when a layer sees rows that are not the
-    batch's examples (its input's first dimension is not the batch size) or an output the loss's graph does not reach
+    batch's examples (its input's first dimension is not the batch size, or an expert of fused experts) or an output the
+    loss's graph does not reach
     (e.g. recomputed by activation checkpointing): the caller then runs one pass per group.
     In one process (`reduce` the identity: the factors are this process's positions) each gradient is a
     `FactoredGradient` that also keeps, for the layers where factors of the largest group's size can cost less than
     the matrix, the positions' output gradients and inputs whose product it is (positions whose output gradient is
     zero left out), so that K-FAC rotates them instead of the matrix where that is cheaper (`curvature/carried.py`).
     Raises ValueError when a group has examples but no label position."""
+    if any(layer.expert is not None for layer in layers):  # a fused experts module's rows are routed tokens
+        return None
     examples, positions, tokens = group_sizes(batches, k)
     present, counts = reduce(examples), reduce(positions)
     # the layers whose factors can pay (`factors_are_cheaper` for the largest group's tokens, G dense): one process
@@ -77,7 +80,7 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         raise ValueError("a protection group's examples have no position with labels != -100; nothing to measure "
                          "its loss on")
     sums = {layer.name: torch.zeros(len(kept), layer.out_features, layer.in_features + int(layer.has_bias),
-                                    dtype=torch.float32, device=layer.module.weight.device) for layer in layers}
+                                    dtype=torch.float32, device=layer.weight.device) for layer in layers}
     slot = {j: i for i, j in enumerate(kept)}
     rows: dict[str, list[list[tuple[Tensor, Tensor]]]] = {layer.name: [[] for _ in kept] for layer in layers}
     for batch in batches:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Curvature, Reduce, Vector, check_damping_mode, clone_curvature, eval_mode, is_shard
 from ..curvature.carried import quadratic_of, restricted
-from ..curvature.layers import UncoveredParametersWarning
+from ..curvature.layers import UncoveredParametersWarning, zero_labels
 from ..curvature.registry import BACKEND_ALIASES, CURVATURE_BACKENDS, build_curvature
 from .forget_focus import unforgotten_weights
 from .group_gradients import grouped_nll_gradients
@@ -196,8 +196,8 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         self.curvature_kwargs = dict(curvature_kwargs or {})
         self.gather = gather
         self._fixed_step_budget: float | None = None  # set during a fixed step (`step_search=False`)
-        #: the parameters of the curvature's blocks that saw no curvature (`Curvature.uncurved_parameters`): with
-        #: relative damping the Newton steps leave them in place
+        #: the parameters (or experts' slices, `name[expert]`) of the curvature's blocks that saw no curvature
+        #: (`Curvature.uncurved_parameters`): with relative damping the Newton steps leave them in place
         self.uncurved: frozenset[str] = frozenset()
 
     @property
@@ -285,7 +285,7 @@ class SecondOrderUnlearner(StagedSteps, KnowledgeRegime, RetainRepair, Unlearner
         still = self.uncurved if self.damping_mode == "relative" else frozenset()
         if not still:
             return restricted(vector, self.param_names) if keep_factors else {n: vector[n] for n in self.param_names}
-        return {n: torch.zeros_like(vector[n]) if n in still else vector[n] for n in self.param_names}
+        return zero_labels({n: vector[n] for n in self.param_names}, still)
 
     def newton_direction(self, gradient: Mapping[str, Tensor]) -> Vector:
         """`(C + λI)^-1 g` over `param_names` (the current λ, relative or absolute per `damping_mode`)."""

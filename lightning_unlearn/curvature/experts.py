@@ -1,0 +1,139 @@
+"""Mixture-of-experts layers whose experts are fused 3-D parameters, seen as one linear layer per expert.
+
+transformers 5 keeps the experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS and others in one module with
+`gate_up_proj` (or `up_proj`) [experts, out, in] and `down_proj` [experts, hidden, ffn] parameters (`[experts, in,
+out]` where the module says `is_transposed`), and runs them in a loop over the experts the router picked, or in
+grouped or batched matrix products. Expert e of such a parameter is a linear map applied to the tokens routed to it,
+so its Kronecker factors are those of an `nn.Linear` that only sees those tokens: `A_e` the second moment of their
+inputs, `G_e` that of their output gradients (`docs/curvature.md`). No module hook sees those rows, so while K-FAC
+gathers statistics the experts module runs `routed_forward` instead of its own forward: the same computation, one
+expert at a time, handing each expert's inputs, outputs and token positions to the statistics. It reads the layout
+from the attributes transformers' `use_experts_implementation` gives the module (`has_gate`, `has_bias`,
+`is_transposed`, `has_post_expert_norm`, `_apply_gate`, `act_fn`); a module without them is not treated as experts
+(its weights stay uncovered, with a warning). Its output is compared once with the module's own
+(`check_routed_forward`), so a layout it does not reproduce is refused by name instead of giving wrong factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserInputError
+
+#: the attributes `transformers.integrations.moe.use_experts_implementation` sets on an experts module
+LAYOUT_ATTRIBUTES = ("has_gate", "has_bias", "is_transposed", "num_experts")
+
+#: record(expert, projection, inputs, outputs, token rows): what `routed_forward` hands the statistics per expert
+Record = Callable[[int, str, Tensor, Tensor, Tensor], None]
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether `module` is a transformers experts module with fused 3-D weights of a layout `routed_forward` runs."""
+    if not all(hasattr(module, a) for a in LAYOUT_ATTRIBUTES):
+        return False
+    names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+    return all(isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in names)
+
+
+def projections(module: nn.Module) -> tuple[tuple[str, str | None], ...]:
+    """The experts module's (weight, bias) attribute names, in the order its forward applies them."""
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    bias = module.has_bias
+    return ((up, f"{up}_bias" if bias else None), ("down_proj", "down_proj_bias" if bias else None))
+
+
+def expert_shape(module: nn.Module, weight: str) -> tuple[int, int]:
+    """(in, out) of one expert of the fused `weight`."""
+    w = getattr(module, weight)
+    return (int(w.shape[1]), int(w.shape[2])) if module.is_transposed else (int(w.shape[2]), int(w.shape[1]))
+
+
+def _linear(module: nn.Module, x: Tensor, weight: str, bias: str | None, expert: int) -> Tensor:
+    w = getattr(module, weight)[expert]
+    y = x @ w if module.is_transposed else nn.functional.linear(x, w)
+    return y if bias is None else y + getattr(module, bias)[expert]
+
+
+def routed_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                   record: Record) -> Tensor:
+    """The experts module's forward (`hidden_states` [tokens, hidden], the router's `top_k_index` and
+    `top_k_weights` [tokens, k]), one expert at a time, calling `record` with each expert's inputs (detached) and
+    outputs (in the graph) of both projections and the token rows they belong to. Expert ids outside
+    `[0, num_experts)` (expert parallelism's sentinels) are skipped, as transformers does."""
+    up, down = projections(module)
+    k = top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1)
+    tokens = torch.arange(hidden_states.shape[0], device=ids.device).repeat_interleave(k)
+    weights = top_k_weights.reshape(-1)
+    out = torch.zeros_like(hidden_states)
+    for expert in ids.unique().tolist():
+        if not 0 <= expert < module.num_experts:
+            continue
+        chosen = (ids == expert).nonzero().squeeze(1)
+        rows = tokens[chosen]
+        x = hidden_states[rows]
+        h = _linear(module, x, *up, expert)
+        record(expert, up[0], x.detach(), h, rows)
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        y = _linear(module, h, *down, expert)
+        record(expert, down[0], h.detach(), y, rows)
+        if getattr(module, "has_post_expert_norm", False):
+            y = module.post_expert_norm(y)
+        y = y * weights[chosen, None].to(y.dtype)
+        out = out.index_add(0, rows.to(out.device), y.to(out.dtype))
+    return out.to(hidden_states.dtype)
+
+
+def _routing_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = dict(zip(names, args))
+    values.update({n: kwargs[n] for n in names if n in kwargs})
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise UserInputError(f"kfac: an experts module was called without {missing}; K-FAC's expert statistics need "
+                             "the transformers 5 experts signature (hidden_states, top_k_index, top_k_weights); "
+                             "leave the experts out with exclude=['experts'] or use curvature='diagonal'")
+    return values["hidden_states"], values["top_k_index"], values["top_k_weights"]
+
+
+@contextlib.contextmanager
+def routed(modules: Sequence[tuple[str, nn.Module]], record: Callable[[str], Record],
+           checked: set[str]) -> Iterator[None]:
+    """Run each of the experts `modules` (name, module) through `routed_forward` while the block is open, `record`
+    giving each module's recorder. The first call of a module whose name is not in `checked` is compared with the
+    module's own forward (`check_routed_forward`) and its name added."""
+    for name, module in modules:
+        def forward(*args: Any, _name: str = name, _module: nn.Module = module, **kwargs: Any) -> Tensor:
+            hidden, index, weights = _routing_args(args, kwargs)
+            out = routed_forward(_module, hidden, index, weights, record(_name))
+            if _name not in checked:
+                with torch.no_grad():
+                    own = type(_module).forward(_module, *args, **kwargs)
+                check_routed_forward(_name, own, out)
+                checked.add(_name)
+            return out
+
+        module.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        yield
+    finally:
+        for _, module in modules:
+            module.__dict__.pop("forward", None)
+
+
+def check_routed_forward(name: str, own: Tensor, routed_out: Tensor) -> None:
+    """Refuse, naming the module, when `routed_forward` does not reproduce the experts module's own output."""
+    own = own[0] if isinstance(own, tuple) else own
+    tolerance = 1e-4 if routed_out.dtype in (torch.float32, torch.float64) else 3e-2
+    scale = float(own.detach().abs().max()) if own.numel() else 0.0
+    gap = float((own.detach() - routed_out.detach()).abs().max()) if own.numel() else 0.0
+    if own.shape != routed_out.shape or not gap <= tolerance * max(scale, 1.0):
+        raise UserInputError(
+            f"kfac: the experts module {name!r} computes something K-FAC's per-expert statistics do not reproduce "
+            f"(largest difference {gap:.3g} at output scale {scale:.3g}); leave its experts out with "
+            f"exclude=[{name!r}] or use curvature='diagonal' (every parameter) or 'woodfisher'")
