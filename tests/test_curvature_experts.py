@@ -150,7 +150,7 @@ def test_experts_are_covered_by_every_layer_wise_backend_and_left_out_by_reduce(
         with pytest.warns(UncoveredParametersWarning) as record:  # the routers' bare weights only
             curvature = build_curvature(backend, model)
         message = str(record[0].message)
-        assert "mlp.gate.weight" in message and "experts" not in message
+        assert "mlp.gate.weight" in message and "experts." not in message
         assert fused <= set(curvature.param_names)
         assert len(set(curvature.param_names)) == len(curvature.param_names)
     with pytest.warns(UncoveredParametersWarning, match=r"experts\.gate_up_proj"):
