@@ -26,7 +26,7 @@ def _batches(seed: int, vocab: int = 128) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral"])  # mixtral: fused experts, one block per expert
 @pytest.mark.parametrize("k", [3, 8])
 def test_grouped_gradients_equal_the_per_group_passes(arch, k):
     model = small_causal_lm(arch, seed=1, tie_embeddings=False).eval()

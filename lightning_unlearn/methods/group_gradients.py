@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Vector, identity
 from ..curvature.carried import FactoredGradient
+from ..curvature.experts import routed
 from ..curvature.kronecker import factors_are_cheaper
 from ..curvature.layers import TrackedLayer
 from ..curvature.objective import IGNORE_INDEX, model_logits
@@ -51,6 +52,28 @@ def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[T
     return hook
 
 
+def _experts_modules(layers: Sequence[TrackedLayer]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each fused experts module with a tracked expert, once."""
+    return list({layer.name.rsplit(".", 1)[0]: layer.module for layer in layers if layer.expert is not None}.items())
+
+
+def _expert_recorder(layers: Sequence[TrackedLayer], captured: dict[str, list[tuple[Tensor, Tensor]]],
+                     token_rows: dict[str, list[Tensor]]) -> Callable[[str], Callable[..., None]]:
+    """The recorder `curvature.experts.routed` calls: each tracked expert's (input, output) into `captured`, its
+    token rows into `token_rows`."""
+    names = {(layer.name.rsplit(".", 1)[0], layer.expert, layer.weight_attr): layer.name for layer in layers
+             if layer.expert is not None}
+
+    def recorder(module_name: str) -> Callable[..., None]:
+        def record(expert: int, weight: str, x: Tensor, out: Tensor, rows: Tensor) -> None:
+            name = names.get((module_name, expert, weight))
+            if name is not None:
+                captured[name].append((x, out))
+                token_rows[name].append(rows)
+        return record
+    return recorder
+
+
 def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batches: Sequence[Batch], k: int,
                           reduce: Callable[[Tensor], Tensor], dtypes: Mapping[str, torch.dtype]
                           ) -> list[Vector] | None:
@@ -58,22 +81,21 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     over the parameters of `layers`, each reduced across processes by `reduce`: what one forward and backward per
     group gives, from one forward and backward per batch (see the module docstring). Groups with examples on no
     process are left out, as `protection.example_groups` leaves them. None when a layer sees rows that are not the
-    batch's examples (its input's first dimension is not the batch size, or an expert of fused experts) or an output the
-    loss's graph does not reach
-    (e.g. recomputed by activation checkpointing): the caller then runs one pass per group.
+    batch's examples (its input's first dimension is not the batch size) or an output the loss's graph does not reach
+    (e.g. recomputed by activation checkpointing): the caller then runs one pass per group. The experts of fused
+    mixture-of-experts parameters get theirs from the routed forward (`curvature/experts.py`): a group's rows are the
+    tokens of its examples routed to the expert.
     In one process (`reduce` the identity: the factors are this process's positions) each gradient is a
     `FactoredGradient` that also keeps, for the layers where factors of the largest group's size can cost less than
     the matrix, the positions' output gradients and inputs whose product it is (positions whose output gradient is
     zero left out), so that K-FAC rotates them instead of the matrix where that is cheaper (`curvature/carried.py`).
     Raises ValueError when a group has examples but no label position."""
-    if any(layer.expert is not None for layer in layers):  # a fused experts module's rows are routed tokens
-        return None
     examples, positions, tokens = group_sizes(batches, k)
     present, counts = reduce(examples), reduce(positions)
     # the layers whose factors can pay (`factors_are_cheaper` for the largest group's tokens, G dense): one process
     # only, as the factors are this process's positions
     longest = float(tokens.max()) if k else 0.0
-    factored = {layer.name for layer in layers if reduce is identity and factors_are_cheaper(
+    factored = {layer.name for layer in layers if reduce is identity and layer.expert is None and factors_are_cheaper(
         int(longest), layer.out_features, layer.in_features + int(layer.has_bias), layer.out_features)}
     kept = [j for j in range(k) if float(present[j]) > 0]
     if any(float(counts[j]) <= 0 for j in kept):
@@ -82,6 +104,8 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     sums = {layer.name: torch.zeros(len(kept), layer.out_features, layer.in_features + int(layer.has_bias),
                                     dtype=torch.float32, device=layer.weight.device) for layer in layers}
     slot = {j: i for i, j in enumerate(kept)}
+    like = dict(model.named_parameters())  # the shapes an expert's slices are written into
+    checked = {name for name, _ in _experts_modules(layers)}  # the curvature compared them with their own forward
     rows: dict[str, list[list[tuple[Tensor, Tensor]]]] = {layer.name: [[] for _ in kept] for layer in layers}
     for batch in batches:
         # the examples reordered group by group, so that each group's rows are one contiguous slice
@@ -92,15 +116,22 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         ids = example_group_ids(batch, k)[order]
         bounds = torch.searchsorted(ids, torch.arange(k + 1)).tolist()
         captured: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
-
-        handles = [layer.module.register_forward_hook(_capture(captured[layer.name])) for layer in layers]
+        # an expert's rows are the tokens routed to it, of the batch flattened to [examples × length]
+        token_rows: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
+        handles = [layer.module.register_forward_hook(_capture(captured[layer.name])) for layer in layers
+                   if layer.expert is None]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), routed(_experts_modules(layers), _expert_recorder(layers, captured, token_rows),
+                                             checked):
                 nll, example = token_nll(model_logits(model, b), b)
         finally:
             for h in handles:
                 h.remove()
-        if any(a.shape[0] != size or out.shape[0] != size for c in captured.values() for a, out in c):
+        if any(a.shape[0] != size or out.shape[0] != size for layer in layers if layer.expert is None
+               for a, out in captured[layer.name]):
+            return None
+        length = int(b["input_ids"].shape[1])
+        if any(int(t.max()) >= size * length for r in token_rows.values() for t in r):
             return None
         weights = (1.0 / counts.to(device=nll.device, dtype=nll.dtype))[ids.to(nll.device)[example]]
         outputs = [out for layer in layers for _, out in captured[layer.name]]
@@ -113,10 +144,17 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
             return None
         remaining = iter(grads)
         for layer in layers:
-            for a, _ in captured[layer.name]:
-                a, g = a.float(), next(remaining).float()  # [B, ..., in], [B, ..., out]
+            for call, (a, _) in enumerate(captured[layer.name]):
+                a, g = a.float(), next(remaining).float()  # [B, ..., in], [B, ..., out]; an expert's [n, in], [n, out]
                 if layer.has_bias:
                     a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                if layer.expert is not None:
+                    example_of_row = token_rows[layer.name][call].to(a.device) // length
+                    for j in range(k):
+                        chosen = (example_of_row >= bounds[j]) & (example_of_row < bounds[j + 1])
+                        if bool(chosen.any()):
+                            sums[layer.name][slot[j]] += g[chosen].T @ a[chosen]
+                    continue
                 for j in range(k):
                     start, end = bounds[j], bounds[j + 1]
                     if end > start:
@@ -129,8 +167,8 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     for i in range(len(kept)):
         vector: Vector = {}
         for layer in layers:
-            for name, t in layer.from_matrix(reduce(sums[layer.name][i].contiguous())).items():
-                vector[name] = t.to(dtypes[name])
+            layer.write(vector, reduce(sums[layer.name][i].contiguous()), like)
+        vector = {name: t.to(dtypes[name]) for name, t in vector.items()}
         if factored:
             vector = FactoredGradient(vector, {name: (torch.cat([g for g, _ in rows[name][i]]),
                                                       torch.cat([a for _, a in rows[name][i]]))
