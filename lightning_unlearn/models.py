@@ -63,7 +63,7 @@ def small_config(
             kw.update(num_local_experts=4, num_experts_per_tok=2)
         if arch == "qwen3_moe":
             kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=2 * hidden, norm_topk_prob=True)
-        if arch in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe"):  # their head width is a setting of its own (128 and 256)
+        if arch in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe"):  # their head width is a setting of its own
             kw["head_dim"] = hidden // heads
         if arch == "phi3":  # its padding id (32000) must lie in the vocabulary; qkv and gate/up are fused Linears
             kw["pad_token_id"] = eos
