@@ -7,6 +7,7 @@ same number of processes only; strategies that cannot work are refused."""
 from __future__ import annotations
 
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_unlearn.curvature.layers import UncoveredParametersWarning
 from lightning_unlearn.models import small_causal_lm
 from lightning_unlearn.strategies import UnsupportedStrategyError, check_strategy
 
@@ -110,11 +112,19 @@ def test_fsdp_curvature_checkpoint_accumulated_during_training_equals_one_proces
 
 
 # ---------------------------------------------------------------------------------------------- K-FAC sharding
-def _sharded_kfac(rank: int, world: int, init: str, out: str) -> None:
+def _kfac_model(arch: str):
+    from lightning_unlearn.models import small_causal_lm
+
+    model = small_causal_lm(arch, seed=0).double()  # float64: the comparison is exact, not float32 noise
+    if arch == "mixtral":
+        model.set_experts_implementation("eager")  # grouped matrix products take no float64
+    return model
+
+
+def _sharded_kfac(rank: int, world: int, init: str, out: str, arch: str) -> None:
     from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
     from lightning_unlearn.curvature.kfac import KFAC
     from lightning_unlearn.distributed import leave_process_group
-    from lightning_unlearn.models import small_causal_lm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -124,7 +134,7 @@ def _sharded_kfac(rank: int, world: int, init: str, out: str) -> None:
         dist.all_reduce(t)
         return t
 
-    model = small_causal_lm("gpt2", seed=0).double()  # float64: the comparison is exact, not float32 noise
+    model = _kfac_model(arch)
     x = torch.randint(0, 120, (8, 12), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": x[rank::world], "attention_mask": torch.ones_like(x[rank::world]),
              "labels": x[rank::world].clone()}
@@ -146,17 +156,20 @@ def _sharded_kfac(rank: int, world: int, init: str, out: str) -> None:
     leave_process_group()
 
 
-def test_fsdp_kfac_factors_owned_per_process_match_one_process_and_checkpoint_per_rank(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral"])  # mixtral: its experts' blocks are owned per expert
+def test_fsdp_kfac_factors_owned_per_process_match_one_process_and_checkpoint_per_rank(tmp_path, arch):
     from lightning_unlearn.checkpoint import load_curvature_state
     from lightning_unlearn.curvature.kfac import KFAC
-    from lightning_unlearn.models import small_causal_lm
 
-    mp.spawn(_sharded_kfac, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncoveredParametersWarning)  # mixtral's routers
+        mp.spawn(_sharded_kfac, args=(2, str(tmp_path / "init"), str(tmp_path), arch), nprocs=2, join=True)
+        model = _kfac_model(arch)
+        kfac = KFAC(model, fisher_type="empirical")
     two, other = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "rank1.pt")
-    model = small_causal_lm("gpt2", seed=0).double()
     x = torch.randint(0, 120, (8, 12), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-    kfac = KFAC(model, fisher_type="empirical").fit([batch])
+    kfac.fit([batch])
     v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
          for n, p in model.named_parameters() if n in kfac.param_names}
     direction = kfac.apply(v, 0.1, mode="relative")
