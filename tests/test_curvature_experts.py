@@ -161,3 +161,23 @@ def test_experts_are_covered_by_every_layer_wise_backend_and_left_out_by_reduce(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_curvature("kfac", model, exclude="experts|gate")  # left out on purpose: no warning
+
+
+def test_cg_runs_grouped_experts_on_eager_for_its_products_and_switches_them_back():
+    """transformers' default experts kernel (`grouped_mm`) has no forward-mode AD: CG's products failed on every
+    mixture-of-experts model ("Trying to use forward AD with _grouped_mm"). They now switch the experts to eager, like
+    the attention, and back; the products are those of a model loaded with eager experts."""
+    batch = lm_batch(n=4)
+    out = {}
+    for implementation in ("grouped_mm", "eager"):
+        model = small_causal_lm("mixtral", vocab_size=VOCAB, hidden=16)
+        model.set_experts_implementation(implementation)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncoveredParametersWarning)
+            cg = build_curvature("cg", model, max_iter=5).fit([batch])
+        v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+             for n, p in model.named_parameters() if n in cg.param_names}
+        out[implementation] = cg.matvec(v)
+        assert model.config._experts_implementation == implementation  # restored after the products
+    for name, value in out["eager"].items():
+        torch.testing.assert_close(out["grouped_mm"][name], value, rtol=1e-4, atol=1e-6)
