@@ -29,8 +29,9 @@ iterations) and divides by the total number of valid positions. Products run thr
 mode (a CG solve needs one fixed linear operator, so dropout is switched off during the solve) and with eager
 attention: fused kernels (transformers' default `sdpa`, flash attention) lack forward-mode AD and double backward,
 so every Hugging Face model inside the module is switched to `"eager"` for the products
-(`set_attn_implementation`) and back to its own implementation afterwards (`functional.eager_attention`). A model that
-cannot switch gets a `UserInputError` saying to load it with `attn_implementation="eager"`.
+(`set_attn_implementation`) and back to its own implementation afterwards (`functional.eager_attention`); the same for
+mixture-of-experts kernels (`grouped_mm` has no forward-mode AD; `set_experts_implementation`). A model that cannot
+switch gets a `UserInputError` saying to load it with `attn_implementation="eager"` (`experts_implementation`).
 
 Covered parameters: by default those of `find_layers(model, include, exclude)` (linear/Conv1D layers without
 embeddings and LM head), the same set K-FAC covers, so the backends are comparable; `params=` names any
