@@ -392,27 +392,33 @@ def tiny_mixtral():
 
 
 @pytest.mark.parametrize("backend", ["kfac", "woodfisher", "cg"])
-def test_moe_routers_the_layer_curvatures_do_not_cover_are_named(backend):
-    """transformers 5's Mixtral keeps its experts as 3-D parameters (covered per expert: `test_curvature_experts.py`)
-    and its router as a bare weight: kfac and woodfisher tracked the nn.Linear layers only, and the experts (most of
-    the weights) never moved without a word; the router still has no curvature, and is named."""
+def test_moe_weights_are_covered_and_what_a_curvature_leaves_out_is_named(backend):
+    """transformers 5's Mixtral keeps its experts as 3-D parameters and its router as a bare weight: kfac and
+    woodfisher tracked the nn.Linear layers only, and the experts (most of the weights) never moved without a word.
+    Now both are covered (one K-FAC block per expert, the router a linear layer: `test_curvature_experts.py`); where
+    they are not (K-FAC's "reduce" convention, which has no per-sequence average of routed rows), they are named."""
     from lightning_unlearn.curvature import build_curvature
     from lightning_unlearn.curvature.layers import UncoveredParametersWarning
 
     model = tiny_mixtral()
     if not any(p.dim() == 3 for p in model.parameters()):
         pytest.skip("this transformers version keeps Mixtral's experts as nn.Linear layers (covered)")
-    with pytest.warns(UncoveredParametersWarning) as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         build_curvature(backend, model)
+        build_curvature("diagonal", model)  # covers every parameter
+    if backend != "kfac":
+        return
+    with pytest.warns(UncoveredParametersWarning) as record:
+        build_curvature(backend, model, kfac_approx="reduce")
     assert len(record) == 1
     message = str(record[0].message)
-    assert "model.layers.*.mlp.gate.weight" in message and "experts.gate_up_proj" not in message
+    assert all(f"model.layers.*.mlp.{w}" in message for w in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"))
     assert "embed_tokens" not in message and "lm_head" not in message and "norm" not in message
     assert "curvature='diagonal'" in message and "freeze" in message and "%" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_curvature("diagonal", model)  # covers every parameter
-        build_curvature(backend, model, exclude="experts|gate")  # left out on purpose: no warning (cg: the same)
+        build_curvature(backend, model, kfac_approx="reduce", exclude="experts|gate")  # left out on purpose
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

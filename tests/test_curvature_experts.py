@@ -142,25 +142,36 @@ def test_an_experts_variant_the_routed_forward_does_not_reproduce_is_refused():
         KFAC(model).fit([lm_batch()])
 
 
-def test_experts_are_covered_by_every_layer_wise_backend_and_left_out_by_reduce():
+def test_experts_and_routers_are_covered_by_every_layer_wise_backend():
     model = small_causal_lm("mixtral", vocab_size=VOCAB, hidden=16)
     fused = {n for n, p in model.named_parameters() if p.dim() == 3}
-    assert len(fused) == 4
+    routers = {n for n in dict(model.named_parameters()) if n.endswith("mlp.gate.weight")}
+    assert len(fused) == 4 and len(routers) == 2
     for backend in ("kfac", "woodfisher", "cg"):
-        with pytest.warns(UncoveredParametersWarning) as record:  # the routers' bare weights only
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing left uncovered
             curvature = build_curvature(backend, model)
-        message = str(record[0].message)
-        assert "mlp.gate.weight" in message and "experts." not in message
-        assert fused <= set(curvature.param_names)
+        assert fused | routers <= set(curvature.param_names)
         assert len(set(curvature.param_names)) == len(curvature.param_names)
-    with pytest.warns(UncoveredParametersWarning, match=r"experts\.gate_up_proj"):
-        KFAC(model, kfac_approx="reduce")  # routed rows have no per-sequence average: uncovered, and said so
     layers = find_layers(model, exclude=[r"experts\.down_proj\[[13]\]"])
     assert [layer.name for layer in layers if "layers.0.mlp.experts.down" in layer.name] == [
         "model.layers.0.mlp.experts.down_proj[0]", "model.layers.0.mlp.experts.down_proj[2]"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        build_curvature("kfac", model, exclude="experts|gate")  # left out on purpose: no warning
+    assert [layer.name for layer in layers if layer.router] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def test_a_router_whose_first_output_is_not_its_logits_is_refused():
+    model = small_causal_lm("mixtral", vocab_size=VOCAB, hidden=16)
+    router = model.model.layers[0].mlp.gate
+
+    class Tempered(type(router)):  # a variant: logits divided by a temperature before they are returned
+        def forward(self, hidden_states):
+            logits, scores, index = super().forward(hidden_states)
+            return logits / 2.0, scores, index
+
+    router.__class__ = Tempered
+    with pytest.raises(UserInputError, match=r"router 'model\.layers\.0\.mlp\.gate' does not return "
+                                             r"linear\(hidden, weight\).*exclude="):
+        KFAC(model).fit([lm_batch()])
 
 
 def test_cg_runs_grouped_experts_on_eager_for_its_products_and_switches_them_back():

@@ -71,7 +71,7 @@ def test_default_recipe_unlearns_through_fused_experts():
         warnings.simplefilter("always")
         u.fit([forget], retain, held_retain_batch=held, holdout_batches=[holdout])
     uncovered = [str(w.message) for w in caught if issubclass(w.category, UncoveredParametersWarning)]
-    assert uncovered and all("experts." not in m and "mlp.gate.weight" in m for m in uncovered)  # the routers only
+    assert not uncovered, uncovered  # the experts and the routers are covered
     assert u.status == "target_reached"
     assert u.measure(unseen_prose) <= 1.05 * c0
     assert u.measure(retain_lines) < 0.5 * h0

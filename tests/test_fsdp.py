@@ -162,7 +162,7 @@ def test_fsdp_kfac_factors_owned_per_process_match_one_process_and_checkpoint_pe
     from lightning_unlearn.curvature.kfac import KFAC
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UncoveredParametersWarning)  # mixtral's routers
+        warnings.simplefilter("error", UncoveredParametersWarning)  # every weight covered
         mp.spawn(_sharded_kfac, args=(2, str(tmp_path / "init"), str(tmp_path), arch), nprocs=2, join=True)
         model = _kfac_model(arch)
         kfac = KFAC(model, fisher_type="empirical")

@@ -1,4 +1,5 @@
-"""Mixture-of-experts layers whose experts are fused 3-D parameters, seen as one linear layer per expert.
+"""Mixture-of-experts layers whose experts are fused 3-D parameters, seen as one linear layer per expert, and their
+routers, seen as linear layers.
 
 transformers 5 keeps the experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS and others in one module with
 `gate_up_proj` (or `up_proj`) [experts, out, in] and `down_proj` [experts, hidden, ffn] parameters (`[experts, in,
@@ -38,6 +39,38 @@ def is_fused_experts(module: nn.Module) -> bool:
         return False
     names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
     return all(isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in names)
+
+
+def is_router(module: nn.Module) -> bool:
+    """Whether `module` is a transformers mixture-of-experts router: a bare `weight` [experts, hidden] (a bias
+    [experts] in GPT-OSS) whose forward returns the router logits `linear(hidden, weight, bias)` first, then the
+    routing weights and the chosen experts (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, DeepSeek-V3 in transformers 5).
+    K-FAC tracks it as a linear layer whose output is those logits (`check_router_output` on its first call)."""
+    weight = getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and all(hasattr(module, a) for a in ("top_k", "num_experts", "hidden_dim"))
+            and tuple(weight.shape) == (module.num_experts, module.hidden_dim))
+
+
+def router_logits(output: Any) -> Tensor:
+    """A tracked layer's output tensor: a router's logits (the first of the tuple it returns), or the output."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def check_router_output(name: str, module: nn.Module, inputs: Tensor, output: Tensor) -> None:
+    """Refuse, naming the router, when its first output is not `linear(inputs, weight, bias)` (a router K-FAC cannot
+    read as a linear layer)."""
+    with torch.no_grad():
+        x = inputs.reshape(-1, inputs.shape[-1]).to(module.weight.dtype)
+        expected = nn.functional.linear(x, module.weight, getattr(module, "bias", None))
+        got = output.detach().reshape(expected.shape) if output.numel() == expected.numel() else None
+        gap = float((got.float() - expected.float()).abs().max()) if got is not None and got.numel() else 0.0
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 3e-2
+    if got is None or not gap <= tolerance * max(scale, 1.0):
+        raise UserInputError(
+            f"kfac: the router {name!r} does not return linear(hidden, weight) as its first output (what K-FAC reads "
+            f"as its logits); leave it out with exclude=[{name!r}] or use curvature='diagonal'")
 
 
 def projections(module: nn.Module) -> tuple[tuple[str, str | None], ...]:

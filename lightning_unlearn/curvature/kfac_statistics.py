@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError
 from .base import REENTRANT_FIX, check_finite
-from .experts import routed
+from .experts import check_router_output, routed, router_logits
 from .kronecker import g_rows_to_basis
 from .layers import TrackedLayer
 
@@ -97,13 +97,19 @@ class KFACStatistics:
     count: Tensor
     eigen: dict[str, tuple[Tensor, Tensor, Tensor | None, Tensor]]
     corrected: dict[str, Tensor]
-    _checked_experts: set[str]  # the experts modules whose routed forward was compared with their own
+    _checked_experts: set[str]  # the experts modules (routers) whose routed forward (logits) were checked
 
     def _forward_with_hooks(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, _Capture]]:
         captures = {layer.name: _Capture() for layer in self.layers}
 
+        routers = {layer.name for layer in self.layers if layer.router}
+
         def hook(name: str):
             def fn(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                output = router_logits(output)
+                if name in routers and name not in self._checked_experts:
+                    check_router_output(name, module, inputs[0], output)
+                    self._checked_experts.add(name)
                 captures[name].inputs.append(inputs[0].detach())
                 captures[name].outputs.append(output)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from .experts import expert_shape, is_fused_experts, projections
+from .experts import expert_shape, is_fused_experts, is_router, projections
 
 
 class UncoveredParametersWarning(UserWarning):
@@ -51,6 +51,7 @@ class TrackedLayer:
     transposed: bool  # True for Conv1D ([in, out] storage), and for experts stored [experts, in, out]
     expert: int | None = None
     weight_attr: str = "weight"
+    router: bool = False  # a mixture-of-experts router (`experts.is_router`): its output is the first of a tuple
 
     @property
     def has_bias(self) -> bool:
@@ -156,7 +157,7 @@ def find_layers(
 ) -> list[TrackedLayer]:
     """The linear-like modules of `model` that carry curvature, in module order; with `experts`, also one layer per
     expert of each fused mixture-of-experts projection (`curvature/experts.py`; named `<module>.<weight>[<expert>]`,
-    selected by `include`/`exclude` on that name or the module's).
+    selected by `include`/`exclude` on that name or the module's) and the routers (`experts.is_router`).
 
     Raises `UserInputError` when the model has no trainable parameter at all, or when nothing is left to track
     (naming the filters that removed everything).
@@ -170,8 +171,8 @@ def find_layers(
         if experts and is_fused_experts(module):
             layers += _expert_layers(name, module, param_names, inc, exc)
             continue
-        conv1d = is_conv1d(module)
-        if not (isinstance(module, nn.Linear) or conv1d):
+        conv1d, router = is_conv1d(module), experts and is_router(module)
+        if not (isinstance(module, nn.Linear) or conv1d or router):
             continue
         weight = module.weight
         if not weight.requires_grad or id(weight) in skipped or id(weight) not in param_names:
@@ -183,7 +184,7 @@ def find_layers(
         in_f, out_f = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
         layers.append(
             TrackedLayer(name=name, module=module, weight_name=param_names[id(weight)], bias_name=bias_name,
-                         in_features=int(in_f), out_features=int(out_f), transposed=conv1d)
+                         in_features=int(in_f), out_features=int(out_f), transposed=conv1d, router=router)
         )
     if not layers:
         raise UserInputError(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Vector, identity
 from ..curvature.carried import FactoredGradient
-from ..curvature.experts import routed
+from ..curvature.experts import routed, router_logits
 from ..curvature.kronecker import factors_are_cheaper
 from ..curvature.layers import TrackedLayer
 from ..curvature.objective import IGNORE_INDEX, model_logits
@@ -48,8 +48,13 @@ def group_sizes(batches: Sequence[Batch], k: int) -> tuple[Tensor, Tensor, Tenso
 def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
     """A forward hook that keeps a layer's input (detached) and output (in the graph)."""
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        store.append((inputs[0].detach(), output))
+        store.append((inputs[0].detach(), router_logits(output)))
     return hook
+
+
+def _flattened(layer: TrackedLayer, a: Tensor, out: Tensor, rows: int) -> bool:
+    """Whether a router saw the batch flattened to `rows` = examples × length rows (in order), as routers do."""
+    return layer.router and a.dim() == 2 and a.shape[0] == out.shape[0] == rows
 
 
 def _experts_modules(layers: Sequence[TrackedLayer]) -> list[tuple[str, nn.Module]]:
@@ -127,10 +132,10 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         finally:
             for h in handles:
                 h.remove()
-        if any(a.shape[0] != size or out.shape[0] != size for layer in layers if layer.expert is None
-               for a, out in captured[layer.name]):
-            return None
         length = int(b["input_ids"].shape[1])
+        if any((a.shape[0] != size or out.shape[0] != size) and not _flattened(layer, a, out, size * length)
+               for layer in layers if layer.expert is None for a, out in captured[layer.name]):
+            return None
         if any(int(t.max()) >= size * length for r in token_rows.values() for t in r):
             return None
         weights = (1.0 / counts.to(device=nll.device, dtype=nll.dtype))[ids.to(nll.device)[example]]
@@ -146,6 +151,8 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         for layer in layers:
             for call, (a, _) in enumerate(captured[layer.name]):
                 a, g = a.float(), next(remaining).float()  # [B, ..., in], [B, ..., out]; an expert's [n, in], [n, out]
+                if layer.expert is None and _flattened(layer, a, g, size * length):
+                    a, g = a.reshape(size, length, -1), g.reshape(size, length, -1)
                 if layer.has_bias:
                     a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
                 if layer.expert is not None:
