@@ -413,7 +413,8 @@ def test_moe_weights_are_covered_and_what_a_curvature_leaves_out_is_named(backen
         build_curvature(backend, model, kfac_approx="reduce")
     assert len(record) == 1
     message = str(record[0].message)
-    assert all(f"model.layers.*.mlp.{w}" in message for w in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"))
+    kinds = ("experts.gate_up_proj", "experts.down_proj", "gate.weight")
+    assert all(f"model.layers.*.mlp.{kind}" in message for kind in kinds)
     assert "embed_tokens" not in message and "lm_head" not in message and "norm" not in message
     assert "curvature='diagonal'" in message and "freeze" in message and "%" in message
     with warnings.catch_warnings():
