@@ -1,4 +1,5 @@
-"""One deletion request per curvature backend on a tiny GPT-2, through one driver, on 1 process or on N processes
+"""One deletion request per curvature backend on a tiny GPT-2 (or `FSDP_WORKER_ARCH`), through one driver, on 1
+process or on N processes
 with the model sharded by FSDP2 (`fully_shard`, `ModelParallelStrategy`): the script `tests/test_fsdp.py` runs.
 
     python tests/fsdp_worker.py OUT DRIVER WORLD      # DRIVER: callback | module | fabric | curvature, or
@@ -13,6 +14,7 @@ full weights after the request and the size of this process's curvature state (`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +34,9 @@ from lightning_unlearn.fsdp import is_sharded, shard_model  # noqa: E402
 from lightning_unlearn.models import small_causal_lm  # noqa: E402
 from lightning_unlearn.module import UnlearningModule  # noqa: E402
 
-BACKENDS = ("kfac", "diagonal", "cg")
+BACKENDS = tuple(os.environ.get("FSDP_WORKER_BACKENDS", "kfac,diagonal,cg").split(","))
+#: the tiny model's architecture (`FSDP_WORKER_ARCH`; gpt2 unless set: mixtral for fused experts and routers)
+ARCH = os.environ.get("FSDP_WORKER_ARCH", "gpt2")
 X = torch.randint(0, 120, (16, 12), generator=torch.Generator().manual_seed(0))
 ROWS = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in X]
 FORGET, RETAIN = ROWS[:4], ROWS[4:]
@@ -97,7 +101,7 @@ class Frozen(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.model = small_causal_lm("gpt2", seed=0)
+        self.model = small_causal_lm(ARCH, seed=0)
 
     def configure_model(self) -> None:
         if getattr(self.trainer.strategy, "device_mesh", None) is not None:
@@ -138,7 +142,7 @@ def lightning_run(driver: str, world: int) -> tuple[dict, int]:
             trainer = pl.Trainer(max_epochs=1, callbacks=[probe, callback, capture], **common)
             trainer.fit(Validated() if validate else Frozen(), DataLoader(RETAIN, batch_size=2), **val)
         else:
-            module = UnlearningModule(small_causal_lm("gpt2", seed=0), curvature=backend, holdout_batches=0,
+            module = UnlearningModule(small_causal_lm(ARCH, seed=0), curvature=backend, holdout_batches=0,
                                       curvature_kwargs=backend_kwargs(backend), method_kwargs=SEARCH_OFF, **FIXED)
             module.set_curvature_data(DataLoader(RETAIN, batch_size=2))
             train = CombinedLoader({"forget": DataLoader([stack(FORGET)] * 2, batch_size=None),
@@ -165,7 +169,7 @@ def fabric_run(world: int, eval_first: bool = False) -> tuple[dict, int]:
     fabric.launch()
     results: dict = {}
     for backend in ("kfac",) if eval_first else BACKENDS:
-        model = fabric.setup(small_causal_lm("gpt2", seed=0))
+        model = fabric.setup(small_causal_lm(ARCH, seed=0))
         if eval_first:  # an evaluation of the sharded model before the request: no backward, the root stays gathered
             with torch.no_grad():
                 model(**stack(FORGET[:2]))

@@ -58,9 +58,10 @@ def test_default_recipe_reaches_the_target_within_the_held_out_retain_budget(mem
 def test_default_recipe_unlearns_through_fused_experts():
     """transformers 5 keeps a mixture-of-experts model's experts as fused 3-D parameters, which no layer-wise curvature
     covered: they never moved (75 % of the weights of this model), and a real MoE model keeps most of its knowledge
-    there. K-FAC now has a block per expert (`test_curvature_experts.py`). Measured on these lines, seeds 0 and 1,
-    against the experts left out: Mixtral's other lines 1.22 / 0.90 nats (left out 1.13 / 1.30), Qwen3-MoE's
-    1.03 / 0.98 (0.67 / 1.04), the held-out prose −2.3 to +0.4 %; every run `target_reached`."""
+    there. K-FAC now has a block per expert and one per router (`test_curvature_experts.py`). Measured on these lines,
+    seeds 0 and 1, against the experts and routers left out: Mixtral's other lines 1.23 / 0.90 nats (left out
+    1.13 / 1.30), Qwen3-MoE's 1.01 / 0.97 (0.67 / 1.04), the held-out prose −2.3 to −0.1 %; every run
+    `target_reached`."""
     torch.manual_seed(0)
     model, forget, retain, held, (unseen_prose, retain_lines), holdout = memorise_lines("mixtral")
     fused = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 3}
