@@ -143,11 +143,8 @@ def _kfac_model(arch: str):
     return model
 
 
-def _sharded_kfac(rank: int, world: int, init: str, out: str, arch: str) -> None:
-    from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
-    from lightning_unlearn.curvature.kfac import KFAC
-    from lightning_unlearn.distributed import leave_process_group
-
+def _join(rank: int, world: int, init: str):
+    """Join the gloo group of `world` processes (one thread each); returns the engine's `reduce` (a sum)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
 
@@ -156,6 +153,15 @@ def _sharded_kfac(rank: int, world: int, init: str, out: str, arch: str) -> None
         dist.all_reduce(t)
         return t
 
+    return reduce
+
+
+def _sharded_kfac(rank: int, world: int, init: str, out: str, arch: str) -> None:
+    from lightning_unlearn.checkpoint import load_curvature_state, save_curvature
+    from lightning_unlearn.curvature.kfac import KFAC
+    from lightning_unlearn.distributed import leave_process_group
+
+    reduce = _join(rank, world, init)
     model = _kfac_model(arch)
     x = torch.randint(0, 120, (8, 12), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": x[rank::world], "attention_mask": torch.ones_like(x[rank::world]),
@@ -291,13 +297,7 @@ def _data_parallel_scales(rank: int, world: int, init: str, out: str) -> None:
     from lightning_unlearn.curvature import build_curvature
     from lightning_unlearn.distributed import gather_with, leave_process_group
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-
-    def reduce(t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+    reduce = _join(rank, world, init)
 
     def all_gather(t):
         parts = [torch.empty_like(t) for _ in range(world)]

@@ -140,6 +140,8 @@ def routed(modules: Sequence[tuple[str, nn.Module]], record: Callable[[str], Rec
     """Run each of the experts `modules` (name, module) through `routed_forward` while the block is open, `record`
     giving each module's recorder. The first call of a module whose name is not in `checked` is compared with the
     module's own forward (`check_routed_forward`) and its name added."""
+    # a forward set on the instance before (accelerate's dispatch hooks do this) is put back afterwards
+    previous = [module.__dict__.get("forward") for _, module in modules]
     for name, module in modules:
         def forward(*args: Any, _name: str = name, _module: nn.Module = module, **kwargs: Any) -> Tensor:
             hidden, index, weights = _routing_args(args, kwargs)
@@ -155,8 +157,10 @@ def routed(modules: Sequence[tuple[str, nn.Module]], record: Callable[[str], Rec
     try:
         yield
     finally:
-        for _, module in modules:
+        for (_, module), before in zip(modules, previous):
             module.__dict__.pop("forward", None)
+            if before is not None:
+                module.forward = before
 
 
 def check_routed_forward(name: str, own: Tensor, routed_out: Tensor) -> None:
