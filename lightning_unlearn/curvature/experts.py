@@ -134,6 +134,26 @@ def _routing_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor
     return values["hidden_states"], values["top_k_index"], values["top_k_weights"]
 
 
+def experts_recorders(layers: Sequence[Any], keep: Callable[[str, Tensor, Tensor, Tensor], None]
+                      ) -> tuple[list[tuple[str, nn.Module]], Callable[[str], Record]]:
+    """For the tracked experts among `layers` (`TrackedLayer`s with `expert` set): their experts modules (name,
+    module), each once, and the recorder `routed` asks for per module, which hands a tracked expert's layer name,
+    inputs, outputs and token rows to `keep` (experts that `include`/`exclude` left out are skipped)."""
+    names = {(layer.name.rsplit(".", 1)[0], layer.expert, layer.weight_attr): layer.name for layer in layers
+             if layer.expert is not None}
+    modules = list({layer.name.rsplit(".", 1)[0]: layer.module for layer in layers
+                    if layer.expert is not None}.items())
+
+    def recorder(module_name: str) -> Record:
+        def record(expert: int, weight: str, x: Tensor, out: Tensor, rows: Tensor) -> None:
+            name = names.get((module_name, expert, weight))
+            if name is not None:
+                keep(name, x, out, rows)
+        return record
+
+    return modules, recorder
+
+
 @contextlib.contextmanager
 def routed(modules: Sequence[tuple[str, nn.Module]], record: Callable[[str], Record],
            checked: set[str]) -> Iterator[None]:

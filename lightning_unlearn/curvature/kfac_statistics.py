@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError
 from .base import REENTRANT_FIX, check_finite
-from .experts import check_router_output, routed, router_logits
+from .experts import check_router_output, experts_recorders, routed, router_logits
 from .kronecker import g_rows_to_basis
 from .layers import TrackedLayer
 
@@ -115,30 +115,16 @@ class KFACStatistics:
 
             return fn
 
-        # per experts module: its name and the captures of its experts' projections
-        experts: dict[str, tuple[nn.Module, dict[tuple[int, str], _Capture]]] = {}
-        for layer in self.layers:
-            if layer.expert is not None:
-                module_name = layer.name.rsplit(".", 1)[0]
-                experts.setdefault(module_name, (layer.module, {}))[1][(layer.expert, layer.weight_attr)] = \
-                    captures[layer.name]
+        def keep(name: str, x: Tensor, out: Tensor, rows: Tensor) -> None:
+            captures[name].inputs.append(x)
+            captures[name].outputs.append(out)
+            captures[name].rows.append(rows)
 
-        def recorder(module_name: str):
-            slots = experts[module_name][1]
-
-            def record(expert: int, weight: str, x: Tensor, out: Tensor, rows: Tensor) -> None:
-                capture = slots.get((expert, weight))
-                if capture is not None:  # None: an expert that `include`/`exclude` left out
-                    capture.inputs.append(x)
-                    capture.outputs.append(out)
-                    capture.rows.append(rows)
-            return record
-
+        experts, recorder = experts_recorders(self.layers, keep)
         handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in self.layers
                    if layer.expert is None]
         try:
-            with routed([(name, module) for name, (module, _) in experts.items()], recorder,
-                        self._checked_experts):
+            with routed(experts, recorder, self._checked_experts):
                 logits = self.logits(batch)
         finally:
             for h in handles:

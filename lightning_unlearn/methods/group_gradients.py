@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..curvature.base import Vector, identity
 from ..curvature.carried import FactoredGradient
-from ..curvature.experts import routed, router_logits
+from ..curvature.experts import experts_recorders, routed, router_logits
 from ..curvature.kronecker import factors_are_cheaper
 from ..curvature.layers import TrackedLayer
 from ..curvature.objective import IGNORE_INDEX, model_logits
@@ -57,28 +57,6 @@ def _flattened(layer: TrackedLayer, a: Tensor, out: Tensor, rows: int) -> bool:
     return layer.router and a.dim() == 2 and a.shape[0] == out.shape[0] == rows
 
 
-def _experts_modules(layers: Sequence[TrackedLayer]) -> list[tuple[str, nn.Module]]:
-    """(name, module) of each fused experts module with a tracked expert, once."""
-    return list({layer.name.rsplit(".", 1)[0]: layer.module for layer in layers if layer.expert is not None}.items())
-
-
-def _expert_recorder(layers: Sequence[TrackedLayer], captured: dict[str, list[tuple[Tensor, Tensor]]],
-                     token_rows: dict[str, list[Tensor]]) -> Callable[[str], Callable[..., None]]:
-    """The recorder `curvature.experts.routed` calls: each tracked expert's (input, output) into `captured`, its
-    token rows into `token_rows`."""
-    names = {(layer.name.rsplit(".", 1)[0], layer.expert, layer.weight_attr): layer.name for layer in layers
-             if layer.expert is not None}
-
-    def recorder(module_name: str) -> Callable[..., None]:
-        def record(expert: int, weight: str, x: Tensor, out: Tensor, rows: Tensor) -> None:
-            name = names.get((module_name, expert, weight))
-            if name is not None:
-                captured[name].append((x, out))
-                token_rows[name].append(rows)
-        return record
-    return recorder
-
-
 def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batches: Sequence[Batch], k: int,
                           reduce: Callable[[Tensor], Tensor], dtypes: Mapping[str, torch.dtype]
                           ) -> list[Vector] | None:
@@ -110,7 +88,8 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
                                     dtype=torch.float32, device=layer.weight.device) for layer in layers}
     slot = {j: i for i, j in enumerate(kept)}
     like = dict(model.named_parameters())  # the shapes an expert's slices are written into
-    checked = {name for name, _ in _experts_modules(layers)}  # the curvature compared them with their own forward
+    # the curvature's statistics compared these modules' routed forward with their own already
+    checked = {layer.name.rsplit(".", 1)[0] for layer in layers if layer.expert is not None}
     rows: dict[str, list[list[tuple[Tensor, Tensor]]]] = {layer.name: [[] for _ in kept] for layer in layers}
     for batch in batches:
         # the examples reordered group by group, so that each group's rows are one contiguous slice
@@ -123,11 +102,16 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
         captured: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
         # an expert's rows are the tokens routed to it, of the batch flattened to [examples × length]
         token_rows: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
+
+        def keep(name: str, x: Tensor, out: Tensor, rows: Tensor, captured=captured, token_rows=token_rows) -> None:
+            captured[name].append((x, out))
+            token_rows[name].append(rows)
+
+        experts, recorder = experts_recorders(layers, keep)
         handles = [layer.module.register_forward_hook(_capture(captured[layer.name])) for layer in layers
                    if layer.expert is None]
         try:
-            with torch.enable_grad(), routed(_experts_modules(layers), _expert_recorder(layers, captured, token_rows),
-                                             checked):
+            with torch.enable_grad(), routed(experts, recorder, checked):
                 nll, example = token_nll(model_logits(model, b), b)
         finally:
             for h in handles:
