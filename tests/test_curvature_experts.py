@@ -196,3 +196,22 @@ def test_cg_runs_grouped_experts_on_eager_for_its_products_and_switches_them_bac
         assert model.config._experts_implementation == implementation  # restored after the products
     for name, value in out["eager"].items():
         torch.testing.assert_close(out["grouped_mm"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_full_minus_forget_factors_of_each_expert_are_the_retain_data_factors():
+    """A curvature checkpoint minus the forget batches' (`curvature_data="full_minus_forget"`) per expert: the copy
+    re-finds each expert's module (it looked the block's name up as a module and failed), and each expert's factors
+    are those of the retain batches alone (its own routed-token count subtracted)."""
+    from lightning_unlearn.curvature.base import clone_curvature
+
+    model = small_causal_lm("mixtral", vocab_size=VOCAB, hidden=16).double()
+    model.set_experts_implementation("eager")
+    retain, forget = [lm_batch(seed=0), lm_batch(seed=1)], [lm_batch(seed=2)]
+    full = KFAC(model, fisher_type="empirical").fit(retain + forget)
+    rest = clone_curvature(full).subtract(KFAC(model, fisher_type="empirical").fit(forget))
+    alone = KFAC(model, fisher_type="empirical").fit(retain)
+    experts = [layer for layer in rest.layers if layer.expert is not None]
+    assert len(experts) == 16 and all(layer.module is model.model.layers[0].mlp.experts for layer in experts[:8])
+    for layer in experts + [layer for layer in rest.layers if layer.router]:
+        for got, want in zip(rest.factor(layer.name), alone.factor(layer.name)):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)

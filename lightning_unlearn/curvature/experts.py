@@ -139,9 +139,9 @@ def experts_recorders(layers: Sequence[Any], keep: Callable[[str, Tensor, Tensor
     """For the tracked experts among `layers` (`TrackedLayer`s with `expert` set): their experts modules (name,
     module), each once, and the recorder `routed` asks for per module, which hands a tracked expert's layer name,
     inputs, outputs and token rows to `keep` (experts that `include`/`exclude` left out are skipped)."""
-    names = {(layer.name.rsplit(".", 1)[0], layer.expert, layer.weight_attr): layer.name for layer in layers
+    names = {(layer.module_name, layer.expert, layer.weight_attr): layer.name for layer in layers
              if layer.expert is not None}
-    modules = list({layer.name.rsplit(".", 1)[0]: layer.module for layer in layers
+    modules = list({layer.module_name: layer.module for layer in layers
                     if layer.expert is not None}.items())
 
     def recorder(module_name: str) -> Record:

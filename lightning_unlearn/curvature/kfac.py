@@ -184,7 +184,8 @@ class KFAC(KFACStatistics, KFACProducts, Curvature):
         for key, value in self.__dict__.items():
             if key != "layers":
                 setattr(new, key, copy.deepcopy(value, memo))
-        new.layers = [dataclasses.replace(layer, module=new.model.get_submodule(layer.name)) for layer in self.layers]
+        new.layers = [dataclasses.replace(layer, module=new.model.get_submodule(layer.module_name))
+                      for layer in self.layers]
         return new
 
     # ------------------------------------------------------------------ statistics

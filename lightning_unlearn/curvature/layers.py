@@ -62,6 +62,11 @@ class TrackedLayer:
         return (self.weight_name,) if self.bias_name is None else (self.weight_name, self.bias_name)
 
     @property
+    def module_name(self) -> str:
+        """The name of `module` in the model (an expert's: its experts module)."""
+        return self.name if self.expert is None else self.name.rsplit(".", 1)[0]
+
+    @property
     def weight(self) -> Tensor:
         """The weight parameter (for an expert: the whole fused parameter)."""
         return getattr(self.module, self.weight_attr)
@@ -245,7 +250,7 @@ def shared_parameters(layers: Iterable[TrackedLayer]) -> dict[str, list[str]]:
     experts of one fused parameter are one user: each has its own slice)."""
     users: dict[str, list[str]] = {}
     for layer in layers:
-        user = layer.name if layer.expert is None else layer.name.rsplit("[", 1)[0]
+        user = layer.module_name
         for n in layer.param_names:
             if user not in users.setdefault(n, []):
                 users[n].append(user)

@@ -89,7 +89,7 @@ def grouped_nll_gradients(model: nn.Module, layers: Sequence[TrackedLayer], batc
     slot = {j: i for i, j in enumerate(kept)}
     like = dict(model.named_parameters())  # the shapes an expert's slices are written into
     # the curvature's statistics compared these modules' routed forward with their own already
-    checked = {layer.name.rsplit(".", 1)[0] for layer in layers if layer.expert is not None}
+    checked = {layer.module_name for layer in layers if layer.expert is not None}
     rows: dict[str, list[list[tuple[Tensor, Tensor]]]] = {layer.name: [[] for _ in kept] for layer in layers}
     for batch in batches:
         # the examples reordered group by group, so that each group's rows are one contiguous slice
