@@ -258,12 +258,12 @@ def test_validate_evaluates_the_unlearned_output(cmd_project, fitted):
 def test_only_errors_of_the_user_become_one_line_messages():
     from lightning_unlearn.cli.user_errors import TRACEBACK_HINT
     from lightning_unlearn.cli.user_errors import user_error as _user_error
-    from lightning_unlearn.models import ARCHITECTURES, small_config
+    from lightning_unlearn.models import ARCHITECTURES, MOE_ARCHITECTURES, small_config
 
     with pytest.raises(ValueError) as ours:
         small_config("transformer-xxl")  # a ValueError raised by our own code: one line plus the hint
     assert _user_error(ours.value, []) == f"unknown architecture 'transformer-xxl'; choose one of " \
-        f"{', '.join(ARCHITECTURES)} {TRACEBACK_HINT}"
+        f"{', '.join(ARCHITECTURES + MOE_ARCHITECTURES)} {TRACEBACK_HINT}"
     with pytest.raises(FileNotFoundError) as missing:
         open("/no/such/file.jsonl")  # noqa: SIM115 - an OSError naming a file
     assert "/no/such/file.jsonl" in _user_error(missing.value, [])
