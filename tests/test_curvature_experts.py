@@ -215,3 +215,13 @@ def test_full_minus_forget_factors_of_each_expert_are_the_retain_data_factors():
     for layer in experts + [layer for layer in rest.layers if layer.router]:
         for got, want in zip(rest.factor(layer.name), alone.factor(layer.name)):
             torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+def test_an_experts_module_called_per_sequence_is_refused_by_name():
+    """Routed rows must be tokens of the flattened batch: hidden states [batch, length, hidden] would send whole
+    sequences to experts (an index error deep inside before)."""
+    from lightning_unlearn.curvature.experts import _routing_args  # what routed() reads its calls with
+
+    hidden = torch.zeros(2, 5, 16)
+    with pytest.raises(UserInputError, match=r"hidden states \(2, 5, 16\) and routing \(10, 2\).*one row per token"):
+        _routing_args((hidden, torch.zeros(10, 2, dtype=torch.long), torch.zeros(10, 2)), {})

@@ -131,7 +131,14 @@ def _routing_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor
         raise UserInputError(f"kfac: an experts module was called without {missing}; K-FAC's expert statistics need "
                              "the transformers 5 experts signature (hidden_states, top_k_index, top_k_weights); "
                              "leave the experts out with exclude=['experts'] or use curvature='diagonal'")
-    return values["hidden_states"], values["top_k_index"], values["top_k_weights"]
+    hidden, index, weights = values["hidden_states"], values["top_k_index"], values["top_k_weights"]
+    if hidden.dim() != 2 or index.dim() != 2 or index.shape[0] != hidden.shape[0] or weights.shape != index.shape:
+        raise UserInputError(
+            f"kfac: an experts module was called with hidden states {tuple(hidden.shape)} and routing "
+            f"{tuple(index.shape)} / {tuple(weights.shape)}; K-FAC's expert statistics need one row per token "
+            "([tokens, hidden] and [tokens, k]), as transformers 5 passes them; leave the experts out with "
+            "exclude=['experts'] or use curvature='diagonal'")
+    return hidden, index, weights
 
 
 def experts_recorders(layers: Sequence[Any], keep: Callable[[str, Tensor, Tensor, Tensor], None]
