@@ -63,11 +63,8 @@ def check_router_output(name: str, module: nn.Module, inputs: Tensor, output: Te
     with torch.no_grad():
         x = inputs.reshape(-1, inputs.shape[-1]).to(module.weight.dtype)
         expected = nn.functional.linear(x, module.weight, getattr(module, "bias", None))
-        got = output.detach().reshape(expected.shape) if output.numel() == expected.numel() else None
-        gap = float((got.float() - expected.float()).abs().max()) if got is not None and got.numel() else 0.0
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 3e-2
-    if got is None or not gap <= tolerance * max(scale, 1.0):
+    got = output.reshape(expected.shape) if output.numel() == expected.numel() else output
+    if not _reproduces(expected, got)[0]:
         raise UserInputError(
             f"kfac: the router {name!r} does not return linear(hidden, weight) as its first output (what K-FAC reads "
             f"as its logits); leave it out with exclude=[{name!r}] or use curvature='diagonal'")
@@ -190,13 +187,22 @@ def routed(modules: Sequence[tuple[str, nn.Module]], record: Callable[[str], Rec
                 module.forward = before
 
 
+def _reproduces(expected: Tensor, got: Tensor) -> tuple[bool, float, float]:
+    """(whether `got` equals `expected` in shape and to 1e-4 of its scale, 3e-2 in half precision; the largest
+    difference; the scale): the test `check_routed_forward` and `check_router_output` apply."""
+    tolerance = 1e-4 if got.dtype in (torch.float32, torch.float64) else 3e-2
+    expected, got = expected.detach().float(), got.detach().float()
+    if expected.shape != got.shape:
+        return False, float("inf"), 0.0
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    gap = float((expected - got).abs().max()) if expected.numel() else 0.0
+    return gap <= tolerance * max(scale, 1.0), gap, scale
+
+
 def check_routed_forward(name: str, own: Tensor, routed_out: Tensor) -> None:
     """Refuse, naming the module, when `routed_forward` does not reproduce the experts module's own output."""
-    own = own[0] if isinstance(own, tuple) else own
-    tolerance = 1e-4 if routed_out.dtype in (torch.float32, torch.float64) else 3e-2
-    scale = float(own.detach().abs().max()) if own.numel() else 0.0
-    gap = float((own.detach() - routed_out.detach()).abs().max()) if own.numel() else 0.0
-    if own.shape != routed_out.shape or not gap <= tolerance * max(scale, 1.0):
+    ok, gap, scale = _reproduces(router_logits(own), routed_out)
+    if not ok:
         raise UserInputError(
             f"kfac: the experts module {name!r} computes something K-FAC's per-expert statistics do not reproduce "
             f"(largest difference {gap:.3g} at output scale {scale:.3g}); leave its experts out with "
